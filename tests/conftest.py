@@ -1,0 +1,45 @@
+"""Shared, session-scoped tiny fixtures: one locally trained tokenizer and one tiny HF model per
+architecture, built once per test session (keeps `make test` fast on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from opsd_megatron.tiny import build_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer_dir):
+    """`tiny_models(arch)` -> directory of a tiny random HF model (fp32) of that arch, built once."""
+    from opsd_megatron.tiny import make_tiny_hf_model
+
+    cache: dict[str, object] = {}
+
+    def get(arch: str = "qwen3"):
+        if arch not in cache:
+            d = tmp_path_factory.mktemp(f"tiny_{arch}")
+            cache[arch] = make_tiny_hf_model(d, arch, tokenizer_dir=tiny_tokenizer_dir)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tiny_models):
+    return tiny_models("qwen3")

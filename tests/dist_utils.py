@@ -1,0 +1,86 @@
+"""Run a function on N real processes joined in a gloo process group (CPU), for distributed tests.
+
+    results = run_distributed(fn, world_size=2, *args)
+
+`fn(rank, world_size, *args)` runs in a fresh spawned process with MASTER_ADDR/MASTER_PORT/RANK/
+WORLD_SIZE/LOCAL_RANK set (torchrun's variables), so library code initialises torch.distributed exactly as
+it does under torchrun. Its return value (anything `torch.save` can write) comes back in rank order. An
+exception on any rank fails the caller with that rank's traceback; a hang fails after `timeout` seconds.
+`fn` must be importable (module level), since processes are spawned, not forked.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple, env: dict) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        **env,
+    )
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        os._exit(1)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception:
+                pass
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; return per-rank results."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="opsd_dist_") as out_dir:
+        procs = [
+            ctx.Process(target=_worker, args=(fn, r, world_size, port, out_dir, args, dict(env or {})))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline_each = timeout
+        for p in procs:
+            p.join(deadline_each)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = []
+        for r in range(world_size):
+            err = Path(out_dir) / f"rank{r}.err"
+            if err.exists():
+                errors.append(f"--- rank {r} ---\n{err.read_text()}")
+        if errors:
+            raise AssertionError("distributed test failed:\n" + "\n".join(errors))
+        if hung:
+            raise AssertionError(f"distributed test timed out after {timeout}s on ranks {hung}")
+        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise AssertionError(f"distributed test processes exited abnormally: {bad}")
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
