@@ -11,6 +11,7 @@ exception on any rank fails the caller with that rank's traceback; a hang fails 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def free_port() -> int:
@@ -46,10 +49,8 @@ def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple
         os._exit(1)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            try:
+            with contextlib.suppress(Exception):
                 torch.distributed.destroy_process_group()
-            except Exception:
-                pass
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
@@ -61,8 +62,19 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dic
             ctx.Process(target=_worker, args=(fn, r, world_size, port, out_dir, args, dict(env or {})))
             for r in range(world_size)
         ]
-        for p in procs:
-            p.start()
+        # Children inherit the environment at spawn: one intra-op thread each (2-core CI machine; torch,
+        # OpenMP and gloo would otherwise start a thread per core in every rank).
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        os.environ.update({k: "1" for k in _THREAD_VARS})
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         deadline_each = timeout
         for p in procs:
             p.join(deadline_each)

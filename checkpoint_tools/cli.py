@@ -1,0 +1,193 @@
+"""`opsd-convert`: Hugging Face <-> Megatron distributed checkpoints, and a logits check between them.
+
+    opsd-convert hf-to-megatron --hf HF_DIR --out CKPT_DIR --tp 2 --pp 2     (run under torchrun, 4 ranks)
+    opsd-convert megatron-to-hf --megatron CKPT_DIR --out HF_OUT
+    opsd-convert verify --hf HF_DIR --megatron CKPT_DIR --tp 1 --pp 2        (torchrun, 2 ranks)
+
+Every subcommand runs on world size = TP x PP x DP ranks started by torchrun (or srun); a plain
+`opsd-convert ...` is one rank (TP = PP = 1). Megatron checkpoints reshard on load: one written at
+TP2 x PP2 can be read at any TP x PP that divides the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """\
+multi-rank runs go through torchrun (world size = TP x PP x DP), e.g.
+  torchrun --nproc-per-node 4 -m checkpoint_tools.cli hf-to-megatron --hf Qwen3-1.7B --out ckpt --tp 2 --pp 2
+  torchrun --nproc-per-node 2 -m checkpoint_tools.cli verify --hf Qwen3-1.7B --megatron ckpt --tp 1 --pp 2
+Without torchrun the tool runs as a single rank (TP = PP = 1)."""
+
+TOLERANCES = {"float32": (1e-4, 1e-4), "bfloat16": (5e-2, 2e-2), "float16": (2e-2, 1e-2)}  # (atol, rtol)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }[name]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="opsd-convert",
+        description="Convert between Hugging Face checkpoints and Megatron distributed checkpoints.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    common = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+
+    def layout(p, default_dtype="fp32"):
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+        p.add_argument("--dtype", default=default_dtype, choices=["fp32", "bf16"], help="model dtype")
+
+    p = sub.add_parser("hf-to-megatron", help="HF dir -> Megatron distributed checkpoint", **common)
+    p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output Megatron checkpoint directory")
+    layout(p)
+    p = sub.add_parser("megatron-to-hf", help="Megatron distributed checkpoint -> HF dir", **common)
+    p.add_argument("--megatron", required=True, help="Megatron checkpoint directory (from hf-to-megatron)")
+    p.add_argument("--out", required=True, help="output HF directory")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer dir (default: the one stored in the checkpoint)"
+    )
+    layout(p, default_dtype=None)
+    p = sub.add_parser("verify", help="compare Megatron vs transformers logits on a few inputs", **common)
+    p.add_argument("--hf", required=True, help="HF model directory")
+    p.add_argument(
+        "--megatron", default=None, help="Megatron checkpoint (default: load the HF weights directly)"
+    )
+    p.add_argument("--num-inputs", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=None, help="absolute tolerance (default: by dtype)")
+    layout(p)
+    return ap
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def hf_to_megatron(args) -> int:
+    import shutil
+
+    from opsd_megatron import parallel
+    from opsd_megatron.conversion import load_hf_weights, save_megatron_checkpoint
+    from opsd_megatron.conversion.hf_checkpoint import TOKENIZER_FILES
+    from opsd_megatron.models import build_model
+
+    parallel.initialize(args.tp, args.pp)
+    chunks = build_model(args.hf, dtype=_dtype(args.dtype), perform_initialization=False)
+    load_hf_weights(chunks, args.hf)
+    out = save_megatron_checkpoint(
+        chunks, args.out, extra_metadata={"source_hf_dir": str(Path(args.hf).resolve())}
+    )
+    if _rank0():
+        tok = out / "tokenizer"
+        tok.mkdir(exist_ok=True)
+        for f in TOKENIZER_FILES:
+            if (Path(args.hf) / f).is_file():
+                shutil.copy(Path(args.hf) / f, tok / f)
+        print(f"wrote Megatron checkpoint {out} (TP={args.tp} x PP={args.pp}, {args.dtype})")
+    return 0
+
+
+def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
+    from opsd_megatron import parallel
+    from opsd_megatron.conversion import load_megatron_checkpoint, read_checkpoint_metadata
+    from opsd_megatron.conversion.megatron_checkpoint import default_dtype
+    from opsd_megatron.models import build_model
+
+    meta = read_checkpoint_metadata(ckpt)
+    parallel.initialize(tp, pp)
+    dtype = _dtype(dtype_name) if dtype_name else default_dtype(meta)
+    chunks = build_model(
+        meta["hf_config"],
+        dtype=dtype,
+        padded_vocab_size=meta["padded_vocab_size"],
+        perform_initialization=False,
+    )
+    load_megatron_checkpoint(chunks, ckpt)
+    return chunks, meta
+
+
+def megatron_to_hf(args) -> int:
+    from opsd_megatron.conversion import save_hf_checkpoint
+
+    chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)
+    tok = args.tokenizer or (Path(args.megatron) / "tokenizer")
+    out = save_hf_checkpoint(chunks, args.out, tokenizer_dir=tok)
+    if _rank0():
+        print(f"wrote HF checkpoint {out}")
+    return 0
+
+
+def verify(args) -> int:
+    """Megatron logits (TP x PP) vs transformers logits; prints max |diff| and PASS/FAIL on the last stage."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+
+    from opsd_megatron import parallel
+    from opsd_megatron.conversion import load_hf_weights
+    from opsd_megatron.models import build_model, forward_logits, model_info
+
+    dtype = _dtype(args.dtype)
+    if args.megatron:
+        chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)
+    else:
+        parallel.initialize(args.tp, args.pp)
+        chunks = build_model(args.hf, dtype=dtype, perform_initialization=False)
+        load_hf_weights(chunks, args.hf)
+    vocab = model_info(chunks).vocab_size
+    gen = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(0, vocab, (args.num_inputs, args.seq_len), generator=gen)
+    logits = forward_logits(chunks, input_ids)
+    ok = torch.ones(1, dtype=torch.int64)
+    reporter = mps.is_pipeline_last_stage() and mps.get_tensor_model_parallel_rank() == 0
+    if reporter and mps.get_data_parallel_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(args.hf, dtype=dtype).to(logits.device).eval()
+        with torch.no_grad():
+            ref = hf(input_ids.to(logits.device)).logits.float()
+        diff = (logits.float() - ref).abs().max().item()
+        atol, rtol = TOLERANCES[str(dtype).replace("torch.", "")]
+        tol = args.tol if args.tol is not None else atol + rtol * ref.abs().max().item()
+        passed = diff <= tol
+        name = Path(args.megatron or args.hf).name
+        print(
+            f"{name}: max |logit diff| megatron vs transformers = {diff:.3e} (tol {tol:.2e}, {args.dtype}, "
+            f"TP={args.tp} PP={args.pp}) {'PASS' if passed else 'FAIL'}"
+        )
+        ok[0] = int(passed)
+    if dist.is_initialized():
+        ok = ok.to(parallel.get_state().device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return 0 if bool(ok[0]) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    handler = {"hf-to-megatron": hf_to_megatron, "megatron-to-hf": megatron_to_hf, "verify": verify}[
+        args.command
+    ]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
