@@ -1,0 +1,58 @@
+"""The trainer's periodic evaluation: one call every `eval.interval` steps, flat metrics back for the logger.
+
+    if cfg.eval.interval and step % cfg.eval.interval == 0 and self.engine is not None:   # after weight sync
+        metrics = periodic_eval(self.engine, self.tokenizer, cfg.eval, step, cfg.output_dir)
+        logger.log(metrics, step)          # {"eval/<benchmark>/avg@n": ..., "eval/overall/pass@1": ...}
+
+Runs on a process that owns a rollout engine (with DP > 1 every replica holds the same weights, so one
+replica — e.g. DP rank 0 — is enough; the others skip it). Outputs go to `<output_dir>/eval/step_XXXXXX/`,
+so an evaluation cut by a preemption resumes when the step is evaluated again. Reads from the config object
+`eval.path` (one benchmark spec) or `eval.benchmarks` (a list), `eval.n`, `eval.max_new_tokens`, and, when
+the config has them, `temperature` (1.0), `top_p` (0.95), `top_k` (-1), `thinking` (True), `seed` (0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from opsd_megatron.evaluation.grader import DEFAULT_TIMEOUT_S, default_pool
+from opsd_megatron.evaluation.report import flat_metrics
+from opsd_megatron.evaluation.runner import evaluate
+from opsd_megatron.rollout.base import SamplingConfig
+
+
+def periodic_eval(
+    engine: Any,
+    tokenizer: Any,
+    eval_cfg: Any,
+    step: int,
+    output_dir: str | Path,
+    *,
+    prefix: str = "eval",
+    grader_timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, float]:
+    """Evaluate the engine's current weights per `eval_cfg`; returns `{prefix}/{bench}/{metric}` floats."""
+    benchmarks = list(getattr(eval_cfg, "benchmarks", None) or [eval_cfg.path])
+    sampling = SamplingConfig(
+        temperature=getattr(eval_cfg, "temperature", 1.0),
+        top_p=getattr(eval_cfg, "top_p", 0.95),
+        top_k=getattr(eval_cfg, "top_k", -1),
+        max_new_tokens=eval_cfg.max_new_tokens,
+        seed=getattr(eval_cfg, "seed", 0),
+    )
+    engine.wake_up()
+    summary = evaluate(
+        engine,
+        tokenizer,
+        benchmarks,
+        eval_cfg.n,
+        sampling,
+        Path(output_dir) / "eval" / f"step_{step:06d}",
+        thinking=getattr(eval_cfg, "thinking", True),
+        grader=default_pool(),
+        grader_timeout_s=grader_timeout_s,
+    )
+    out = flat_metrics(summary, prefix)
+    out[f"{prefix}/seconds"] = float(summary["seconds"])
+    return out

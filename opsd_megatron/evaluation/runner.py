@@ -1,0 +1,259 @@
+"""Run an evaluation: render prompts, generate n samples per problem, grade, write, resume, summarise.
+
+    from opsd_megatron.evaluation.runner import evaluate
+    summary = evaluate(engine, tokenizer, ["aime24=/data/aime24.jsonl"], n=12,
+                       sampling=SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=38912),
+                       out_dir="runs/eval/step100", thinking=True)
+
+`engine` is any `opsd_megatron.rollout.RolloutEngine` (the trainer passes its own colocated engine after a
+weight sync; `opsd-eval` builds one with `make_engine`). Problems are generated in chunks of `chunk_size`
+prompts; after each chunk the samples are graded (`GraderPool`, parallel worker processes) and appended to
+`out_dir/generations.jsonl` (one line per sample, flushed and fsynced per chunk). Re-running with the same
+`out_dir` skips every problem whose n samples are already there (a torn last line from a crash is dropped),
+so a preempted evaluation resumes where it stopped. The settings that change results (n, sampling, prompt,
+thinking, model) are kept in `out_dir/run_config.json`; resuming with different ones is an error unless
+`overwrite=True`. At the end `out_dir/summary.json` holds per-benchmark and overall metrics (see `metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from opsd_megatron.evaluation.benchmarks import Benchmark, EvalItem, load_benchmark
+from opsd_megatron.evaluation.grader import DEFAULT_TIMEOUT_S, GraderPool
+from opsd_megatron.evaluation.metrics import SampleVerdict, benchmark_metrics, overall_metrics
+from opsd_megatron.evaluation.report import format_table, write_json_atomic
+from opsd_megatron.prompts import ANSWER_INSTRUCTION, fill_template, render_chat
+from opsd_megatron.rollout.base import RolloutEngine, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+EVAL_TEMPLATE = "Problem: {problem}\n\n" + ANSWER_INSTRUCTION
+"""Default evaluation user turn: the paper's instruction, as in the student's training prompt."""
+GENERATIONS = "generations.jsonl"
+SUMMARY = "summary.json"
+RUN_CONFIG = "run_config.json"
+_RECORD_FIELDS = ("benchmark", "key", "sample", "correct", "answer")
+
+
+def render_prompt_ids(
+    tokenizer: Any, problem: str, *, template: str = EVAL_TEMPLATE, thinking: bool = True, chat: bool = True
+) -> list[int]:
+    """Prompt token ids of one problem: `{problem}` filled in, then the chat template (`enable_thinking`)."""
+    text = fill_template(template, problem)
+    if chat:
+        text = render_chat(tokenizer, text, thinking=thinking)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _load_finished(path: Path, n: int) -> dict[tuple[str, str], list[dict]]:
+    """Complete problems already in `path`: (benchmark, key) -> its n records sorted by sample index.
+
+    Lines that do not parse (a write torn by a crash) and problems with fewer than n samples are dropped
+    and the file is rewritten without them, so later appends never follow half a line.
+    """
+    if not path.exists():
+        return {}
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    kept_lines = bad = 0
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or any(k not in rec for k in _RECORD_FIELDS):
+                    raise ValueError
+            except ValueError:
+                bad += 1
+                continue
+            groups.setdefault((rec["benchmark"], rec["key"]), {})[int(rec["sample"])] = rec
+            kept_lines += 1
+    done = {g: [recs[i] for i in range(n)] for g, recs in groups.items() if set(recs) == set(range(n))}
+    if bad or len(done) != len(groups):
+        logger.warning(
+            "%s: dropping %d unreadable line(s) and %d incomplete problem(s) before resuming",
+            path,
+            bad,
+            len(groups) - len(done),
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for recs in done.values():
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+        os.replace(tmp, path)
+    return done
+
+
+def _check_run_config(out_dir: Path, fingerprint: dict, overwrite: bool) -> None:
+    path = out_dir / RUN_CONFIG
+    if path.exists() and not overwrite:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = [k for k in fingerprint if k in old and old[k] != fingerprint[k]]
+        if diff:
+            k = diff[0]
+            raise ValueError(
+                f"out_dir {str(out_dir)!r} holds an evaluation with {k}={old[k]!r}, this one has "
+                f"{k}={fingerprint[k]!r}; use another out_dir, or overwrite=True (--overwrite) to restart."
+            )
+    if overwrite:
+        (out_dir / GENERATIONS).unlink(missing_ok=True)
+        (out_dir / SUMMARY).unlink(missing_ok=True)
+    write_json_atomic(path, fingerprint)
+
+
+def _summarise(benchmarks: list[Benchmark], done: dict, n: int) -> dict:
+    per: dict[str, dict] = {}
+    for b in benchmarks:
+        groups = [done[(b.name, it.key)] for it in b.items if (b.name, it.key) in done]
+        m = benchmark_metrics([[SampleVerdict(r["correct"], r["answer"]) for r in g] for g in groups])
+        recs = [r for g in groups for r in g]
+        if recs:
+            m["no_answer_rate"] = sum(r["answer"] is None for r in recs) / len(recs)
+            m["truncated_rate"] = sum(r.get("finish_reason") == "length" for r in recs) / len(recs)
+            m["timeout_rate"] = sum(r.get("status") == "timeout" for r in recs) / len(recs)
+            m["mean_response_tokens"] = sum(r.get("num_tokens", 0) for r in recs) / len(recs)
+        per[b.name] = m
+    return {"n": n, "benchmarks": per, "overall": overall_metrics(per)}
+
+
+def evaluate(
+    engine: RolloutEngine | Callable[[], RolloutEngine],
+    tokenizer: Any,
+    benchmarks: Sequence[Benchmark | str],
+    n: int,
+    sampling: SamplingConfig,
+    out_dir: str | Path,
+    *,
+    template: str = EVAL_TEMPLATE,
+    thinking: bool = True,
+    chat: bool = True,
+    chunk_size: int = 64,
+    grader_timeout_s: float = DEFAULT_TIMEOUT_S,
+    grader_workers: int | None = None,
+    grader: GraderPool | None = None,
+    model_name: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Evaluate `engine` on `benchmarks` with `n` samples per problem; returns the summary dict.
+
+    Args:
+        engine: a RolloutEngine (weights already loaded), or a zero-argument factory called only when
+            some problem still needs samples (a fully resumed run then starts no engine at all).
+        tokenizer: the model's HF tokenizer (chat template, encode/decode).
+        benchmarks: loaded `Benchmark`s or specs for `load_benchmark` ("aime24=FILE", "FILE", ...).
+        n: samples per problem (overrides `sampling.n`).
+        sampling: temperature, top-p/k, min-p, max new tokens, seed.
+        out_dir: generations.jsonl / summary.json / run_config.json live here; reused to resume.
+        template: user turn with `{problem}`; thinking: `enable_thinking` of the chat template;
+        chat: False sends the filled template as raw text (base models).
+        chunk_size: prompts per `engine.generate` call (= resume granularity).
+        grader_timeout_s: per-answer math-verify wall-clock limit (also applied to a passed-in `grader`);
+        grader_workers: worker processes of the pool made here when `grader` is None;
+        grader: an existing pool to reuse (the trainer keeps one across evaluations).
+        model_name: recorded in run_config.json and checked on resume.
+        overwrite: discard earlier results in `out_dir` instead of resuming.
+
+    Returns:
+        {"n", "benchmarks": {name: metrics}, "overall": metrics, "num_generated", "num_resumed",
+         "seconds", "out_dir"}; metrics as in `opsd_megatron.evaluation.metrics` plus no_answer_rate,
+        truncated_rate, timeout_rate and mean_response_tokens.
+    """
+    if n < 1:
+        raise ValueError(f"n (samples per problem) must be >= 1, got {n}.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    t0 = time.monotonic()
+    benches = [b if isinstance(b, Benchmark) else load_benchmark(b) for b in benchmarks]
+    names = [b.name for b in benches]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark names must be distinct, got {names}.")
+    sampling = replace(sampling, n=n)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {
+        "model": model_name,
+        "n": n,
+        "sampling": {k: v for k, v in asdict(sampling).items() if k != "n"},
+        "template": template,
+        "thinking": thinking,
+        "chat": chat,
+    }
+    fingerprint = json.loads(
+        json.dumps(fingerprint)
+    )  # compare in the form it is stored in (lists, not tuples)
+    _check_run_config(out, fingerprint, overwrite)
+    gen_path = out / GENERATIONS
+    done = _load_finished(gen_path, n)
+    todo: list[tuple[Benchmark, EvalItem]] = [
+        (b, it) for b in benches for it in b.items if (b.name, it.key) not in done
+    ]
+    total = sum(len(b.items) for b in benches)
+    logger.info(
+        "evaluation: %d problems x %d samples, %d already done in %s", total, n, total - len(todo), out
+    )
+
+    if todo and not hasattr(engine, "generate"):
+        engine = engine()
+    own_pool = grader is None
+    pool = grader or GraderPool(num_workers=grader_workers, timeout_s=grader_timeout_s)
+    try:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            prompts = [
+                render_prompt_ids(tokenizer, it.problem, template=template, thinking=thinking, chat=chat)
+                for _, it in chunk
+            ]
+            outs = engine.generate(prompts, sampling)
+            if len(outs) != len(chunk) or any(len(o) != n for o in outs):
+                raise RuntimeError(
+                    f"rollout engine returned {[len(o) for o in outs]} samples for {len(chunk)} prompts; "
+                    f"expected {n} per prompt."
+                )
+            texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for o in outs for s in o]
+            refs = [it.answer for _, it in chunk for _ in range(n)]
+            grades = pool.grade_many(list(zip(texts, refs)), timeout_s=grader_timeout_s)
+            lines = []
+            for j, (b, it) in enumerate(chunk):
+                recs = []
+                for s in range(n):
+                    g, sample = grades[j * n + s], outs[j][s]
+                    recs.append({
+                        "benchmark": b.name, "key": it.key, "sample": s, "problem": it.problem,
+                        "reference": it.answer, "response": texts[j * n + s], "answer": g.answer,
+                        "correct": g.correct, "status": g.status, "finish_reason": sample.finish_reason,
+                        "num_tokens": len(sample.token_ids),
+                    })  # fmt: skip
+                done[(b.name, it.key)] = recs
+                lines += [json.dumps(r, ensure_ascii=False) + "\n" for r in recs]
+            with gen_path.open("a", encoding="utf-8") as f:
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+            logger.info("evaluation: %d / %d problems generated", start + len(chunk), len(todo))
+    finally:
+        if own_pool:
+            pool.close()
+
+    summary = _summarise(benches, done, n)
+    summary.update(
+        num_generated=len(todo),
+        num_resumed=total - len(todo),
+        seconds=time.monotonic() - t0,
+        out_dir=str(out),
+    )
+    write_json_atomic(out / SUMMARY, summary)
+    logger.info(
+        "evaluation done in %.0f s: %s",
+        summary["seconds"],
+        ", ".join(
+            f"{k} avg@{n}={100 * m.get(f'avg@{n}', 0.0):.1f}%" for k, m in summary["benchmarks"].items()
+        ),
+    )
+    logger.debug("evaluation results (%%):\n%s", format_table(summary))
+    return summary
