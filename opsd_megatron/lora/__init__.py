@@ -1,0 +1,46 @@
+"""TP-aware LoRA on Megatron-core linear layers (fused QKV and gate/up included); see `api.py`.
+
+    from opsd_megatron.lora import apply_lora, adapters_disabled, merged_named_parameters
+    apply_lora(chunks, cfg.lora)            # freezes the base, adds `...linear_*.lora.lora_{a,b}`
+    with adapters_disabled(chunks): ...     # base model = the "adapters-off" teacher, zero extra memory
+
+Importing this package needs neither CUDA nor Transformer Engine nor vLLM.
+"""
+
+from opsd_megatron.lora.adapter import LoRAAdapter
+from opsd_megatron.lora.api import (
+    HF_TO_MEGATRON,
+    LoRASettings,
+    adapters_disabled,
+    apply_lora,
+    global_module_name,
+    has_lora,
+    is_lora_param_name,
+    iter_adapters,
+    load_lora_state_dict,
+    lora_shard_hook,
+    lora_state_dict,
+    merged_local_weight,
+    merged_named_parameters,
+    resolve_targets,
+    trainable_named_parameters,
+)
+
+__all__ = [
+    "HF_TO_MEGATRON",
+    "LoRAAdapter",
+    "LoRASettings",
+    "adapters_disabled",
+    "apply_lora",
+    "global_module_name",
+    "has_lora",
+    "is_lora_param_name",
+    "iter_adapters",
+    "load_lora_state_dict",
+    "lora_shard_hook",
+    "lora_state_dict",
+    "merged_local_weight",
+    "merged_named_parameters",
+    "resolve_targets",
+    "trainable_named_parameters",
+]

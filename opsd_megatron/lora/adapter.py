@@ -1,0 +1,184 @@
+"""One tensor-parallel LoRA adapter, attached to one Megatron linear layer (local or Transformer Engine).
+
+    delta = adapter(x)          # added to the base layer's output: y = W x + scale * B (A dropout(x))
+
+Sharding follows the base layer so that no full-size activation is ever gathered:
+
+* column-parallel base (weight [out/tp, in], e.g. `linear_qkv`, `linear_fc1`):
+    A `lora_a` [r, in] replicated on every TP rank;
+    B `lora_b` [out/tp, r] sharded on dim 0 exactly like the base weight (same rows: for the fused QKV the
+                       per-query-group interleaving, for SwiGLU fc1 the per-rank [gate shard ‖ up shard]).
+    forward:  h = x A^T [s, b, r];  h = copy_to_tensor_model_parallel_region(h) (fwd identity, bwd
+              all-reduce, so A's gradient and the LoRA part of dx are complete);  y += scale * h B^T.
+    with sequence parallelism x is [s/tp, b, in]: h = gather_from_sequence_parallel_region(x A^T)
+              (fwd all-gather of the rank-r activation, bwd reduce-scatter); A's gradient is then partial
+              over the sequence and A carries `sequence_parallel=True`, so Megatron's `finalize_model_grads`
+              all-reduces it over TP (as it does for layer norms).
+* row-parallel base (weight [out, in/tp], e.g. `linear_proj`, `linear_fc2`):
+    A `lora_a` [r, in/tp] sharded on dim 1 like the base weight;
+    B `lora_b` [out, r] replicated.
+    forward:  h = reduce_from_tensor_model_parallel_region(x A^T) (fwd all-reduce of [s, b, r], bwd
+              identity); y += scale * h B^T.  With sequence parallelism: reduce_scatter instead, and B is
+              marked `sequence_parallel=True`.
+
+B starts at zero, so a fresh adapter leaves the model's output bit-identical. A is initialised like PEFT
+(kaiming-uniform, a=sqrt(5)) on the FULL [r, in] matrix from a generator seeded by (seed, global layer
+name), then sliced: the adapter is the same whatever the TP layout (TP=2 equals TP=1 exactly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COLUMN = "column"
+ROW = "row"
+
+
+def _tp_size_rank(group) -> tuple[int, int]:
+    if group is None or not torch.distributed.is_initialized():
+        return 1, 0
+    return torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+
+
+def full_a_init(rank: int, in_features: int, seed: int, name: str) -> torch.Tensor:
+    """Deterministic full A [rank, in_features] (fp32, CPU): PEFT's kaiming-uniform(a=sqrt(5)) bound."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)) on fan_in = in_features
+    return (torch.rand(rank, in_features, generator=g) * 2 - 1) * bound
+
+
+class LoRAAdapter(nn.Module):
+    """Low-rank update of one TP-sharded linear layer; see the module docstring for the sharding.
+
+    Parameters `lora_a` ([r, in] column / [r, in/tp] row) and `lora_b` ([out/tp, r] column / [out, r]
+    row) carry Megatron's TP attributes (`tensor_model_parallel`, `partition_dim`, `partition_stride`), so
+    grad-norm clipping counts replicated ones once, and `sequence_parallel` where their gradient is partial.
+    """
+
+    def __init__(
+        self,
+        parallel_mode: str,
+        base_weight: torch.Tensor,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        tp_group,
+        sequence_parallel: bool,
+        seed: int,
+        name: str,
+    ):
+        super().__init__()
+        if parallel_mode not in (COLUMN, ROW):
+            raise ValueError(f"parallel_mode must be 'column' or 'row', got {parallel_mode!r}.")
+        self.parallel_mode = parallel_mode
+        self.rank = rank
+        self.scale = alpha / rank
+        self.tp_group = tp_group
+        self.tp_size, self.tp_rank = _tp_size_rank(tp_group)
+        self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+        out_local, in_local = base_weight.shape
+        dtype, device = base_weight.dtype, base_weight.device
+        if parallel_mode == COLUMN:
+            self.in_features, self.out_features = in_local, out_local * self.tp_size
+            a_shape, b_shape = (rank, in_local), (out_local, rank)
+        else:
+            self.in_features, self.out_features = in_local * self.tp_size, out_local
+            a_shape, b_shape = (rank, in_local), (out_local, rank)
+        self.lora_a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+        with torch.no_grad():
+            self.lora_a.copy_(self._local_a(full_a_init(rank, self.in_features, seed, name)))
+        stride = getattr(base_weight, "partition_stride", 1)
+        sharded, replicated = (
+            (self.lora_b, self.lora_a) if parallel_mode == COLUMN else (self.lora_a, self.lora_b)
+        )
+        sharded.tensor_model_parallel = self.tp_size > 1
+        sharded.partition_dim = 0 if parallel_mode == COLUMN else 1
+        sharded.partition_stride = stride if parallel_mode == COLUMN else 1
+        replicated.tensor_model_parallel = False
+        replicated.partition_dim = -1
+        replicated.partition_stride = 1
+        for p in (self.lora_a, self.lora_b):
+            p.allreduce = True  # data-parallel all-reduce (Megatron DDP reads it for expert params)
+        if self.sequence_parallel:
+            replicated.sequence_parallel = True  # its gradient is partial over the sequence shards
+
+    # ---- full <-> local -------------------------------------------------------------------------------
+    def _local_a(self, a_full: torch.Tensor) -> torch.Tensor:
+        if self.parallel_mode == COLUMN:
+            return a_full
+        return a_full.chunk(self.tp_size, dim=1)[self.tp_rank]
+
+    def _local_b(self, b_full: torch.Tensor) -> torch.Tensor:
+        if self.parallel_mode == ROW:
+            return b_full
+        stride = getattr(self.lora_b, "partition_stride", 1)
+        # stride 2 (SwiGLU fc1): rank r holds [gate shard r ‖ up shard r]
+        parts = b_full.chunk(stride, dim=0)
+        return torch.cat([p.chunk(self.tp_size, dim=0)[self.tp_rank] for p in parts], dim=0)
+
+    @torch.no_grad()
+    def set_full_weights(self, a_full: torch.Tensor, b_full: torch.Tensor) -> None:
+        """Load full (unsharded, Megatron row order) A [r, in] and B [out, r]; keeps this rank's shard."""
+        if tuple(a_full.shape) != (self.rank, self.in_features):
+            raise ValueError(f"LoRA A must be [{self.rank}, {self.in_features}], got {tuple(a_full.shape)}.")
+        if tuple(b_full.shape) != (self.out_features, self.rank):
+            raise ValueError(f"LoRA B must be [{self.out_features}, {self.rank}], got {tuple(b_full.shape)}.")
+        self.lora_a.copy_(self._local_a(a_full.to(self.lora_a)))
+        self.lora_b.copy_(self._local_b(b_full.to(self.lora_b)))
+
+    # ---- math -----------------------------------------------------------------------------------------
+    def _dropout_ctx(self):
+        # x is identical on all TP ranks only for a column-parallel base without SP: then the default
+        # generator (same stream on all TP ranks) keeps the masks equal; otherwise use the TP-rank stream.
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            return contextlib.nullcontext()
+        if self.parallel_mode == COLUMN and not self.sequence_parallel:
+            return contextlib.nullcontext()
+        from megatron.core import tensor_parallel
+
+        return tensor_parallel.get_cuda_rng_tracker().fork()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: the base layer's input -> scale * B A dropout(x), shaped and sharded like the base output.
+
+        Column: x [s, b, in] (SP: [s/tp, b, in]) -> [s, b, out/tp].  Row: x [s, b, in/tp] -> [s, b, out]
+        (SP: [s/tp, b, out]). Collectives: see the module docstring (all on the rank-r activation).
+        """
+        from megatron.core import tensor_parallel as mtp
+
+        with self._dropout_ctx():
+            x = self.dropout(x)
+        h = F.linear(x, self.lora_a)  # column: [s(/tp), b, r] ; row: partial sums [s, b, r]
+        if self.tp_size > 1:
+            if self.parallel_mode == COLUMN:
+                if self.sequence_parallel:
+                    h = mtp.gather_from_sequence_parallel_region(h, True, self.tp_group)  # [s, b, r]
+                else:
+                    h = mtp.copy_to_tensor_model_parallel_region(h, self.tp_group)  # bwd: all-reduce
+            elif self.sequence_parallel:
+                h = mtp.reduce_scatter_to_sequence_parallel_region(h, self.tp_group)  # [s/tp, b, r]
+            else:
+                h = mtp.reduce_from_tensor_model_parallel_region(h, self.tp_group)  # [s, b, r]
+        return F.linear(h, self.lora_b) * self.scale  # [s, b, out/tp] column ; [s(/tp), b, out] row
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B_local @ A_local in fp32: [out/tp, in] (column) or [out, in/tp] (row), the local shard
+        of the full update, aligned with the base layer's local weight. No collective."""
+        return self.scale * (self.lora_b.float() @ self.lora_a.float())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.parallel_mode}, rank={self.rank}, scale={self.scale:g}, in={self.in_features}, "
+            f"out={self.out_features}, tp={self.tp_size}, sp={self.sequence_parallel}"
+        )
