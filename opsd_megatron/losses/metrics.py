@@ -1,0 +1,79 @@
+"""Per-step diagnostics of the divergence, separate from the loss (no gradient).
+
+`divergence_metrics` returns 0-dim fp32 tensors, each a mean over this call's valid positions (weight them by
+`num_tokens` to combine micro-batches or data-parallel ranks):
+    divergence        mean per-position loss of `kind` (clip applied, as optimised)
+    clipped_fraction  fraction of (position, vocabulary entry) terms clamped at `clip` (dense kinds; else 0)
+    student_entropy   mean entropy of p_S in nats (after temperature)
+    teacher_entropy   mean entropy of p_T in nats (after temperature)
+    num_tokens        number of valid positions
+Collectives: those of the loss (forward only), one more SUM of the valid vocabulary size per shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from opsd_megatron.losses._math import (
+    DENSE_KINDS,
+    all_reduce,
+    dense_forward,
+    effective_dense_kind,
+    resolve_group,
+    scaled_fp32,
+    shard_layout,
+)
+from opsd_megatron.losses.vocab_parallel import vocab_parallel_divergence
+
+
+@torch.no_grad()
+def divergence_metrics(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    loss_mask: torch.Tensor | None = None,
+    tp_group=None,
+    top_k: int | None = None,
+    target_ids: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    vocab_start_index: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diagnostics dict (see module docstring) for logits `[..., v/tp]`; same arguments as the loss."""
+    group = resolve_group(tp_group)
+    local_vocab = student_logits.shape[-1]
+    _, n_valid = shard_layout(local_vocab, group, vocab_size, vocab_start_index)
+    mask = (
+        torch.ones(student_logits.shape[:-1], device=student_logits.device)
+        if loss_mask is None
+        else (loss_mask != 0).float()
+    ).reshape(-1)  # (N,)
+    n_tok = mask.sum()
+    denom = n_tok.clamp(min=1)
+    dense_kind = effective_dense_kind(kind, float(beta)) if kind in DENSE_KINDS else "forward_kl"
+    z_s = scaled_fp32(student_logits.detach(), n_valid, temperature)  # (N, v)
+    z_t = scaled_fp32(teacher_logits.detach(), n_valid, temperature)  # (N, v)
+    loss, _, stats, _ = dense_forward(
+        z_s, z_t, kind=dense_kind, beta=float(beta), clip=None if clip is None else float(clip),
+        group=group, need_grad=False, extra_stats=True,
+    )  # fmt: skip
+    clipped, ent_s, ent_t = stats  # (N,) each
+    if kind not in DENSE_KINDS:
+        loss = vocab_parallel_divergence(
+            student_logits.detach(), teacher_logits.detach(), kind=kind, beta=beta, temperature=temperature,
+            clip=clip, loss_mask=loss_mask, tp_group=group, top_k=top_k, target_ids=target_ids,
+            vocab_size=vocab_size, vocab_start_index=vocab_start_index,
+        ).reshape(-1)  # fmt: skip
+        clipped = torch.zeros_like(clipped)
+    v_global = all_reduce(torch.tensor(float(n_valid), device=mask.device), dist.ReduceOp.SUM, group)
+    return {
+        "divergence": (loss * mask).sum() / denom,
+        "clipped_fraction": (clipped * mask).sum() / (denom * v_global),
+        "student_entropy": (ent_s * mask).sum() / denom,
+        "teacher_entropy": (ent_t * mask).sum() / denom,
+        "num_tokens": n_tok,
+    }
