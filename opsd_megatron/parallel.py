@@ -65,18 +65,35 @@ def _env_int(*names: str, default: int | None = None) -> int | None:
 
 
 def _first_slurm_host() -> str | None:
+    """Address of the job's first node: its name when that resolves, else the NodeAddr SLURM knows it by
+    (emulated or unusual clusters whose node names are not host names)."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
         return None
-    try:
-        import subprocess
+    import subprocess
 
+    try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
         )
-        return out.stdout.split()[0]
+        name = out.stdout.split()[0]
     except Exception:  # no scontrol: take the text up to the first bracket/comma
         return nodelist.split(",")[0].split("[")[0]
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except OSError:
+        pass
+    try:
+        info = subprocess.run(
+            ["scontrol", "show", "node", "-o", name], capture_output=True, text=True, check=True
+        ).stdout
+        for field_ in info.split():
+            if field_.startswith("NodeAddr="):
+                return field_.split("=", 1)[1]
+    except Exception:
+        pass
+    return name
 
 
 def _free_port() -> int:

@@ -1,0 +1,225 @@
+"""One OPSD step of a Qwen3-1.7B-shaped random model on one GPU, timed by phase, vs plain Megatron passes.
+
+    python benchmarks/gpu_step_check.py [--prompts 8] [--micro 4] [--new-tokens 512] [--reps 3]
+    python benchmarks/gpu_step_check.py --tiny        # CPU smoke test of this script (tiny model)
+
+Builds a random Qwen3-1.7B-shaped HF checkpoint (28 layers, hidden 2048, GQA 16/8, head_dim 128, vocab
+151,936, tied embeddings; bf16) in a temp dir, starts the real `OPSDTrainer` on it (TP=PP=1, bf16, frozen
+teacher copy, forward KL with clip 0.05, temperature 1.1; rollout engine "hf" since vLLM is absent on the
+check machine) and times, with CUDA synchronisation, one step by phase: rollout / teacher forward / student
+forward+backward+loss / loss alone / optimizer / weight refresh. Then, on the SAME packed sequences, it
+times a plain Megatron student forward+backward (vocab-parallel cross-entropy on the response tokens) and a
+plain teacher forward (forward-only schedule, no loss), each alone, and prints
+
+    ratio = (teacher fwd + student fwd/bwd with the OPSD loss) / (plain student fwd/bwd + plain teacher fwd)
+
+against the target <= 1.10 (docs/performance.md). Medians over `--reps` after one warm-up. < 3 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QWEN3_1_7B = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    vocab_size=151936,
+)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int) -> tuple[float, object]:
+    """Median seconds of `fn()` over `reps` runs after one warm-up (CUDA-synchronised); last result."""
+    out = fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step (= global batch)")
+    ap.add_argument("--micro", type=int, default=4, help="micro-batch size")
+    ap.add_argument(
+        "--new-tokens", type=int, default=512, help="rollout length (random weights: always reached)"
+    )
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=QWEN3_1_7B["num_hidden_layers"])
+    ap.add_argument(
+        "--tiny", action="store_true", help="smoke test of this script with the tiny model (CPU ok)"
+    )
+    args = ap.parse_args()
+    if not torch.cuda.is_available() and not args.tiny:
+        print("gpu_step_check: no CUDA device; this check needs one GPU (or --tiny for a CPU smoke test).")
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    from opsd_megatron.config import config_from_dict
+    from opsd_megatron.tiny import make_tiny_hf_model
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    tmp = Path(tempfile.mkdtemp(prefix="opsd_gpu_step_"))
+    t0 = time.perf_counter()
+    shape = dict(QWEN3_1_7B, num_hidden_layers=args.layers)
+    vocab = shape.pop("vocab_size")
+    if args.tiny:
+        shape, vocab = {}, 731
+    model_dir = make_tiny_hf_model(
+        tmp / "qwen3-1.7b-random", "qwen3", dtype="bfloat16", vocab_size=vocab, **shape
+    )
+    print(f"[setup] random Qwen3-1.7B-shaped checkpoint written in {time.perf_counter() - t0:.1f} s")
+
+    cfg = config_from_dict(
+        {
+            "output_dir": str(tmp / "run"),
+            "model": {"path": str(model_dir), "dtype": "float32" if args.tiny else "bfloat16"},
+            "data": {"path": "builtin:tiny_math", "answer_field": None},  # random ids: nothing to grade
+            "rollout": {"engine": "hf", "max_new_tokens": args.new_tokens},
+            "loss": {"kind": "forward_kl", "clip": 0.05},
+            "train": {"steps": 1, "global_batch_size": args.prompts, "micro_batch_size": args.micro},
+            "checkpoint": {"save_interval": 0, "export_hf": False, "resume": False},
+            "logging": {"progress_bar": False},
+        }
+    )
+    from opsd_megatron.trainer import OPSDTrainer
+
+    t0 = time.perf_counter()
+    tr = OPSDTrainer(cfg)
+    print(f"[setup] trainer (model, teacher copy, optimizer, HF engine) in {time.perf_counter() - t0:.1f} s")
+    run_checks(tr, args, gpu)
+
+
+def run_checks(tr, args, gpu: str) -> None:
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from opsd_megatron.batch import gather_positions, pack_step
+    from opsd_megatron.losses import vocab_parallel_divergence
+
+    dev = tr.ps.device
+    sync()
+    t0 = time.perf_counter()
+    samples, rstats = tr.rollout(0)
+    sync()
+    t_rollout = time.perf_counter() - t0
+    mbs = pack_step(samples, micro_batch_size=args.micro, pad_id=tr.pad_id, pad_to_multiple=64)
+    G = sum(m.num_tokens for m in mbs)
+    S, T = mbs[0].student_tokens.shape[1], mbs[0].teacher_tokens.shape[1]
+    print(f"[data] {len(samples)} samples, {len(mbs)} micro-batches of {args.micro}; student len {S}, "
+          f"teacher len {T}, response tokens {G} (mean {rstats['rollout/response_length']:.0f})")  # fmt: skip
+
+    def opsd_teacher():
+        return tr.teacher_forward(mbs)
+
+    t_teacher, tlogits = timed(opsd_teacher, args.reps)
+
+    def opsd_student():
+        for c in tr.chunks:
+            c.zero_grad_buffer()
+        return tr.forward_backward_step(mbs, tlogits, G)
+
+    t_student, _ = timed(opsd_student, args.reps)
+
+    # The loss alone, on the gathered logits of one micro-batch (x number of micro-batches).
+    lc = tr.cfg.loss
+    with torch.no_grad():
+        out0 = tr.chunks[0](*(t.to(dev) for t in (mbs[0].student_tokens, mbs[0].student_position_ids)), None)
+    s_sel = gather_positions(out0, mbs[0].student_index.to(dev)).detach().requires_grad_(True)
+
+    def loss_only():
+        per = vocab_parallel_divergence(
+            s_sel, tlogits[0], kind=lc.kind, temperature=tr.cfg.rollout.temperature, clip=lc.clip,
+            loss_mask=mbs[0].loss_mask.to(dev), vocab_size=tr.info.vocab_size, tp_group=tr.ps.tp_group,
+        )  # fmt: skip
+        per.sum().backward()
+
+    t_loss = timed(loss_only, args.reps)[0] * len(mbs)
+
+    def optimizer_step():
+        tr.optimizer.step()
+
+    t_opt, _ = timed(optimizer_step, 1)
+    t_refresh, _ = timed(tr.sync_weights, 1)
+
+    # Plain Megatron passes on the same sequences.
+    def plain_student():
+        for c in tr.chunks:
+            c.zero_grad_buffer()
+
+        def step_fn(it, model):
+            mb = next(it)
+            out = model(mb.student_tokens, mb.student_position_ids, None)  # [b, S, v]
+
+            def ce(output):
+                sel = gather_positions(output, mb.student_index)  # [b, R, v]
+                per = vocab_parallel_cross_entropy(sel.float().transpose(0, 1).contiguous(),
+                                                   mb.response_ids.t().contiguous())  # fmt: skip
+                return (per.t() * mb.loss_mask).sum() / G, {}
+
+            return out, ce
+
+        return tr._forward_backward(step_fn, [m.to(dev) for m in mbs], tr.chunks, S, False)
+
+    t_plain_s, _ = timed(plain_student, args.reps)
+
+    def plain_teacher():
+        def step_fn(it, model):
+            mb = next(it)
+            out = model(mb.teacher_tokens, mb.teacher_position_ids, None)
+            return out, lambda output: (output.new_zeros(()), {})
+
+        with tr.teacher.forward_context() as chunks:
+            return tr._forward_backward(step_fn, [m.to(dev) for m in mbs], chunks, T, True)
+
+    t_plain_t, _ = timed(plain_teacher, args.reps)
+    opsd = t_teacher + t_student
+    plain = t_plain_s + t_plain_t
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    print(f"\nOPSD step on {gpu} (Qwen3-1.7B shape, bf16, TP=PP=1, median of {args.reps})")
+    print(f"{'phase':<44}{'seconds':>10}")
+    for name, v in [
+        ("rollout (HF generate)", t_rollout),
+        ("teacher forward (forward-only schedule)", t_teacher),
+        ("student fwd+bwd incl. loss", t_student),
+        ("  of which loss fwd+bwd (isolated)", t_loss),
+        ("optimizer step", t_opt),
+        ("weight refresh (export + engine load)", t_refresh),
+        ("plain Megatron student fwd+bwd (CE)", t_plain_s),
+        ("plain Megatron teacher forward", t_plain_t),
+    ]:
+        print(f"{name:<44}{v:>10.3f}")
+    print(f"\ntrain step (teacher + student + loss) / (plain student + plain teacher) = "
+          f"{opsd:.3f} / {plain:.3f} = {opsd / plain:.3f}x   (target <= 1.10)")  # fmt: skip
+    print(f"peak GPU memory allocated: {peak:.1f} GiB; tokens/s (response) {G / opsd:.0f}")
+    tr.close()
+
+
+if __name__ == "__main__":
+    main()

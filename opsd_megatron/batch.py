@@ -1,0 +1,135 @@
+"""Packing student and teacher sequences around one sampled response, with explicit position bookkeeping.
+
+For a sample with student prompt P_s (length Ls), teacher prompt P_t (length Lt) and response r (length R):
+
+    student sequence  = P_s ‖ r      (length Ls + R, contiguous: no padding between prompt and response)
+    teacher sequence  = P_t ‖ r      (length Lt + R)
+
+Causal LMs predict token i+1 from position i, so the next-token distribution for response token r_j lives at
+`student_index[j] = Ls - 1 + j` in the student sequence and at `teacher_index[j] = Lt - 1 + j` in the
+teacher's: the one-token shift is explicit, and the j-th entries of both index rows refer to the same sampled
+token `response_ids[j]`. `loss_mask[j]` is 1 for every sampled token (the EOS included; truncated samples keep
+all tokens) and 0 for the padding that makes rows of a micro-batch the same length. Sequences are padded at
+the END only (to one fixed length per forward_backward call, as pipeline p2p needs), which a causal model
+never sees.
+
+    mb = pack_microbatch(samples, pad_id=0, student_len=64, teacher_len=96)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One rollout ready to pack (token ids as plain lists)."""
+
+    student_prompt: list[int]
+    teacher_prompt: list[int]
+    response: list[int]
+    rollout_logprobs: list[float] = field(default_factory=list)
+    """Engine log-probabilities of `response` (for the drift metric); may be empty."""
+    truncated: bool = False
+    """True when generation hit max_new_tokens (the sample is kept)."""
+
+
+@dataclass
+class MicroBatch:
+    """Tensors of one micro-batch; b = samples, S/T = padded student/teacher length, R = longest response."""
+
+    student_tokens: torch.Tensor  # [b, S] int64
+    student_position_ids: torch.Tensor  # [b, S] int64
+    teacher_tokens: torch.Tensor  # [b, T] int64
+    teacher_position_ids: torch.Tensor  # [b, T] int64
+    student_index: torch.Tensor  # [b, R] int64: student position predicting response_ids[:, j]
+    teacher_index: torch.Tensor  # [b, R] int64: teacher position predicting response_ids[:, j]
+    response_ids: torch.Tensor  # [b, R] int64 (pad_id where masked)
+    loss_mask: torch.Tensor  # [b, R] float32, 1 on sampled tokens (EOS included), 0 on padding
+    rollout_logprobs: torch.Tensor  # [b, R] float32 (0 where unknown/masked)
+    num_tokens: int  # loss_mask.sum()
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**kw)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def sequence_lengths(samples: Sequence[Sample]) -> tuple[int, int]:
+    """Longest unpadded (student, teacher) sequence among `samples`."""
+    s = max(len(x.student_prompt) + len(x.response) for x in samples)
+    t = max(len(x.teacher_prompt) + len(x.response) for x in samples)
+    return s, t
+
+
+def pack_microbatch(
+    samples: Sequence[Sample], *, pad_id: int, student_len: int | None = None, teacher_len: int | None = None
+) -> MicroBatch:
+    """Pack `samples` into one `MicroBatch`, right-padded to `student_len` / `teacher_len`."""
+    if not samples:
+        raise ValueError("pack_microbatch needs at least one sample.")
+    need_s, need_t = sequence_lengths(samples)
+    S = need_s if student_len is None else student_len
+    T = need_t if teacher_len is None else teacher_len
+    if need_s > S or need_t > T:
+        raise ValueError(
+            f"packed lengths ({S}, {T}) are shorter than the longest sequences ({need_s}, {need_t})."
+        )
+    b = len(samples)
+    R = max(1, max(len(x.response) for x in samples))
+    s_tok = torch.full((b, S), pad_id, dtype=torch.long)
+    t_tok = torch.full((b, T), pad_id, dtype=torch.long)
+    s_idx = torch.zeros((b, R), dtype=torch.long)
+    t_idx = torch.zeros((b, R), dtype=torch.long)
+    resp = torch.full((b, R), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, R), dtype=torch.float32)
+    lps = torch.zeros((b, R), dtype=torch.float32)
+    for i, x in enumerate(samples):
+        ls, lt, n = len(x.student_prompt), len(x.teacher_prompt), len(x.response)
+        if ls == 0 or lt == 0:
+            raise ValueError(f"sample {i} has an empty student or teacher prompt.")
+        r = torch.tensor(x.response, dtype=torch.long)
+        s_tok[i, :ls] = torch.tensor(x.student_prompt, dtype=torch.long)
+        s_tok[i, ls : ls + n] = r
+        t_tok[i, :lt] = torch.tensor(x.teacher_prompt, dtype=torch.long)
+        t_tok[i, lt : lt + n] = r
+        j = torch.arange(R)
+        # Masked slots point at the last real position (valid index, zero weight).
+        s_idx[i] = torch.clamp(ls - 1 + j, max=ls + max(n, 1) - 2)
+        t_idx[i] = torch.clamp(lt - 1 + j, max=lt + max(n, 1) - 2)
+        resp[i, :n] = r
+        mask[i, :n] = 1.0
+        if x.rollout_logprobs:
+            lps[i, :n] = torch.tensor(x.rollout_logprobs[:n], dtype=torch.float32)
+    pos_s = torch.arange(S, dtype=torch.long).expand(b, S).contiguous()
+    pos_t = torch.arange(T, dtype=torch.long).expand(b, T).contiguous()
+    return MicroBatch(s_tok, pos_s, t_tok, pos_t, s_idx, t_idx, resp, mask, lps, int(mask.sum().item()))
+
+
+def pack_step(
+    samples: Sequence[Sample], *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8
+) -> list[MicroBatch]:
+    """Split a replica's samples into micro-batches that all share one (student, teacher) padded length.
+
+    One length per forward_backward call is what pipeline-parallel p2p needs (tensor shapes are fixed).
+    """
+    if len(samples) % micro_batch_size:
+        raise ValueError(f"{len(samples)} samples are not divisible by micro_batch_size={micro_batch_size}.")
+    need_s, need_t = sequence_lengths(samples)
+    S, T = round_up(need_s, pad_to_multiple), round_up(need_t, pad_to_multiple)
+    return [
+        pack_microbatch(samples[k : k + micro_batch_size], pad_id=pad_id, student_len=S, teacher_len=T)
+        for k in range(0, len(samples), micro_batch_size)
+    ]
+
+
+def gather_positions(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """logits [b, s, v] (any sharding of v), index [b, R] -> [b, R, v]: rows at the given positions."""
+    b, R = index.shape
+    return torch.gather(logits, 1, index.unsqueeze(-1).expand(b, R, logits.shape[-1]))

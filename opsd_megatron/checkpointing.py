@@ -1,0 +1,182 @@
+"""Megatron distributed checkpoints of a training run: model, optimizer, LR schedule, RNG, data position.
+
+    save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, reason="interval")
+    step = load_checkpoint(path, chunks, optimizer, scheduler)       # path from latest_checkpoint(ckpt_root)
+
+Layout: `<ckpt_root>/step_000006/` is a Megatron `dist_checkpointing` directory (reshardable model and
+optimizer tensors, per-rank RNG states as ShardedObjects) plus `opsd_state.json` (step, reason, time);
+`<ckpt_root>/latest` names the newest COMPLETE checkpoint and is written by rank 0 after a barrier that
+follows every rank's save: a run killed mid-save leaves `latest` pointing at the previous one. The data
+position is the step itself (the prompt order is a pure function of (seed, step), see `data.sampler`).
+Collectives: the ones of `dist_checkpointing.save/load` over the world group, plus barriers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+STATE_FILE = "opsd_state.json"
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:06d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root` (from the `latest` marker), or None."""
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def _inner(chunk: Any) -> Any:
+    """The GPTModel inside a DDP wrapper (its state-dict keys carry no `module.` prefix)."""
+    return getattr(chunk, "module", chunk)
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _teacher_state(teacher: Any) -> dict | None:
+    """Per-rank teacher state worth saving: only an EMA teacher changes during training (θ₀ is rebuilt)."""
+    if teacher is None or getattr(teacher, "mode", "") != "ema":
+        return None
+    return teacher.state_dict()
+
+
+def _sharded_state_dict(
+    chunks: list, optimizer: Any, *, is_loading: bool, rng: dict | None, teacher: dict | None = None
+) -> dict:
+    from megatron.core import parallel_state as mps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd: dict = {}
+    for i, chunk in enumerate(chunks):
+        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = _inner(chunk).sharded_state_dict()
+    flat_model = {}
+    for v in model_sd.values():
+        flat_model.update(v)
+    sd: dict = dict(model_sd)
+    sd["optimizer"] = optimizer.sharded_state_dict(flat_model, is_loading=is_loading)
+    pp, tp, dp = (
+        mps.get_pipeline_model_parallel_world_size(),
+        mps.get_tensor_model_parallel_world_size(),
+        mps.get_data_parallel_world_size(),
+    )
+    ranks = (
+        mps.get_pipeline_model_parallel_rank(),
+        mps.get_tensor_model_parallel_rank(),
+        mps.get_data_parallel_rank(),
+    )
+    sd["rng_state"] = ShardedObject("rng_state", rng, (pp, tp, dp), ranks, replica_id=0)
+    if teacher is not None or is_loading:
+        sd["teacher_state"] = ShardedObject("teacher_state", teacher, (pp, tp, dp), ranks, replica_id=0)
+    return sd
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    chunks: list,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    teacher: Any = None,
+    reason: str = "interval",
+) -> Path:
+    """Save everything needed to resume after `step` completed optimizer steps; returns the directory."""
+    from megatron.core import dist_checkpointing
+
+    t0 = time.perf_counter()
+    path = step_dir(root, step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / STATE_FILE).unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    sd = _sharded_state_dict(
+        chunks, optimizer, is_loading=False, rng=_rng_state(), teacher=_teacher_state(teacher)
+    )
+    sd["scheduler"] = scheduler.state_dict()
+    sd["step"] = step
+    dist_checkpointing.save(sd, str(path))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        state = {"step": step, "reason": reason, "time": time.time(), "save_s": time.perf_counter() - t0}
+        (path / STATE_FILE).write_text(json.dumps(state))
+        tmp = Path(root) / (LATEST + ".tmp")
+        tmp.write_text(path.name)
+        tmp.replace(Path(root) / LATEST)
+    if dist.is_initialized():
+        dist.barrier()
+    log.info("saved checkpoint %s (%s) in %.1f s", path, reason, time.perf_counter() - t0)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, chunks: list, optimizer: Any, scheduler: Any, *, teacher: Any = None
+) -> int:
+    """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete or missing (no {STATE_FILE}).")
+    sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None)
+    if _teacher_state(teacher) is None:
+        sd.pop("teacher_state")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    state = dist_checkpointing.load(sd, str(path))
+    for i, chunk in enumerate(chunks):
+        _inner(chunk).load_state_dict(state[f"model{i}" if len(chunks) > 1 else "model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    _set_rng_state(state["rng_state"])
+    if "teacher_state" in state:
+        teacher.load_state_dict(state["teacher_state"])
+    return int(common["step"])

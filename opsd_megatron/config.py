@@ -1,0 +1,496 @@
+"""Typed configuration of an OPSD run: one dataclass per subsystem, a strict YAML loader, overrides.
+
+    cfg = load_config("examples/tiny_cpu_demo.yaml", ["train.steps=5", "parallel.tp=2"])
+    validate_world(cfg, world_size=4)   # once the process count is known
+
+Every field has a docstring (the attribute string under it). Loading is strict: an unknown key, a value of
+the wrong type or an impossible combination raises `ConfigError`, one sentence naming the key. Checks that
+need the model's `config.json` (TP dividing heads, PP dividing layers) run in `validate_model`, those that
+need the world size (global batch divisible by micro-batch x DP) in `validate_world`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opsd_megatron.prompts import STUDENT_TEMPLATE, TEACHER_TEMPLATE
+
+
+class ConfigError(ValueError):
+    """A user error in the run configuration (message names the key)."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub name; defaults to `path`."""
+    dtype: str = "bfloat16"
+    """Training dtype of the Megatron model: float32 | bfloat16."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (must divide attention heads and query groups)."""
+    pp: int = 1
+    """Pipeline-parallel size (must divide the number of layers)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Local .jsonl/.json/.parquet file, a directory of them, `builtin:tiny_math`, or a hub dataset name."""
+    split: str = "train"
+    """Dataset split (hub datasets and local files alike)."""
+    subset: str | None = None
+    """Hub dataset configuration name, if any."""
+    problem_field: str = "problem"
+    """Column holding the problem statement."""
+    solution_field: str = "solution"
+    """Column holding the worked reference solution (shown to the teacher only)."""
+    answer_field: str | None = "answer"
+    """Column with the final answer (used for rollout accuracy only); None or a missing column disables it."""
+    on_bad_row: str = "error"
+    """What a row with a missing/empty problem or solution does: error (naming the row) | skip (counted)."""
+    max_samples: int | None = None
+    """Keep only the first N valid rows."""
+    shuffle: bool = True
+    """Shuffle the prompt order every epoch (seeded by train.seed and the epoch)."""
+
+
+@dataclass
+class PromptConfig:
+    student_template: str = STUDENT_TEMPLATE
+    """Student user turn; `{problem}` is substituted."""
+    teacher_template: str = TEACHER_TEMPLATE
+    """Teacher user turn; `{problem}` and `{solution}` are substituted."""
+    student_thinking: bool = False
+    """`enable_thinking` for the student's chat template (paper: off)."""
+    teacher_thinking: bool = True
+    """`enable_thinking` for the teacher's chat template (paper: on)."""
+    max_prompt_tokens: int = 2048
+    """Prompts longer than this (student or teacher) are an error naming the row."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"
+    """Generation backend: vllm | hf."""
+    temperature: float = 1.1
+    """Sampling temperature."""
+    top_p: float = 0.95
+    """Nucleus mass."""
+    top_k: int = 20
+    """Top-k (-1 disables)."""
+    min_p: float = 0.0
+    """min-p filter."""
+    max_new_tokens: int = 1024
+    """Maximum response length; truncated responses are kept."""
+    gpu_memory_utilization: float = 0.3
+    """vLLM share of GPU memory (GPU only)."""
+    sleep_between_rollouts: bool = False
+    """Put the engine to sleep while training (GPU vLLM only)."""
+    bucket_mb: float = 256.0
+    """Weight-refresh bucket size in MiB (peak extra memory of a refresh)."""
+    drift_threshold: float | None = None
+    """Stop when mean |logprob(vLLM) - logprob(trainer)| exceeds this; None only logs the drift."""
+
+
+@dataclass
+class LossConfig:
+    kind: str = "forward_kl"
+    """forward_kl | reverse_kl | jsd."""
+    beta: float = 0.0
+    """JSD interpolation (0 = forward KL, 1 = reverse KL); only for kind=jsd."""
+    temperature: float | None = None
+    """Logit temperature of the divergence; None = rollout.temperature (paper)."""
+    clip: float | None = 0.05
+    """Pointwise clamp tau of each per-vocabulary term; None disables."""
+
+
+@dataclass
+class TeacherConfig:
+    mode: str = "frozen"
+    """frozen (initial weights; adapters-off when LoRA is on) | ema | current."""
+    ema_decay: float = 0.999
+    """EMA decay for mode=ema."""
+    offload: bool = False
+    """Keep the frozen teacher copy on CPU between uses (full fine-tuning only)."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    rank: int = 64
+    """Adapter rank r."""
+    alpha: float = 128.0
+    """Scaling alpha (update scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """HF-style names of the linear layers that get adapters."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-6
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 0.0
+    """Final learning rate of a decaying schedule."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 0.1
+    """Global gradient-norm clip (0 disables)."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_decay_style: str = "constant"
+    """constant | linear | cosine (Megatron OptimizerParamScheduler)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Number of optimizer steps."""
+    global_batch_size: int = 32
+    """Prompts per optimizer step (over all data-parallel replicas)."""
+    micro_batch_size: int = 4
+    """Sequences per micro-batch per replica (gradient accumulation over the rest)."""
+    seed: int = 1234
+    """Seed of model init noise, data order and (per step) rollout sampling."""
+    pad_to_multiple: int = 8
+    """Micro-batch sequence length is rounded up to this (one fixed length per micro-batch for p2p)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 50
+    """Save a Megatron distributed checkpoint every N steps (0: only at the end and on signals)."""
+    resume: bool = True
+    """Resume from the latest checkpoint in output_dir/checkpoints when there is one."""
+    load: str | None = None
+    """Resume from this checkpoint directory instead of the latest one."""
+    exit_signal_grace_s: float = 120.0
+    """On SIGTERM/SIGUSR1, finish the current step, save and exit; give up saving after this many seconds."""
+    export_hf: bool = True
+    """Write a Hugging Face checkpoint to output_dir/hf at the end."""
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    """Log to the console every N steps (metrics.jsonl and TensorBoard get every step)."""
+    wandb_project: str | None = None
+    """W&B project; None disables W&B."""
+    wandb_run_name: str | None = None
+    """W&B run name."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0
+    """Evaluate every N steps (0 disables)."""
+    path: str | None = None
+    """Benchmark file (jsonl/parquet) with problem/answer columns."""
+    n: int = 1
+    """Samples per problem."""
+    max_new_tokens: int = 1024
+    """Generation budget of the evaluation."""
+
+
+@dataclass
+class OPSDConfig:
+    output_dir: str = "runs/opsd"
+    """Checkpoints, metrics.jsonl, TensorBoard logs and the final HF export go here."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network trained (student) and scored against (teacher)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP x PP; DP = world_size / (TP x PP)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Problems with worked solutions."""
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    """Student/teacher templates and thinking switches."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling and weight refresh."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Divergence between teacher and student."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Which weights play the teacher."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Parameter-efficient training."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW, clipping, LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch sizes, seed."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, resuming, export."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console, TensorBoard, W&B."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.on_bad_row": ("error", "skip"),
+    "rollout.engine": ("vllm", "hf"),
+    "loss.kind": ("forward_kl", "reverse_kl", "jsd"),
+    "teacher.mode": ("frozen", "ema", "current"),
+    "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` (int accepted for float); raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        names = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"config key '{key}': expected {names}, got {type(value).__name__} {value!r}.")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}.")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(
+            f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}."
+        )
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config key '{prefix or '<root>'}': expected a mapping, got {type(data).__name__}."
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"config key '{key}' is unknown; valid keys here: {', '.join(sorted(names))}.")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v if v is not None else {}, key)
+        else:
+            kwargs[k] = _coerce(key, v, tp)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` strings (value parsed as YAML) to a nested dict, in order."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value.")
+        key, _, raw = ov.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: config key '{p}' is not a section.")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: OPSDConfig) -> OPSDConfig:
+    """Checks that need nothing but the config itself."""
+    flat = {"model.dtype": cfg.model.dtype, "data.on_bad_row": cfg.data.on_bad_row}
+    flat.update({"rollout.engine": cfg.rollout.engine, "loss.kind": cfg.loss.kind})
+    flat.update({"teacher.mode": cfg.teacher.mode, "optimizer.lr_decay_style": cfg.optimizer.lr_decay_style})
+    for key, val in flat.items():
+        _check(val in _CHOICES[key], key, f"must be one of {', '.join(_CHOICES[key])}, got {val!r}.")
+    _check(bool(cfg.model.path), "model.path", "is required (an HF model directory or hub name).")
+    _check(bool(cfg.data.path), "data.path", "is required (a jsonl/parquet file or a hub dataset name).")
+    for key, val in [("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)]:
+        _check(val >= 1, key, f"must be >= 1, got {val}.")
+    _check(
+        not cfg.parallel.sequence_parallel or cfg.parallel.tp > 1,
+        "parallel.sequence_parallel",
+        "needs tp > 1.",
+    )
+    t = cfg.train
+    for key, val in [
+        ("train.steps", t.steps),
+        ("train.global_batch_size", t.global_batch_size),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.pad_to_multiple", t.pad_to_multiple),
+        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+        ("prompts.max_prompt_tokens", cfg.prompts.max_prompt_tokens),
+    ]:
+        _check(val >= 1, key, f"must be >= 1, got {val}.")
+    _check(
+        t.global_batch_size % t.micro_batch_size == 0,
+        "train.global_batch_size",
+        f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}.",
+    )
+    r = cfg.rollout
+    _check(
+        r.temperature > 0, "rollout.temperature", f"must be > 0 for on-policy sampling, got {r.temperature}."
+    )
+    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}.")
+    _check(0 <= r.min_p < 1, "rollout.min_p", f"must be in [0, 1), got {r.min_p}.")
+    _check(r.bucket_mb > 0, "rollout.bucket_mb", f"must be > 0, got {r.bucket_mb}.")
+    lo = cfg.loss
+    _check(0 <= lo.beta <= 1, "loss.beta", f"must be in [0, 1], got {lo.beta}.")
+    _check(lo.kind == "jsd" or lo.beta == 0, "loss.beta", f"is only used with loss.kind=jsd (got {lo.kind}).")
+    _check(lo.temperature is None or lo.temperature > 0, "loss.temperature", "must be > 0.")
+    _check(lo.clip is None or lo.clip > 0, "loss.clip", f"must be > 0 or null, got {lo.clip}.")
+    _check(
+        0 < cfg.teacher.ema_decay < 1, "teacher.ema_decay", f"must be in (0, 1), got {cfg.teacher.ema_decay}."
+    )
+    _check(
+        not (cfg.teacher.offload and cfg.lora.enabled),
+        "teacher.offload",
+        "has no effect with lora.enabled (the teacher is the base model with adapters off).",
+    )
+    _check(not cfg.lora.enabled or cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}.")
+    _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}.")
+    o = cfg.optimizer
+    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}.")
+    _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr], got {o.min_lr}.")
+    _check(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {o.clip_grad}.")
+    _check(
+        0 <= o.lr_warmup_steps <= t.steps,
+        "optimizer.lr_warmup_steps",
+        f"must be in [0, train.steps={t.steps}], got {o.lr_warmup_steps}.",
+    )
+    c = cfg.checkpoint
+    _check(c.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {c.save_interval}.")
+    _check(c.exit_signal_grace_s > 0, "checkpoint.exit_signal_grace_s", "must be > 0.")
+    _check(cfg.eval.interval >= 0, "eval.interval", f"must be >= 0, got {cfg.eval.interval}.")
+    _check(cfg.eval.interval == 0 or bool(cfg.eval.path), "eval.path", "is required when eval.interval > 0.")
+    for key, tmpl, needed in [
+        ("prompts.student_template", cfg.prompts.student_template, ["{problem}"]),
+        ("prompts.teacher_template", cfg.prompts.teacher_template, ["{problem}", "{solution}"]),
+    ]:
+        for n in needed:
+            _check(n in tmpl, key, f"must contain the placeholder {n}.")
+    return cfg
+
+
+def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
+    """Checks against the model's `config.json` (read from model.path when it is a local directory)."""
+    if hf_config is None:
+        p = Path(cfg.model.path) / "config.json"
+        if not p.is_file():
+            return  # hub name: checked when the model is built
+        hf_config = json.loads(p.read_text())
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    heads = hf_config.get("num_attention_heads")
+    groups = hf_config.get("num_key_value_heads", heads)
+    layers = hf_config.get("num_hidden_layers")
+    if heads is not None:
+        _check(heads % tp == 0, "parallel.tp", f"{tp} does not divide the model's {heads} attention heads.")
+    if groups is not None:
+        _check(groups % tp == 0, "parallel.tp", f"{tp} does not divide the model's {groups} key/value heads.")
+    if layers is not None:
+        _check(layers % pp == 0, "parallel.pp", f"{pp} does not divide the model's {layers} layers.")
+
+
+def validate_world(cfg: OPSDConfig, world_size: int) -> int:
+    """Checks against the process count; returns the data-parallel size."""
+    mp = cfg.parallel.tp * cfg.parallel.pp
+    _check(
+        world_size % mp == 0,
+        "parallel.tp",
+        f"tp x pp = {mp} does not divide the world size {world_size}.",
+    )
+    dp = world_size // mp
+    t = cfg.train
+    _check(
+        t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        "train.global_batch_size",
+        f"{t.global_batch_size} is not divisible by train.micro_batch_size x data-parallel size "
+        f"= {t.micro_batch_size} x {dp}.",
+    )
+    return dp
+
+
+def config_from_dict(data: dict) -> OPSDConfig:
+    """Build and validate an `OPSDConfig` from a nested dict (strict)."""
+    return validate(_build(OPSDConfig, data, ""))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> OPSDConfig:
+    """Read YAML `path` (None: defaults only), apply `key.sub=value` overrides, validate."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level.")
+    apply_overrides(data, list(overrides or []))
+    cfg = config_from_dict(data)
+    validate_model(cfg)
+    return cfg
+
+
+def save_config(cfg: OPSDConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

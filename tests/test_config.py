@@ -1,0 +1,110 @@
+"""Config loading: defaults, overrides, and one clear, key-naming error for each kind of mistake."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opsd_megatron.config import ConfigError, OPSDConfig, load_config, validate_model, validate_world
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BASE = "model:\n  path: /m\ndata:\n  path: builtin:tiny_math\n"
+
+
+def _load(tmp_path, text: str, overrides=None):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return load_config(p, overrides)
+
+
+def test_defaults_are_the_paper_recipe(tmp_path):
+    cfg = _load(tmp_path, BASE)
+    assert isinstance(cfg, OPSDConfig)
+    r, lo = cfg.rollout, cfg.loss
+    assert (r.temperature, r.top_p, r.top_k, r.min_p, r.max_new_tokens) == (1.1, 0.95, 20, 0.0, 1024)
+    assert (lo.kind, lo.clip, lo.temperature) == ("forward_kl", 0.05, None)
+    assert (cfg.optimizer.lr, cfg.optimizer.clip_grad, cfg.train.global_batch_size) == (5e-6, 0.1, 32)
+    assert cfg.teacher.mode == "frozen" and not cfg.prompts.student_thinking and cfg.prompts.teacher_thinking
+
+
+def test_overrides_and_float_coercion(tmp_path):
+    cfg = _load(
+        tmp_path,
+        BASE + "optimizer:\n  lr: 5e-6\n",  # YAML 1.1 reads 5e-6 as a string
+        [
+            "parallel.tp=2",
+            "loss.clip=null",
+            "optimizer.lr=1",
+            "lora.target_modules=[q_proj]",
+            "data.split=test",
+        ],
+    )
+    assert cfg.parallel.tp == 2 and cfg.loss.clip is None and cfg.optimizer.lr == 1.0
+    assert cfg.lora.target_modules == ["q_proj"] and cfg.data.split == "test"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_examples_load(name):
+    cfg = load_config(EXAMPLES / name)
+    assert cfg.model.path and cfg.data.path
+
+
+BAD = [
+    ("optimzer:\n  lr: 1\n", [], "config key 'optimzer' is unknown"),
+    ("optimizer:\n  learning_rate: 1\n", [], "config key 'optimizer.learning_rate' is unknown"),
+    ("train:\n  steps: ten\n", [], "config key 'train.steps': expected int, got str"),
+    ("train:\n  steps: 2.5\n", [], "config key 'train.steps': expected int, got float"),
+    ("prompts:\n  student_thinking: 1\n", [], "config key 'prompts.student_thinking': expected bool"),
+    ("loss:\n  kind: kl\n", [], "config key 'loss.kind': must be one of forward_kl, reverse_kl, jsd"),
+    ("train:\n  global_batch_size: 10\n  micro_batch_size: 4\n", [], "'train.global_batch_size': 10 is not"),
+    ("", ["rollout.top_p=1.5"], "config key 'rollout.top_p': must be in (0, 1]"),
+    ("", ["loss.beta=0.5"], "config key 'loss.beta': is only used with loss.kind=jsd"),
+    ("", ["optimizer.lr=-1"], "config key 'optimizer.lr': must be > 0"),
+    ("", ["parallel.sequence_parallel=true"], "config key 'parallel.sequence_parallel': needs tp > 1"),
+    ("", ["eval.interval=5"], "config key 'eval.path': is required when eval.interval > 0"),
+    ("", ["prompts.teacher_template=Problem {problem}"], "must contain the placeholder {solution}"),
+    ("", ["teacher.mode=dynamic"], "config key 'teacher.mode': must be one of frozen, ema, current"),
+    ("model: 3\n", [], "config key 'model': expected a mapping"),
+    ("", ["optimizer.lr_warmup_steps=1000"], "'optimizer.lr_warmup_steps': must be in [0, train.steps=100]"),
+    ("", ["train.steps"], "override 'train.steps' must look like key.sub=value"),
+    ("", ["lora.target_modules=q_proj"], "config key 'lora.target_modules': expected a list"),
+]
+
+
+@pytest.mark.parametrize("text,overrides,message", BAD)
+def test_bad_config_gives_one_line_error(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, BASE + text if not text.startswith(("model:",)) else text, overrides)
+    msg = str(e.value)
+    assert message in msg and "\n" not in msg, msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        _load(tmp_path, "model: [unclosed\n")
+    with pytest.raises(ConfigError, match="'model.path': is required"):
+        _load(tmp_path, "data:\n  path: x.jsonl\n")
+
+
+def test_model_and_world_checks(tmp_path):
+    (tmp_path / "m").mkdir()
+    hf = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(hf))
+    text = f"model:\n  path: {tmp_path / 'm'}\ndata:\n  path: builtin:tiny_math\n"
+    assert _load(tmp_path, text, ["parallel.tp=2", "parallel.pp=2"]).parallel.pp == 2
+    with pytest.raises(ConfigError, match=r"'parallel.tp': 4 does not divide the model's 2 key/value heads"):
+        _load(tmp_path, text, ["parallel.tp=4"])
+    with pytest.raises(ConfigError, match=r"'parallel.pp': 3 does not divide the model's 4 layers"):
+        _load(tmp_path, text, ["parallel.pp=3"])
+    cfg = _load(tmp_path, text, ["train.global_batch_size=8", "train.micro_batch_size=2"])
+    assert validate_world(cfg, 2) == 2
+    with pytest.raises(ConfigError, match=r"'train.global_batch_size': 8 is not divisible by .* 2 x 3"):
+        validate_world(cfg, 3)
+    cfg.parallel.tp = 2
+    with pytest.raises(ConfigError, match="tp x pp = 2 does not divide the world size 3"):
+        validate_world(cfg, 3)
+    validate_model(cfg, {"num_attention_heads": 4})
