@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,32 @@ def _sharded_state_dict(
     return sd
 
 
+def _start_writer_manager_shielded() -> None:
+    """Start Megatron's checkpoint-writer manager process with SIGTERM/SIGUSR1 ignored.
+
+    `dist_checkpointing.save` lazily starts a multiprocessing Manager that inherits the default SIGTERM
+    action. On preemption SLURM signals the whole process tree, the Manager dies, and the save-on-signal
+    fails with BrokenPipeError/EOFError, losing the step. Started here with both signals ignored, it outlives
+    the signal long enough for the trainer's grace-period save. No-op when Megatron's internals differ.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        return
+    if getattr(fa, "_results_queue", True) is not None or not hasattr(fa, "_get_write_results_queue"):
+        return
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
+    try:
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    except ValueError:  # not the main thread: nothing to shield
+        return
+    try:
+        fa._get_write_results_queue()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -131,6 +158,7 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     t0 = time.perf_counter()
+    _start_writer_manager_shielded()
     path = step_dir(root, step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:

@@ -121,7 +121,7 @@ class LossConfig:
 @dataclass
 class TeacherConfig:
     mode: str = "frozen"
-    """frozen (initial weights; adapters-off when LoRA is on) | ema | current."""
+    """frozen (initial weights; adapters-off when LoRA is on) | adapters_off (LoRA only) | ema | current."""
     ema_decay: float = 0.999
     """EMA decay for mode=ema."""
     offload: bool = False
@@ -216,6 +216,18 @@ class EvalConfig:
     """Samples per problem."""
     max_new_tokens: int = 1024
     """Generation budget of the evaluation."""
+    benchmarks: list[str] = field(default_factory=list)
+    """Benchmarks to evaluate (files or hub names, as `opsd-eval --benchmark`); empty = [eval.path]."""
+    temperature: float = 1.0
+    """Sampling temperature of the evaluation (paper: 1.0)."""
+    top_p: float = 0.95
+    """Nucleus mass of the evaluation (paper: 0.95)."""
+    top_k: int = -1
+    """Top-k of the evaluation; -1 disables."""
+    thinking: bool = True
+    """Render evaluation prompts with thinking on (paper: thinking-mode evaluation)."""
+    seed: int = 0
+    """Sampling seed of the evaluation."""
 
 
 @dataclass
@@ -258,7 +270,7 @@ _CHOICES = {
     "data.on_bad_row": ("error", "skip"),
     "rollout.engine": ("vllm", "hf"),
     "loss.kind": ("forward_kl", "reverse_kl", "jsd"),
-    "teacher.mode": ("frozen", "ema", "current"),
+    "teacher.mode": ("frozen", "adapters_off", "ema", "current"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
 }
 
@@ -401,6 +413,11 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
         "teacher.offload",
         "has no effect with lora.enabled (the teacher is the base model with adapters off).",
     )
+    _check(
+        cfg.teacher.mode != "adapters_off" or cfg.lora.enabled,
+        "teacher.mode",
+        "adapters_off needs lora.enabled (without LoRA use mode=frozen for the initial weights).",
+    )
     _check(not cfg.lora.enabled or cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}.")
     _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}.")
     o = cfg.optimizer
@@ -416,7 +433,11 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     _check(c.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {c.save_interval}.")
     _check(c.exit_signal_grace_s > 0, "checkpoint.exit_signal_grace_s", "must be > 0.")
     _check(cfg.eval.interval >= 0, "eval.interval", f"must be >= 0, got {cfg.eval.interval}.")
-    _check(cfg.eval.interval == 0 or bool(cfg.eval.path), "eval.path", "is required when eval.interval > 0.")
+    _check(
+        cfg.eval.interval == 0 or bool(cfg.eval.path or cfg.eval.benchmarks),
+        "eval.path",
+        "is required when eval.interval > 0 (or set eval.benchmarks).",
+    )
     for key, tmpl, needed in [
         ("prompts.student_template", cfg.prompts.student_template, ["{problem}"]),
         ("prompts.teacher_template", cfg.prompts.teacher_template, ["{problem}", "{solution}"]),

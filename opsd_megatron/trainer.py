@@ -452,6 +452,8 @@ class OPSDTrainer:
                 DriftGuard(cfg.rollout.drift_threshold, "drift/mean_abs_logprob").check(m, step=self.step)
             m["time/step_s"] = time.perf_counter() - t0
             m["throughput/response_tokens_per_s"] = m["response_tokens"] / m["time/step_s"]
+            if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                m.update(self.evaluate())
             self.metrics.log(self.step, m)
             rows.append({"step": self.step, **m})
             if self.on_step_end is not None:
@@ -468,6 +470,18 @@ class OPSDTrainer:
         if cfg.checkpoint.export_hf:
             self.export_hf(self.out / "hf")
         return rows
+
+    def evaluate(self) -> dict[str, float]:
+        """Periodic evaluation (`eval.*`) of the refreshed weights on global rank 0's engine; every replica
+        holds the same weights, so the other ranks only wait. Returns `eval/...` metrics on rank 0."""
+        out: dict[str, float] = {}
+        if self.ps.rank == 0:
+            from opsd_megatron.evaluation.hook import periodic_eval
+
+            out = periodic_eval(self.engine, self.tokenizer, self.cfg.eval, self.step, self.out)
+        if self.ps.world_size > 1:
+            dist.barrier()
+        return out
 
     def save(self, reason: str) -> Path:
         from opsd_megatron.checkpointing import save_checkpoint

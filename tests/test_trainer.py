@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from dist_utils import run_distributed
 
 pytestmark = pytest.mark.vllm
 
+EVAL_FILE = Path(__file__).parent / "data" / "eval_tiny.jsonl"
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 
 
@@ -80,6 +82,7 @@ def test_pp2_multi_microbatch_and_fixed_batch_divergence_falls(tiny_qwen3_dir, t
     cfg = tiny_config(
         tiny_qwen3_dir, tmp_path / "pp2",
         parallel={"tp": 1, "pp": 2}, train={"micro_batch_size": 1}, checkpoint={"export_hf": True},
+        eval={"interval": 3, "path": str(EVAL_FILE), "n": 2, "max_new_tokens": 8},
     )  # fmt: skip
     res = run_distributed(run_opsd, 2, cfg, None, None, 4, timeout=200, env=ENV)
     rows = res[0]["rows"]
@@ -92,6 +95,12 @@ def test_pp2_multi_microbatch_and_fixed_batch_divergence_falls(tiny_qwen3_dir, t
         assert r["response_tokens"] > 0 and 0 <= r["clipped_fraction"] <= 1
         assert r["drift/mean_abs_logprob"] < 1e-3, r  # the engine samples with the trainer's weights (fp32)
         assert r["time/refresh_s"] > 0
+    # eval.interval=3: the refreshed weights are evaluated at step 3 only, on rank 0's engine.
+    assert not any(k.startswith("eval/") for k in rows[0]) and not any(k.startswith("eval/") for k in rows[1])
+    ev = {k: v for k, v in rows[2].items() if k.startswith("eval/")}
+    assert "eval/seconds" in ev and any("avg@2" in k for k in ev), ev
+    assert all(0.0 <= v <= 1.0 for k, v in ev.items() if "@" in k), ev
+    assert (tmp_path / "pp2" / "eval" / "step_000003").is_dir()
     fixed = res[0]["fixed"]
     assert fixed[-1] < fixed[0] * 0.9, fixed
     from opsd_megatron.metrics import read_metrics
