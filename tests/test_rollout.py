@@ -177,3 +177,20 @@ def test_partial_fused_group_is_refused_before_loading(vllm_engine, hf_engine):
     with pytest.raises(ValueError, match=r"without \['model.layers.0.self_attn.k_proj.weight'"):
         vllm_engine.update_weights([("model.layers.0.self_attn.q_proj.weight", q * 2)])
     assert [s[0].token_ids for s in vllm_engine.generate(PROMPTS, greedy)] == [s[0].token_ids for s in before]
+
+
+def test_reload_warning_filter_keeps_unexpected_layers():
+    """Only layers without HF weights by design are silenced; any other failed reload still warns."""
+    import logging
+
+    from opsd_megatron.rollout.vllm_engine import _ExpectedReloadGaps
+
+    def rec(msg):
+        return logging.LogRecord("vllm", logging.WARNING, __file__, 0, msg, (), None)
+
+    untied = _ExpectedReloadGaps(("RotaryEmbedding",))
+    assert not untied.filter(rec("RotaryEmbedding: Failed to load weights"))
+    assert untied.filter(rec("ParallelLMHead: Failed to load weights"))
+    assert untied.filter(rec("QKVParallelLinear: Failed to load weights"))
+    tied = _ExpectedReloadGaps(("RotaryEmbedding", "ParallelLMHead"))
+    assert not tied.filter(rec("ParallelLMHead: Failed to load weights"))

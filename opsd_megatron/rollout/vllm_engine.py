@@ -48,6 +48,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class _ExpectedReloadGaps(logging.Filter):
+    """Drop vLLM's per-refresh "X: Failed to load weights" warning for layers that have no weights of their
+    own in an HF stream by design: rotary caches, and a tied LM head (re-packed by `_repack_tied_lm_head`).
+    Any other layer that fails to load still warns (and the drift check catches stale weights)."""
+
+    def __init__(self, expected: tuple[str, ...]) -> None:
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.endswith(": Failed to load weights") and msg.split(":")[0] in self.expected)
+
+
+def _quiet_expected_reload_gaps(model_dir: Path) -> None:
+    import json
+
+    tied = json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", False)
+    expected = ("RotaryEmbedding", "ParallelLMHead") if tied else ("RotaryEmbedding",)
+    target = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    for f in [f for f in target.filters if isinstance(f, _ExpectedReloadGaps)]:
+        target.removeFilter(f)
+    target.addFilter(_ExpectedReloadGaps(expected))
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -166,6 +191,7 @@ class VLLMEngine:
             **llm_kwargs,
         )
         self.startup_s = time.perf_counter() - t0
+        _quiet_expected_reload_gaps(model_dir)
         logger.info("vLLM engine for %s started in %.1f s", model_dir, self.startup_s)
 
     # ---------------------------------------------------------------- generation
