@@ -36,45 +36,13 @@ def _err(fn) -> str:
 
 def _megatron_grads(chunks, x, labels):
     """One forward/backward with Megatron's schedule; returns full HF-named grads on every rank."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_utils import lm_forward_backward
 
     from opsd_megatron.conversion import export_hf_weights
 
-    model = chunks[0]
-    for p in model.parameters():
+    for p in chunks[0].parameters():
         p.grad = None
-    b, s = x.shape
-
-    def step(data_iter, m):
-        ids, lab = next(data_iter)
-        out = m(ids, torch.arange(s).expand(b, s), None, labels=lab)  # last stage: per-token loss [b, s]
-
-        def loss_fn(t):
-            loss = t.float().sum() / lab.numel()
-            return loss, {"loss": loss.detach()}
-
-        return out, loss_fn
-
-    get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iter([(x, labels)]),
-        model=chunks,
-        num_microbatches=1,
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=False,
-    )
-    # What Megatron's finalize_model_grads does for us under DDP: sum the tied embedding grads over the
-    # embedding group (first + last stage) and the q/k-norm grads over TP (each rank sees its heads only).
-    tied = mps.get_pipeline_model_parallel_world_size() > 1 and model.share_embeddings_and_output_weights
-    if tied and (mps.is_pipeline_first_stage() or mps.is_pipeline_last_stage()):
-        dist.all_reduce(model.shared_embedding_or_output_weight().grad, group=mps.get_embedding_group())
-    if mps.get_tensor_model_parallel_world_size() > 1:
-        for name, p in model.named_parameters():
-            if "q_layernorm" in name or "k_layernorm" in name:
-                dist.all_reduce(p.grad, group=mps.get_tensor_model_parallel_group())
+    lm_forward_backward(chunks, x, labels)
 
     def grad_hook(name, module, shard):
         return getattr(module, name.rsplit(".", 1)[1]).grad

@@ -22,36 +22,10 @@ CHECKED = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"
 
 def _train_step(chunks, opt, x, labels):
     """Megatron schedule forward/backward on a next-token loss, tied-embedding/qk-norm grad sync, Adam."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_utils import lm_forward_backward
 
-    model = chunks[0]
     opt.zero_grad(set_to_none=True)
-    b, s = x.shape
-
-    def step(data_iter, m):
-        ids, lab = next(data_iter)
-        out = m(ids, torch.arange(s).expand(b, s), None, labels=lab)  # last stage: per-token loss [b, s]
-        return out, lambda t: (t.float().sum() / lab.numel(), {})
-
-    get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iter([(x, labels)]),
-        model=chunks,
-        num_microbatches=1,
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=False,
-    )
-    # what finalize_model_grads does under DDP: tied embedding grads over first+last stage, q/k-norm over TP
-    tied = mps.get_pipeline_model_parallel_world_size() > 1 and model.share_embeddings_and_output_weights
-    if tied and (mps.is_pipeline_first_stage() or mps.is_pipeline_last_stage()):
-        dist.all_reduce(model.shared_embedding_or_output_weight().grad, group=mps.get_embedding_group())
-    if mps.get_tensor_model_parallel_world_size() > 1:
-        for name, p in model.named_parameters():
-            if ("q_layernorm" in name or "k_layernorm" in name) and p.grad is not None:
-                dist.all_reduce(p.grad, group=mps.get_tensor_model_parallel_group())
+    lm_forward_backward(chunks, x, labels)
     opt.step()
 
 
