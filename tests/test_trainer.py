@@ -108,3 +108,30 @@ def test_pp2_multi_microbatch_and_fixed_batch_divergence_falls(tiny_qwen3_dir, t
     assert [r["step"] for r in read_metrics(tmp_path / "pp2")] == [1, 2, 3]
     assert (tmp_path / "pp2" / "hf" / "config.json").is_file()
     assert any((tmp_path / "pp2" / "tensorboard").iterdir())
+
+
+def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path):
+    """DP=2 (two replicas, one micro-batch each) computes the same loss and gradient norm as DP=1 (two
+    micro-batches) on the same global batch: prompts split over replicas, gradients averaged by DDP with the
+    global-token scaling, metrics reduced over DP. top_k=1 makes sampling deterministic whatever the per-rank
+    seed, so both runs see the same rollouts. (With equal response lengths per replica this does not tell a
+    global-token from a per-replica normalisation apart; the loss-scale formula is in `_loss_func`.)"""
+    common = dict(
+        parallel={"tp": 1, "pp": 1},
+        rollout={"top_k": 1},
+        train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
+    )
+    dp1 = run_distributed(
+        run_opsd, 1, tiny_config(tiny_qwen3_dir, tmp_path / "dp1", **common), timeout=200, env=ENV
+    )
+    dp2 = run_distributed(
+        run_opsd, 2, tiny_config(tiny_qwen3_dir, tmp_path / "dp2", **common), timeout=200, env=ENV
+    )
+    r1, r2 = dp1[0]["rows"], dp2[0]["rows"]
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
+    for a, b in zip(r1, r2):
+        assert a["response_tokens"] == b["response_tokens"] > 0
+        # fp32 sums in a different order (per-replica partial sums, then the DP all-reduce): ~1e-6 relative.
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
+    assert dp2[0]["rows"] == dp2[1]["rows"] or r2[0]["loss"] == dp2[1]["rows"][0]["loss"]
