@@ -29,16 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from opsd_megatron.tiny import QWEN3_1_7B_SHAPE  # noqa: E402
+
 QWEN3_1P7B = dict(
     architectures=["Qwen3ForCausalLM"],
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=151936,
-    max_position_embeddings=40960,
+    **QWEN3_1_7B_SHAPE,
     rope_theta=1_000_000.0,
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,

@@ -30,16 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-QWEN3_1_7B = dict(
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    vocab_size=151936,
-)
+from opsd_megatron.tiny import QWEN3_1_7B_SHAPE  # noqa: E402
+
+QWEN3_1_7B = QWEN3_1_7B_SHAPE
 
 
 def sync() -> None:

@@ -95,6 +95,19 @@ ARCH_CONFIGS: dict[str, dict] = {
 }
 
 
+# The real shape the GPU checks use (random weights): Qwen3-1.7B, tied embeddings, GQA 16/8, head_dim 128.
+QWEN3_1_7B_SHAPE: dict = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+)
+
+
 def synthetic_math_corpus(n: int = 400, seed: int = 0) -> list[str]:
     """Deterministic small math texts (problems, worked solutions, prompt boilerplate) for BPE training."""
     rng = random.Random(seed)
