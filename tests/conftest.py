@@ -43,3 +43,12 @@ def tiny_models(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tiny_models):
     return tiny_models("qwen3")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A private two-node SLURM cluster for one test module (tests/slurm_cluster.py); skips with the reason
+    when SLURM cannot be installed here."""
+    from slurm_cluster import running_cluster
+
+    yield from running_cluster()

@@ -32,6 +32,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "slurm"
+TRAIN, CONVERT, EVAL = (str(SLURM_DIR / f"{n}.sbatch") for n in ("train", "convert", "eval"))
 _PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 _BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel", "munged"]
 NODES = ("n1", "n2")

@@ -18,17 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import REPO, SLURM_DIR, job_env, running_cluster
+from slurm_cluster import CONVERT, EVAL, REPO, TRAIN, job_env
 
 pytestmark = pytest.mark.slurm
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    yield from running_cluster()
-
-
-TRAIN, CONVERT, EVAL = (str(SLURM_DIR / f"{n}.sbatch") for n in ("train", "convert", "eval"))
 STEPS = 3
 
 

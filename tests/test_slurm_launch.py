@@ -19,17 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SLURM_DIR, job_env, running_cluster
+from slurm_cluster import CONVERT, EVAL, TRAIN, job_env
 
 pytestmark = pytest.mark.slurm
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    yield from running_cluster()
-
-
-TRAIN, CONVERT, EVAL = (str(SLURM_DIR / f"{n}.sbatch") for n in ("train", "convert", "eval"))
 CONFIG = """\
 output_dir: {out}
 model: {{path: {out}/no-model}}
