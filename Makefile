@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e ".[cpu,dev]"
 	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
-	$(VPY) -c "import vllm, megatron.core, opsd_megatron" 2>/dev/null
+	$(VPY) -c "import vllm, megatron.core, opsd_megatron"
 	@touch $(STAMP)
 
 test: $(STAMP)
