@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from opsd_megatron.lora import adapters_disabled, has_lora, merged_named_parameters
+from opsd_megatron.lora.api import copy_named_tensors
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class CopyTeacher(Teacher):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        _copy_named(dict(self.named_teacher_parameters()), state["params"], "teacher")
+        copy_named_tensors(dict(self.named_teacher_parameters()), state["params"], "teacher checkpoint")
 
 
 class EMATeacher(CopyTeacher):
@@ -206,24 +207,13 @@ class EMATeacher(CopyTeacher):
 
     def load_state_dict(self, state: dict) -> None:
         Teacher.load_state_dict(self, state)
-        _copy_named(self.shadow, state["params"], "EMA teacher")
+        copy_named_tensors(self.shadow, state["params"], "EMA teacher checkpoint")
         for key, shadow in self.shadow.items():
             ci, n = key.split(".", 1)
             p = self._params[int(ci)][n]
             if p.data is not shadow:
                 with torch.no_grad():
                     p.copy_(shadow)
-
-
-@torch.no_grad()
-def _copy_named(dst: dict[str, torch.Tensor], src: dict[str, torch.Tensor], what: str) -> None:
-    missing, unexpected = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
-    if missing or unexpected:
-        raise KeyError(f"{what} checkpoint mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}.")
-    for n, t in dst.items():
-        if t.shape != src[n].shape:
-            raise ValueError(f"{what} tensor {n} has shape {tuple(src[n].shape)}, expected {tuple(t.shape)}.")
-        t.copy_(src[n])
 
 
 def make_teacher(

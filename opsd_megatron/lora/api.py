@@ -273,16 +273,22 @@ def lora_state_dict(model_chunks) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def copy_named_tensors(dst: dict[str, torch.Tensor], src: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `src` into the same-named tensors of `dst` in place; a missing, unexpected or misshapen entry is
+    one error naming `what` (e.g. "LoRA state dict") and the tensor."""
+    missing, unexpected = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
+    if missing or unexpected:
+        raise KeyError(f"{what} mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}.")
+    for n, t in dst.items():
+        if t.shape != src[n].shape:
+            got, want = tuple(src[n].shape), tuple(t.shape)
+            raise ValueError(f"{what}: tensor {n} has shape {got}, expected {want}.")
+        t.copy_(src[n])
+
+
 def load_lora_state_dict(model_chunks, state: dict[str, torch.Tensor]) -> None:
     """Inverse of `lora_state_dict` (same TP/PP layout); a missing or misshapen entry is an error."""
-    own = lora_state_dict(model_chunks)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"LoRA state dict mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}.")
-    for k, t in own.items():
-        if t.shape != state[k].shape:
-            raise ValueError(f"LoRA tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(t.shape)}.")
-        t.copy_(state[k])
+    copy_named_tensors(lora_state_dict(model_chunks), state, "LoRA state dict")
 
 
 @torch.no_grad()
