@@ -22,16 +22,18 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.losses._math import all_reduce, dense_terms, group_size
+from opsd_megatron.losses._rowblock import dense_chunk_rows_, grad_rows_
 
 logger = logging.getLogger(__name__)
 
-_CHUNK_BYTES = 1 << 27  # CPU default chunk: ~128 MiB per fp32 [c, v/tp] buffer
+_CHUNK_BYTES = 1 << 25  # CPU default chunk: ~32 MiB per fp32 [c, v/tp] logits buffer (2 of them)
 
 
 def default_chunk_size(local_vocab: int, n_tokens: int, cuda: bool) -> int:
     """Tokens per chunk: on CUDA the student + teacher logit chunks `[c, v/tp]` (bf16) take ~1 GB, which
-    keeps the weight-gradient GEMM (inner dimension c) efficient; on CPU each fp32 `[c, v/tp]` temporary of
-    the eager math takes ~128 MiB. Chunks are then evened out over the tokens (at least 64 tokens each)."""
+    keeps the weight-gradient GEMM (inner dimension c) efficient; on CPU each fp32 `[c, v/tp]` logits buffer
+    takes ~32 MiB (full-speed GEMMs; the elementwise math then runs on cache-sized row blocks, `_rowblock`).
+    Chunks are then evened out over the tokens (at least 64 tokens each)."""
     budget = (1 << 30) // 4 if cuda else _CHUNK_BYTES // 4  # elements per [c, v] buffer
     c = max(64, budget // max(local_vocab, 1))
     n_chunks = max(1, -(-n_tokens // c))
@@ -151,15 +153,20 @@ def global_shift(stats: torch.Tensor, group) -> torch.Tensor:
     return stats[:, 0] + torch.log(stats[:, 1])
 
 
-def dense_chunk(ls, lt, *, kind, beta, temperature, clip, group, need_grad, extra=False):
+def dense_chunk(ls, lt, *, kind, beta, temperature, clip, group, need_grad, extra=False, owned=False):
     """Loss `[c]`, grad `[c, v]` (written into `ls`, or None), saved `[3, c]`, extra stats `[3, c]` or None.
 
     ls, lt: this rank's student / teacher logit shards `[c, v]` (valid entries only, any float dtype); `ls` is
-    owned (a fresh GEMM output) and is overwritten by the gradient when need_grad.
+    owned (a fresh GEMM output) and is overwritten by the gradient when need_grad; `owned=True`: `lt` too may
+    be overwritten, which lets a single CPU rank use the cache-blocked `_rowblock` path.
     Collectives: all-gather `[2, 2, c]` + all-reduce SUM `[k, c]` (none when the group has one rank).
     """
     inv_t = 1.0 / temperature
     c = ls.shape[0]
+    if owned and not ls.is_cuda and group_size(group) == 1 and ls.shape[-1] > 0:
+        return dense_chunk_rows_(
+            ls, lt, kind=kind, beta=beta, temperature=temperature, clip=clip, need_grad=need_grad, extra=extra
+        )
     if ls.shape[-1] > 0:
         stats = _impl(phase_stats, ls)(ls, lt, inv_t)
     else:  # an all-padding shard
@@ -187,6 +194,8 @@ def grad_from_saved_(ls, lt, saved, scale, *, kind, beta, temperature, clip, out
     """dloss/dlogits `[c, v]` weighted per row by `scale` `[c]`, from `saved` `[3, c]`, written into `out`
     (default: into `ls`, which must then be owned, e.g. a fresh GEMM output) and returned; no collective."""
     out = ls if out is None else out
-    if ls.shape[-1] > 0:
+    if ls.shape[-1] > 0 and not ls.is_cuda:
+        grad_rows_(ls, lt, saved, scale, kind=kind, beta=beta, temperature=temperature, clip=clip, out=out)
+    elif ls.shape[-1] > 0:
         _impl(phase_grad_, ls)(ls, lt, saved, scale, 1.0 / temperature, kind, beta, clip, out)
     return out

@@ -40,9 +40,12 @@ from opsd_megatron.losses._phases import agreed_chunk_size, dense_chunk, grad_fr
 from opsd_megatron.losses.vocab_parallel import validate_args, vocab_parallel_divergence
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """Logit shard `[c, n_valid]` = hidden `[c, H]` @ weight[:n_valid].T, in the input dtype (bf16 GEMM)."""
-    return hidden @ weight[:n_valid].t()
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int, out=None) -> torch.Tensor:
+    """Logit shard `[c, n_valid]` = hidden `[c, H]` @ weight[:n_valid].T, in the input dtype (bf16 GEMM);
+    `out`: a reused `[>= c, n_valid]` buffer (its first c rows are written and returned)."""
+    if out is None:
+        return hidden @ weight[:n_valid].t()
+    return torch.matmul(hidden, weight[:n_valid].t(), out=out[: hidden.shape[0]])
 
 
 class _FusedLinearDenseDivergence(torch.autograd.Function):
@@ -62,11 +65,14 @@ class _FusedLinearDenseDivergence(torch.autograd.Function):
         gh_v = torch.empty_like(hs_v) if need_h else None  # (Nv, H)
         gw = torch.zeros_like(ws_d[:n_valid]) if need_w else None  # (n_valid, H)
         saved = hs.new_empty((3, n_tok), dtype=acc) if need else None
+        # two reused logit buffers [chunk, v] (CPU: no page faults from fresh large allocations per chunk)
+        bufs = [hs_v.new_empty((min(chunk, n_tok), n_valid)) for _ in range(2)]
         for a in range(0, n_tok, chunk):
             b = min(a + chunk, n_tok)
             loss_c, g, saved_c, _ = dense_chunk(
-                _logits(hs_v[a:b], ws_d, n_valid), _logits(ht_v[a:b], wt_d, n_valid), kind=kind, beta=beta,
-                temperature=temperature, clip=clip, group=group, need_grad=need,
+                _logits(hs_v[a:b], ws_d, n_valid, bufs[0]), _logits(ht_v[a:b], wt_d, n_valid, bufs[1]),
+                kind=kind, beta=beta, temperature=temperature, clip=clip, group=group, need_grad=need,
+                owned=True,
             )  # fmt: skip
             loss_v[a:b] = loss_c
             if need:
