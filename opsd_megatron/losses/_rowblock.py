@@ -42,7 +42,7 @@ def _fkl_block_(s, t, inv_t: float, clip, loss, saved, work) -> None:
     if clip is not None:
         torch.ge(t, clip, out=k)  # clipped entries: no gradient
         loss.copy_(t.clamp_(max=clip).sum(1))
-        torch.where(k, 0.0, a, out=a)
+        a.masked_fill_(k, 0.0)
     else:
         loss.copy_(t.sum(1))
     smh = a.sum(1, keepdim=True)  # sum_v m_v p_T(v) = -sum_v m_v h_v
