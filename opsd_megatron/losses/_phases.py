@@ -107,7 +107,15 @@ def phase_terms_grad_(ls, lt, shift, inv_t: float, kind: str, beta: float, clip)
     return parts
 
 
-_COMPILED: dict = {}
+_COMPILED: dict = {}  # phase function -> torch.compile(phase)
+_FAILED: set = set()  # (variant, phase, kind, shard width, dtypes): that variant raised once; not used again
+_SAID: set = set()  # messages logged once
+
+
+def _log_once(msg: str, *args) -> None:
+    if (msg, args) not in _SAID:
+        _SAID.add((msg, args))
+        logger.warning(msg, *args)
 
 
 def _use_compile(x: torch.Tensor) -> bool:
@@ -118,27 +126,68 @@ def _use_compile(x: torch.Tensor) -> bool:
     )
 
 
-def _impl(fn, x: torch.Tensor):
-    """`fn` itself on CPU; a cached `torch.compile(fn)` (Triton kernels) on CUDA when Triton is importable,
-    falling back to `fn` for good (with one warning) if compilation fails."""
-    if not _use_compile(x) or _COMPILED.get(fn) is False:
-        return fn
+def _triton_kernels(ls: torch.Tensor, lt: torch.Tensor, kind: str):
+    """The `triton_phases` module when its kernels take these chunks, else None (the reason logged once).
+    Used on CUDA unless OPSD_LOSS_TRITON=0; on CPU only with OPSD_LOSS_TRITON=interpret (and
+    TRITON_INTERPRET=1 set before Triton was first imported: the CI tests of the kernels)."""
+    mode = os.environ.get("OPSD_LOSS_TRITON", "1")
+    if mode == "0" or (not ls.is_cuda and mode != "interpret"):
+        return None
+    if importlib.util.find_spec("triton") is None:
+        _log_once("Triton is not installed: the loss phases use torch.compile / eager PyTorch instead.")
+        return None
+    from opsd_megatron.losses import triton_phases
+
+    why = triton_phases.supported(ls, lt, kind)
+    if why is not None:
+        _log_once("Triton loss kernels do not take %s; using the torch phases for it.", why)
+        return None
+    return triton_phases
+
+
+_KERNEL_NAMES = {"phase_stats": "stats", "phase_terms": "terms", "phase_grad_": "grad_"}
+_KERNEL_NAMES["phase_terms_grad_"] = "terms_grad_"
+
+
+def _run(fn, kind: str, ls: torch.Tensor, lt: torch.Tensor, *args):
+    """Run phase `fn(ls, lt, *args)`: as a Triton kernel when it takes the chunks, else (CUDA) through a
+    cached `torch.compile(fn)`, else eagerly. A failing kernel or compilation is logged with its exception
+    and that variant is not used again for this (phase, kind, shard width, dtypes); out-of-memory is
+    re-raised."""
+    key = (fn.__name__, kind, tuple(ls.shape[1:]), ls.dtype, lt.dtype, ls.device.type)
+    variants = []
+    if ("triton", *key) not in _FAILED:
+        tk = _triton_kernels(ls, lt, kind)
+        if tk is not None:
+            variants.append(("triton", getattr(tk, _KERNEL_NAMES[fn.__name__])))
+    if _use_compile(ls) and ("compile", *key) not in _FAILED:
+        variants.append(("compile", _compiled(fn)))
+    for name, impl in variants:
+        try:
+            return impl(ls, lt, *args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - any kernel / compiler failure: the next variant is exact
+            logger.exception(
+                "%s variant of %s failed for %s; falling back for this shape.", name, fn.__name__, key
+            )
+            _FAILED.add((name, *key))
+    return fn(ls, lt, *args)
+
+
+def _compiled(fn):
     if fn not in _COMPILED:
         import torch._dynamo
 
         # one graph per (kind, clip on/off, dtype, ...) combination: allow more than the default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED[fn] = torch.compile(fn, fullgraph=True)  # chunk rows become dynamic on a 2nd size
+    return _COMPILED[fn]
 
-    def call(*args):
-        try:
-            return _COMPILED[fn](*args)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path is exact
-            logger.warning("torch.compile of %s failed (%s); using the eager path.", fn.__name__, e)
-            _COMPILED[fn] = False
-            return fn(*args)
 
-    return call
+def compiled_status() -> dict:
+    """Which fast variants failed so far (for benchmark output): {'failed': [...], 'compiled': [...]}."""
+    return {"failed": sorted(str(k) for k in _FAILED), "compiled": sorted(f.__name__ for f in _COMPILED)}
 
 
 def global_shift(stats: torch.Tensor, group) -> torch.Tensor:
@@ -163,22 +212,24 @@ def dense_chunk(ls, lt, *, kind, beta, temperature, clip, group, need_grad, extr
     """
     inv_t = 1.0 / temperature
     c = ls.shape[0]
-    if owned and not ls.is_cuda and group_size(group) == 1 and ls.shape[-1] > 0:
+    cpu_rows = not ls.is_cuda and _triton_kernels(ls, lt, kind) is None
+    if owned and cpu_rows and group_size(group) == 1 and ls.shape[-1] > 0:
         return dense_chunk_rows_(
             ls, lt, kind=kind, beta=beta, temperature=temperature, clip=clip, need_grad=need_grad, extra=extra
         )
     if ls.shape[-1] > 0:
-        stats = _impl(phase_stats, ls)(ls, lt, inv_t)
+        stats = _run(phase_stats, kind, ls, lt, inv_t)
     else:  # an all-padding shard
         stats = torch.stack([torch.full((c,), -torch.inf), torch.zeros(c)]).to(ls.device).expand(2, 2, c)
     shift = global_shift(stats, group)  # (2, c)
-    # single rank: one fused call (no collective to wait for); not for JSD, whose shared log M intermediate
-    # Inductor materialises as an fp32 [c, v] buffer when the two phases are merged (4.0 vs 2.15 GiB on H200)
-    if need_grad and not extra and group_size(group) == 1 and kind != "jsd":
-        parts = _impl(phase_terms_grad_, ls)(ls, lt, shift, inv_t, kind, beta, clip)  # (2, c), ls <- grad
+    # single rank: one fused call (no collective to wait for); not for JSD through torch.compile, whose
+    # shared log M Inductor materialises as an fp32 [c, v] buffer when the phases are merged (4.0 vs 2.15 GiB)
+    jsd_ok = kind != "jsd" or _triton_kernels(ls, lt, kind) is not None
+    if need_grad and not extra and group_size(group) == 1 and jsd_ok:
+        parts = _run(phase_terms_grad_, kind, ls, lt, shift, inv_t, kind, beta, clip)  # (2, c), ls <- grad
         return parts[0], ls, torch.cat([shift, parts[1:2]]), None
     if ls.shape[-1] > 0:
-        parts = _impl(phase_terms, ls)(ls, lt, shift, inv_t, kind, beta, clip, extra)
+        parts = _run(phase_terms, kind, ls, lt, shift, inv_t, kind, beta, clip, extra)
     else:
         parts = shift.new_zeros((5 if extra else 2, c))
     red = all_reduce(parts, dist.ReduceOp.SUM, group)  # (k, c)
@@ -194,8 +245,8 @@ def grad_from_saved_(ls, lt, saved, scale, *, kind, beta, temperature, clip, out
     """dloss/dlogits `[c, v]` weighted per row by `scale` `[c]`, from `saved` `[3, c]`, written into `out`
     (default: into `ls`, which must then be owned, e.g. a fresh GEMM output) and returned; no collective."""
     out = ls if out is None else out
-    if ls.shape[-1] > 0 and not ls.is_cuda:
+    if ls.shape[-1] > 0 and not ls.is_cuda and _triton_kernels(ls, lt, kind) is None:
         grad_rows_(ls, lt, saved, scale, kind=kind, beta=beta, temperature=temperature, clip=clip, out=out)
     elif ls.shape[-1] > 0:
-        _impl(phase_grad_, ls)(ls, lt, saved, scale, 1.0 / temperature, kind, beta, clip, out)
+        _run(phase_grad_, kind, ls, lt, saved, scale, 1.0 / temperature, kind, beta, clip, out)
     return out
