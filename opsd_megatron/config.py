@@ -34,6 +34,9 @@ class ModelConfig:
     """Tokenizer directory or hub name; defaults to `path`."""
     dtype: str = "bfloat16"
     """Training dtype of the Megatron model: float32 | bfloat16."""
+    use_te: bool | str = "auto"
+    """Transformer Engine layer spec: auto (used when it imports; why not is logged once) | true (start-up
+    fails with the import error when it does not import) | false (Megatron's local spec)."""
 
 
 @dataclass
@@ -369,6 +372,8 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     flat.update({"teacher.mode": cfg.teacher.mode, "optimizer.lr_decay_style": cfg.optimizer.lr_decay_style})
     for key, val in flat.items():
         _check(val in _CHOICES[key], key, f"must be one of {', '.join(_CHOICES[key])}, got {val!r}.")
+    _check(cfg.model.use_te in (True, False, "auto", "true", "false"), "model.use_te",
+           f"must be auto, true or false, got {cfg.model.use_te!r}.")  # fmt: skip
     _check(bool(cfg.model.path), "model.path", "is required (an HF model directory or hub name).")
     _check(bool(cfg.data.path), "data.path", "is required (a jsonl/parquet file or a hub dataset name).")
     for key, val in [("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)]:

@@ -122,7 +122,8 @@ class OPSDTrainer:
         from opsd_megatron.conversion import load_hf_weights
         from opsd_megatron.models import build_model
 
-        chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False)
+        chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False,
+                             use_te=self.cfg.model.use_te)  # fmt: skip
         if initialize:
             load_hf_weights(chunks, self.cfg.model.path)
         return chunks
