@@ -5,8 +5,9 @@ The fused LM-head path on CPU computes the logit chunks `[c, v]` with large GEMM
 which keeps the GEMMs at full speed) and then walks the chunk in row blocks of `ROWS` rows: each block's
 softmax statistics, loss and logit gradient are computed while its `[ROWS, v]` rows are hot in L2/L3, and the
 gradient overwrites the student rows in place (no extra `[c, v]` buffer). Forward KL in fp32 (the default
-loss) has a hand-scheduled path: 2 exponentials per entry and ~24 in-place passes over a `[ROWS, v]` block;
-the other kinds, dtypes and the extra statistics go through the generic phases of `_phases.py` on each block.
+loss) has a hand-scheduled path: 2 exponentials per entry and ~24 in-place passes over a `[ROWS, v]` block
+(3 more for the extra statistics); the other kinds and dtypes go through the generic phases of `_phases.py`
+on each block.
 
 No collective: with several TP ranks the softmax statistics of a chunk must be combined across ranks before
 the loss, so `_phases.dense_chunk` handles those (whole-chunk phases with their collectives).
@@ -21,10 +22,10 @@ import torch
 ROWS = 16  # rows per block: [16, 32768] fp32 = 2 MiB per temporary
 
 
-def _fkl_block_(s, t, inv_t: float, clip, loss, saved, work) -> None:
+def _fkl_block_(s, t, inv_t: float, clip, loss, saved, work, ex=None) -> None:
     """Forward KL on one row block, in place. s, t: raw student / teacher logits `[r, v]` fp32 (owned; s is
-    overwritten with dloss/dlogits, t with scratch); loss `[r]`, saved `[3, r]` (outputs); work: 2 `[r, v]`
-    fp32 buffers and one bool `[r, v]` buffer."""
+    overwritten with dloss/dlogits, t with scratch); loss `[r]`, saved `[3, r]`, ex `[3, r]` or None (clipped
+    count, H(p_S), H(p_T)) are outputs; work: 2 `[r, v]` fp32 buffers and one bool `[r, v]` buffer."""
     a, b, k = work
     s.mul_(inv_t)
     t.mul_(inv_t)
@@ -38,13 +39,20 @@ def _fkl_block_(s, t, inv_t: float, clip, loss, saved, work) -> None:
     se_s = b.sum(1, keepdim=True)
     l_s, l_t = se_s.log(), se_t.log()
     a.div_(se_t)  # p_T
+    if ex is not None:  # H = -sum p log p = lse - sum p z (z shifted by the row max, lse likewise)
+        ex[1].copy_(l_s.squeeze(1) - torch.einsum("ij,ij->i", b, s) / se_s.squeeze(1))
+        ex[2].copy_(l_t.squeeze(1) - torch.einsum("ij,ij->i", a, t))
     t.sub_(s).add_(l_s - l_t).mul_(a)  # f = p_T (log p_T - log p_S)
     if clip is not None:
         torch.ge(t, clip, out=k)  # clipped entries: no gradient
         loss.copy_(t.clamp_(max=clip).sum(1))
         a.masked_fill_(k, 0.0)
+        if ex is not None:
+            ex[0].copy_(k.sum(1))
     else:
         loss.copy_(t.sum(1))
+        if ex is not None:
+            ex[0].zero_()
     smh = a.sum(1, keepdim=True)  # sum_v m_v p_T(v) = -sum_v m_v h_v
     # dloss/dz_S = m h - p_S sum m h = p_S * smh - m p_T; times 1/T for the logits
     b.mul_(smh * inv_t / se_s)
@@ -81,7 +89,7 @@ def dense_chunk_rows_(ls, lt, *, kind, beta, temperature, clip, need_grad, extra
     loss = ls.new_empty(c, dtype=acc)
     saved = ls.new_empty((3, c), dtype=acc)
     ex = ls.new_empty((3, c), dtype=acc) if extra else None
-    fast = kind == "forward_kl" and ls.dtype == torch.float32 and lt.dtype == torch.float32 and not extra
+    fast = kind == "forward_kl" and ls.dtype == torch.float32 and lt.dtype == torch.float32
     work = None
     if fast:
         r = min(ROWS, c)
@@ -100,7 +108,8 @@ def _rows_loop(ls, lt, kind, beta, inv_t, clip, need_grad, extra, fast, loss, sa
         s, t = ls[a:b], lt[a:b]
         if fast:
             n = b - a
-            _fkl_block_(s, t, inv_t, clip, loss[a:b], saved[:, a:b], tuple(w[:n] for w in work))
+            e = ex[:, a:b] if extra else None
+            _fkl_block_(s, t, inv_t, clip, loss[a:b], saved[:, a:b], tuple(w[:n] for w in work), e)
             continue
         st = phase_stats(s, t, inv_t)  # (2, 2, r)
         shift = st[:, 0] + torch.log(st[:, 1])  # (2, r)
