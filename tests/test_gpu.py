@@ -179,8 +179,8 @@ def test_te_layer_spec_logits_match_transformers(single_rank_env, tiny_qwen3_dir
     parallel.initialize(1, 1)
     chunks = build_model(str(tiny_qwen3_dir), dtype=torch.float32, use_te=True, perform_initialization=False)
     load_hf_weights(chunks, str(tiny_qwen3_dir))
-    x = torch.randint(0, 500, (2, 32), device="cuda")
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_dir), dtype=torch.float32).cuda().eval()
+    x = torch.randint(0, hf.config.vocab_size, (2, 32), device="cuda")
     with torch.no_grad():
         ref = hf(x).logits.float()
         got = forward_logits(chunks, x).float()[..., : ref.shape[-1]]
