@@ -39,14 +39,15 @@ def _inputs(t, h, v, dtype, seed=0):
 
 
 def _reference(hs, ws, ht, wt, go, kind="forward_kl", mask=None):
-    """float64 autograd through the unfused loss on the (bf16-rounded) inputs: loss, dh, dW."""
+    """float64 reference for bf16 inputs: the logits as the bf16 GEMMs give them, everything after in float64
+    (loss, its logit gradient, and the gradient GEMMs): loss, dh, dW."""
     from opsd_megatron.losses import vocab_parallel_divergence
 
-    h64, w64 = hs.double().requires_grad_(True), ws.double().requires_grad_(True)
-    ref = vocab_parallel_divergence(h64 @ w64.t(), ht.double() @ wt.double().t(), kind=kind, beta=0.5,
-                                    temperature=TEMP, clip=CLIP, loss_mask=mask)  # fmt: skip
+    ls = (hs @ ws.t()).double().requires_grad_(True)
+    ref = vocab_parallel_divergence(ls, (ht @ wt.t()).double(), kind=kind, beta=0.5, temperature=TEMP,
+                                    clip=CLIP, loss_mask=mask)  # fmt: skip
     (ref * go).sum().backward()
-    return ref.detach(), h64.grad, w64.grad
+    return ref.detach(), ls.grad @ ws.double(), ls.grad.t() @ hs.double()
 
 
 def _rel(a, b):
