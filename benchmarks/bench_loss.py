@@ -264,13 +264,18 @@ def gpu_check(args, names) -> list[str]:
             rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
             if name.startswith("ours"):
                 failures.append(f"{name} raised: {rows[name]['error']}")
+            _reset_grads(inp)
+            torch.cuda.empty_cache()
         print(f"  done {name}: {rows[name]}", file=sys.stderr, flush=True)
     dev = torch.cuda.get_device_name()
     title = f"GPU {dev}, torch {torch.__version__}: {n} tokens x {h} hidden x {v} vocab, bf16"
     print_table(title + f", T={TEMPERATURE}, clip {CLIP} where stated", rows)
     from opsd_megatron.losses import _phases
 
-    print(f"compiled phases: {_phases.compiled_status()}")
+    status = _phases.compiled_status()
+    print(f"phases: {status}")
+    if status["failed"]:  # a kernel that raised was logged and replaced: our kernel errored
+        failures.append(f"fast loss phases fell back: {status['failed']}")
     floor, ours = rows.get("floor (4 GEMMs)", {}).get("ms"), rows.get(OURS, {}).get("ms")
     if floor and ours:
         print(f"time   {OURS} / floor = {check('gpu_loss_time_x_floor', ours / floor, failures)}")
