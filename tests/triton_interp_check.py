@@ -69,6 +69,40 @@ def kernels(dtype, tol) -> None:
             report(f"{name}: terms+grad (single rank, in place)", got, want, tol)
 
 
+def shards() -> None:
+    """Three vocabulary shards of unequal width, combined as the TP collectives do (all-gather of the
+    (max, sum-exp) pairs, all-reduce SUM of the terms), against the float64 full-vocabulary reference."""
+    g = torch.Generator().manual_seed(4)
+    c, v = 6, 350
+    ls = torch.randn(c, v, generator=g) * 3
+    lt = ls + torch.randn(c, v, generator=g)
+    l64, t64 = ls.double(), lt.double()
+    inv_t = 1 / 1.1
+    bounds = [(0, 120), (120, 300), (300, 350)]
+    for kind, clip in (("forward_kl", 0.05), ("jsd", None)):
+        st = torch.stack([triton_phases.stats(ls[:, a:b].contiguous(), lt[:, a:b].contiguous(), inv_t)
+                          for a, b in bounds])  # (tp, 2, 2, c)  # fmt: skip
+        m = st[:, :, 0].amax(0)
+        shift = m + torch.log((st[:, :, 1] * torch.exp(st[:, :, 0] - m)).sum(0))
+        parts = sum(triton_phases.terms(ls[:, a:b].contiguous(), lt[:, a:b].contiguous(), shift, inv_t, kind,
+                                        0.3, clip, False) for a, b in bounds)  # fmt: skip
+        st64 = _phases.phase_stats(l64, t64, inv_t)
+        shift64 = st64[:, 0] + torch.log(st64[:, 1])
+        ref = _phases.phase_terms(l64, t64, shift64, inv_t, kind, 0.3, clip, False)
+        saved = torch.cat([shift, parts[1:2]])
+        g_ref = torch.empty_like(l64)
+        ones = torch.ones(c, dtype=torch.float64)
+        _phases.phase_grad_(l64, t64, torch.cat([shift64, ref[1:2]]), ones, inv_t, kind, 0.3, clip, g_ref)
+        grads = []
+        for a, b in bounds:
+            out = torch.empty(c, b - a)
+            triton_phases.grad_(ls[:, a:b].contiguous(), lt[:, a:b].contiguous(), saved, ones.float(), inv_t,
+                                kind, 0.3, clip, out)  # fmt: skip
+            grads.append(out)
+        report(f"3 shards {kind} clip={clip}: shift, loss, sum m h, grad", [shift, parts[0], parts[1],
+               torch.cat(grads, 1)], [shift64, ref[0], ref[1], g_ref], 1e-5)  # fmt: skip
+
+
 def fused() -> None:
     """fused_linear_divergence through the kernels (both backward paths, masked tokens, vocabulary padding)
     against autograd through vocab_parallel_divergence on float64 logits."""
@@ -103,6 +137,7 @@ def main() -> int:
     torch.set_num_threads(1)
     kernels(torch.float32, 1e-5)
     kernels(torch.bfloat16, 1e-2)  # bf16 tolerance (the gradient is stored in bf16)
+    shards()
     fused()
     print("FAIL: " + ", ".join(FAILS) if FAILS else "PASS")
     return 1 if FAILS else 0
