@@ -4,8 +4,9 @@
 # (benchmarks/thresholds.py; OPSD_THRESHOLD_SCALE=0.01 makes every threshold fail, to see that they bite).
 #   bash benchmarks/gpu_checks.sh [pytest] [loss] [bench] [step] [foundation] [refresh] [step-tiny]
 # Default: pytest loss bench step (limits add up to < 12 min, expected ~6; a device call may last 10 min:
-# give it timeout_s 600, and if it is cut, run CHECKS="pytest loss" and CHECKS="bench step" separately). Wheels the GPU image lacks (megatron-core 0.19.x,
-# liger-kernel) are installed from .whl/ when present (`make gpu-wheels` fetches them; carry .whl).
+# give it timeout_s 600, and if it is cut, run CHECKS="pytest loss" and CHECKS="bench step" separately).
+# Wheels the GPU image lacks (megatron-core 0.19.x, liger-kernel) are installed from .whl/ when present
+# (`make gpu-wheels` fetches them; carry .whl).
 # Logs: $OUT (or .gpu/logs). GPU_CHECKS_ALLOW_CPU=1 skips the GPU probe and the wheels (CPU smoke runs).
 set -euo pipefail
 OUT=${OUT:-.gpu/logs}
