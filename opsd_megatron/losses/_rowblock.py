@@ -4,10 +4,10 @@ temporary stays in cache and no fp32 `[chunk, v]` copy of the logits is made.
 The fused LM-head path on CPU computes the logit chunks `[c, v]` with large GEMMs (c ~ 32 MiB / (4 v) rows,
 which keeps the GEMMs at full speed) and then walks the chunk in row blocks of `ROWS` rows: each block's
 softmax statistics, loss and logit gradient are computed while its `[ROWS, v]` rows are hot in L2/L3, and the
-gradient overwrites the student rows in place (no extra `[c, v]` buffer). Forward KL in fp32 (the default
-loss) has a hand-scheduled path: 2 exponentials per entry and ~24 in-place passes over a `[ROWS, v]` block
-(3 more for the extra statistics); the other kinds and dtypes go through the generic phases of `_phases.py`
-on each block.
+gradient overwrites the student rows in place (no extra `[c, v]` buffer). Forward KL (the default loss;
+fp32 math on fp32 logits or on fp32 copies of a bf16/fp16 block) has a hand-scheduled path: 2 exponentials
+per entry and ~24 in-place passes over a `[ROWS, v]` block (3 more for the extra statistics); the other
+kinds and dtypes go through the generic phases of `_phases.py` on each block.
 
 No collective: with several TP ranks the softmax statistics of a chunk must be combined across ranks before
 the loss, so `_phases.dense_chunk` handles those (whole-chunk phases with their collectives).
@@ -89,11 +89,19 @@ def dense_chunk_rows_(ls, lt, *, kind, beta, temperature, clip, need_grad, extra
     loss = ls.new_empty(c, dtype=acc)
     saved = ls.new_empty((3, c), dtype=acc)
     ex = ls.new_empty((3, c), dtype=acc) if extra else None
-    fast = kind == "forward_kl" and ls.dtype == torch.float32 and lt.dtype == torch.float32
+    low = (torch.bfloat16, torch.float16)
+    fast = kind == "forward_kl" and ls.dtype in (torch.float32, *low) and lt.dtype == ls.dtype
     work = None
     if fast:
         r = min(ROWS, c)
-        work = (ls.new_empty(r, v), ls.new_empty(r, v), ls.new_empty((r, v), dtype=torch.bool))
+        f32 = dict(dtype=torch.float32)
+        work = (
+            ls.new_empty((r, v), **f32),
+            ls.new_empty((r, v), **f32),
+            ls.new_empty((r, v), dtype=torch.bool),
+        )
+        if ls.dtype in low:  # fp32 copies of the block's logits (the gradient is written back in ls's dtype)
+            work += (ls.new_empty((r, v), **f32), ls.new_empty((r, v), **f32))
     with one_thread():
         _rows_loop(ls, lt, kind, beta, inv_t, clip, need_grad, extra, fast, loss, saved, ex, work)
     return loss, (ls if need_grad else None), saved, ex
@@ -109,7 +117,14 @@ def _rows_loop(ls, lt, kind, beta, inv_t, clip, need_grad, extra, fast, loss, sa
         if fast:
             n = b - a
             e = ex[:, a:b] if extra else None
-            _fkl_block_(s, t, inv_t, clip, loss[a:b], saved[:, a:b], tuple(w[:n] for w in work), e)
+            w = tuple(x[:n] for x in work)
+            if len(w) == 5:  # bf16 / fp16 logits: the math on fp32 copies of this block
+                w[3].copy_(s)
+                w[4].copy_(t)
+                _fkl_block_(w[3], w[4], inv_t, clip, loss[a:b], saved[:, a:b], w[:3], e)
+                s.copy_(w[3])
+            else:
+                _fkl_block_(s, t, inv_t, clip, loss[a:b], saved[:, a:b], w, e)
             continue
         st = phase_stats(s, t, inv_t)  # (2, 2, r)
         shift = st[:, 0] + torch.log(st[:, 1])  # (2, r)
