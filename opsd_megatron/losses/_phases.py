@@ -14,6 +14,7 @@ Backward needs no collective: `saved` = (shift_s, shift_t, sum m h) `[3, c]` is 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -118,12 +119,13 @@ def _log_once(msg: str, *args) -> None:
         logger.warning(msg, *args)
 
 
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _use_compile(x: torch.Tensor) -> bool:
-    return (
-        x.is_cuda
-        and os.environ.get("OPSD_LOSS_COMPILE", "1") != "0"
-        and importlib.util.find_spec("triton") is not None
-    )
+    return x.is_cuda and os.environ.get("OPSD_LOSS_COMPILE", "1") != "0" and _have_triton()
 
 
 def _triton_kernels(ls: torch.Tensor, lt: torch.Tensor, kind: str):
@@ -133,7 +135,7 @@ def _triton_kernels(ls: torch.Tensor, lt: torch.Tensor, kind: str):
     mode = os.environ.get("OPSD_LOSS_TRITON", "1")
     if mode == "0" or (not ls.is_cuda and mode != "interpret"):
         return None
-    if importlib.util.find_spec("triton") is None:
+    if not _have_triton():
         _log_once("Triton is not installed: the loss phases use torch.compile / eager PyTorch instead.")
         return None
     from opsd_megatron.losses import triton_phases
