@@ -9,7 +9,10 @@ tokens so that no `[all tokens, vocab/tp]` fp32 tensor ever exists.
 Dense kinds (forward_kl / reverse_kl / jsd), per chunk of `chunk_size` valid tokens: two GEMMs give the
 student and teacher logit shards `[c, v/tp]` (input dtype, e.g. bf16), the divergence and its logit gradient
 are computed in fp32 (collectives of `dense_forward`, forward only), and two more GEMMs turn that gradient
-into d/d hidden `[c, H]` and d/d weight `[v/tp, H]`, which are kept (as Liger-Kernel: 4 GEMMs in all).
+into d/d hidden `[c, H]` and d/d weight `[v/tp, H]`, which are kept (as Liger-Kernel: 4 GEMMs in all). The
+two logit chunks live in two reused buffers; the elementwise phases (`_phases.py`) run as Triton kernels on
+CUDA (`triton_phases.py`) and on cache-sized row blocks of one thread on CPU (`_rowblock.py`), and the
+gradient overwrites the student chunk (no fp32 `[c, v]` copy).
 Backward scales them by the incoming per-token gradient when it is the same for every valid token (token-mean
 reductions, `token_mean`); otherwise (e.g. `sequence_mean`) it recomputes the logits chunk by chunk from the
 saved per-token log-sum-exps (6 GEMMs, still no collective). Masked tokens are skipped entirely.
