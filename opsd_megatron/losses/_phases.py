@@ -1,8 +1,10 @@
 """The dense divergence of one chunk of logits in three fusable phases, for the fused LM-head path.
 
 Each phase reads the raw logit shards `[c, v]` (input dtype, e.g. bf16) and recomputes log p from per-row
-scalars, so on CUDA `torch.compile` turns each into one Triton kernel that never materialises an fp32 `[c, v]`
-tensor (set OPSD_LOSS_COMPILE=0 to disable); on CPU the same functions run eagerly (what the tests cover).
+scalars. On CUDA each phase is a hand-written Triton kernel (`triton_phases.py`; OPSD_LOSS_TRITON=0 disables),
+else a `torch.compile` of the function below (OPSD_LOSS_COMPILE=0 disables), else the function itself; a
+variant that raises is logged with its exception and skipped for that shape only, out-of-memory is re-raised
+(`_run`). On CPU the functions run eagerly, for a single rank on cache-sized row blocks (`_rowblock.py`).
 
     phase_stats  -> local (max, sum-exp) of student and teacher     `[2, 2, c]`
     (collective: one all-gather of those, combined into the global log-sum-exps `shift` `[2, c]`)
