@@ -142,6 +142,9 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """HF-style names of the linear layers that get adapters."""
+    layout: str = "fused"
+    """fused | per_projection: one adapter per fused Megatron layer (q/k/v share A) or PEFT's one per
+    projection (q, k, v, gate, up each rank r; the paper recipes' choice). See opsd_megatron/lora/api.py."""
 
 
 @dataclass
@@ -420,6 +423,8 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     )
     _check(not cfg.lora.enabled or cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}.")
     _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}.")
+    _check(cfg.lora.layout in ("fused", "per_projection"), "lora.layout",
+           f"must be 'fused' or 'per_projection', got {cfg.lora.layout!r}.")  # fmt: skip
     o = cfg.optimizer
     _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}.")
     _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr], got {o.min_lr}.")

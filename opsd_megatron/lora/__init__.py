@@ -10,6 +10,7 @@ Importing this package needs neither CUDA nor Transformer Engine nor vLLM.
 from opsd_megatron.lora.adapter import LoRAAdapter
 from opsd_megatron.lora.api import (
     HF_TO_MEGATRON,
+    LAYOUTS,
     LoRASettings,
     adapters_disabled,
     apply_lora,
@@ -22,12 +23,14 @@ from opsd_megatron.lora.api import (
     lora_state_dict,
     merged_local_weight,
     merged_named_parameters,
+    resolve_parts,
     resolve_targets,
     trainable_named_parameters,
 )
 
 __all__ = [
     "HF_TO_MEGATRON",
+    "LAYOUTS",
     "LoRAAdapter",
     "LoRASettings",
     "adapters_disabled",
@@ -41,6 +44,7 @@ __all__ = [
     "lora_state_dict",
     "merged_local_weight",
     "merged_named_parameters",
+    "resolve_parts",
     "resolve_targets",
     "trainable_named_parameters",
 ]
