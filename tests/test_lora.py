@@ -304,13 +304,14 @@ def test_lora_tp2_and_teacher_modes(tiny_qwen3_dir, tmp_path):
     """LoRA TP=2 (with and without SP) == TP=1, merge, adapters-off, checkpoint sharding; then the teacher
     modes of tests/test_teacher.py and the per_projection / PEFT checks of tests/test_lora_peft.py on the
     same TP=2 processes; PEFT loads the adapters written there."""
-    from tests.test_lora_peft import check_per_projection_results, peft_logits_vs_merged
+    from tests.test_lora_peft import check_cli_adapter, check_per_projection_results, peft_logits_vs_merged
 
     peft_dir = tmp_path / "peft"
     results = run_distributed(
         _all_tp2_checks, 2, str(tiny_qwen3_dir), str(tmp_path / "ckpt"), str(peft_dir), timeout=400
     )
     check_per_projection_results(results)
+    check_cli_adapter(peft_dir)
     for layout in ("per_projection", "fused"):  # PEFT loads what a LoRA run writes at its end
         assert peft_logits_vs_merged(str(tiny_qwen3_dir), str(peft_dir / layout)) < 1e-5, layout
     for r in results:

@@ -83,7 +83,39 @@ def per_projection_checks(hf_dir: str, out_dir: str, tps: tuple[int, ...] = (1, 
             if tp == max(tps):  # what a run writes at its end: PEFT adapter + merged HF export
                 save_peft_adapter(chunks, f"{out_dir}/{layout}/adapter", cfg, base_model=hf_dir)
                 save_hf_checkpoint(chunks, f"{out_dir}/{layout}/merged", shard_hook=lora_shard_hook)
+                if layout == "per_projection":
+                    _export_lora_cli(chunks, hf_dir, f"{out_dir}/run", tp)
     return out
+
+
+def _export_lora_cli(chunks, hf_dir: str, run_dir: str, tp: int) -> None:
+    """A training run's layout (config.yaml + checkpoints/step_000001 with the model's sharded state) ->
+    `opsd-convert export-lora` -> run_dir/cli_adapter (compared with the direct export by the caller)."""
+    import json
+    import os
+
+    import yaml
+    from megatron.core import dist_checkpointing
+
+    from checkpoint_tools.cli import main as cli_main
+    from opsd_megatron.checkpointing import STATE_FILE
+
+    step = f"{run_dir}/checkpoints/step_000001"
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(step)
+        lora = {"enabled": True, "rank": RANK, "alpha": ALPHA, "target_modules": TARGETS}
+        cfg = {"model": {"path": hf_dir, "dtype": "float32"}, "data": {"path": "unused.jsonl"}}
+        cfg["lora"] = {**lora, "layout": "per_projection"}
+        with open(f"{run_dir}/config.yaml", "w") as f:
+            yaml.safe_dump(cfg, f)
+    torch.distributed.barrier()
+    dist_checkpointing.save({"model": chunks[0].sharded_state_dict()}, step)
+    if torch.distributed.get_rank() == 0:
+        with open(f"{step}/{STATE_FILE}", "w") as f:
+            json.dump({"step": 1}, f)
+    torch.distributed.barrier()
+    argv = ["export-lora", "--megatron", step, "--out", f"{run_dir}/cli_adapter", "--tp", str(tp)]
+    assert cli_main(argv) == 0
 
 
 def check_per_projection_results(results: list[dict]) -> None:
@@ -96,6 +128,19 @@ def check_per_projection_results(results: list[dict]) -> None:
         for key in ("per_projection_tp1", "per_projection_tp2"):
             assert r[f"grad_rel_err_{key}"] < 1e-4, (key, r)
             assert r[f"n_peft_tensors_{key}"] == 2 * 7 * 4, r  # (A, B) x 7 projections x 4 layers
+
+
+def check_cli_adapter(peft_dir) -> None:
+    """`opsd-convert export-lora` of the saved checkpoint wrote the same PEFT adapter as the direct export."""
+    from safetensors.torch import load_file
+
+    direct = load_file(f"{peft_dir}/per_projection/adapter/adapter_model.safetensors")
+    cli = load_file(f"{peft_dir}/run/cli_adapter/adapter_model.safetensors")
+    assert direct.keys() == cli.keys() and len(direct) == 2 * 7 * 4
+    assert all(torch.equal(direct[k], cli[k]) for k in direct)
+    assert (peft_dir / "run/cli_adapter/adapter_config.json").read_text() == (
+        peft_dir / "per_projection/adapter/adapter_config.json"
+    ).read_text()
 
 
 def peft_logits_vs_merged(hf_dir: str, layout_dir: str) -> float:

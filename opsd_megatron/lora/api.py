@@ -360,8 +360,10 @@ def lora_shard_hook(megatron_name: str, module: nn.Module, shard: torch.Tensor) 
 def _sharded_state_dict_with_lora(self, prefix: str = "", sharded_offsets=(), metadata=None):
     """The base layer's sharded state dict with the adapter re-wrapped with its own TP sharding
     (column: `lora.lora_b` on axis 0, SwiGLU halves as for fc1's weight; row: `lora.lora_a` on axis 1)."""
-    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+    from opsd_megatron import patches
 
+    owner, attr = patches.target("megatron.make_sharded_tensors")
+    make_sharded_tensors_for_checkpoint = getattr(owner, attr)
     sd = type(self).sharded_state_dict(self, prefix, sharded_offsets, metadata)
     ad: LoRAAdapter = self.lora
     local = {"lora_a": ad.lora_a, "lora_b": ad.lora_b}

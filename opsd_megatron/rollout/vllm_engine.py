@@ -169,6 +169,10 @@ class VLLMEngine:
         import torch.distributed as dist
         from vllm import LLM
 
+        from opsd_megatron import patches
+
+        patches.target("vllm.logprobs_mode")  # raises if this vLLM has no processed logprobs
+        patches.target("vllm.layerwise_reload")  # warns once if the layerwise reload moved
         cuda = _has_cuda()
         # An in-process vLLM joins an existing torch.distributed world (the trainer's) as "external DP"
         # ranks, and otherwise creates a 1-rank world of its own; `close()` must only tear down the latter.
