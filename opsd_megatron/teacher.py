@@ -34,13 +34,14 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from opsd_megatron.config import TeacherConfig, choices
 from opsd_megatron.lora import adapters_disabled, has_lora, merged_named_parameters
 from opsd_megatron.lora.api import copy_named_tensors
 from opsd_megatron.models.builder import unwrap
 
 log = logging.getLogger(__name__)
 
-TEACHER_MODES = ("frozen", "adapters_off", "ema", "current")
+TEACHER_MODES = choices(TeacherConfig, "mode")
 
 
 @contextlib.contextmanager

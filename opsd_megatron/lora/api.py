@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from opsd_megatron.config import LoraConfig, choices
 from opsd_megatron.lora.adapter import COLUMN, ROW, LoRAAdapter
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ HF_TO_MEGATRON = {
 }
 FUSED_PARTS = {"linear_qkv": {"q_proj", "k_proj", "v_proj"}, "linear_fc1": {"gate_proj", "up_proj"}}
 MEGATRON_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-LAYOUTS = ("fused", "per_projection")
+LAYOUTS = choices(LoraConfig, "layout")
 _LORA_SUFFIXES = (".lora.lora_a", ".lora.lora_b")
 
 
