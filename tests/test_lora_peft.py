@@ -16,6 +16,7 @@ import torch
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PARTIAL = ["q_proj", "v_proj", "o_proj", "up_proj"]  # per_projection: k and gate get no update
 
 
 def reference_forward(hf_dir: str, peft_tensors: dict, ids: torch.Tensor, requires_grad: bool):
@@ -49,42 +50,42 @@ def per_projection_checks(hf_dir: str, out_dir: str, tps: tuple[int, ...] = (1, 
     from tests.test_lora import batch, full_logits, run_logits, set_random_lora
 
     out: dict = {}
-    for tp in tps:
-        for layout in ("per_projection", "fused"):
-            if layout == "fused" and tp == 1:
-                continue  # fused TP1 == TP2 is covered by tests/test_lora.py
-            parallel.initialize(tp=tp, pp=1, seed=11)
-            chunks = build_model(hf_dir, torch.float32, perform_initialization=False)
-            load_hf_weights(chunks, hf_dir)
-            cfg = LoRASettings(rank=RANK, alpha=ALPHA, target_modules=TARGETS, layout=layout)
-            apply_lora(chunks, cfg)
-            set_random_lora(chunks)
-            qkv = next(ad for n, _, ad in iter_adapters(chunks) if n.endswith("linear_qkv"))
+    cases = [(tp, "per_projection", TARGETS, f"per_projection_tp{tp}") for tp in tps]
+    cases += [(max(tps), "fused", TARGETS, f"fused_tp{max(tps)}")]  # fused TP1 == TP2: tests/test_lora.py
+    cases += [(max(tps), "per_projection", PARTIAL, f"partial_tp{max(tps)}")]
+    for tp, layout, targets, key in cases:
+        parallel.initialize(tp=tp, pp=1, seed=11)
+        chunks = build_model(hf_dir, torch.float32, perform_initialization=False)
+        load_hf_weights(chunks, hf_dir)
+        cfg = LoRASettings(rank=RANK, alpha=ALPHA, target_modules=targets, layout=layout)
+        apply_lora(chunks, cfg)
+        set_random_lora(chunks)
+        qkv = next(ad for n, _, ad in iter_adapters(chunks) if n.endswith("linear_qkv"))
+        if targets is TARGETS:
             out[f"qkv_delta_rank_{layout}"] = int(torch.linalg.matrix_rank(qkv.delta_weight()))
-            ids, w = batch(chunks[0].opsd_info.padded_vocab_size)
-            tp_rank = mps.get_tensor_model_parallel_rank()
-            v_local = w.shape[-1] // tp
-            logits = run_logits(chunks[0], ids)
-            (logits * w[..., tp_rank * v_local : (tp_rank + 1) * v_local]).sum().backward()
-            meg = full_logits(logits)
-            tensors = peft_adapter_tensors(chunks)
-            vocab = chunks[0].opsd_info.vocab_size
-            ref, leaves = reference_forward(hf_dir, tensors, ids, requires_grad=layout == "per_projection")
-            key = f"{layout}_tp{tp}"
-            out[f"logits_err_{key}"] = (meg[..., :vocab] - ref.detach()).abs().max().item()
+        ids, w = batch(chunks[0].opsd_info.padded_vocab_size)
+        tp_rank = mps.get_tensor_model_parallel_rank()
+        v_local = w.shape[-1] // tp
+        logits = run_logits(chunks[0], ids)
+        (logits * w[..., tp_rank * v_local : (tp_rank + 1) * v_local]).sum().backward()
+        meg = full_logits(logits)
+        tensors = peft_adapter_tensors(chunks)
+        vocab = chunks[0].opsd_info.vocab_size
+        ref, leaves = reference_forward(hf_dir, tensors, ids, requires_grad=layout == "per_projection")
+        out[f"logits_err_{key}"] = (meg[..., :vocab] - ref.detach()).abs().max().item()
+        if layout == "per_projection":
+            grads = peft_adapter_tensors(chunks, which="grad")
+            (ref * w[..., :vocab]).sum().backward()
+            out[f"grad_rel_err_{key}"] = max(
+                ((grads[k] - g.grad).abs().max() / g.grad.abs().max().clamp_min(1e-12)).item()
+                for k, g in leaves.items()
+            )
+            out[f"n_peft_tensors_{key}"] = len(tensors)
+        if tp == max(tps) and targets is TARGETS:  # what a run writes at its end: adapter + merged export
+            save_peft_adapter(chunks, f"{out_dir}/{layout}/adapter", cfg, base_model=hf_dir)
+            save_hf_checkpoint(chunks, f"{out_dir}/{layout}/merged", shard_hook=lora_shard_hook)
             if layout == "per_projection":
-                grads = peft_adapter_tensors(chunks, which="grad")
-                (ref * w[..., :vocab]).sum().backward()
-                out[f"grad_rel_err_{key}"] = max(
-                    ((grads[k] - g.grad).abs().max() / g.grad.abs().max().clamp_min(1e-12)).item()
-                    for k, g in leaves.items()
-                )
-                out[f"n_peft_tensors_{key}"] = len(tensors)
-            if tp == max(tps):  # what a run writes at its end: PEFT adapter + merged HF export
-                save_peft_adapter(chunks, f"{out_dir}/{layout}/adapter", cfg, base_model=hf_dir)
-                save_hf_checkpoint(chunks, f"{out_dir}/{layout}/merged", shard_hook=lora_shard_hook)
-                if layout == "per_projection":
-                    _export_lora_cli(chunks, hf_dir, f"{out_dir}/run", tp)
+                _export_lora_cli(chunks, hf_dir, f"{out_dir}/run", tp)
     return out
 
 
@@ -123,11 +124,11 @@ def check_per_projection_results(results: list[dict]) -> None:
     for r in results:
         assert r["qkv_delta_rank_per_projection"] == 3 * RANK, r  # three independent rank-r updates
         assert r["qkv_delta_rank_fused"] == RANK, r  # one shared A: rank <= r
-        for key in ("per_projection_tp1", "per_projection_tp2", "fused_tp2"):
+        for key in ("per_projection_tp1", "per_projection_tp2", "fused_tp2", "partial_tp2"):
             assert r[f"logits_err_{key}"] < 1e-4, (key, r)
-        for key in ("per_projection_tp1", "per_projection_tp2"):
+        for key, n_proj in (("per_projection_tp1", 7), ("per_projection_tp2", 7), ("partial_tp2", 4)):
             assert r[f"grad_rel_err_{key}"] < 1e-4, (key, r)
-            assert r[f"n_peft_tensors_{key}"] == 2 * 7 * 4, r  # (A, B) x 7 projections x 4 layers
+            assert r[f"n_peft_tensors_{key}"] == 2 * n_proj * 4, r  # (A, B) x projections x 4 layers
 
 
 def check_cli_adapter(peft_dir) -> None:
