@@ -159,3 +159,38 @@ def peft_logits_vs_merged(hf_dir: str, layout_dir: str) -> float:
             lb = model(ids).logits
     assert (lp - lb).abs().max() > 1e-3, "the loaded adapter should change the logits"
     return (lp - lm).abs().max().item()
+
+
+def _train_then_export(rank: int, world: int, cfg_dict: dict, cli_out: str) -> int:
+    from checkpoint_tools.cli import main as cli_main
+    from tests.test_trainer import run_opsd
+
+    step = run_opsd(rank, world, cfg_dict)["step"]
+    ckpt = f"{cfg_dict['output_dir']}/checkpoints/step_{step:06d}"
+    assert cli_main(["export-lora", "--megatron", ckpt, "--out", cli_out]) == 0
+    return step
+
+
+def test_lora_run_writes_peft_adapter(tiny_qwen3_dir, tmp_path):
+    """A LoRA (per_projection) training run ends with <output_dir>/adapter next to the merged hf/ export; PEFT
+    loads it and reproduces hf/'s logits; `opsd-convert export-lora` of the run's final training checkpoint
+    (DDP-wrapped model, optimizer state) writes the same adapter. One process, HF rollouts (no vLLM)."""
+    from safetensors.torch import load_file
+
+    from tests.dist_utils import run_distributed
+    from tests.test_trainer import tiny_config
+
+    run = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_qwen3_dir, run, parallel={"tp": 1, "pp": 1}, rollout={"engine": "hf", "max_new_tokens": 8},
+        train={"steps": 1}, checkpoint={"export_hf": True}, teacher={"mode": "adapters_off"},
+        lora={"enabled": True, "rank": RANK, "alpha": ALPHA, "layout": "per_projection"},
+        optimizer={"lr": 0.05, "clip_grad": 1.0},
+    )  # fmt: skip
+    assert run_distributed(_train_then_export, 1, cfg, str(tmp_path / "cli"), timeout=300) == [1]
+    trained = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert len(trained) == 2 * 7 * 4 and any(t.abs().max() > 0 for k, t in trained.items() if "lora_B" in k)
+    cli = load_file(tmp_path / "cli" / "adapter_model.safetensors")
+    assert trained.keys() == cli.keys() and all(torch.equal(trained[k], cli[k]) for k in cli)
+    (run / "merged").symlink_to(run / "hf")  # the layout peft_logits_vs_merged reads: DIR/adapter, DIR/merged
+    assert peft_logits_vs_merged(str(tiny_qwen3_dir), str(run)) < 1e-5
