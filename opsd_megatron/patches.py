@@ -83,6 +83,11 @@ PATCHES: dict[str, Patch] = {
         Patch("vllm.layerwise_reload", "vllm.model_executor.model_loader.reload.layerwise:__name__",
               _VL, _VL_V, _ENGINE, "the layerwise reload_weights the weight refresh relies on (and the "
               "logger whose expected 'Failed to load weights' lines are filtered)", required=False),
+        Patch("vllm.tied_lm_head_repack",
+              "vllm.model_executor.layers.vocab_parallel_embedding:UnquantizedEmbeddingMethod."
+              "process_weights_after_loading", _VL, _VL_V, _ENGINE,
+              "re-pack a tied lm_head after the embedding was reloaded on CPU (else the logits keep the old "
+              "embedding; the drift check would show it)", required=False),
         Patch("vllm.logprobs_mode", "vllm.engine.arg_utils:EngineArgs.logprobs_mode", _VL, _VL_V, _ENGINE,
               "logprobs_mode='processed_logprobs' (logprobs of the distribution actually sampled from)"),
     )
