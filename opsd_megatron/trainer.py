@@ -67,7 +67,9 @@ class OPSDTrainer:
 
     def __init__(self, cfg: OPSDConfig, *, on_step_end: Callable[[OPSDTrainer, int], None] | None = None):
         from opsd_megatron import parallel
+        from opsd_megatron.versions import check_versions
 
+        check_versions(vllm=cfg.rollout.engine == "vllm")  # one clear message before any heavy work
         self.cfg = cfg
         self.on_step_end = on_step_end
         self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
@@ -494,23 +496,24 @@ class OPSDTrainer:
         """Export hook merging LoRA into its base weight shard (None without LoRA)."""
         if not self.cfg.lora.enabled:
             return None
-        from opsd_megatron.lora import merged_local_weight
+        from opsd_megatron.lora import lora_shard_hook
 
-        def hook(name: str, module: torch.nn.Module, shard: torch.Tensor) -> torch.Tensor:
-            if name.endswith(".weight") and getattr(module, "lora", None) is not None:
-                return merged_local_weight(module)
-            return shard
-
-        return hook
+        return lora_shard_hook
 
     def export_hf(self, out_dir: Path) -> None:
-        """Write an HF checkpoint (LoRA merged) loadable by `transformers`; collective."""
+        """Write an HF checkpoint (LoRA merged) loadable by `transformers` and, with LoRA, the PEFT adapter
+        to `<out_dir>/../adapter`; collective."""
         from opsd_megatron.conversion import save_hf_checkpoint
 
         tok = self.cfg.model.tokenizer or self.cfg.model.path
         save_hf_checkpoint(self.chunks, out_dir, tokenizer_dir=tok, shard_hook=self._shard_hook())
         if self.ps.rank == 0:
             log.info("exported HF checkpoint to %s", out_dir)
+        if self.cfg.lora.enabled:  # the adapters alone, for peft.PeftModel.from_pretrained(base, <dir>)
+            from opsd_megatron.lora.peft_export import save_peft_adapter
+
+            save_peft_adapter(self.chunks, Path(out_dir).parent / "adapter", self.cfg.lora,
+                              base_model=self.cfg.model.path)  # fmt: skip
 
     def close(self) -> None:
         self.metrics.close()

@@ -4,8 +4,10 @@
     with GraderPool(num_workers=4, timeout_s=5.0) as pool:
         results = pool.grade_many([(response, reference), ...])   # -> list[GradeResult], in order
 
-Per response: answer = `extract_boxed(response)` (no box -> wrong, status "no_answer"); if the answer and the
-reference are equal after `normalize_answer` it is right without further work; otherwise math-verify
+Per response: answer = `extract_answer(response)` (the last box, or the union of the final boxes when the
+answer is split over several: see extract.py; no box -> wrong, status "no_answer"); if the answer and the
+reference are equal after `normalize_answer` (units after a number dropped) it is right without further
+work; otherwise math-verify (on the answer with units stripped)
 (`parse` both as LaTeX/expressions, `verify(gold, pred)`) runs in a worker process with signal timeouts off
 (`parsing_timeout=None`, `timeout_seconds=None`, so it is safe from any thread). The pool enforces the
 per-item wall-clock limit itself: a worker that overruns (sympy on `9^{9^{9^{9}}}` never returns, and a
@@ -27,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from opsd_megatron.evaluation.extract import extract_boxed, strings_match
+from opsd_megatron.evaluation.extract import extract_answer, strings_match, strip_units
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,8 @@ class GradeResult:
     correct: bool
     """True when the extracted answer equals the reference (math-verify or the string fallback)."""
     answer: str | None
-    """The extracted final answer (last complete `\\boxed{}`), None when there is none."""
+    """The extracted final answer (last complete `\\boxed{}`, or the final boxes joined with ", "), None when
+    there is none."""
     status: str
     """How the verdict was reached: "string_match", "math_verify", "no_answer", "timeout" or "error"."""
 
@@ -221,7 +224,7 @@ class GraderPool:
         need_verify: list[int] = []
         answers: list[str | None] = []
         for i, (response, reference) in enumerate(items):
-            answer = extract_boxed(response)
+            answer = extract_answer(response)
             answers.append(answer)
             if answer is None:
                 out[i] = GradeResult(False, None, "no_answer")
@@ -229,7 +232,8 @@ class GraderPool:
                 out[i] = GradeResult(True, answer, "string_match")
             else:
                 need_verify.append(i)
-        verdicts = self.verify_many([(answers[i], str(items[i][1])) for i in need_verify], timeout_s)
+        pairs = [(strip_units(answers[i]), strip_units(str(items[i][1]))) for i in need_verify]
+        verdicts = self.verify_many(pairs, timeout_s)
         for i, (ok, status) in zip(need_verify, verdicts):
             out[i] = GradeResult(ok, answers[i], status)
         return [r for r in out if r is not None]

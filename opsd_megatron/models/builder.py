@@ -282,8 +282,9 @@ def build_model(
 
 
 def unwrap(chunk):
-    """The GPTModel inside DDP / Float16Module wrappers (follows `.module`)."""
-    while not hasattr(chunk, "opsd_info") and hasattr(chunk, "module"):
+    """The model inside DDP / Float16Module wrappers: follows `.module` until a model built here
+    (`opsd_info`) or any Megatron GPTModel (`decoder`). The one unwrap helper of the package."""
+    while not (hasattr(chunk, "opsd_info") or hasattr(chunk, "decoder")) and hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
 
