@@ -5,8 +5,8 @@
 
 A helper process (Megatron's checkpoint-writer Manager, math-verify grader workers) is a child of a trainer
 rank. When that rank is SIGKILLed (a node dying, `scancel --signal=KILL`) or leaves with `os._exit` (the job
-watchdog), nothing runs its clean-up, and a child that ignores SIGTERM or blocks in a long computation lives on
-as an orphan. `die_with_parent` makes the child follow its parent in two ways:
+watchdog), nothing runs its clean-up, and a child that ignores SIGTERM or blocks in a long computation lives
+on as an orphan. `die_with_parent` makes the child follow its parent in two ways:
 
 * Linux `prctl(PR_SET_PDEATHSIG, SIGKILL)`: the kernel kills the child when the thread that started it exits.
   Used only when that thread is the parent's main thread (`parent_lifeline()` records it), since a child

@@ -9,6 +9,7 @@ parentage; every descendant inherits the environment, so the marker finds them. 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -46,8 +47,6 @@ def wait_gone(env: dict[str, str], timeout_s: float) -> list[int]:
     while (left := marked_processes(env)) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in left:  # leave nothing behind on the shared machine, but report them
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, 9)
-        except OSError:
-            pass
     return left
