@@ -90,11 +90,17 @@ def run_recipe(rank, world_size, cfg_dict, fail_rank=None, fail_step=None, break
             state = {"events": events, "data_stats": trainer.data_stats, "problems": len(trainer.problems),
                      "max_model_len": llm.llm_engine.model_config.max_model_len}  # fmt: skip
             (out / f"state_rank{rank}.json").write_text(json.dumps(state))
-        if break_refresh_after is not None and step == break_refresh_after:
-            real = trainer.engine._engine.update_weights
-            trainer.engine._engine.update_weights = lambda named: real([(n, t * 0.5) for n, t in named])
 
     trainer = OPSDTrainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
+    if break_refresh_after is not None:  # the refresh inside step k runs while trainer.step == k - 1
+        real = trainer.engine.update_weights
+
+        def broken(named):
+            if trainer.step + 1 >= break_refresh_after:
+                named = [(n, t * 0.5) for n, t in named]
+            return real(named)
+
+        trainer.engine.update_weights = broken
     rec = EngineRecorder(trainer.engine, events)
     trainer.engine = rec
     trainer.teacher_forward = _record(events, rec, "teacher", trainer.teacher_forward)
