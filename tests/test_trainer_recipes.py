@@ -163,10 +163,11 @@ def test_tp2_lora_sleep_order_eval_length_bad_row_and_failure_ends_job(tiny_qwen
     step1 = read_metrics(out)[0]  # LoRA + adapters_off at TP2 trains, and the engine gets the merged weights
     assert math.isfinite(step1["loss"]) and step1["grad_norm"] > 0 and step1["response_tokens"] > 0
     assert step1["drift/mean_abs_logprob"] < 1e-3, step1
-    assert 0.0 <= step1["eval/truncated_fraction"] <= 1.0, step1
     gens = (out / "eval" / "step_000001" / "generations.jsonl").read_text().splitlines()
     gens = [json.loads(x) for x in gens]
     assert max(g["num_tokens"] for g in gens) == EVAL_NEW_TOKENS  # not cut short by the engine's length
+    truncated = sum(g["finish_reason"] == "length" for g in gens) / len(gens)
+    assert step1["eval/truncated_fraction"] == truncated > 0, step1
 
     for rank in (0, 1):
         state = json.loads((out / f"state_rank{rank}.json").read_text())
