@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import random
 import signal
 import time
@@ -121,8 +122,9 @@ def _start_writer_manager_shielded() -> None:
     `dist_checkpointing.save` lazily starts a multiprocessing Manager that inherits the default SIGTERM
     action. On preemption SLURM signals the whole process tree, the Manager dies, and the save-on-signal
     fails with BrokenPipeError/EOFError, losing the step. Started here with both signals ignored, it outlives
-    the signal long enough for the trainer's grace-period save. When Megatron's internals moved, the patch
-    registry (`opsd_megatron.patches`) warns once and this is a no-op.
+    the signal long enough for the trainer's grace-period save, and it dies with its trainer process
+    (`opsd_megatron.lifeline`). When Megatron's internals moved, the patch registry (`opsd_megatron.patches`)
+    warns once and this is a no-op.
     """
     from opsd_megatron import patches
 
@@ -138,7 +140,15 @@ def _start_writer_manager_shielded() -> None:
     except ValueError:  # not the main thread: nothing to shield
         return
     try:
-        fa._get_write_results_queue()
+        # Megatron's `_get_write_results_queue` with one change: the Manager dies with this process
+        # (`opsd_megatron.lifeline`), so a SIGKILLed trainer leaves no orphan that ignores SIGTERM.
+        from multiprocessing.managers import SyncManager
+
+        from opsd_megatron.lifeline import die_with_parent, parent_lifeline
+
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=parent_lifeline())
+        fa._results_queue = manager.Queue()  # the queue proxy keeps the manager alive
     finally:
         for s, h in old.items():
             signal.signal(s, h)

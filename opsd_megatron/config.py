@@ -66,7 +66,8 @@ class DataConfig:
     answer_field: str | None = "answer"
     """Column with the final answer (used for rollout accuracy only); None or a missing column disables it."""
     on_bad_row: Literal["error", "skip"] = "error"
-    """What a row with a missing/empty problem or solution does: error (naming the row) or skip (counted)."""
+    """What a bad row does (missing/empty problem or solution, or a rendered student/teacher prompt longer
+    than prompts.max_prompt_tokens; all checked at start-up): error (naming the row) | skip (counted)."""
     max_samples: int | None = None
     """Keep only the first N valid rows."""
     shuffle: bool = True
@@ -84,7 +85,8 @@ class PromptConfig:
     teacher_thinking: bool = True
     """`enable_thinking` for the teacher's chat template (paper: on)."""
     max_prompt_tokens: int = 2048
-    """Prompts longer than this (student or teacher) are an error naming the row."""
+    """Longest student or teacher prompt (rows over it: data.on_bad_row); with rollout.max_new_tokens and
+    eval.max_new_tokens it sizes the rollout engine (max_model_len)."""
 
 
 @dataclass

@@ -13,7 +13,8 @@ work; otherwise math-verify (on the answer with units stripped)
 per-item wall-clock limit itself: a worker that overruns (sympy on `9^{9^{9^{9}}}` never returns, and a
 C-level big-integer power cannot even be interrupted by a signal) is killed and replaced, and its item is
 graded wrong with status "timeout". Workers are spawned (not forked: the parent may hold vLLM/torch
-threads), start once and are reused; grading runs in parallel over `num_workers` processes.
+threads), start once and are reused; grading runs in parallel over `num_workers` processes. A worker exits
+when its parent process dies, however it dies (`opsd_megatron.lifeline`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from opsd_megatron.evaluation.extract import extract_answer, strings_match, strip_units
+from opsd_megatron.lifeline import parent_lifeline
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,14 @@ def math_verify_equal(answer: str, reference: str) -> bool:
     return bool(verify(list(gold), list(pred), timeout_seconds=None))
 
 
-def _worker_main(conn) -> None:
-    """Worker loop: receive (task_id, answer, reference), send (task_id, correct, status)."""
+def _worker_main(conn, parent_pid: int, started_by_main_thread: bool) -> None:
+    """Worker loop: receive (task_id, answer, reference), send (task_id, correct, status).
+
+    Exits with its parent (`opsd_megatron.lifeline`), even while stuck in a computation that never returns.
+    """
+    from opsd_megatron.lifeline import die_with_parent
+
+    die_with_parent(parent_pid, started_by_main_thread)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     import math_verify  # noqa: F401  (pay the sympy import before reporting ready)
 
@@ -104,7 +112,7 @@ def _worker_main(conn) -> None:
 class _Worker:
     def __init__(self, ctx) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, *parent_lifeline()), daemon=True)
         self.proc.start()
         child.close()
         self.started = time.monotonic()
