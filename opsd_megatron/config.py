@@ -36,9 +36,9 @@ class ModelConfig:
     """Tokenizer directory or hub name; defaults to `path`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Training dtype of the Megatron model (CPU: float32 only)."""
-    use_te: bool | str = "auto"
-    """Transformer Engine layer spec: auto (used when it imports; why not is logged once) | true (start-up
-    fails with the import error when it does not import) | false (Megatron's local spec)."""
+    use_te: bool | Literal["auto", "true", "false"] = "auto"
+    """Transformer Engine layer spec: auto (used when it imports; why not is logged once), true (start-up
+    fails with the import error when it does not import) or false (Megatron's local spec)."""
 
 
 @dataclass
@@ -290,10 +290,15 @@ def _literal_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, tuple]]:
             out += _literal_fields(val, f"{key}.")
         elif typing.get_origin(tp) is Literal:
             out.append((key, val, typing.get_args(tp)))
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(val, str):
+            lits = [a for a in typing.get_args(tp) if typing.get_origin(a) is Literal]  # e.g. bool | Literal
+            out += [(key, val, typing.get_args(a)) for a in lits]
     return out
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
@@ -389,8 +394,6 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     """Checks that need nothing but the config itself."""
     for key, val, allowed in _literal_fields(cfg):  # also values set in code, not only loaded ones
         _check(val in allowed, key, f"must be one of {', '.join(allowed)}, got {val!r}.")
-    _check(cfg.model.use_te in (True, False, "auto", "true", "false"), "model.use_te",
-           f"must be auto, true or false, got {cfg.model.use_te!r}.")  # fmt: skip
     _check(bool(cfg.model.path), "model.path", "is required (an HF model directory or hub name).")
     _check(bool(cfg.data.path), "data.path", "is required (a jsonl/parquet file or a hub dataset name).")
     for key, val in [("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)]:
