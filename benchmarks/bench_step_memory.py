@@ -1,6 +1,6 @@
 """Peak memory of one OPSD step (teacher forward + student forward/backward), fused vs materialising path.
 
-    .venv/bin/python benchmarks/bench_step_memory.py            # hidden 256, vocab 65,536, 4 x 512 tokens, TP2
+    .venv/bin/python benchmarks/bench_step_memory.py      # hidden 256, vocab 65,536, 4 x 512 tokens, TP2
     .venv/bin/python benchmarks/bench_step_memory.py --vocab 151936 --goal 0.25
 
 A tiny Qwen3-architecture model (2 layers, random weights, fp32, tied embeddings) with a LARGE vocabulary, on
@@ -56,20 +56,29 @@ def _worker(rank: int, world: int, port: int, args, path: str, chunk, out_dir: s
     from opsd_megatron.tiny import tiny_hf_config
 
     ps = parallel.initialize(args.tp, 1, seed=0)
-    hf = tiny_hf_config("qwen3", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                        max_position_embeddings=4096).to_dict()  # fmt: skip
+    hf = tiny_hf_config(
+        "qwen3", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=4096,
+    ).to_dict()  # fmt: skip
     chunks = build_model(hf, torch.float32)
     teacher = make_teacher("frozen", chunks, lambda: build_model(hf, torch.float32))
     chunks = wrap_ddp(chunks)
     install_schedule_hooks(chunks)
-    samples = fixed_samples(args.vocab, n=args.prompts, resp=(args.response, args.response), s_prompt=(64, 64),
-                            t_prompt=(192, 192))  # fmt: skip
+    samples = fixed_samples(
+        args.vocab,
+        n=args.prompts,
+        resp=(args.response, args.response),
+        s_prompt=(64, 64),
+        t_prompt=(192, 192),
+    )
     mbs = pack_step(samples, micro_batch_size=args.micro_batch, pad_id=0)
     scale = len(mbs) / sum(m.num_tokens for m in mbs)
-    spec = LossSpec(kind="forward_kl", beta=0.0, temperature=1.1, clip=0.05, top_k=None, vocab_size=args.vocab,
-                    tp_group=ps.tp_group, sampling=SamplingConfig(temperature=1.1, top_p=0.95, top_k=20),
-                    chunk_tokens=chunk)  # fmt: skip
+    spec = LossSpec(
+        kind="forward_kl", beta=0.0, temperature=1.1, clip=0.05, top_k=None, vocab_size=args.vocab,
+        tp_group=ps.tp_group, sampling=SamplingConfig(temperature=1.1, top_p=0.95, top_k=20),
+        chunk_tokens=chunk,
+    )  # fmt: skip
 
     def step():
         for c in chunks:
@@ -126,8 +135,11 @@ def main() -> int:
     rows = [("old", None), ("new", None), ("new", args.chunk_tokens)]
     res = {row: run_path(args, *row) for row in rows}
     old = res[("old", None)]
-    print(f"OPSD step peak memory per rank (RSS above the pre-step RSS), hidden {args.hidden}, vocab {args.vocab}, "
-          f"{args.prompts} x {args.response} response tokens, micro-batch {args.micro_batch}, TP{args.tp}, fp32 CPU")  # fmt: skip
+    print(
+        f"OPSD step peak memory per rank (RSS above the pre-step RSS), hidden {args.hidden}, vocab "
+        f"{args.vocab}, {args.prompts} x {args.response} response tokens, micro-batch {args.micro_batch}, "
+        f"TP{args.tp}, fp32 CPU"
+    )
     print(f"{'path':<8}{'loss.chunk_tokens':>18}{'rank':>6}{'peak MiB':>11}{'ratio':>8}{'loss':>12}")
     worst = 0.0
     for (path, chunk), per_rank in res.items():
@@ -135,7 +147,8 @@ def main() -> int:
             ratio = x["peak_mib"] / max(old[r]["peak_mib"], 1e-9)
             if path == "new":
                 worst = max(worst, ratio)
-            print(f"{path:<8}{str(chunk or 'default'):>18}{r:>6}{x['peak_mib']:>11.1f}{ratio:>8.3f}{x['loss']:>12.6f}")
+            c = str(chunk or "default")
+            print(f"{path:<8}{c:>18}{r:>6}{x['peak_mib']:>11.1f}{ratio:>8.3f}{x['loss']:>12.6f}")
     for r in range(args.tp):  # same step, same loss (fp32)
         for row in rows[1:]:
             a, b = res[row][r]["loss"], old[r]["loss"]

@@ -120,8 +120,9 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
     from opsd_megatron.losses import fused_linear_divergence
 
     h = output.shape[-1]
-    hs = gather_positions(output, mb.student_index).reshape(-1, h)  # [b·R, h]
-    ht = t_hidden.reshape(-1, h)  # [b·R, h]
+    # the head's dtype: a Float16Module-style wrapper would hand the last stage's output back in fp32
+    hs = gather_positions(output, mb.student_index).reshape(-1, h).to(s_weight.dtype)  # [b·R, h]
+    ht = t_hidden.reshape(-1, h).to(s_weight.dtype)  # [b·R, h]
     mask = mb.loss_mask.reshape(-1)  # [b·R]
     ids = mb.response_ids.reshape(-1)  # [b·R]
     per_tok, st = fused_linear_divergence(

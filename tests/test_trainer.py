@@ -115,7 +115,7 @@ def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path):
     micro-batches) on the same global batch: prompts split over replicas, gradients averaged by DDP with the
     global-token scaling, metrics reduced over DP. top_k=1 makes sampling deterministic whatever the per-rank
     seed, so both runs see the same rollouts. (With equal response lengths per replica this does not tell a
-    global-token from a per-replica normalisation apart; the loss-scale formula is in `_loss_func`.)"""
+    global-token from a per-replica normalisation apart; the loss-scale formula is in `opsd_step`.)"""
     common = dict(
         parallel={"tp": 1, "pp": 1},
         loss={"kind": "top_k", "top_k": 8},  # a sparse estimator in the trainer (all: test_opsd_step)
