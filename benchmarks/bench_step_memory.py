@@ -128,7 +128,7 @@ def main() -> int:
     ap.add_argument("--response", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--chunk-tokens", type=int, default=256, help="loss.chunk_tokens of the second new row")
+    ap.add_argument("--chunk-tokens", type=int, default=128, help="loss.chunk_tokens of the second new row")
     ap.add_argument("--goal", type=float, default=0.25)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))

@@ -128,7 +128,7 @@ class LossConfig:
     expects `<think>`. Must be < rollout.max_new_tokens."""
     chunk_tokens: int | None = None
     """Response tokens per chunk of the fused LM-head loss; None = the default (~1 GB of bf16 logits per
-    chunk on CUDA, ~128 MiB fp32 temporaries on CPU). Smaller: less memory, more GEMM calls."""
+    chunk on CUDA; on CPU 32 MiB per fp32 [chunk, vocab/tp] temporary). Smaller: less memory, more GEMMs."""
 
 
 @dataclass

@@ -71,6 +71,22 @@ class LossSpec:
         )  # fmt: skip
 
 
+_CPU_CHUNK_BYTES = 1 << 25
+"""CPU default of `loss.chunk_tokens`: 32 MiB per fp32 `[c, v/tp]` temporary of the eager loss math (it keeps
+about ten of them per chunk), so the loss's peak stays a few hundred MiB whatever the vocabulary."""
+
+
+def chunk_tokens(spec: LossSpec, weight: torch.Tensor) -> int | None:
+    """Tokens per LM-head chunk: `spec.chunk_tokens`; else on CPU `_CPU_CHUNK_BYTES` per fp32 `[c, v/tp]`
+    buffer (the same on every TP rank: Megatron's shards are equal); else None (the losses' CUDA default,
+    ~1 GB of bf16 logits per chunk, sized for GEMM efficiency)."""
+    if spec.chunk_tokens:
+        return spec.chunk_tokens
+    if weight.is_cuda:
+        return None
+    return max(64, _CPU_CHUNK_BYTES // (4 * max(weight.shape[0], 1)))
+
+
 def run_schedule(
     step_fn, data: list, chunks: list, seq_length: int, micro_batch_size: int, forward_only: bool
 ):
@@ -128,7 +144,7 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
     per_tok, st = fused_linear_divergence(
         hs, s_weight, ht, t_weight.to(s_weight.dtype), kind=spec.kind, beta=spec.beta,
         temperature=spec.temperature, clip=spec.clip, loss_mask=mask, tp_group=spec.tp_group,
-        top_k=spec.top_k, target_ids=ids, vocab_size=spec.vocab_size, chunk_size=spec.chunk_tokens,
+        top_k=spec.top_k, target_ids=ids, vocab_size=spec.vocab_size, chunk_size=chunk_tokens(spec, s_weight),
         reduce_hidden_grad=not spec.sequence_parallel, with_stats=True, sampling=spec.sampling,
     )  # fmt: skip
     loss_sum = per_tok.sum()
