@@ -115,14 +115,28 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    """Divergence between teacher and student (docs/algorithm.md)."""
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"] = "forward_kl"
+    """Divergence between teacher and student (docs/algorithm.md): top_k = the teacher's top-k ids (see
+    top_k_tail); sampled_token = advantage stop-grad(log p_T - log p_S) at the sampled token, loss =
+    -advantage * log p_S."""
     beta: float = 0.0
     """JSD interpolation (0 = forward KL, 1 = reverse KL); only for kind=jsd."""
     temperature: float | None = None
     """Logit temperature of the divergence; None = rollout.temperature (paper)."""
     clip: float | None = 0.05
-    """Pointwise clamp tau of each per-vocabulary term; None disables."""
+    """Pointwise clamp tau of each per-vocabulary term; None disables (not used by sampled_token)."""
+    top_k: int | None = None
+    """Number of teacher top-k entries; required by (and only used with) kind=top_k."""
+    top_k_tail: bool = True
+    """kind=top_k: true = forward KL over the top-k plus one tail bucket with the remaining mass; false = the
+    OPSD reference's variant, both distributions restricted to the top-k and renormalised."""
+    skip_first_tokens: int = 0
+    """Mask the first k response positions from the loss (and its token count): the teacher prompt ends with
+    thinking on, the student's with thinking off, so the first response token is scored by a teacher that
+    expects `<think>`. Must be < rollout.max_new_tokens."""
+    chunk_tokens: int | None = None
+    """Response tokens per chunk of the fused LM-head loss; None = the default (~1 GB of bf16 logits per
+    chunk on CUDA; on CPU 32 MiB per fp32 [chunk, vocab/tp] temporary). Smaller: less memory, more GEMMs."""
 
 
 @dataclass
@@ -430,6 +444,22 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     _check(lo.kind == "jsd" or lo.beta == 0, "loss.beta", f"is only used with loss.kind=jsd (got {lo.kind}).")
     _check(lo.temperature is None or lo.temperature > 0, "loss.temperature", "must be > 0.")
     _check(lo.clip is None or lo.clip > 0, "loss.clip", f"must be > 0 or null, got {lo.clip}.")
+    _check(
+        lo.kind != "top_k" or (lo.top_k is not None and lo.top_k >= 1),
+        "loss.top_k",
+        f"must be an integer >= 1 with loss.kind=top_k, got {lo.top_k}.",
+    )
+    _check(
+        lo.kind == "top_k" or lo.top_k is None,
+        "loss.top_k",
+        f"is only used with loss.kind=top_k (got {lo.kind}).",
+    )
+    _check(
+        0 <= lo.skip_first_tokens < cfg.rollout.max_new_tokens,
+        "loss.skip_first_tokens",
+        f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}), got {lo.skip_first_tokens}.",
+    )
+    _check(lo.chunk_tokens is None or lo.chunk_tokens >= 1, "loss.chunk_tokens", "must be >= 1 or null.")
     _check(
         0 < cfg.teacher.ema_decay < 1, "teacher.ema_decay", f"must be in (0, 1), got {cfg.teacher.ema_decay}."
     )

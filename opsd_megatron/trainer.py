@@ -18,10 +18,12 @@ One step (all ranks):
    engine.generate with a per-step seed (so a resumed run samples exactly what the uninterrupted one did).
 2. pack: student = student prompt ‖ response, teacher = teacher prompt ‖ response, padded at the end to one
    fixed length per forward_backward call (pipeline p2p needs fixed shapes); see `opsd_megatron.batch`.
-3. teacher_forward: Megatron's forward-only schedule over the teacher chunks (`opsd_megatron.teacher`); on the
-   last stage the vocab-parallel logits at response positions are kept, [b, R, v/tp] per micro-batch.
+3. teacher_forward: Megatron's forward-only schedule over the teacher chunks (`opsd_megatron.teacher`); the
+   last stage stops before the LM head and keeps the final hidden states at response positions, [b, R, h]
+   per micro-batch (`opsd_megatron.opsd_step`).
 4. train_step: Megatron's forward_backward_func over the student chunks; the loss function (last stage)
-   gathers the student's logits at the same response positions and calls `vocab_parallel_divergence`. The
+   takes the student's hidden states at the same response positions and calls the fused vocabulary-parallel
+   `fused_linear_divergence` with the LM-head shards (loss, statistics and drift logprobs in one pass). The
    loss is normalised by the GLOBAL number of response tokens G (all micro-batches, all DP replicas):
    each micro-batch returns sum_loss · DP · M / G, Megatron divides by M, DDP averages over DP → Σ/G.
    Then finalize_model_grads (DP all-reduce, tied-embedding sync), Megatron optimizer step with grad-norm
@@ -34,28 +36,25 @@ An exception on any rank ends every rank within seconds (`opsd_megatron.watchdog
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.batch import MicroBatch, Sample, gather_positions, pack_step
+from opsd_megatron.batch import MicroBatch, Sample, pack_step, skip_first_tokens
 from opsd_megatron.config import ConfigError, OPSDConfig, save_config, validate_model, validate_world
 from opsd_megatron.watchdog import JobWatchdog, ends_job_on_error
 
 log = logging.getLogger("opsd_megatron")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SUM_KEYS = ("loss_sum", "tokens", "divergence", "clipped_fraction", "student_entropy", "teacher_entropy",
-             "drift_abs", "drift_mult")  # fmt: skip
-"""Per-micro-batch sums returned by the loss function (last stage), reduced over micro-batches and DP."""
 # Per-step sampling seed: a pure function of (train.seed, step, dp_rank).
 _SEED_STRIDE = (1_000_003, 7_919)
 
@@ -136,7 +135,8 @@ class OPSDTrainer:
         from opsd_megatron.models import build_model
 
         chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False,
-                             use_te=self.cfg.model.use_te)  # fmt: skip
+                             use_te=self.cfg.model.use_te,
+                             sequence_parallel=self.cfg.parallel.sequence_parallel)  # fmt: skip
         if initialize:
             load_hf_weights(chunks, self.cfg.model.path)
         return chunks
@@ -291,94 +291,54 @@ class OPSDTrainer:
         )
 
     def teacher_forward(self, mbs: list[MicroBatch]) -> list[torch.Tensor | None]:
-        """Teacher logits at response positions: [b, R, v/tp] per micro-batch (None off the last stage)."""
-
-        def step_fn(data_iterator, model):
-            mb = next(data_iterator)
-            out = model(mb.teacher_tokens, mb.teacher_position_ids, None)
-
-            def keep(output):  # [b, T, v/tp] on the last stage
-                sel = gather_positions(output, mb.teacher_index)  # [b, R, v/tp]
-                return output.new_zeros(()), {"teacher_logits": sel}
-
-            return out, keep
+        """Teacher's final hidden states at response positions: [b, R, h] per micro-batch (None off the last
+        stage); the teacher's LM-head shard is kept in `self._teacher_weight` for the student pass."""
+        from opsd_megatron.opsd_step import teacher_hidden
 
         dev = self.ps.device
         with self.teacher.forward_context() as chunks:
-            store = self._forward_backward(
-                step_fn, [m.to(dev) for m in mbs], chunks, mbs[0].teacher_tokens.shape[1], forward_only=True
+            hidden, self._teacher_weight = teacher_hidden(
+                chunks, [m.to(dev) for m in mbs], micro_batch_size=self.cfg.train.micro_batch_size
             )
-        if not self.ps.is_last_stage:
-            return [None] * len(mbs)
-        return [d["teacher_logits"] for d in store]
+        return hidden
 
-    def _loss_func(self, mb: MicroBatch, teacher_logits: torch.Tensor, scale: float, output: torch.Tensor):
-        from opsd_megatron.losses import divergence_metrics, vocab_parallel_divergence
-        from opsd_megatron.weight_sync.drift import vocab_parallel_token_logprobs
-
-        lc = self.cfg.loss
-        kw = dict(
-            kind=lc.kind, beta=lc.beta, temperature=lc.temperature or self.cfg.rollout.temperature,
-            clip=lc.clip, loss_mask=mb.loss_mask, tp_group=self.ps.tp_group, vocab_size=self.info.vocab_size,
-        )  # fmt: skip
-        student = gather_positions(output, mb.student_index)  # [b, R, v/tp]
-        per_pos = vocab_parallel_divergence(student, teacher_logits, **kw)  # [b, R], 0 where masked
-        loss_sum = per_pos.sum()
-        with torch.no_grad():
-            m = divergence_metrics(student.detach(), teacher_logits, **kw)
-            n = float(mb.num_tokens)
-            sums = {"loss_sum": loss_sum.detach().double(), "tokens": torch.tensor(n, dtype=torch.float64)}
-            for k in ("divergence", "clipped_fraction", "student_entropy", "teacher_entropy"):
-                sums[k] = m[k].double() * n
-            # Drift: the engine sampled with exactly these weights; compare its logprobs with ours.
-            lp = vocab_parallel_token_logprobs(
-                student.detach(),
-                mb.response_ids,
-                self._sampling_cfg(None),
-                vocab_size=self.info.vocab_size,
-                tp_group=self.ps.tp_group,
-            )
-            delta = (mb.rollout_logprobs.double() - lp.double()).abs().clamp(
-                max=30.0
-            ) * mb.loss_mask  # [b, R]
-            sums["drift_abs"] = delta.sum()
-            sums["drift_mult"] = (torch.expm1(delta) * mb.loss_mask).sum()
-        return loss_sum * scale, sums
-
-    def forward_backward_step(self, mbs: list[MicroBatch], teacher_logits: list, global_tokens: int) -> dict:
+    def forward_backward_step(self, mbs: list[MicroBatch], teacher_hidden: list, global_tokens: int) -> dict:
         """Student forward+backward over all micro-batches; returns this rank's metric sums."""
-        scale = self.dp * len(mbs) / max(global_tokens, 1)
+        from opsd_megatron.opsd_step import LossSpec, student_step
 
-        def step_fn(data_iterator, model):
-            mb, t_logits = next(data_iterator)
-            out = model(mb.student_tokens, mb.student_position_ids, None)
-            return out, partial(self._loss_func, mb, t_logits, scale)
-
+        if not hasattr(self, "_loss_spec"):
+            self._loss_spec = LossSpec.from_config(
+                self.cfg, vocab_size=self.info.vocab_size, tp_group=self.ps.tp_group,
+                sampling=self._sampling_cfg(None),
+            )  # fmt: skip
         dev = self.ps.device
-        data = [(m.to(dev), t) for m, t in zip(mbs, teacher_logits)]
-        store = self._forward_backward(step_fn, data, self.chunks, mbs[0].student_tokens.shape[1], False)
-        keys = _SUM_KEYS
-        sums = dict.fromkeys(keys, 0.0)
-        for d in store if self.ps.is_last_stage else []:
-            for k in keys:
-                sums[k] += float(d[k])
+        sums = student_step(
+            self.chunks, [m.to(dev) for m in mbs], teacher_hidden, self._teacher_weight, self._loss_spec,
+            scale=self.dp * len(mbs) / max(global_tokens, 1),
+            micro_batch_size=self.cfg.train.micro_batch_size,
+        )  # fmt: skip
+        self._teacher_weight = None
         return sums
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """Teacher forward, student forward+backward, optimizer and schedule step on one replica's samples."""
         t0 = time.perf_counter()
+        pad = self.cfg.train.pad_to_multiple
+        if self.cfg.parallel.sequence_parallel:  # sequence parallelism splits the sequence over TP
+            pad = math.lcm(pad, self.ps.tp)
         mbs = pack_step(samples, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.pad_id,
-                        pad_to_multiple=self.cfg.train.pad_to_multiple)  # fmt: skip
+                        pad_to_multiple=pad)  # fmt: skip
+        mbs = skip_first_tokens(mbs, self.cfg.loss.skip_first_tokens)
         local = torch.tensor([sum(m.num_tokens for m in mbs)], dtype=torch.long)
         if self.dp > 1:
             dist.all_reduce(local, group=self.ps.dp_group)
         global_tokens = int(local.item())
-        teacher_logits = self.teacher_forward(mbs)
+        teacher_hidden = self.teacher_forward(mbs)
         t1 = time.perf_counter()
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        sums = self.forward_backward_step(mbs, teacher_logits, global_tokens)
+        sums = self.forward_backward_step(mbs, teacher_hidden, global_tokens)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.teacher.after_optimizer_step()
@@ -405,31 +365,11 @@ class OPSDTrainer:
 
     # ------------------------------------------------------------------- loop
     def _global_metrics(self, rollout_stats: dict, step_out: dict) -> dict[str, float]:
-        from opsd_megatron.metrics import reduce_sums
+        from opsd_megatron.opsd_step import step_metrics
 
-        tp, pp = self.ps.tp, self.ps.pp
-        s = step_out["sums"]
-        vec = {k: s[k] / tp for k in _SUM_KEYS}
-        acc = rollout_stats["rollout/accuracy"]
-        vec["acc_sum"] = 0.0 if acc != acc else acc / (tp * pp)
-        vec["acc_n"] = 0.0 if acc != acc else 1.0 / (tp * pp)
-        for k in ("rollout/response_length", "rollout/truncation_rate"):
-            vec[k] = rollout_stats[k] / (tp * pp * self.dp)
-        g = reduce_sums(vec)
-        n = max(g["tokens"], 1.0)
-        return {
-            "loss": g["loss_sum"] / n,
-            "divergence": g["divergence"] / n,
-            "clipped_fraction": g["clipped_fraction"] / n,
-            "entropy/student": g["student_entropy"] / n,
-            "entropy/teacher": g["teacher_entropy"] / n,
-            "response_tokens": g["tokens"],
-            "rollout/accuracy": g["acc_sum"] / g["acc_n"] if g["acc_n"] > 0 else float("nan"),
-            "rollout/response_length": g["rollout/response_length"],
-            "rollout/truncation_rate": g["rollout/truncation_rate"],
-            "drift/mean_abs_logprob": g["drift_abs"] / n,
-            "drift/mult_prob_err": g["drift_mult"] / n,
-        }
+        reporter = self.ps.is_last_stage and self.ps.tp_rank == 0  # one rank per data-parallel replica
+        n_samples = self.cfg.train.global_batch_size // self.dp
+        return step_metrics(step_out["sums"], rollout_stats, n_samples, reporter=reporter)
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1 if self._signal is not None else 0], dtype=torch.int32)

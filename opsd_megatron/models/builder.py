@@ -146,6 +146,7 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     pipeline_layers: list[int] | None = None,
     perform_initialization: bool = True,
+    sequence_parallel: bool = False,
     **overrides: Any,
 ):
     """Megatron `TransformerConfig` for `spec` at TP x PP (dropout off, no fusions that need CUDA kernels)."""
@@ -177,7 +178,7 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -197,13 +198,27 @@ def transformer_config(
     return TransformerConfig(**kw)
 
 
-def layer_spec(spec: ModelSpec, use_te: bool | str | None = None):
-    """Megatron layer spec: TE fused spec if available (or requested), local spec otherwise."""
+def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
+    """Megatron layer spec: TE fused spec if available (or requested), local spec otherwise. With the local
+    spec and `config.sequence_parallel`, a block spec whose norms support it (`models/norm.py`)."""
     from megatron.core.models.gpt import gpt_layer_specs as gls
 
     if resolve_use_te(use_te):
         return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
-    return gls.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    local = gls.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    if config is None or not config.sequence_parallel:
+        return local
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from opsd_megatron.models.norm import SequenceParallelRMSNorm, replace_norms
+
+    layer = replace_norms(local, WrappedTorchNorm, SequenceParallelRMSNorm)
+    n = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SequenceParallelRMSNorm)
 
 
 def build_model(
@@ -215,11 +230,15 @@ def build_model(
     make_vocab_size_divisible_by: int = 128,
     padded_vocab_size: int | None = None,
     perform_initialization: bool = True,
+    sequence_parallel: bool = False,
     **config_overrides: Any,
 ) -> list:
     """Build this rank's model chunks (one `GPTModel` per chunk; pre/post_process set by PP stage).
 
     Needs `opsd_megatron.parallel.initialize(tp, pp)` first; TP/PP are read from Megatron's parallel_state.
+    `sequence_parallel=True` (TP > 1) turns on Megatron's sequence parallelism: activations outside the
+    tensor-parallel regions are split over the sequence (`models.forward.hidden_states_forward` gathers
+    the last stage's output).
     `padded_vocab_size` overrides Megatron's padding (e.g. to load a checkpoint saved at another TP).
     Weights are randomly initialised (or uninitialised with perform_initialization=False): load them with
     `opsd_megatron.conversion.load_hf_weights`. Collective: with PP > 1 and tied embeddings, the first and
@@ -242,6 +261,7 @@ def build_model(
         dtype=dtype,
         pipeline_layers=pipeline_layers,
         perform_initialization=perform_initialization,
+        sequence_parallel=sequence_parallel,
         **config_overrides,
     )
     te = resolve_use_te(use_te)
@@ -252,7 +272,7 @@ def build_model(
         )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(spec, te),
+        transformer_layer_spec=layer_spec(spec, te, config),
         vocab_size=vpad,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=mps.is_pipeline_first_stage(),
