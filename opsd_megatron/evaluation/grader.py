@@ -79,6 +79,9 @@ def math_verify_equal(answer: str, reference: str) -> bool:
 
 def _worker_main(conn) -> None:
     """Worker loop: receive (task_id, answer, reference), send (task_id, correct, status)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pool
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     import math_verify  # noqa: F401  (pay the sympy import before reporting ready)
 
