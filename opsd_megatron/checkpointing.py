@@ -209,6 +209,7 @@ def mark_reason(path: str | Path, reason: str) -> None:
     tmp = p.with_name(STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state))
     tmp.replace(p)
+    log.info("checkpoint %s (%s): the stop request came after this step's save", path, reason)
 
 
 def load_checkpoint(

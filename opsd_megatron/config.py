@@ -194,6 +194,9 @@ class CheckpointConfig:
     """On SIGTERM/SIGUSR1, finish the current step, save and exit; give up saving after this many seconds."""
     export_hf: bool = True
     """Write a Hugging Face checkpoint to output_dir/hf at the end."""
+    export_hf_interval: int = 0
+    """Also write an HF export of the current weights to output_dir/hf_step_NNNNNN every N steps (0: off);
+    any training checkpoint can be exported later with `opsd-convert megatron-to-hf --megatron` as well."""
     allow_config_change: bool = False
     """Resume even when keys a resumed run cannot honour (model, parallel layout, data, LoRA, teacher mode,
     seed, global batch) differ from the checkpoint's config; other changes are always listed in a warning."""
@@ -451,6 +454,7 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     c = cfg.checkpoint
     _check(c.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {c.save_interval}.")
     _check(c.exit_signal_grace_s > 0, "checkpoint.exit_signal_grace_s", "must be > 0.")
+    _check(c.export_hf_interval >= 0, "checkpoint.export_hf_interval", "must be >= 0.")
     _check(cfg.eval.interval >= 0, "eval.interval", f"must be >= 0, got {cfg.eval.interval}.")
     _check(
         cfg.eval.interval == 0 or bool(cfg.eval.path or cfg.eval.benchmarks),

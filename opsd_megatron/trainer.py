@@ -474,6 +474,9 @@ class OPSDTrainer:
             if stop or (every and self.step % every == 0) or self.step == cfg.train.steps:
                 last = self.step == cfg.train.steps
                 saved = self.save("signal" if stop else "final" if last else "interval")
+            every_hf = cfg.checkpoint.export_hf_interval
+            if not stop and every_hf and self.step % every_hf == 0:
+                self.export_hf(self.out / f"hf_step_{self.step:06d}")
             if not stop and cfg.eval.interval and self.step % cfg.eval.interval == 0:
                 m.update(self.evaluate())
             self.metrics.log(self.step, m)

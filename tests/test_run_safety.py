@@ -62,7 +62,7 @@ def finished_run(tiny_qwen3_dir, tmp_path_factory):
         "lora": {"enabled": True, "rank": 4, "alpha": 8.0},
         "optimizer": {"lr": 1e-2, "clip_grad": 1.0},
         "train": {"steps": 3, "global_batch_size": 4, "micro_batch_size": 2, "seed": 7},
-        "checkpoint": {"save_interval": 1, "export_hf": True},
+        "checkpoint": {"save_interval": 1, "export_hf": True, "export_hf_interval": 2},
         "eval": {"interval": 3, "path": str(EVAL_FILE), "n": 1, "max_new_tokens": 8},
         "logging": {"rollout_interval": 1, "rollout_samples": 2},
     }
@@ -196,3 +196,6 @@ def test_training_checkpoint_exports_and_evaluates_lora_merged(finished_run, tmp
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
     assert (hf / "tokenizer.json").is_file() and (hf / "config.json").is_file()
+    # checkpoint.export_hf_interval=2: step 2's weights were exported during the run (they differ from 3's).
+    step2 = load_file(finished_run.out / "hf_step_000002" / "model.safetensors")
+    assert sorted(step2) == sorted(ref) and any(not torch.equal(step2[k], ref[k]) for k in ref)
