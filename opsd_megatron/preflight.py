@@ -205,9 +205,10 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """(key, old value, new value) of every leaf that differs, keys in IGNORED_CHANGES left out."""
+    """(key, old value, new value) of every leaf in both that differs, keys in IGNORED_CHANGES left out
+    (a key only one side has is a config option added or removed by a newer version, not a change)."""
     a, b = flatten(old), flatten(new)
-    keys = sorted(set(a) | set(b))
+    keys = sorted(set(a) & set(b))
     keys = [k for k in keys if not k.startswith(IGNORED_CHANGES)]
     return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
