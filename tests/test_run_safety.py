@@ -189,8 +189,8 @@ def test_training_checkpoint_exports_and_evaluates_lora_merged(finished_run, tmp
 
     from opsd_megatron.evaluation.model import resolve_model_dir
 
-    # opsd-eval --model RUN/checkpoints/step_000003 -> opsd-convert megatron-to-hf in a child process
-    hf = Path(resolve_model_dir(str(finished_run.out / "checkpoints" / "step_000003"), tmp_path))
+    # opsd-eval --model RUN/checkpoints (newest complete: step_000003) -> opsd-convert megatron-to-hf (child)
+    hf = Path(resolve_model_dir(str(finished_run.out / "checkpoints"), tmp_path))
     ours, ref = load_file(hf / "model.safetensors"), load_file(finished_run.out / "hf" / "model.safetensors")
     assert sorted(ours) == sorted(ref) and not any("lora" in k for k in ours)
     for k in ref:
