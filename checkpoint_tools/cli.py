@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     def layout(p, default_dtype="fp32"):
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+        p.add_argument("--ep", type=int, default=1, help="expert-parallel size, MoE models (default 1)")
         p.add_argument("--dtype", default=default_dtype, choices=["fp32", "bf16"], help="model dtype")
 
     p = sub.add_parser("hf-to-megatron", help="HF dir -> Megatron distributed checkpoint", **common)
@@ -89,7 +90,7 @@ def hf_to_megatron(args) -> int:
     from opsd_megatron.conversion.hf_checkpoint import TOKENIZER_FILES
     from opsd_megatron.models import build_model
 
-    parallel.initialize(args.tp, args.pp)
+    parallel.initialize(args.tp, args.pp, ep=args.ep)
     chunks = build_model(args.hf, dtype=_dtype(args.dtype), perform_initialization=False)
     load_hf_weights(chunks, args.hf)
     out = save_megatron_checkpoint(
@@ -105,14 +106,14 @@ def hf_to_megatron(args) -> int:
     return 0
 
 
-def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
+def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int = 1):
     from opsd_megatron import parallel
     from opsd_megatron.conversion import load_megatron_checkpoint, read_checkpoint_metadata
     from opsd_megatron.conversion.megatron_checkpoint import default_dtype
     from opsd_megatron.models import build_model
 
     meta = read_checkpoint_metadata(ckpt)
-    parallel.initialize(tp, pp)
+    parallel.initialize(tp, pp, ep=ep)
     dtype = _dtype(dtype_name) if dtype_name else default_dtype(meta)
     chunks = build_model(
         meta["hf_config"],
@@ -127,7 +128,7 @@ def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
 def megatron_to_hf(args) -> int:
     from opsd_megatron.conversion import save_hf_checkpoint
 
-    chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)
+    chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep)
     tok = args.tokenizer or (Path(args.megatron) / "tokenizer")
     out = save_hf_checkpoint(chunks, args.out, tokenizer_dir=tok)
     if _rank0():
@@ -147,9 +148,9 @@ def verify(args) -> int:
 
     dtype = _dtype(args.dtype)
     if args.megatron:
-        chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)
+        chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep)
     else:
-        parallel.initialize(args.tp, args.pp)
+        parallel.initialize(args.tp, args.pp, ep=args.ep)
         chunks = build_model(args.hf, dtype=dtype, perform_initialization=False)
         load_hf_weights(chunks, args.hf)
     vocab = model_info(chunks).vocab_size

@@ -70,7 +70,8 @@ class OPSDTrainer:
 
         self.cfg = cfg
         self.on_step_end = on_step_end
-        self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+        self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed,
+                                      ep=cfg.parallel.ep, etp=cfg.parallel.etp)  # fmt: skip
         self.dp = validate_world(cfg, self.ps.world_size)
         validate_model(cfg)
         self.dtype = _DTYPES[cfg.model.dtype]
@@ -122,7 +123,10 @@ class OPSDTrainer:
         from opsd_megatron.conversion import load_hf_weights
         from opsd_megatron.models import build_model
 
-        chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False)
+        from opsd_megatron.models.moe import router_loss_overrides
+
+        moe = router_loss_overrides(self.cfg.moe.aux_loss_coeff, self.cfg.moe.z_loss_coeff)
+        chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False, **moe)
         if initialize:
             load_hf_weights(chunks, self.cfg.model.path)
         return chunks
@@ -446,6 +450,10 @@ class OPSDTrainer:
             )
             m.update({"time/rollout_s": t1 - t0, "time/teacher_s": out["time/teacher_s"],
                       "time/train_s": out["time/train_s"], **refresh})  # fmt: skip
+            if self.info.spec.is_moe:  # router losses of this step (collective over PP / DP)
+                from opsd_megatron.models.moe import router_loss_metrics
+
+                m.update(router_loss_metrics())
             if cfg.rollout.drift_threshold is not None:
                 from opsd_megatron.weight_sync.drift import DriftGuard
 
