@@ -99,13 +99,18 @@ def _make_model(out: Path, args: argparse.Namespace) -> tuple[Path, dict]:
         shape = dict(QWEN3_30B_A3B_SHAPE, num_hidden_layers=args.layers, vocab_size=args.vocab or 151936)
     else:
         h = args.hidden
-        shape = dict(hidden_size=h, intermediate_size=3 * h, moe_intermediate_size=h, num_experts=args.experts,
-                     num_experts_per_tok=args.topk, num_hidden_layers=args.layers, num_attention_heads=h // 64,
-                     num_key_value_heads=max(1, h // 128), head_dim=64, mlp_only_layers=[])  # fmt: skip
+        shape = dict(
+            hidden_size=h, intermediate_size=3 * h, moe_intermediate_size=h, num_experts=args.experts,
+            num_experts_per_tok=args.topk, num_hidden_layers=args.layers, num_attention_heads=h // 64,
+            num_key_value_heads=max(1, h // 128), head_dim=64, mlp_only_layers=[],
+        )  # fmt: skip
         if args.vocab:
             shape["vocab_size"] = args.vocab
-    # Random weights straight from the config (no large safetensors write for the GPU shape: a meta model).
-    d = make_tiny_hf_model(out, "qwen3_moe", init_std=0.5, **shape) if not args.gpu else _config_only(out, shape)
+    # GPU shape: config only (build_model initialises random weights; no 60 GB safetensors write).
+    if args.gpu:
+        d = _config_only(out, shape)
+    else:
+        d = make_tiny_hf_model(out, "qwen3_moe", init_std=0.5, **shape)
     cfg = json.loads((d / "config.json").read_text())
     return d, cfg
 
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.world * args.batch * args.seq
     print(f"MoE step (fwd+bwd), {'GPU bf16' if args.gpu else 'CPU fp32'}: world {args.world}, "
           f"{args.layers} layers, hidden {cfg['hidden_size']}, {args.experts} experts top-{args.topk}, "
-          f"{tokens} tokens/step (batch {args.batch} x seq {args.seq} per rank); total {wall:.0f}s")  # fmt: skip
+          f"{tokens} tokens/step (batch {args.batch} x seq {args.seq} per rank); "
+          f"total {wall:.0f}s")  # fmt: skip
     print(f"{'EP':>3} {'experts/rank':>12} {'params MB/rank':>14} {'peak MB/rank':>12} {'step s':>8} "
           f"{'tokens/s':>9} {'vs EP1':>7}")  # fmt: skip
     ok = True

@@ -122,7 +122,6 @@ class OPSDTrainer:
     def _build_chunks(self, *, initialize: bool) -> list:
         from opsd_megatron.conversion import load_hf_weights
         from opsd_megatron.models import build_model
-
         from opsd_megatron.models.moe import router_loss_overrides
 
         moe = router_loss_overrides(self.cfg.moe.aux_loss_coeff, self.cfg.moe.z_loss_coeff)
