@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""
-    """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense)."""
+    """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense, Qwen3-MoE)."""
     tokenizer: str | None = None
     """Tokenizer directory or hub name; defaults to `path`."""
     dtype: str = "bfloat16"
