@@ -126,24 +126,39 @@ def global_expert(ep_rank: int, local: int, spec: ModelSpec, ep: int) -> int:
     return ep_rank * num_local_experts(spec, ep) + local
 
 
-def router_loss_metrics(reset: bool = True) -> dict[str, float]:
-    """Mean router losses over MoE layers since the last reset ({"moe/load_balancing_loss": .., ...}).
+ROUTER_LOSS_NAMES = ("load_balancing_loss", "z_loss")  # Megatron's tracker names (aux_loss, z-loss)
 
-    Reads Megatron's aux-loss tracker (values are the unscaled losses, i.e. divided by their coefficient).
-    Collective: Megatron reduces the tracked values over their groups (all-reduce per loss name) — every rank
-    of the model must call it. Empty when no MoE layer recorded a loss (dense model, coefficients 0).
+
+def router_loss_metrics(num_layers: int, reset: bool = True) -> dict[str, float]:
+    """Router losses since the last reset, mean over MoE layers: {"moe/load_balancing_loss": .., ...}.
+
+    Reads Megatron's per-layer aux-loss tracker (unscaled losses, i.e. divided by their coefficient; summed
+    over the step's micro-batches). Collectives (every rank of the model must call it): all-reduce SUM over
+    the pipeline group (each layer lives on one stage) and over the data-parallel group (then / DP).
+    Megatron's own `reduce_aux_losses_tracker_across_ranks` is not used: it all-reduces with
+    `ReduceOp.AVG`, which gloo (CPU) does not implement. A loss no MoE layer recorded (e.g. z-loss off)
+    is left out.
     """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
     from megatron.core.transformer.moe import moe_utils
 
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    if not tracker:
-        return {}
-    moe_utils.reduce_aux_losses_tracker_across_ranks()
     out = {}
-    for name, entry in tracker.items():
-        values = entry["values"]
+    for name in ROUTER_LOSS_NAMES:  # fixed list: a PP stage without MoE layers still joins the collectives
+        entry = tracker.get(name)
+        if entry is None and not dist.is_initialized():
+            continue
+        values = entry["values"].detach().clone().float() if entry else torch.zeros(num_layers)
+        if dist.is_initialized():
+            dist.all_reduce(values, group=mps.get_pipeline_model_parallel_group())
+            dp_group = mps.get_data_parallel_group()
+            dist.all_reduce(values, group=dp_group)
+            values /= dist.get_world_size(dp_group)
         used = values[values != 0]
-        out[f"moe/{name}"] = float(used.mean().item()) if used.numel() else 0.0
+        if used.numel() or entry is not None:
+            out[f"moe/{name}"] = float(used.mean().item()) if used.numel() else 0.0
     if reset:
         moe_utils.clear_aux_losses_tracker()
     return out

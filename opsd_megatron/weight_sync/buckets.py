@@ -13,9 +13,11 @@ bucket, not one model.
 Bucket boundaries fall only *between* groups (`layer_group`: one decoder layer, or one top-level tensor):
 vLLM's layerwise reload materialises a fused module (qkv_proj, gate_up_proj) from `torch.empty` and keeps
 garbage where a call delivered only part of it, so q/k/v and gate/up of one layer must travel in the same
-bucket; the same holds for a MoE layer's experts (vLLM fuses all experts of a layer into one w13 / w2
-module), and they are named `model.layers.{i}.mlp.experts.{e}...`, so the layer group keeps them whole. A bucket therefore exceeds `bucket_bytes` by at most one group (a stream does not announce group
+bucket. A bucket therefore exceeds `bucket_bytes` by at most one group (a stream does not announce group
 sizes): the peak extra memory of a refresh stays below `bucket_bytes` + one decoder layer.
+
+MoE: vLLM also fuses all experts of a layer into one module (w13 / w2), so an expert group must not be split
+either; the experts are named `model.layers.{i}.mlp.experts.{e}...`, so the layer group keeps them whole.
 """
 
 from __future__ import annotations
