@@ -3,6 +3,7 @@
     opsd-convert hf-to-megatron --hf HF_DIR --out CKPT_DIR --tp 2 --pp 2     (run under torchrun, 4 ranks)
     opsd-convert megatron-to-hf --megatron CKPT_DIR --out HF_OUT
     opsd-convert verify --hf HF_DIR --megatron CKPT_DIR --tp 1 --pp 2        (torchrun, 2 ranks)
+    opsd-convert export-lora --megatron RUN/checkpoints/step_000100 --out ADAPTER_DIR   (PEFT adapter)
 
 Every subcommand runs on world size = TP x PP x DP ranks started by torchrun (or srun); a plain
 `opsd-convert ...` is one rank (TP = PP = 1). Megatron checkpoints reshard on load: one written at
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=None, help="absolute tolerance (default: by dtype)")
     layout(p)
+    from checkpoint_tools import export_lora
+
+    export_lora.add_parser(sub, **common)
     return ap
 
 
@@ -184,9 +188,14 @@ def verify(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    handler = {"hf-to-megatron": hf_to_megatron, "megatron-to-hf": megatron_to_hf, "verify": verify}[
-        args.command
-    ]
+    from checkpoint_tools import export_lora
+
+    handler = {
+        "hf-to-megatron": hf_to_megatron,
+        "megatron-to-hf": megatron_to_hf,
+        "verify": verify,
+        "export-lora": export_lora.run,
+    }[args.command]
     return handler(args)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import random
 import signal
 import time
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from opsd_megatron.models.builder import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         return None
     path = Path(root) / marker.read_text().strip()
     return path if (path / STATE_FILE).is_file() else None
-
-
-def _inner(chunk: Any) -> Any:
-    """The GPTModel inside a DDP wrapper (its state-dict keys carry no `module.` prefix)."""
-    return getattr(chunk, "module", chunk)
 
 
 def _rng_state() -> dict:
@@ -96,7 +94,7 @@ def _sharded_state_dict(
 
     model_sd: dict = {}
     for i, chunk in enumerate(chunks):
-        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = _inner(chunk).sharded_state_dict()
+        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = unwrap(chunk).sharded_state_dict()
     flat_model = {}
     for v in model_sd.values():
         flat_model.update(v)
@@ -124,13 +122,17 @@ def _start_writer_manager_shielded() -> None:
     `dist_checkpointing.save` lazily starts a multiprocessing Manager that inherits the default SIGTERM
     action. On preemption SLURM signals the whole process tree, the Manager dies, and the save-on-signal
     fails with BrokenPipeError/EOFError, losing the step. Started here with both signals ignored, it outlives
-    the signal long enough for the trainer's grace-period save. No-op when Megatron's internals differ.
+    the signal long enough for the trainer's grace-period save, and it dies with its trainer process
+    (`opsd_megatron.lifeline`). When Megatron's internals moved, the patch registry (`opsd_megatron.patches`)
+    warns once and this is a no-op.
     """
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-    except ImportError:
+    from opsd_megatron import patches
+
+    found = patches.target("megatron.checkpoint_writer_queue")
+    if found is None or patches.target("megatron.checkpoint_writer_queue_state") is None:
         return
-    if getattr(fa, "_results_queue", True) is not None or not hasattr(fa, "_get_write_results_queue"):
+    fa = found[0]
+    if fa._results_queue is not None:
         return
     sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
     try:
@@ -138,7 +140,15 @@ def _start_writer_manager_shielded() -> None:
     except ValueError:  # not the main thread: nothing to shield
         return
     try:
-        fa._get_write_results_queue()
+        # Megatron's `_get_write_results_queue` with one change: the Manager dies with this process
+        # (`opsd_megatron.lifeline`), so a SIGKILLed trainer leaves no orphan that ignores SIGTERM.
+        from multiprocessing.managers import SyncManager
+
+        from opsd_megatron.lifeline import die_with_parent, parent_lifeline
+
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=parent_lifeline())
+        fa._results_queue = manager.Queue()  # the queue proxy keeps the manager alive
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -201,7 +211,7 @@ def load_checkpoint(
     common = dist_checkpointing.load_common_state_dict(str(path))
     state = dist_checkpointing.load(sd, str(path))
     for i, chunk in enumerate(chunks):
-        _inner(chunk).load_state_dict(state[f"model{i}" if len(chunks) > 1 else "model"])
+        unwrap(chunk).load_state_dict(state[f"model{i}" if len(chunks) > 1 else "model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     _set_rng_state(state["rng_state"])

@@ -3,10 +3,12 @@
     cfg = load_config("examples/tiny_cpu_demo.yaml", ["train.steps=5", "parallel.tp=2"])
     validate_world(cfg, world_size=4)   # once the process count is known
 
-Every field has a docstring (the attribute string under it). Loading is strict: an unknown key, a value of
-the wrong type or an impossible combination raises `ConfigError`, one sentence naming the key. Checks that
-need the model's `config.json` (TP dividing heads, PP dividing layers) run in `validate_model`, those that
-need the world size (global batch divisible by micro-batch x DP) in `validate_world`.
+Every field has a docstring (the attribute string under it); a field with a fixed set of values is typed
+`Literal[...]`, the one declaration of its choices (`choices(cls, name)` reads them). Loading is strict: an
+unknown key, a value of the wrong type or an impossible combination raises `ConfigError`, one sentence naming
+the key. Checks that need the model's `config.json` (TP dividing heads, PP dividing layers) run in
+`validate_model`, those that need the world size (global batch divisible by micro-batch x DP) in
+`validate_world`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from opsd_megatron.prompts import STUDENT_TEMPLATE, TEACHER_TEMPLATE
 
@@ -32,8 +34,11 @@ class ModelConfig:
     """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense, Qwen3-MoE)."""
     tokenizer: str | None = None
     """Tokenizer directory or hub name; defaults to `path`."""
-    dtype: str = "bfloat16"
-    """Training dtype of the Megatron model: float32 | bfloat16."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Training dtype of the Megatron model (CPU: float32 only)."""
+    use_te: bool | str = "auto"
+    """Transformer Engine layer spec: auto (used when it imports; why not is logged once) | true (start-up
+    fails with the import error when it does not import) | false (Megatron's local spec)."""
 
 
 @dataclass
@@ -74,8 +79,9 @@ class DataConfig:
     """Column holding the worked reference solution (shown to the teacher only)."""
     answer_field: str | None = "answer"
     """Column with the final answer (used for rollout accuracy only); None or a missing column disables it."""
-    on_bad_row: str = "error"
-    """What a row with a missing/empty problem or solution does: error (naming the row) | skip (counted)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """What a bad row does (missing/empty problem or solution, or a rendered student/teacher prompt longer
+    than prompts.max_prompt_tokens; all checked at start-up): error (naming the row) | skip (counted)."""
     max_samples: int | None = None
     """Keep only the first N valid rows."""
     shuffle: bool = True
@@ -93,13 +99,14 @@ class PromptConfig:
     teacher_thinking: bool = True
     """`enable_thinking` for the teacher's chat template (paper: on)."""
     max_prompt_tokens: int = 2048
-    """Prompts longer than this (student or teacher) are an error naming the row."""
+    """Longest student or teacher prompt (rows over it: data.on_bad_row); with rollout.max_new_tokens and
+    eval.max_new_tokens it sizes the rollout engine (max_model_len)."""
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "vllm"
-    """Generation backend: vllm | hf."""
+    engine: Literal["vllm", "hf"] = "vllm"
+    """Generation backend (hf: transformers generate, for tests and tiny models)."""
     temperature: float = 1.1
     """Sampling temperature."""
     top_p: float = 0.95
@@ -122,8 +129,8 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "forward_kl"
-    """forward_kl | reverse_kl | jsd."""
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """Divergence between teacher and student (docs/algorithm.md)."""
     beta: float = 0.0
     """JSD interpolation (0 = forward KL, 1 = reverse KL); only for kind=jsd."""
     temperature: float | None = None
@@ -134,8 +141,8 @@ class LossConfig:
 
 @dataclass
 class TeacherConfig:
-    mode: str = "frozen"
-    """frozen (initial weights; adapters-off when LoRA is on) | adapters_off (LoRA only) | ema | current."""
+    mode: Literal["frozen", "adapters_off", "ema", "current"] = "frozen"
+    """frozen: initial weights (adapters off when LoRA is on); adapters_off: LoRA only; ema; current."""
     ema_decay: float = 0.999
     """EMA decay for mode=ema."""
     offload: bool = False
@@ -156,6 +163,9 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """HF-style names of the linear layers that get adapters."""
+    layout: Literal["fused", "per_projection"] = "fused"
+    """One adapter per fused Megatron layer (q/k/v share A), or PEFT's one per projection (q, k, v, gate, up
+    each rank r; the paper recipes' choice). See opsd_megatron/lora/api.py."""
 
 
 @dataclass
@@ -176,8 +186,8 @@ class OptimizerConfig:
     """Global gradient-norm clip (0 disables)."""
     lr_warmup_steps: int = 0
     """Linear warm-up steps."""
-    lr_decay_style: str = "constant"
-    """constant | linear | cosine (Megatron OptimizerParamScheduler)."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """LR decay after warm-up (Megatron OptimizerParamScheduler)."""
 
 
 @dataclass
@@ -281,14 +291,22 @@ class OPSDConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "data.on_bad_row": ("error", "skip"),
-    "rollout.engine": ("vllm", "hf"),
-    "loss.kind": ("forward_kl", "reverse_kl", "jsd"),
-    "teacher.mode": ("frozen", "adapters_off", "ema", "current"),
-    "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
-}
+def choices(cls: type, name: str) -> tuple[str, ...]:
+    """The allowed values of a `Literal` field, e.g. choices(LossConfig, "kind") (declared once: the type)."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _literal_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, tuple]]:
+    """(key, value, allowed values) of every `Literal`-typed field of a config tree."""
+    out = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, val, tp = f"{prefix}{f.name}", getattr(cfg, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _literal_fields(val, f"{key}.")
+        elif typing.get_origin(tp) is Literal:
+            out.append((key, val, typing.get_args(tp)))
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -298,6 +316,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp` (int accepted for float); raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': must be one of {', '.join(allowed)}, got {value!r}.")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -380,11 +403,10 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def validate(cfg: OPSDConfig) -> OPSDConfig:
     """Checks that need nothing but the config itself."""
-    flat = {"model.dtype": cfg.model.dtype, "data.on_bad_row": cfg.data.on_bad_row}
-    flat.update({"rollout.engine": cfg.rollout.engine, "loss.kind": cfg.loss.kind})
-    flat.update({"teacher.mode": cfg.teacher.mode, "optimizer.lr_decay_style": cfg.optimizer.lr_decay_style})
-    for key, val in flat.items():
-        _check(val in _CHOICES[key], key, f"must be one of {', '.join(_CHOICES[key])}, got {val!r}.")
+    for key, val, allowed in _literal_fields(cfg):  # also values set in code, not only loaded ones
+        _check(val in allowed, key, f"must be one of {', '.join(allowed)}, got {val!r}.")
+    _check(cfg.model.use_te in (True, False, "auto", "true", "false"), "model.use_te",
+           f"must be auto, true or false, got {cfg.model.use_te!r}.")  # fmt: skip
     _check(bool(cfg.model.path), "model.path", "is required (an HF model directory or hub name).")
     _check(bool(cfg.data.path), "data.path", "is required (a jsonl/parquet file or a hub dataset name).")
     for key, val in [("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)]:

@@ -6,8 +6,8 @@ One process per GPU (or per CPU "device"), started by torchrun or srun:
     srun --ntasks-per-node 8 opsd-train examples/qwen3_1.7b_opsd.yaml parallel.tp=2
 
 `output_dir` (from the config) receives checkpoints/, metrics.jsonl, tensorboard/, config.yaml and hf/
-(the final Hugging Face export). A run resumes from the latest complete checkpoint there unless
-`checkpoint.resume=false`.
+(the final Hugging Face export; with LoRA also adapter/, the PEFT adapter). A run resumes from the latest
+complete checkpoint there unless `checkpoint.resume=false`.
 SIGTERM / SIGUSR1 (SLURM preemption) finish the current step, save a checkpoint and exit 0.
 """
 

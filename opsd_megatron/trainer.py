@@ -27,6 +27,8 @@ One step (all ranks):
    Then finalize_model_grads (DP all-reduce, tied-embedding sync), Megatron optimizer step with grad-norm
    clipping, OptimizerParamScheduler step, teacher.after_optimizer_step (EMA).
 5. sync_weights: stream the (LoRA-merged) HF-named weights into the engines (`opsd_megatron.weight_sync`).
+With `rollout.sleep_between_rollouts` the engine sleeps from after step 1 until just before step 5.
+An exception on any rank ends every rank within seconds (`opsd_megatron.watchdog`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch.distributed as dist
 
 from opsd_megatron.batch import MicroBatch, Sample, gather_positions, pack_step
 from opsd_megatron.config import ConfigError, OPSDConfig, save_config, validate_model, validate_world
+from opsd_megatron.watchdog import JobWatchdog, ends_job_on_error
 
 log = logging.getLogger("opsd_megatron")
 
@@ -65,13 +68,17 @@ def step_seed(seed: int, step: int, rollout_rank: int) -> int:
 class OPSDTrainer:
     """Owns the model chunks, teacher, optimizer, scheduler, rollout engine, metrics and checkpoints."""
 
+    @ends_job_on_error
     def __init__(self, cfg: OPSDConfig, *, on_step_end: Callable[[OPSDTrainer, int], None] | None = None):
         from opsd_megatron import parallel
+        from opsd_megatron.versions import check_versions
 
+        check_versions(vllm=cfg.rollout.engine == "vllm")  # one clear message before any heavy work
         self.cfg = cfg
         self.on_step_end = on_step_end
         self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed,
                                       ep=cfg.parallel.ep, etp=cfg.parallel.etp)  # fmt: skip
+        self.watchdog = JobWatchdog.start(self.ps.rank, self.ps.world_size)  # one rank's error ends the job
         self.dp = validate_world(cfg, self.ps.world_size)
         validate_model(cfg)
         self.dtype = _DTYPES[cfg.model.dtype]
@@ -113,6 +120,12 @@ class OPSDTrainer:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.problems, self.data_stats = load_problems(cfg.data)
+        from opsd_megatron.data.prompt_check import drop_overlong_rows
+
+        self.problems, too_long = drop_overlong_rows(
+            self.problems, self.tokenizer, cfg.prompts, cfg.data.on_bad_row
+        )  # every row's rendered prompts fit, checked once here (not mid-run on one rank)
+        self.data_stats["skipped"] += too_long
         if self.data_stats["skipped"] and self.ps.rank == 0:
             log.warning("skipped %d bad rows of %s", self.data_stats["skipped"], self.data_stats["source"])
         self.sampler = PromptSampler(len(self.problems), cfg.train.global_batch_size, cfg.train.seed,
@@ -125,7 +138,8 @@ class OPSDTrainer:
         from opsd_megatron.models.moe import router_loss_overrides
 
         moe = router_loss_overrides(self.cfg.moe.aux_loss_coeff, self.cfg.moe.z_loss_coeff)
-        chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False, **moe)
+        chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False,
+                             use_te=self.cfg.model.use_te, **moe)  # fmt: skip
         if initialize:
             load_hf_weights(chunks, self.cfg.model.path)
         return chunks
@@ -154,6 +168,7 @@ class OPSDTrainer:
 
     def _setup_engine(self) -> None:
         from opsd_megatron.rollout import make_engine
+        from opsd_megatron.rollout.lengths import engine_max_model_len
 
         r = self.cfg.rollout
         self.engine = make_engine(
@@ -163,7 +178,7 @@ class OPSDTrainer:
             seed=self.cfg.train.seed,
             gpu_memory_utilization=r.gpu_memory_utilization,
             enable_sleep_mode=r.sleep_between_rollouts,
-            max_model_len=self.cfg.prompts.max_prompt_tokens + r.max_new_tokens,
+            max_model_len=engine_max_model_len(self.cfg),  # rollouts and periodic evaluation
         )
 
     def _maybe_resume(self) -> None:
@@ -228,7 +243,6 @@ class OPSDTrainer:
         correct: list = []
         if hi > lo:
             seed = step_seed(self.cfg.train.seed, step, self.ps.dp_rank * mp + mp_rank)
-            self.engine.wake_up()
             outs = self.engine.generate([s for s, _ in prompts[lo:hi]], self._sampling_cfg(seed))
             rows = [(o[0].token_ids, o[0].logprobs, o[0].finish_reason) for o in outs]
             correct = self._grade(idx[lo:hi], [row[0] for row in rows])
@@ -388,8 +402,6 @@ class OPSDTrainer:
             )  # fmt: skip
         t0 = time.perf_counter()
         stats = self._syncer.sync(self.chunks)
-        if self.engine is not None and self.cfg.rollout.sleep_between_rollouts:
-            self.engine.sleep()
         out = {"time/refresh_s": time.perf_counter() - t0}
         out.update({k: v for k, v in stats.metrics("refresh/").items() if k in ("refresh/bytes",)})
         return out
@@ -428,6 +440,7 @@ class OPSDTrainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    @ends_job_on_error
     def train(self) -> list[dict]:
         """Run from `self.step` to `train.steps`; returns the metric rows of this call."""
         from opsd_megatron.schedule import current_lr
@@ -438,7 +451,11 @@ class OPSDTrainer:
             t0 = time.perf_counter()
             samples, rstats = self.rollout(self.step)
             t1 = time.perf_counter()
+            if cfg.rollout.sleep_between_rollouts:  # free the engine's memory for teacher, student, optimizer
+                self.engine.sleep()
             out = self.train_step(samples)
+            if cfg.rollout.sleep_between_rollouts:  # the refresh writes into the engine's weights
+                self.engine.wake_up()
             refresh = self.sync_weights()
             self.step += 1
             m = self._global_metrics(rstats, out)
@@ -500,25 +517,28 @@ class OPSDTrainer:
         """Export hook merging LoRA into its base weight shard (None without LoRA)."""
         if not self.cfg.lora.enabled:
             return None
-        from opsd_megatron.lora import merged_local_weight
+        from opsd_megatron.lora import lora_shard_hook
 
-        def hook(name: str, module: torch.nn.Module, shard: torch.Tensor) -> torch.Tensor:
-            if name.endswith(".weight") and getattr(module, "lora", None) is not None:
-                return merged_local_weight(module)
-            return shard
-
-        return hook
+        return lora_shard_hook
 
     def export_hf(self, out_dir: Path) -> None:
-        """Write an HF checkpoint (LoRA merged) loadable by `transformers`; collective."""
+        """Write an HF checkpoint (LoRA merged) loadable by `transformers` and, with LoRA, the PEFT adapter
+        to `<out_dir>/../adapter`; collective."""
         from opsd_megatron.conversion import save_hf_checkpoint
 
         tok = self.cfg.model.tokenizer or self.cfg.model.path
         save_hf_checkpoint(self.chunks, out_dir, tokenizer_dir=tok, shard_hook=self._shard_hook())
         if self.ps.rank == 0:
             log.info("exported HF checkpoint to %s", out_dir)
+        if self.cfg.lora.enabled:  # the adapters alone, for peft.PeftModel.from_pretrained(base, <dir>)
+            from opsd_megatron.lora.peft_export import save_peft_adapter
+
+            save_peft_adapter(self.chunks, Path(out_dir).parent / "adapter", self.cfg.lora,
+                              base_model=self.cfg.model.path)  # fmt: skip
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.metrics.close()
         if self.engine is not None:
             self.engine.close()

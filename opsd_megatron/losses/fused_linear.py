@@ -9,7 +9,10 @@ tokens so that no `[all tokens, vocab/tp]` fp32 tensor ever exists.
 Dense kinds (forward_kl / reverse_kl / jsd), per chunk of `chunk_size` valid tokens: two GEMMs give the
 student and teacher logit shards `[c, v/tp]` (input dtype, e.g. bf16), the divergence and its logit gradient
 are computed in fp32 (collectives of `dense_forward`, forward only), and two more GEMMs turn that gradient
-into d/d hidden `[c, H]` and d/d weight `[v/tp, H]`, which are kept (as Liger-Kernel: 4 GEMMs in all).
+into d/d hidden `[c, H]` and d/d weight `[v/tp, H]`, which are kept (as Liger-Kernel: 4 GEMMs in all). The
+two logit chunks live in two reused buffers; the elementwise phases (`_phases.py`) run as Triton kernels on
+CUDA (`triton_phases.py`) and on cache-sized row blocks of one thread on CPU (`_rowblock.py`), and the
+gradient overwrites the student chunk (no fp32 `[c, v]` copy).
 Backward scales them by the incoming per-token gradient when it is the same for every valid token (token-mean
 reductions, `token_mean`); otherwise (e.g. `sequence_mean`) it recomputes the logits chunk by chunk from the
 saved per-token log-sum-exps (6 GEMMs, still no collective). Masked tokens are skipped entirely.
@@ -40,9 +43,12 @@ from opsd_megatron.losses._phases import agreed_chunk_size, dense_chunk, grad_fr
 from opsd_megatron.losses.vocab_parallel import validate_args, vocab_parallel_divergence
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """Logit shard `[c, n_valid]` = hidden `[c, H]` @ weight[:n_valid].T, in the input dtype (bf16 GEMM)."""
-    return hidden @ weight[:n_valid].t()
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int, out=None) -> torch.Tensor:
+    """Logit shard `[c, n_valid]` = hidden `[c, H]` @ weight[:n_valid].T, in the input dtype (bf16 GEMM);
+    `out`: a reused `[>= c, n_valid]` buffer (its first c rows are written and returned)."""
+    if out is None:
+        return hidden @ weight[:n_valid].t()
+    return torch.matmul(hidden, weight[:n_valid].t(), out=out[: hidden.shape[0]])
 
 
 class _FusedLinearDenseDivergence(torch.autograd.Function):
@@ -62,11 +68,14 @@ class _FusedLinearDenseDivergence(torch.autograd.Function):
         gh_v = torch.empty_like(hs_v) if need_h else None  # (Nv, H)
         gw = torch.zeros_like(ws_d[:n_valid]) if need_w else None  # (n_valid, H)
         saved = hs.new_empty((3, n_tok), dtype=acc) if need else None
+        # two reused logit buffers [chunk, v] (CPU: no page faults from fresh large allocations per chunk)
+        bufs = [hs_v.new_empty((min(chunk, n_tok), n_valid)) for _ in range(2)]
         for a in range(0, n_tok, chunk):
             b = min(a + chunk, n_tok)
             loss_c, g, saved_c, _ = dense_chunk(
-                _logits(hs_v[a:b], ws_d, n_valid), _logits(ht_v[a:b], wt_d, n_valid), kind=kind, beta=beta,
-                temperature=temperature, clip=clip, group=group, need_grad=need,
+                _logits(hs_v[a:b], ws_d, n_valid, bufs[0]), _logits(ht_v[a:b], wt_d, n_valid, bufs[1]),
+                kind=kind, beta=beta, temperature=temperature, clip=clip, group=group, need_grad=need,
+                owned=True,
             )  # fmt: skip
             loss_v[a:b] = loss_c
             if need:

@@ -16,7 +16,8 @@ Forward (per chunk; see `models/forward.py` for a pipelined helper):
                     padding, logit 0, and must be masked — see `vocab.py`);
                     other stages: hidden states [s, b, h].
 Each chunk carries `chunk.opsd_info` (`ModelInfo`): the HF spec, raw HF config, true/padded vocab sizes.
-Transformer Engine layer spec when `transformer_engine` imports, Megatron's local spec otherwise.
+Layer spec: `model.use_te` (auto: Transformer Engine when it imports, the reason logged once when not;
+true: TE or a clear error; false: Megatron's local spec), see `resolve_use_te`.
 Qwen3-MoE: MoE layers (router + experts, `models/moe.py`) where the HF config puts them, dense MLPs
 elsewhere; experts are split over the expert-parallel group (`parallel.initialize(ep=...)`).
 """
@@ -64,14 +65,47 @@ _OPTIONAL_CONFIG_KEYS = {
 }
 
 
-def have_te() -> bool:
-    """True when Transformer Engine imports (then its fused layer spec is used)."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
+_TE_STATUS: list = []  # [None] when Transformer Engine imports, else [why not]; filled on first use
 
+
+def te_import_error() -> str | None:
+    """None when `transformer_engine.pytorch` imports, else why not ("ExceptionType: message"); cached."""
+    if not _TE_STATUS:
+        try:
+            import transformer_engine.pytorch  # noqa: F401
+
+            _TE_STATUS.append(None)
+        except Exception as e:  # noqa: BLE001 - ImportError, but also CUDA/ABI errors raised at import
+            _TE_STATUS.append(
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            )
+    return _TE_STATUS[0]
+
+
+def have_te() -> bool:
+    """True when Transformer Engine imports (then its fused layer spec can be used)."""
+    return te_import_error() is None
+
+
+def resolve_use_te(setting: bool | str | None = "auto") -> bool:
+    """`model.use_te` -> whether to build the TE layer spec. "auto"/None: TE when it imports, else Megatron's
+    local spec, and the reason TE did not import is logged once; True: TE, or a RuntimeError saying why it
+    cannot be imported; False: the local spec."""
+    if setting in (None, "auto"):
+        why = te_import_error()
+        if why is not None and not _TE_STATUS[1:]:
+            _TE_STATUS.append("logged")
+            log.warning("Transformer Engine not used (model.use_te=auto): import failed with %s; "
+                           "building Megatron's local layer spec.", why)  # fmt: skip
+        return why is None
+    if setting in (True, "true"):
+        why = te_import_error()
+        if why is not None:
+            raise RuntimeError(f"model.use_te=true but transformer_engine.pytorch does not import: {why}")
         return True
-    except Exception:
+    if setting in (False, "false"):
         return False
+    raise ValueError(f"model.use_te must be auto, true or false, got {setting!r}.")
 
 
 def _pad_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -186,20 +220,18 @@ def transformer_config(
     return TransformerConfig(**kw)
 
 
-def layer_spec(spec: ModelSpec, use_te: bool | None = None, config=None):
+def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
     """Megatron layer spec: TE fused spec if available (or requested), local spec otherwise.
 
     MoE models need `config` (the `TransformerConfig`): they get a per-layer block spec for this PP stage
     (MoE layers where `config.moe_layer_freq` says, dense ones elsewhere)."""
     from megatron.core.models.gpt import gpt_layer_specs as gls
 
-    if use_te is None:
-        use_te = have_te()
     if spec.is_moe:
         if config is None:
             raise ValueError("layer_spec() of a mixture-of-experts model needs its TransformerConfig.")
-        return gls.get_gpt_decoder_block_spec(config, use_te, normalization="RMSNorm")
-    if use_te:
+        return gls.get_gpt_decoder_block_spec(config, resolve_use_te(use_te), normalization="RMSNorm")
+    if resolve_use_te(use_te):
         return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     return gls.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
 
@@ -208,7 +240,7 @@ def build_model(
     hf_config_or_dir: Any,
     dtype: torch.dtype = torch.float32,
     *,
-    use_te: bool | None = None,
+    use_te: bool | str | None = None,
     pipeline_layers: list[int] | None = None,
     make_vocab_size_divisible_by: int = 128,
     padded_vocab_size: int | None = None,
@@ -246,7 +278,7 @@ def build_model(
         perform_initialization=perform_initialization,
         **config_overrides,
     )
-    te = have_te() if use_te is None else use_te
+    te = resolve_use_te(use_te)
     vpad = padded_vocab_size or _pad_vocab(spec.vocab_size, tp, make_vocab_size_divisible_by)
     if vpad < spec.vocab_size or vpad % tp != 0:
         raise ValueError(
@@ -286,8 +318,9 @@ def build_model(
 
 
 def unwrap(chunk):
-    """The GPTModel inside DDP / Float16Module wrappers (follows `.module`)."""
-    while not hasattr(chunk, "opsd_info") and hasattr(chunk, "module"):
+    """The model inside DDP / Float16Module wrappers: follows `.module` until a model built here
+    (`opsd_info`) or any Megatron GPTModel (`decoder`). The one unwrap helper of the package."""
+    while not (hasattr(chunk, "opsd_info") or hasattr(chunk, "decoder")) and hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
 

@@ -60,6 +60,10 @@ def patch_megatron_moe() -> None:
     reads the module global `te_general_gemm`, which is only defined when Transformer Engine imports, so
     every MoE router forward without TE raises NameError. Defining it as None selects the library's own
     torch.mm path. Idempotent; a no-op where the global exists (TE present, or a fixed release)."""
+    from opsd_megatron import patches
+
+    if patches.target("megatron.moe_router_te_gemm") is None:  # registry: megatron-core 0.16.1
+        return
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
