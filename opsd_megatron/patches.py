@@ -10,7 +10,8 @@ A `Patch` names its target as a dotted path `module:attr.attr` (the part after `
 the library, the version it was written for and the installed version, and what degrades -- or raises
 `PatchTargetMissing` for a patch without which the run would be wrong (`required=True`). Call sites:
 `cpu.py` (Megatron on CPU), `checkpointing.py` (checkpoint-writer manager), `rollout/vllm_engine.py`
-(vLLM reload / logprobs internals), `lora/api.py` (Megatron's sharded-tensor helper).
+(vLLM reload / logprobs internals), `lora/api.py` (Megatron's sharded-tensor helper), `models/moe.py`
+(Megatron MoE router without TE).
 `versions.py` checks the library versions themselves at start-up.
 """
 
@@ -88,6 +89,10 @@ PATCHES: dict[str, Patch] = {
               "process_weights_after_loading", _VL, _VL_V, _ENGINE,
               "re-pack a tied lm_head after the embedding was reloaded on CPU (else the logits keep the old "
               "embedding; the drift check would show it)", required=False),
+        Patch("megatron.moe_router_te_gemm",
+              "megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction", _MC, _MC_V,
+              "opsd_megatron.models.moe", "defines moe_utils.te_general_gemm = None without Transformer "
+              "Engine (the router reads that global unguarded: NameError in every MoE forward)"),
         Patch("vllm.logprobs_mode", "vllm.engine.arg_utils:EngineArgs.logprobs_mode", _VL, _VL_V, _ENGINE,
               "logprobs_mode='processed_logprobs' (logprobs of the distribution actually sampled from)"),
     )

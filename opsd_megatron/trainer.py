@@ -75,7 +75,8 @@ class OPSDTrainer:
         self.on_step_end = on_step_end
         # Paths, layout vs world, resume choice, config changes: checked before anything heavy starts.
         self._resume_path = preflight(cfg)
-        self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+        self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed,
+                                      ep=cfg.parallel.ep, etp=cfg.parallel.etp)  # fmt: skip
         self.watchdog = JobWatchdog.start(self.ps.rank, self.ps.world_size)  # one rank's error ends the job
         self.dp = validate_world(cfg, self.ps.world_size)
         validate_model(cfg)
@@ -141,10 +142,12 @@ class OPSDTrainer:
     def _build_chunks(self, *, initialize: bool) -> list:
         from opsd_megatron.conversion import load_hf_weights
         from opsd_megatron.models import build_model
+        from opsd_megatron.models.moe import router_loss_overrides
 
+        moe = router_loss_overrides(self.cfg.moe.aux_loss_coeff, self.cfg.moe.z_loss_coeff)
         chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False,
                              use_te=self.cfg.model.use_te,
-                             sequence_parallel=self.cfg.parallel.sequence_parallel)  # fmt: skip
+                             sequence_parallel=self.cfg.parallel.sequence_parallel, **moe)  # fmt: skip
         if initialize:
             load_hf_weights(chunks, self.cfg.model.path)
         return chunks
@@ -415,6 +418,10 @@ class OPSDTrainer:
             )
             m.update({"time/rollout_s": t1 - t0, "time/teacher_s": out["time/teacher_s"],
                       "time/train_s": out["time/train_s"], **refresh})  # fmt: skip
+            if self.info.spec.is_moe:  # router losses of this step (collective over PP / DP)
+                from opsd_megatron.models.moe import router_loss_metrics
+
+                m.update(router_loss_metrics(self.info.spec.num_layers))
             if cfg.rollout.drift_threshold is not None:
                 from opsd_megatron.weight_sync.drift import DriftGuard
 

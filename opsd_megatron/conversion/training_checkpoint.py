@@ -62,8 +62,10 @@ def training_config(step: Path) -> Any:
     )
 
 
-def load_training_model(step: Path, tp: int = 1, pp: int = 1, dtype: Any = None) -> tuple[list, Any]:
-    """Model chunks (this rank's TP x PP shard) with the checkpoint's weights, and the run's config."""
+def load_training_model(
+    step: Path, tp: int = 1, pp: int = 1, dtype: Any = None, ep: int = 1
+) -> tuple[list, Any]:
+    """Model chunks (this rank's TP x PP (x EP) shard) with the checkpoint's weights, and the run's config."""
     import torch
     from megatron.core import dist_checkpointing
 
@@ -80,7 +82,7 @@ def load_training_model(step: Path, tp: int = 1, pp: int = 1, dtype: Any = None)
             "architecture) has no config.json."
         )
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    parallel.initialize(tp, pp)
+    parallel.initialize(tp, pp, ep=ep)
     chunks = build_model(cfg.model.path, dtype or names[cfg.model.dtype], perform_initialization=False)
     if cfg.lora.enabled:
         from opsd_megatron.lora import apply_lora

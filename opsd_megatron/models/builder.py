@@ -1,4 +1,5 @@
-"""Build Megatron-core `GPTModel` chunks for this rank from an HF config (Llama 3.x, Qwen2/2.5, Qwen3 dense).
+"""Build Megatron-core `GPTModel` chunks for this rank from an HF config (Llama 3.x, Qwen2/2.5, Qwen3,
+Qwen3-MoE).
 
     ps = opsd_megatron.parallel.initialize(tp=2, pp=2)
     chunks = build_model("path/to/hf_dir", dtype=torch.bfloat16)        # list[GPTModel], one per chunk
@@ -17,6 +18,8 @@ Forward (per chunk; see `models/forward.py` for a pipelined helper):
 Each chunk carries `chunk.opsd_info` (`ModelInfo`): the HF spec, raw HF config, true/padded vocab sizes.
 Layer spec: `model.use_te` (auto: Transformer Engine when it imports, the reason logged once when not;
 true: TE or a clear error; false: Megatron's local spec), see `resolve_use_te`.
+Qwen3-MoE: MoE layers (router + experts, `models/moe.py`) where the HF config puts them, dense MLPs
+elsewhere; experts are split over the expert-parallel group (`parallel.initialize(ep=...)`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class ModelInfo:
     dtype: torch.dtype
     use_te: bool
     vp_stage: int | None = None
+    ep: int = 1  # expert-parallel size (MoE)
+    etp: int = 1  # expert tensor-parallel size (MoE)
 
 
 _OPTIONAL_CONFIG_KEYS = {
@@ -112,7 +117,9 @@ def _pad_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
 padded_vocab_size = _pad_vocab
 
 
-def _check_divisibility(spec: ModelSpec, tp: int, pp: int, pipeline_layers: list[int] | None) -> None:
+def _check_divisibility(
+    spec: ModelSpec, tp: int, pp: int, pipeline_layers: list[int] | None, ep: int = 1, etp: int = 1
+) -> None:
     for name, value in (
         ("num_attention_heads", spec.num_heads),
         ("num_key_value_heads", spec.num_kv_heads),
@@ -120,6 +127,14 @@ def _check_divisibility(spec: ModelSpec, tp: int, pp: int, pipeline_layers: list
     ):
         if value % tp != 0:
             raise ValueError(f"tensor parallel size {tp} does not divide HF config '{name}' ({value}).")
+    if spec.is_moe:
+        from opsd_megatron.models.moe import check_moe_divisibility
+
+        check_moe_divisibility(spec, ep, etp)
+    elif ep > 1:
+        raise ValueError(
+            f"expert parallel size {ep} > 1 needs a mixture-of-experts model; {spec.architecture} has none."
+        )
     if pipeline_layers is not None:
         if len(pipeline_layers) != pp or sum(pipeline_layers) != spec.num_layers:
             raise ValueError(
@@ -147,12 +162,16 @@ def transformer_config(
     pipeline_layers: list[int] | None = None,
     perform_initialization: bool = True,
     sequence_parallel: bool = False,
+    ep: int = 1,
+    etp: int | None = None,
     **overrides: Any,
 ):
-    """Megatron `TransformerConfig` for `spec` at TP x PP (dropout off, no fusions that need CUDA kernels)."""
+    """Megatron `TransformerConfig` for `spec` at TP x PP (x EP x expert-TP for MoE; dropout off, no fusions
+    that need CUDA kernels). MoE keys (`moe_aux_loss_coeff`, ...) may be overridden like any other."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    _check_divisibility(spec, tp, pp, pipeline_layers)
+    etp = tp if etp is None else etp
+    _check_divisibility(spec, tp, pp, pipeline_layers, ep, etp)
     on_cuda = torch.cuda.is_available()
     kw: dict[str, Any] = dict(
         num_layers=spec.num_layers,
@@ -187,6 +206,10 @@ def transformer_config(
         perform_initialization=perform_initialization,
         init_method_std=0.02,
     )
+    if spec.is_moe:
+        from opsd_megatron.models.moe import moe_config_kwargs
+
+        kw.update(moe_config_kwargs(spec, ep=ep, etp=etp, grouped_gemm=on_cuda and have_te()))
     if pipeline_layers is not None and pp > 1:
         kw["num_layers_in_first_pipeline_stage"] = pipeline_layers[0]
         kw["num_layers_in_last_pipeline_stage"] = pipeline_layers[-1]
@@ -200,9 +223,16 @@ def transformer_config(
 
 def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
     """Megatron layer spec: TE fused spec if available (or requested), local spec otherwise. With the local
-    spec and `config.sequence_parallel`, a block spec whose norms support it (`models/norm.py`)."""
+    spec and `config.sequence_parallel`, a block spec whose norms support it (`models/norm.py`).
+
+    MoE models need `config` (the `TransformerConfig`): they get a per-layer block spec for this PP stage
+    (MoE layers where `config.moe_layer_freq` says, dense ones elsewhere)."""
     from megatron.core.models.gpt import gpt_layer_specs as gls
 
+    if spec.is_moe:
+        if config is None:
+            raise ValueError("layer_spec() of a mixture-of-experts model needs its TransformerConfig.")
+        return gls.get_gpt_decoder_block_spec(config, resolve_use_te(use_te), normalization="RMSNorm")
     if resolve_use_te(use_te):
         return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     local = gls.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
@@ -254,10 +284,14 @@ def build_model(
     spec, raw = parse_hf_config(hf_config_or_dir)
     tp = mps.get_tensor_model_parallel_world_size()
     pp = mps.get_pipeline_model_parallel_world_size()
+    ep = mps.get_expert_model_parallel_world_size()
+    etp = mps.get_expert_tensor_parallel_world_size()
     config = transformer_config(
         spec,
         tp=tp,
         pp=pp,
+        ep=ep,
+        etp=etp,
         dtype=dtype,
         pipeline_layers=pipeline_layers,
         perform_initialization=perform_initialization,
@@ -297,6 +331,8 @@ def build_model(
         pp=pp,
         dtype=dtype,
         use_te=te,
+        ep=ep,
+        etp=etp,
     )
     return [model]
 
