@@ -116,7 +116,7 @@ def test_rollouts_jsonl_shows_what_was_sampled(finished_run):
         assert all(math.isfinite(x) and x >= 0 for x in r["token_divergence"])
         assert r["correct"] in (True, False) and isinstance(r["truncated"], bool)
     # The divergence shown is the trained one: their mean is of the order of the step's logged divergence.
-    div = {r["step"]: r["divergence"] for r in read_metrics(finished_run.out)}
+    div = {r["step"]: r["loss"] for r in read_metrics(finished_run.out)}  # forward KL: loss = divergence
     assert all(0 < rec["divergence"] < 10 * div[rec["step"]] for rec in recs)
 
 
