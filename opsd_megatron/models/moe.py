@@ -71,9 +71,50 @@ def patch_megatron_moe() -> None:
         log.info("megatron-core MoE without Transformer Engine: defined moe_utils.te_general_gemm = None")
 
 
+_GATHER_HELPERS = (
+    "_gather_along_first_dim",
+    "_reduce_scatter_along_first_dim",
+    "_gather_along_last_dim",
+    "_reduce_scatter_along_last_dim",
+)
+
+
+def patch_mappings_for_cpu_backward() -> None:
+    """CPU only (written for megatron-core 0.16.1 + torch 2.13): the expert-parallel token dispatch
+    all-gathers / reduce-scatters tokens, and those helpers in `tensor_parallel.mappings` allocate with
+    `device=torch.cuda.current_device()` (0 under the CPU shim). In a backward pass the autograd engine does
+    not carry the shim's cuda->cpu TorchFunctionMode, so `device=0` there raises "Cannot access accelerator
+    device". The helpers are wrapped to run inside the shim's mode when it is not active. Idempotent."""
+    import torch
+
+    from opsd_megatron import cpu, patches
+
+    if torch.cuda.is_available() or patches.target("megatron.mappings_gather_cpu_backward") is None:
+        return
+    from megatron.core.tensor_parallel import mappings
+
+    def wrap(fn):
+        def run(*args, **kwargs):
+            n = torch._C._len_torch_function_stack()
+            mode = cpu._MODE
+            if mode is None or (n and torch._C._get_function_stack_at(n - 1) is mode):
+                return fn(*args, **kwargs)
+            with cpu._CudaToCpuMode():
+                return fn(*args, **kwargs)
+
+        run._opsd_cpu_wrapped = True
+        return run
+
+    for name in _GATHER_HELPERS:
+        fn = getattr(mappings, name, None)
+        if fn is not None and not getattr(fn, "_opsd_cpu_wrapped", False):
+            setattr(mappings, name, wrap(fn))
+
+
 def moe_config_kwargs(spec: ModelSpec, *, ep: int, etp: int, grouped_gemm: bool) -> dict[str, Any]:
     """TransformerConfig keyword arguments for the MoE part of `spec` (see the module docstring)."""
     patch_megatron_moe()
+    patch_mappings_for_cpu_backward()
     return dict(
         num_moe_experts=spec.num_experts,
         moe_router_topk=spec.moe_topk,
