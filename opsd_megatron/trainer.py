@@ -370,8 +370,11 @@ class OPSDTrainer:
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """Teacher forward, student forward+backward, optimizer and schedule step on one replica's samples."""
         t0 = time.perf_counter()
-        mbs = pack_step(samples, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.pad_id,
-                        pad_to_multiple=self.cfg.train.pad_to_multiple)  # fmt: skip
+        pack = pack_step
+        if self.ps.ep > 1:  # MoE: EP ranks all-gather tokens, so all DP replicas pad to one length
+            from opsd_megatron.models.moe import pack_step_uniform as pack
+        mbs = pack(samples, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.pad_id,
+                   pad_to_multiple=self.cfg.train.pad_to_multiple)  # fmt: skip
         local = torch.tensor([sum(m.num_tokens for m in mbs)], dtype=torch.long)
         if self.dp > 1:
             dist.all_reduce(local, group=self.ps.dp_group)
