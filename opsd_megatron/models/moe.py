@@ -229,7 +229,8 @@ def pack_step_uniform(samples, *, micro_batch_size: int, pad_id: int, pad_to_mul
     dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=mps.get_data_parallel_group())
     s_len, t_len = int(lengths[0]), int(lengths[1])
     return [
-        pack_microbatch(samples[k : k + micro_batch_size], pad_id=pad_id, student_len=s_len,
-                        teacher_len=t_len)  # fmt: skip
+        pack_microbatch(
+            samples[k : k + micro_batch_size], pad_id=pad_id, student_len=s_len, teacher_len=t_len
+        )  # fmt: skip
         for k in range(0, len(samples), micro_batch_size)
     ]
