@@ -38,12 +38,10 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root` (from the `latest` marker), or None."""
-    marker = Path(root) / LATEST
-    if not marker.is_file():
-        return None
-    path = Path(root) / marker.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+    """The newest complete (verified) checkpoint under `root`, or None; see `checkpoint_index`."""
+    from opsd_megatron.checkpoint_index import choose_resume
+
+    return choose_resume(root).path
 
 
 def _rng_state() -> dict:
@@ -134,7 +132,7 @@ def _start_writer_manager_shielded() -> None:
     fa = found[0]
     if fa._results_queue is not None:
         return
-    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None]
     try:
         old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
     except ValueError:  # not the main thread: nothing to shield
@@ -163,8 +161,13 @@ def save_checkpoint(
     *,
     teacher: Any = None,
     reason: str = "interval",
+    config: dict | None = None,
 ) -> Path:
-    """Save everything needed to resume after `step` completed optimizer steps; returns the directory."""
+    """Save everything needed to resume after `step` completed optimizer steps; returns the directory.
+
+    `config` (the run's config as a dict) is stored as `config.yaml` in the directory, so a resumed run can
+    list what changed and `opsd-convert`/`opsd-eval` can rebuild the model from the checkpoint alone.
+    `opsd_state.json`, written last, records every file's size (checked by `checkpoint_index`)."""
     from megatron.core import dist_checkpointing
 
     t0 = time.perf_counter()
@@ -185,15 +188,38 @@ def save_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        from opsd_megatron.checkpoint_index import CONFIG_FILE, file_manifest
+
+        if config is not None:
+            import yaml
+
+            (path / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         state = {"step": step, "reason": reason, "time": time.time(), "save_s": time.perf_counter() - t0}
-        (path / STATE_FILE).write_text(json.dumps(state))
+        state["files"] = file_manifest(path)
+        tmp_state = path / (STATE_FILE + ".tmp")
+        tmp_state.write_text(json.dumps(state))
+        tmp_state.replace(path / STATE_FILE)
         tmp = Path(root) / (LATEST + ".tmp")
         tmp.write_text(path.name)
         tmp.replace(Path(root) / LATEST)
     if dist.is_initialized():
         dist.barrier()
-    log.info("saved checkpoint %s (%s) in %.1f s", path, reason, time.perf_counter() - t0)
+    level = logging.DEBUG if reason == "interval" else logging.INFO  # one console line per step
+    log.log(level, "saved checkpoint %s (%s) in %.1f s", path, reason, time.perf_counter() - t0)
     return path
+
+
+def mark_reason(path: str | Path, reason: str) -> None:
+    """Rewrite the `reason` recorded in a complete checkpoint's opsd_state.json (rank 0; atomic)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    p = Path(path) / STATE_FILE
+    state = json.loads(p.read_text())
+    state["reason"] = reason
+    tmp = p.with_name(STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(p)
+    log.info("checkpoint %s (%s): the stop request came after this step's save", path, reason)
 
 
 def load_checkpoint(
@@ -202,14 +228,23 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step."""
     from megatron.core import dist_checkpointing
 
+    from opsd_megatron.checkpoint_index import CheckpointError, checkpoint_problem
+
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete or missing (no {STATE_FILE}).")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {problem}.")
     sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None)
     if _teacher_state(teacher) is None:
         sd.pop("teacher_state")
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    state = dist_checkpointing.load(sd, str(path))
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        state = dist_checkpointing.load(sd, str(path))
+    except Exception as e:  # a damage the size checks cannot see (garbled bytes, mismatched shapes)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: {e}); remove it to resume from "
+            "the previous one, or name another with checkpoint.load."
+        ) from e
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(state[f"model{i}" if len(chunks) > 1 else "model"])
     optimizer.load_state_dict(state["optimizer"])

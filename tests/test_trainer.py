@@ -71,7 +71,7 @@ def run_opsd(rank, world_size, cfg_dict, kill_after=None, term_at=None, fixed_ba
                             "rollout/truncation_rate": 0.0,
                         },
                         out,
-                    )["divergence"]
+                    )["loss"]
                 )
         return {"rows": rows, "fixed": fixed, "step": trainer.step, "signal": trainer._signal}
     finally:
@@ -144,6 +144,7 @@ def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path):
     normalisation ((Σ₀/G₀ + Σ₁/G₁)/2, which would give DP=2 a different gradient)."""
     common = dict(
         parallel={"tp": 1, "pp": 1},
+        loss={"kind": "top_k", "top_k": 8},  # a sparse estimator in the trainer (all: test_opsd_step)
         rollout={"top_k": 1},
         train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
     )

@@ -30,7 +30,7 @@ from test_trainer import ENV, tiny_config
 
 pytestmark = pytest.mark.vllm
 
-LORA = {"enabled": True, "rank": 8, "alpha": 16.0}
+LORA = {"enabled": True, "rank": 8, "alpha": 16.0, "layout": "per_projection"}  # as the shipped recipes
 MAX_PROMPT = 560  # the longest tiny_math teacher prompt has 551 tokens
 EVAL_NEW_TOKENS = 96  # > rollout.max_new_tokens; the eval prompt (~516 tokens) + 96 > 560 + 12
 

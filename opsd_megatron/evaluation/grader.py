@@ -90,6 +90,9 @@ def _worker_main(conn, parent_pid: int, started_by_main_thread: bool) -> None:
     from opsd_megatron.lifeline import die_with_parent
 
     die_with_parent(parent_pid, started_by_main_thread)
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pool
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     import math_verify  # noqa: F401  (pay the sympy import before reporting ready)
 

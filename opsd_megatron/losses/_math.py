@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 DENSE_KINDS = ("forward_kl", "reverse_kl", "jsd")
-ALL_KINDS = (*DENSE_KINDS, "topk", "sampled_token")
+ALL_KINDS = (*DENSE_KINDS, "topk", "topk_renorm", "sampled_token")
 
 
 def resolve_group(tp_group):

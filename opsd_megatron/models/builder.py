@@ -161,6 +161,7 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     pipeline_layers: list[int] | None = None,
     perform_initialization: bool = True,
+    sequence_parallel: bool = False,
     ep: int = 1,
     etp: int | None = None,
     **overrides: Any,
@@ -196,7 +197,7 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -221,7 +222,8 @@ def transformer_config(
 
 
 def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
-    """Megatron layer spec: TE fused spec if available (or requested), local spec otherwise.
+    """Megatron layer spec: TE fused spec if available (or requested), local spec otherwise. With the local
+    spec and `config.sequence_parallel`, a block spec whose norms support it (`models/norm.py`).
 
     MoE models need `config` (the `TransformerConfig`): they get a per-layer block spec for this PP stage
     (MoE layers where `config.moe_layer_freq` says, dense ones elsewhere)."""
@@ -233,7 +235,20 @@ def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
         return gls.get_gpt_decoder_block_spec(config, resolve_use_te(use_te), normalization="RMSNorm")
     if resolve_use_te(use_te):
         return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
-    return gls.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    local = gls.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    if config is None or not config.sequence_parallel:
+        return local
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from opsd_megatron.models.norm import SequenceParallelRMSNorm, replace_norms
+
+    layer = replace_norms(local, WrappedTorchNorm, SequenceParallelRMSNorm)
+    n = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SequenceParallelRMSNorm)
 
 
 def build_model(
@@ -245,11 +260,15 @@ def build_model(
     make_vocab_size_divisible_by: int = 128,
     padded_vocab_size: int | None = None,
     perform_initialization: bool = True,
+    sequence_parallel: bool = False,
     **config_overrides: Any,
 ) -> list:
     """Build this rank's model chunks (one `GPTModel` per chunk; pre/post_process set by PP stage).
 
     Needs `opsd_megatron.parallel.initialize(tp, pp)` first; TP/PP are read from Megatron's parallel_state.
+    `sequence_parallel=True` (TP > 1) turns on Megatron's sequence parallelism: activations outside the
+    tensor-parallel regions are split over the sequence (`models.forward.hidden_states_forward` gathers
+    the last stage's output).
     `padded_vocab_size` overrides Megatron's padding (e.g. to load a checkpoint saved at another TP).
     Weights are randomly initialised (or uninitialised with perform_initialization=False): load them with
     `opsd_megatron.conversion.load_hf_weights`. Collective: with PP > 1 and tied embeddings, the first and
@@ -276,6 +295,7 @@ def build_model(
         dtype=dtype,
         pipeline_layers=pipeline_layers,
         perform_initialization=perform_initialization,
+        sequence_parallel=sequence_parallel,
         **config_overrides,
     )
     te = resolve_use_te(use_te)
