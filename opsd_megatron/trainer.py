@@ -340,7 +340,8 @@ class OPSDTrainer:
         if self.cfg.parallel.sequence_parallel:  # sequence parallelism splits the sequence over TP
             pad = math.lcm(pad, self.ps.tp)
         pack = pack_step
-        if self.ps.ep > 1:  # MoE: EP ranks all-gather tokens, so all DP replicas pad to one length
+        if self.info.spec.is_moe and self.dp > 1:  # MoE: EP ranks all-gather tokens -> one padded length
+            # over DP (at every EP size, so the routed padding and the router aux loss do not depend on EP)
             from opsd_megatron.models.moe import pack_step_uniform as pack
         mbs = pack(samples, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.pad_id,
                    pad_to_multiple=pad)  # fmt: skip
