@@ -3,6 +3,7 @@
     opsd-convert hf-to-megatron --hf HF_DIR --out CKPT_DIR --tp 2 --pp 2     (run under torchrun, 4 ranks)
     opsd-convert megatron-to-hf --megatron CKPT_DIR --out HF_OUT
     opsd-convert verify --hf HF_DIR --megatron CKPT_DIR --tp 1 --pp 2        (torchrun, 2 ranks)
+    opsd-convert hf-to-megatron ... --pp 2 --pipeline-layers 2,1             (uneven split of 3 layers)
 
 Every subcommand runs on world size = TP x PP x DP ranks started by torchrun (or srun); a plain
 `opsd-convert ...` is one rank (TP = PP = 1). Megatron checkpoints reshard on load: one written at
@@ -36,6 +37,16 @@ def _dtype(name: str):
     }[name]
 
 
+def _layer_counts(text: str) -> list[int]:
+    """`--pipeline-layers 2,1` -> [2, 1]."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer counts per stage, e.g. 2,1; got {text!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="opsd-convert",
@@ -49,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     def layout(p, default_dtype="fp32"):
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+        p.add_argument(
+            "--pipeline-layers",
+            type=_layer_counts,
+            default=None,
+            help="decoder layers per pipeline stage for an uneven split, e.g. 2,1 (default: even)",
+        )
         p.add_argument("--dtype", default=default_dtype, choices=["fp32", "bf16"], help="model dtype")
 
     p = sub.add_parser("hf-to-megatron", help="HF dir -> Megatron distributed checkpoint", **common)
@@ -84,12 +101,11 @@ def _rank0() -> bool:
 def hf_to_megatron(args) -> int:
     import shutil
 
-    from opsd_megatron import parallel
     from opsd_megatron.conversion import load_hf_weights, save_megatron_checkpoint
     from opsd_megatron.conversion.hf_checkpoint import TOKENIZER_FILES
     from opsd_megatron.models import build_model
 
-    parallel.initialize(args.tp, args.pp)
+    _init_layout(args)
     chunks = build_model(args.hf, dtype=_dtype(args.dtype), perform_initialization=False)
     load_hf_weights(chunks, args.hf)
     out = save_megatron_checkpoint(
@@ -105,14 +121,36 @@ def hf_to_megatron(args) -> int:
     return 0
 
 
-def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
+def _init_layout(args, num_layers: int | None = None) -> None:
+    """parallel.initialize(tp, pp, pipeline_layers) with a one-line error naming --pipeline-layers."""
+    import json
+
+    from opsd_megatron import parallel
+
+    if num_layers is None and getattr(args, "hf", None):
+        cfg = Path(args.hf) / "config.json"
+        if cfg.is_file():
+            num_layers = json.loads(cfg.read_text()).get("num_hidden_layers")
+    try:
+        parallel.check_pipeline_layers(args.pipeline_layers, args.pp, num_layers)
+    except ValueError as e:
+        raise SystemExit(f"opsd-convert: --pipeline-layers: {e}") from None
+    parallel.initialize(args.tp, args.pp, pipeline_layers=args.pipeline_layers)
+
+
+def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None, pipeline_layers=None):
     from opsd_megatron import parallel
     from opsd_megatron.conversion import load_megatron_checkpoint, read_checkpoint_metadata
     from opsd_megatron.conversion.megatron_checkpoint import default_dtype
     from opsd_megatron.models import build_model
 
     meta = read_checkpoint_metadata(ckpt)
-    parallel.initialize(tp, pp)
+    layers = meta.get("hf_config", {}).get("num_hidden_layers")
+    try:
+        parallel.check_pipeline_layers(pipeline_layers, pp, layers)
+    except ValueError as e:
+        raise SystemExit(f"opsd-convert: --pipeline-layers: {e}") from None
+    parallel.initialize(tp, pp, pipeline_layers=pipeline_layers)
     dtype = _dtype(dtype_name) if dtype_name else default_dtype(meta)
     chunks = build_model(
         meta["hf_config"],
@@ -127,7 +165,7 @@ def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
 def megatron_to_hf(args) -> int:
     from opsd_megatron.conversion import save_hf_checkpoint
 
-    chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)
+    chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.pipeline_layers)
     tok = args.tokenizer or (Path(args.megatron) / "tokenizer")
     out = save_hf_checkpoint(chunks, args.out, tokenizer_dir=tok)
     if _rank0():
@@ -147,9 +185,9 @@ def verify(args) -> int:
 
     dtype = _dtype(args.dtype)
     if args.megatron:
-        chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)
+        chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.pipeline_layers)
     else:
-        parallel.initialize(args.tp, args.pp)
+        _init_layout(args)
         chunks = build_model(args.hf, dtype=dtype, perform_initialization=False)
         load_hf_weights(chunks, args.hf)
     vocab = model_info(chunks).vocab_size

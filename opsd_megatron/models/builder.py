@@ -187,7 +187,8 @@ def build_model(
 ) -> list:
     """Build this rank's model chunks (one `GPTModel` per chunk; pre/post_process set by PP stage).
 
-    Needs `opsd_megatron.parallel.initialize(tp, pp)` first; TP/PP are read from Megatron's parallel_state.
+    Needs `opsd_megatron.parallel.initialize(tp, pp)` first; TP/PP are read from Megatron's parallel_state,
+    `pipeline_layers` (layers per stage) defaults to the one given to `parallel.initialize`.
     `padded_vocab_size` overrides Megatron's padding (e.g. to load a checkpoint saved at another TP).
     Weights are randomly initialised (or uninitialised with perform_initialization=False): load them with
     `opsd_megatron.conversion.load_hf_weights`. Collective: with PP > 1 and tied embeddings, the first and
@@ -200,6 +201,11 @@ def build_model(
 
     if not mps.model_parallel_is_initialized():
         raise RuntimeError("call opsd_megatron.parallel.initialize(tp, pp) before build_model().")
+    if pipeline_layers is None:
+        from opsd_megatron import parallel
+
+        if parallel.is_initialized():  # the run's uneven split (parallel.initialize(pipeline_layers=...))
+            pipeline_layers = parallel.get_state().pipeline_layers
     spec, raw = parse_hf_config(hf_config_or_dir)
     tp = mps.get_tensor_model_parallel_world_size()
     pp = mps.get_pipeline_model_parallel_world_size()

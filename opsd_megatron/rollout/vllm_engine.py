@@ -27,6 +27,14 @@ Design notes (vLLM 0.32, read from its source):
   sampled from. For greedy requests (temperature 0) vLLM returns the log-softmax of the raw logits. The
   same semantics are implemented by the HF engine and by
   `opsd_megatron.weight_sync.drift.vocab_parallel_token_logprobs`.
+* **Tensor parallelism** (`tensor_parallel_size > 1`): vLLM's `external_launcher` executor inside the
+  trainer's torch.distributed world, which must exist before the engine is built (vLLM would otherwise
+  create a world of `tensor_parallel_size` processes and fail with more ranks). vLLM lays the world out as
+  consecutive TP groups (ranks [0, 1], [2, 3], ... at TP 2): world / TP independent engines. Construction
+  is collective over the whole world; `generate` and `reload_weights` only over the engine's TP group. Each
+  rank of one engine runs its own scheduler and sampler, so all ranks of an engine must call `generate`
+  with the same prompts and the same per-request seeds (`seeds=`), else they diverge and hang. Every rank
+  gets full HF tensors in `update_weights`; vLLM's loaders keep only the rank's shard (`held_shapes()`).
 * **Sleep mode** (GPU only): `sleep(level=1)` offloads weights to CPU and drops the KV cache, `wake_up()`
   restores them; on CPU both are no-ops.
 """
@@ -127,6 +135,32 @@ def _repack_tied_lm_head(worker: Any) -> bool:
     return True
 
 
+def _held_weights(worker: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Worker-side: vLLM name -> the 2-D weight (or other parameter) this rank's model really computes with.
+
+    On CPU, vLLM packs GEMM weights into opaque kernel handles and leaves an empty `weight` behind; the held
+    matrix [N_local, K_local] is recovered exactly by running the layer's packed GEMM on an identity
+    (one non-zero per row: no rounding). `names` limits the result (None: all parameters, shapes only).
+    """
+    import torch
+
+    model = worker.model_runner.get_model()
+    out: dict[str, Any] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if names is not None and name not in names:
+                continue
+            t = p.detach()
+            k = getattr(module, "input_size_per_partition", None)
+            if p_name == "weight" and t.numel() == 0 and k and hasattr(module, "cpu_linear"):
+                with torch.no_grad():
+                    eye = torch.eye(int(k), dtype=t.dtype)
+                    t = module.cpu_linear(eye, t, None).t().contiguous()  # [N_local, K_local]
+            out[name] = t.clone() if names is not None else tuple(t.shape)
+    return out
+
+
 class VLLMEngine:
     """An in-process `vllm.LLM` behind the `RolloutEngine` protocol.
 
@@ -169,6 +203,15 @@ class VLLMEngine:
         import torch.distributed as dist
         from vllm import LLM
 
+        if tensor_parallel_size > 1:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+            if world is None or world % tensor_parallel_size != 0:
+                raise ValueError(
+                    f"VLLMEngine(tensor_parallel_size={tensor_parallel_size}) runs inside an initialised "
+                    f"torch.distributed world whose size it divides (world: {world}); initialise the world "
+                    "first (opsd_megatron.parallel.initialize) and launch world_size ranks."
+                )
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         cuda = _has_cuda()
         # An in-process vLLM joins an existing torch.distributed world (the trainer's) as "external DP"
         # ranks, and otherwise creates a 1-rank world of its own; `close()` must only tear down the latter.
@@ -196,28 +239,41 @@ class VLLMEngine:
 
     # ---------------------------------------------------------------- generation
     def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[RolloutOutput]]:
-        """For every prompt, `sampling.n` samples with the sampled tokens' logprobs (see module doc)."""
+        """For every prompt, `sampling.n` samples with the sampled tokens' logprobs (see module doc).
+
+        `seeds` (one per prompt) seeds each request's own generator and overrides `sampling.seed`; without
+        it every request is seeded with `sampling.seed` (identical prompts then get identical samples).
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep; call wake_up() first.")
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else -1,
-            min_p=sampling.min_p,
-            max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed,
-            stop_token_ids=list(sampling.stop_token_ids) or None,
-            logprobs=0,  # only the sampled token's logprob
-            detokenize=False,
-        )
+        if seeds is not None and len(seeds) != len(prompt_token_ids):
+            raise ValueError(f"generate got {len(seeds)} seeds for {len(prompt_token_ids)} prompts.")
+
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else -1,
+                min_p=sampling.min_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=seed,
+                stop_token_ids=list(sampling.stop_token_ids) or None,
+                logprobs=0,  # only the sampled token's logprob
+                detokenize=False,
+            )
+
+        per_request = params(sampling.seed) if seeds is None else [params(int(s)) for s in seeds]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
-        results = self.llm.generate(prompts, params, use_tqdm=False)
+        results = self.llm.generate(prompts, per_request, use_tqdm=False)
         out: list[list[RolloutOutput]] = []
         for res in results:
             samples = []
@@ -248,6 +304,15 @@ class VLLMEngine:
         if any(name.endswith("embed_tokens.weight") for name in names):
             self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
+
+    def held_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the weights this rank's vLLM worker computes with (vLLM names, e.g. the fused
+        `qkv_proj`; its shard at TP > 1). Packed CPU GEMM weights are measured, not read from metadata."""
+        return self.llm.collective_rpc(_held_weights)[0]
+
+    def held_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Copies of the named weights this rank's worker holds (vLLM names; its shards). For tests."""
+        return self.llm.collective_rpc(_held_weights, args=(list(names),))[0]
 
     # -------------------------------------------------------------------- memory
     def sleep(self) -> None:
