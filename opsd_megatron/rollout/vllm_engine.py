@@ -35,16 +35,22 @@ Design notes (vLLM 0.32, read from its source):
   rank of one engine runs its own scheduler and sampler, so all ranks of an engine must call `generate`
   with the same prompts and the same per-request seeds (`seeds=`), else they diverge and hang. Every rank
   gets full HF tensors in `update_weights`; vLLM's loaders keep only the rank's shard (`held_shapes()`).
+  On CPU, vLLM names the shared-memory segments of its TP all-reduce after the executor's init method, which
+  is the constant "env://" under `external_launcher`: a SIGKILLed run leaves `/dev/shm/-tp:0-[0-1]-cpushm_*`
+  behind and the next run (the resume!) fails with "create shm in SHMManager failed. errno: 17"; two runs
+  on one host would share segments. `_unique_shm_ident` gives each engine a name of its own (a token
+  broadcast from rank 0 at construction; the init method is not used otherwise, the world already exists).
 * **Sleep mode** (GPU only): `sleep(level=1)` offloads weights to CPU and drops the KV cache, `wake_up()`
   restores them; on CPU both are no-ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +167,30 @@ def _held_weights(worker: Any, names: Sequence[str] | None = None) -> dict[str, 
     return out
 
 
+@contextlib.contextmanager
+def _unique_shm_ident() -> Iterator[None]:
+    """While vLLM builds an `external_launcher` engine on CPU, make its init method (hence the names of its
+    /dev/shm segments, see module doc) unique to this run. Collective over the world (one broadcast)."""
+    import secrets
+
+    import torch.distributed as dist
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher as Executor
+
+    box = [f"opsd-{os.getpid()}-{secrets.token_hex(4)}"]
+    dist.broadcast_object_list(box, src=0)
+    original = Executor._distributed_args
+
+    def distributed_args(self: Any) -> tuple[str, int, int]:
+        _init_method, rank, local_rank = original(self)
+        return f"env://{box[0]}", rank, local_rank  # cpu_worker: VLLM_DIST_IDENT = text after the last ':'
+
+    Executor._distributed_args = distributed_args
+    try:
+        yield
+    finally:
+        Executor._distributed_args = original
+
+
 class VLLMEngine:
     """An in-process `vllm.LLM` behind the `RolloutEngine` protocol.
 
@@ -219,20 +249,22 @@ class VLLMEngine:
         self._sleep_enabled = bool(enable_sleep_mode and cuda)
         self._asleep = False
         t0 = time.perf_counter()
-        self.llm = LLM(
-            model=str(model_dir),
-            tokenizer=str(model_dir),
-            dtype=dtype,
-            seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_sleep_mode=self._sleep_enabled,
-            max_model_len=max_model_len,
-            load_format=load_format,
-            enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
-            logprobs_mode="processed_logprobs",
-            **llm_kwargs,
-        )
+        ident = _unique_shm_ident() if tensor_parallel_size > 1 and not cuda else contextlib.nullcontext()
+        with ident:
+            self.llm = LLM(
+                model=str(model_dir),
+                tokenizer=str(model_dir),
+                dtype=dtype,
+                seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                enable_sleep_mode=self._sleep_enabled,
+                max_model_len=max_model_len,
+                load_format=load_format,
+                enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+                logprobs_mode="processed_logprobs",
+                **llm_kwargs,
+            )
         self.startup_s = time.perf_counter() - t0
         _quiet_expected_reload_gaps(model_dir)
         logger.info("vLLM engine for %s started in %.1f s", model_dir, self.startup_s)
