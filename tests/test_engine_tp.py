@@ -295,3 +295,24 @@ def test_dp4_with_tp2_engines_kill_resume_identical(tiny_qwen3_dir, tmp_path):
     again = read_metrics(out)
     assert [r["step"] for r in again] == [1, 2, 3]
     assert deterministic_view(again[2]) == deterministic_view(killed[2])  # bit for bit
+
+
+def test_qwen3_8b_uneven_pp8_split_reaches_megatron():
+    """36 layers at PP 8 (refused before `pipeline_layers`): Megatron builds [3, 5 x 6, 3] with the right
+    global layer offsets (no process group needed: Megatron takes the stage as an argument)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from opsd_megatron.models.builder import transformer_config
+    from opsd_megatron.models.hf_config import parse_hf_config
+
+    hf = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
+              intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+              head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
+              max_position_embeddings=40960)  # fmt: skip
+    split = [3, 5, 5, 5, 5, 5, 5, 3]
+    tc = transformer_config(parse_hf_config(hf)[0], tp=1, pp=8, pipeline_layers=split)
+    assert [get_num_layers_to_build(tc, pp_rank=r) for r in range(8)] == split
+    assert [get_transformer_layer_offset(tc, pp_rank=r) for r in range(8)] == [0, 3, 8, 13, 18, 23, 28, 33]
+    with pytest.raises(ValueError, match="does not divide HF config 'num_hidden_layers' \\(36\\)"):
+        transformer_config(parse_hf_config(hf)[0], tp=1, pp=8)
