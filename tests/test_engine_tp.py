@@ -200,8 +200,12 @@ def test_tp2pp2_uneven_pipeline_with_two_tp2_engines(tp2pp2):
     assert [r["placement"] for r in res] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert [r["layers_here"] for r in res] == [2, 2, 1, 1]  # Megatron stage 0 holds 2 layers, stage 1 one
     rows = res[0]["rows"]
+
+    def same_on_all_ranks(row: dict) -> dict:  # eval/... metrics exist on rank 0 only
+        return {k: v for k, v in deterministic_view(row).items() if not k.startswith("eval/")}
+
     assert [r["step"] for r in rows] == [1, 2] and all(
-        [deterministic_view(x) for x in r["rows"]] == [deterministic_view(x) for x in rows] for r in res[1:]
+        [same_on_all_ranks(x) for x in r["rows"]] == [same_on_all_ranks(x) for x in rows] for r in res[1:]
     )
     for r in rows:
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["response_tokens"] > 0
