@@ -22,7 +22,7 @@ import sys
 from opsd_megatron.metrics import read_metrics, summary_table
 out = sys.argv[1]
 rows = read_metrics(out)
-keys = ["loss", "divergence", "clipped_fraction", "rollout/accuracy", "rollout/response_length",
+keys = ["loss", "clipped_fraction", "rollout/accuracy", "rollout/response_length",
         "drift/mean_abs_logprob", "time/rollout_s", "time/teacher_s", "time/train_s", "time/refresh_s"]
 print("\n== OPSD demo summary (metrics.jsonl)")
 print(summary_table(rows, keys))

@@ -111,12 +111,15 @@ def test_bad_engine_tp_and_pipeline_layers_are_config_errors(tiny_qwen3_dir):
     validate_world(_cfg(tiny_qwen3_dir, rollout={"tensor_parallel_size": 2}), 2)
 
 
-def test_convert_cli_refuses_bad_pipeline_layers(tiny_qwen3_dir, tmp_path):
+def test_convert_cli_refuses_bad_pipeline_layers(tiny_qwen3_dir, tmp_path, capsys):
     from checkpoint_tools.cli import main
 
-    with pytest.raises(SystemExit, match="--pipeline-layers: .*sums to 3, but the model has 4 layers"):
-        main(["hf-to-megatron", "--hf", str(tiny_qwen3_dir), "--out", str(tmp_path), "--pp", "2",
-              "--pipeline-layers", "2,1"])  # fmt: skip
+    rc = main(
+        ["hf-to-megatron", "--hf", str(tiny_qwen3_dir), "--out", str(tmp_path), "--pipeline-layers", "3"]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--pipeline-layers: pipeline_layers [3] sums to 3, but the model has 4 layers" in err, err
 
 
 # --------------------------------------------------------- world 4, TP2 x PP2 [2,1]

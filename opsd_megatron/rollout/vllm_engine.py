@@ -132,7 +132,8 @@ def _repack_tied_lm_head(worker: Any) -> bool:
     if w_head.data_ptr() != w_embed.data_ptr():
         return False
     quant_method = getattr(lm_head, "quant_method", None)
-    if quant_method is None:
+    if quant_method is None:  # vLLM internals moved (patches "vllm.tied_lm_head_repack"): say so, loudly
+        logger.warning("tied lm_head has no quant_method: cannot re-pack it after a reload (stale logits).")
         return False
     import torch
 
@@ -242,6 +243,11 @@ class VLLMEngine:
                     "first (opsd_megatron.parallel.initialize) and launch world_size ranks."
                 )
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        from opsd_megatron import patches
+
+        patches.target("vllm.logprobs_mode")  # raises if this vLLM has no processed logprobs
+        patches.target("vllm.layerwise_reload")  # warns once if the layerwise reload moved
+        patches.target("vllm.tied_lm_head_repack")  # warns once if the tied-head re-pack moved
         cuda = _has_cuda()
         # An in-process vLLM joins an existing torch.distributed world (the trainer's) as "external DP"
         # ranks, and otherwise creates a 1-rank world of its own; `close()` must only tear down the latter.
