@@ -126,6 +126,8 @@ class TeacherConfig:
     """EMA decay for mode=ema."""
     offload: bool = False
     """Keep the frozen teacher copy on CPU between uses (full fine-tuning only)."""
+    privileged: bool = True
+    """Show the teacher the reference solution (OPSD). false: teacher prompt = student prompt (the control)."""
 
 
 @dataclass
@@ -231,9 +233,18 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    formats: list[str] = field(default_factory=lambda: ["student", "teacher"])
+    """algorithm=sft: prompt formats each problem is trained in (student: problem -> solution; teacher:
+    problem + reference solution -> solution); each problem gives one sequence per format."""
+
+
+@dataclass
 class OPSDConfig:
     output_dir: str = "runs/opsd"
     """Checkpoints, metrics.jsonl, TensorBoard logs and the final HF export go here."""
+    algorithm: str = "opsd"
+    """opsd (self-distillation, the default) | sft (supervised warm start on the reference solutions)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network trained (student) and scored against (teacher)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -260,12 +271,15 @@ class OPSDConfig:
     """Console, TensorBoard, W&B."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic evaluation."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning (algorithm=sft)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 _CHOICES = {
+    "algorithm": ("opsd", "sft"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.on_bad_row": ("error", "skip"),
     "rollout.engine": ("vllm", "hf"),
@@ -364,7 +378,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def validate(cfg: OPSDConfig) -> OPSDConfig:
     """Checks that need nothing but the config itself."""
-    flat = {"model.dtype": cfg.model.dtype, "data.on_bad_row": cfg.data.on_bad_row}
+    flat = {"model.dtype": cfg.model.dtype, "data.on_bad_row": cfg.data.on_bad_row, "algorithm": cfg.algorithm}
     flat.update({"rollout.engine": cfg.rollout.engine, "loss.kind": cfg.loss.kind})
     flat.update({"teacher.mode": cfg.teacher.mode, "optimizer.lr_decay_style": cfg.optimizer.lr_decay_style})
     for key, val in flat.items():
@@ -438,6 +452,9 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
         "eval.path",
         "is required when eval.interval > 0 (or set eval.benchmarks).",
     )
+    _check(bool(cfg.sft.formats), "sft.formats", "must name at least one of student, teacher.")
+    for fmt in cfg.sft.formats:
+        _check(fmt in ("student", "teacher"), "sft.formats", f"entries must be student or teacher, got {fmt!r}.")
     for key, tmpl, needed in [
         ("prompts.student_template", cfg.prompts.student_template, ["{problem}"]),
         ("prompts.teacher_template", cfg.prompts.teacher_template, ["{problem}", "{solution}"]),

@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"opsd-train: {e}", file=sys.stderr)
         return 2
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.sft import make_trainer
 
     try:
-        trainer = OPSDTrainer(cfg)
+        trainer = make_trainer(cfg)  # OPSDTrainer, or SFTTrainer for algorithm: sft
     except (ConfigError, DataError) as e:
         print(f"opsd-train: {e}", file=sys.stderr)
         return 2
