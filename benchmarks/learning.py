@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                    "-m", "opsd_megatron.train", a.config, f"output_dir={run}", f"model.path={a.warmstart}",
                    f"data.path={task['train']}", f"eval.path={task['heldout']}", f"train.seed={seed}",
-                   f"teacher.privileged={privileged}", "checkpoint.export_hf=false", "logging.progress_bar=false"]  # fmt: skip
+                   f"teacher.privileged={privileged}", "checkpoint.export_hf=false",
+                   "logging.progress_bar=false"]  # fmt: skip
             if a.steps:
                 cmd.append(f"train.steps={a.steps}")
             _run(cmd)
@@ -80,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_learning_table(summaries))
     gains = {n: [s["diff"] for k, s in summaries.items() if k.startswith(n)] for n in ("OPSD", "control")}
     mean = {n: 100 * sum(g) / len(g) for n, g in gains.items()}
-    print(f"\nmean gain over {len(a.seeds)} seeds: OPSD {mean['OPSD']:+.1f} pts, control {mean['control']:+.1f} pts"
-          f" (ratio control/OPSD {mean['control'] / mean['OPSD'] if mean['OPSD'] else float('nan'):.2f})")
+    ratio = mean["control"] / mean["OPSD"] if mean["OPSD"] else float("nan")
+    print(f"\nmean gain over {len(a.seeds)} seeds: OPSD {mean['OPSD']:+.1f} pts, "
+          f"control {mean['control']:+.1f} pts (ratio control/OPSD {ratio:.2f})")  # fmt: skip
     failed = [k for k, s in summaries.items() if k.startswith("OPSD") and s["diff"] - s["half"] <= 0]
     if failed:
         print(f"FAIL: the gain's 95% CI includes zero for {failed}")

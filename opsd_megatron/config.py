@@ -127,7 +127,7 @@ class TeacherConfig:
     offload: bool = False
     """Keep the frozen teacher copy on CPU between uses (full fine-tuning only)."""
     privileged: bool = True
-    """Show the teacher the reference solution (OPSD). false: teacher prompt = student prompt (the control)."""
+    """Show the teacher the reference solution (OPSD); false: teacher prompt = student prompt (control)."""
 
 
 @dataclass
@@ -235,8 +235,8 @@ class EvalConfig:
 @dataclass
 class SFTConfig:
     formats: list[str] = field(default_factory=lambda: ["student", "teacher"])
-    """algorithm=sft: prompt formats each problem is trained in (student: problem -> solution; teacher:
-    problem + reference solution -> solution); each problem gives one sequence per format."""
+    """algorithm=sft: the prompt formats each problem is trained in (student: problem -> solution;
+    teacher: problem + reference solution -> solution); one sequence per problem and format."""
 
 
 @dataclass
@@ -378,7 +378,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def validate(cfg: OPSDConfig) -> OPSDConfig:
     """Checks that need nothing but the config itself."""
-    flat = {"model.dtype": cfg.model.dtype, "data.on_bad_row": cfg.data.on_bad_row, "algorithm": cfg.algorithm}
+    flat = {"model.dtype": cfg.model.dtype, "data.on_bad_row": cfg.data.on_bad_row}
+    flat["algorithm"] = cfg.algorithm
     flat.update({"rollout.engine": cfg.rollout.engine, "loss.kind": cfg.loss.kind})
     flat.update({"teacher.mode": cfg.teacher.mode, "optimizer.lr_decay_style": cfg.optimizer.lr_decay_style})
     for key, val in flat.items():
@@ -454,7 +455,7 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     )
     _check(bool(cfg.sft.formats), "sft.formats", "must name at least one of student, teacher.")
     for fmt in cfg.sft.formats:
-        _check(fmt in ("student", "teacher"), "sft.formats", f"entries must be student or teacher, got {fmt!r}.")
+        _check(fmt in ("student", "teacher"), "sft.formats", f"lists student/teacher, got {fmt!r}.")
     for key, tmpl, needed in [
         ("prompts.student_template", cfg.prompts.student_template, ["{problem}"]),
         ("prompts.teacher_template", cfg.prompts.teacher_template, ["{problem}", "{solution}"]),

@@ -13,7 +13,6 @@ with `eval/overall/avg@n` fill in otherwise. Works on any run (OPSD or SFT). Nee
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -66,14 +65,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, title: str | No
 
     run = Path(run_dir)
     if not (run / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{str(run / 'metrics.jsonl')!r} does not exist: not a training run directory.")
+        raise FileNotFoundError(
+            f"{str(run / 'metrics.jsonl')!r} does not exist: not a training run directory."
+        )
     rows = read_metrics(run)
     panels = [(k, label, *_series(rows, k)) for k, label in PANELS]
     panels = [p for p in panels if p[2]]
     held = heldout_points(run)
     n = len(panels) + (1 if held else 0)
     if n == 0:
-        raise ValueError(f"{str(run)!r}: metrics.jsonl has none of {[k for k, _ in PANELS]} and no evaluations.")
+        raise ValueError(
+            f"{str(run)!r}: metrics.jsonl has none of {[k for k, _ in PANELS]} and no evaluations."
+        )
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.0), squeeze=False)
     for ax, (_, label, xs, ys) in zip(axes[0], panels):
         ax.plot(xs, ys, marker="." if len(xs) < 40 else None)

@@ -81,7 +81,8 @@ class SFTTrainer(OPSDTrainer):
         return {}
 
     def sft_samples(self, step: int) -> list[Sample]:
-        """This replica's sequences of `step`: per problem, one per `sft.formats` entry (prompt ‖ solution ‖ EOS)."""
+        """This replica's sequences of `step`: per problem, one per `sft.formats` entry (prompt ‖ solution ‖
+        EOS)."""
         eos = self.tokenizer.eos_token_id
         out = []
         for i in self.sampler.replica_slice(step, self.ps.dp_rank, self.dp):

@@ -43,9 +43,13 @@ def write_task(out_dir: str | Path, n_train: int = N_TRAIN, n_heldout: int = N_H
 def install(hf_dir: str | Path, dest: str | Path, meta: dict) -> Path:
     """Copy an HF export's files to `dest` (replacing it) with `warmstart.json` = `meta`."""
     hf_dir, dest = Path(hf_dir), Path(dest)
-    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (hf_dir / f).is_file()]
+    missing = [
+        f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (hf_dir / f).is_file()
+    ]
     if missing:
-        raise FileNotFoundError(f"{str(hf_dir)!r} is not a complete HF export (missing {', '.join(missing)}).")
+        raise FileNotFoundError(
+            f"{str(hf_dir)!r} is not a complete HF export (missing {', '.join(missing)})."
+        )
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -89,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=N_TRAIN)
     ap.add_argument("--n-heldout", type=int, default=N_HELDOUT)
     ap.add_argument("--config", default="examples/synthetic_sft.yaml")
-    ap.add_argument("--install", metavar="DIR", help="Copy the result here (e.g. opsd_megatron/assets/warmstart).")
+    ap.add_argument(
+        "--install", metavar="DIR", help="Copy the result here (e.g. opsd_megatron/assets/warmstart)."
+    )
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the SFT config")
     a = ap.parse_args(argv)
     try:

@@ -18,7 +18,10 @@ def _sft_cfg(model_dir, data_path, out_dir, **over) -> dict:
         "model": {"path": str(model_dir), "dtype": "float32"},
         "parallel": {"tp": 2},
         "data": {"path": str(data_path)},
-        "prompts": {"teacher_template": "Problem: {problem}\nReference:\n{solution}\n", "max_prompt_tokens": 128},
+        "prompts": {
+            "teacher_template": "Problem: {problem}\nReference:\n{solution}\n",
+            "max_prompt_tokens": 128,
+        },
         "optimizer": {"lr": 3e-3, "clip_grad": 1.0},
         "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "seed": 0},
         "checkpoint": {"save_interval": 0, "resume": False, "export_hf": False},
@@ -56,8 +59,12 @@ def run_sft_tp2(rank, world_size, good: dict, bad: dict):
         with torch.no_grad():
             for s in samples:
                 ids = torch.tensor([s.student_prompt + s.response])
-                logits = hf(ids).logits[0, len(s.student_prompt) - 1 : -1]  # positions predicting the response
-                ce = torch.nn.functional.cross_entropy(logits.double(), torch.tensor(s.response), reduction="sum")
+                logits = hf(ids).logits[
+                    0, len(s.student_prompt) - 1 : -1
+                ]  # positions predicting the response
+                ce = torch.nn.functional.cross_entropy(
+                    logits.double(), torch.tensor(s.response), reduction="sum"
+                )
                 total, n = total + float(ce), n + len(s.response)
         ref = total / n
     return {"bad_error": bad_error, "rows": rows, "ref": ref, "n_samples": len(samples)}
@@ -107,8 +114,9 @@ def test_warmstart_command_small_scale_sft_decreases_loss(tmp_path):
 def test_sft_config_errors(tmp_path):
     good = _sft_cfg(tmp_path, tmp_path / "x.jsonl", tmp_path)
     assert config_from_dict(good).sft.formats == ["student", "teacher"]
-    for over, key in [({"algorithm": "dpo"}, "'algorithm'"), ({"sft": {"formats": ["both"]}}, "'sft.formats'"),
-                      ({"sft": {"formats": []}}, "'sft.formats'")]:  # fmt: skip
+    cases = [({"algorithm": "dpo"}, "'algorithm'"), ({"sft": {"formats": ["both"]}}, "'sft.formats'"),
+             ({"sft": {"formats": []}}, "'sft.formats'")]  # fmt: skip
+    for over, key in cases:
         with pytest.raises(ConfigError, match=key):
             config_from_dict({**good, **over})
     with pytest.raises(ConfigError, match="'teacher.privileged'"):

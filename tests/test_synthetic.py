@@ -109,7 +109,9 @@ def test_paired_difference_and_plots(tmp_path):
     assert mean == pytest.approx(0.25) and 0 < half < 0.25
     d = paired_difference(run / "eval" / "step_000000", run / "eval" / "step_000004")
     assert d["diff"] == pytest.approx(0.5) and d["half"] == pytest.approx(0.0) and d["num_problems"] == 20
-    rows = [{"step": s, "loss": 1.0 / s, "divergence": 0.5 / s, "rollout/accuracy": 0.1 * s} for s in (1, 2, 3, 4)]
+    rows = [
+        {"step": s, "loss": 1.0 / s, "divergence": 0.5 / s, "rollout/accuracy": 0.1 * s} for s in (1, 2, 3, 4)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = plot_run(run)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """Synthetic reasoning tasks with worked solutions: small enough to learn on a CPU, graded like real data.
 
     rows = generate("addition", n=2000, split="train", seed=0, min_digits=3, max_digits=4)
-    # [{"problem": "What is 4728 + 3915?", "solution": "8+5=13\\n2+1+1=4\\n...\\boxed{8643}", "answer": "8643"}]
+    # [{"problem": "What is 4728 + 3915?", "solution": "8+5=13\\n2+1+1=4\\n...", "answer": "8643"}]
     write_splits("runs/task", "addition", n_train=4000, n_heldout=200)   # train.jsonl, heldout.jsonl
 
 Rows have the fields of real data (problem, solution, answer), so `load_problems`, the prompts, `grade()` and
@@ -104,7 +104,9 @@ def check_args(task: str, n: int, split: str, min_digits: int, max_digits: int) 
     if not 1 <= min_digits <= MAX_DIGITS:
         raise SyntheticTaskError(f"min_digits must be in [1, {MAX_DIGITS}], got {min_digits}.")
     if not min_digits <= max_digits <= MAX_DIGITS:
-        raise SyntheticTaskError(f"max_digits must be in [min_digits={min_digits}, {MAX_DIGITS}], got {max_digits}.")
+        raise SyntheticTaskError(
+            f"max_digits must be in [min_digits={min_digits}, {MAX_DIGITS}], got {max_digits}."
+        )
     if n < 1:
         raise SyntheticTaskError(f"n must be >= 1, got {n}.")
     lo = 0 if min_digits == 1 else 10 ** (min_digits - 1)

