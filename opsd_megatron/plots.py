@@ -33,6 +33,11 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+def _same(a: tuple, b: tuple) -> bool:
+    """Two panels (key, label, xs, ys) with the same steps and values (to 1e-5 relative)."""
+    return a[2] == b[2] and all(abs(x - y) <= 1e-5 * max(1.0, abs(x)) for x, y in zip(a[3], b[3]))
+
+
 def heldout_points(run_dir: str | Path) -> list[tuple[int, float, float]]:
     """(step, Avg@n, 95 % CI half-width) of every held-out evaluation of the run, sorted by step."""
     from opsd_megatron.evaluation.paired import accuracy_ci
@@ -71,6 +76,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, title: str | No
     rows = read_metrics(run)
     panels = [(k, label, *_series(rows, k)) for k, label in PANELS]
     panels = [p for p in panels if p[2]]
+    if (
+        len(panels) > 1
+        and panels[0][0] == "loss"
+        and panels[1][0] == "divergence"
+        and _same(panels[0], panels[1])
+    ):
+        panels = panels[1:]  # OPSD without clipping: the loss is the divergence
     held = heldout_points(run)
     n = len(panels) + (1 if held else 0)
     if n == 0:
@@ -78,8 +90,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, title: str | No
             f"{str(run)!r}: metrics.jsonl has none of {[k for k, _ in PANELS]} and no evaluations."
         )
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.0), squeeze=False)
-    for ax, (_, label, xs, ys) in zip(axes[0], panels):
-        ax.plot(xs, ys, marker="." if len(xs) < 40 else None)
+    for ax, (key, label, xs, ys) in zip(axes[0], panels):
+        if key == "rollout/accuracy":
+            ys = [100 * y for y in ys]
+            label += " (%)"
+        ax.plot(xs, ys, marker="." if len(xs) < 40 else None, alpha=0.5 if len(xs) >= 10 else 1.0)
+        if len(xs) >= 10:  # noisy per-step values: add a 5-step moving average
+            k = 5
+            avg = [
+                sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1])
+                for i in range(len(ys))
+            ]
+            ax.plot(xs, avg, color="C1", label="5-step mean")
+            ax.legend(fontsize=7)
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

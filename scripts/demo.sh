@@ -5,7 +5,7 @@
 #     `make warmstart`; WARMSTART=DIR uses another one);
 #  3. held-out evaluation of the warm start with opsd-eval (Avg@n, the run's step 0);
 #  4. OPSD: TP=2 on two CPU processes, vLLM rollouts, teacher = the warm start shown the reference solution,
-#     held-out evaluation every 10 steps (examples/synthetic_opsd.yaml);
+#     held-out evaluation every 25 steps (examples/synthetic_opsd.yaml);
 #  5. the before/after table (95 % CIs) and plots.png next to metrics.jsonl.
 # CONTROL=1 also runs the same OPSD with teacher.privileged=false (teacher prompt = student prompt).
 set -euo pipefail
@@ -51,7 +51,7 @@ fi
 echo
 echo "== did it learn? (held-out = problems never trained on)"
 $PY -m opsd_megatron.learning "${runs[@]}"
-for r in "${runs[@]}"; do
-  $PY -m opsd_megatron.plots "${r#*=}" --title "${r%%=*}"
+for r in "${runs[@]}"; do  # NAME=DIR; the name may contain "="
+  $PY -m opsd_megatron.plots "${r##*=}" --title "${r%=*}"
 done
 echo "HF checkpoint: $OUT/opsd/hf   (load with transformers.AutoModelForCausalLM.from_pretrained)"
