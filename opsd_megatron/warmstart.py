@@ -73,6 +73,9 @@ def build(
     from opsd_megatron.task_model import make_task_model
 
     out = Path(out_dir)
+    repo_config = Path(__file__).resolve().parents[1] / config
+    if not Path(config).is_file() and repo_config.is_file():
+        config = str(repo_config)  # a path relative to the repository, run from elsewhere
     paths = write_task(out / "task", n_train, n_heldout)
     make_task_model(out / "init", seed=0)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
