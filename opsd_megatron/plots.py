@@ -59,8 +59,14 @@ def heldout_points(run_dir: str | Path) -> list[tuple[int, float, float]]:
     return sorted((s, m, h) for s, (m, h) in pts.items())
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
-    """Write the run's plots to `out` (default RUN_DIR/plots.png); returns the path."""
+def plot_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    title: str | None = None,
+    compare: dict[str, str | Path] | None = None,
+) -> Path:
+    """Write the run's plots to `out` (default RUN_DIR/plots.png); returns the path. `compare` ({label: run
+    dir}) overlays other runs' held-out accuracy (e.g. the control run) on the held-out panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +117,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, title: str | No
         steps = [s for s, _, _ in held]
         acc = [100 * a for _, a, _ in held]
         err = [0 if math.isnan(h) else 100 * h for _, _, h in held]
-        ax.errorbar(steps, acc, yerr=err, marker="o", capsize=3)
+        ax.errorbar(steps, acc, yerr=err, marker="o", capsize=3, label=title or "this run")
+        for i, (label, other) in enumerate((compare or {}).items()):
+            pts = heldout_points(other)
+            oerr = [0 if math.isnan(h) else 100 * h for _, _, h in pts]
+            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=oerr, marker="s", capsize=3,
+                        color=f"C{i + 2}", label=label)  # fmt: skip
+        if compare:
+            ax.legend(fontsize=7)
         ax.set_title("held-out accuracy (%, 95% CI)")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -129,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", help="A run's output_dir (with metrics.jsonl).")
     ap.add_argument("--out", help="PNG path (default RUN_DIR/plots.png).")
     ap.add_argument("--title")
+    ap.add_argument("--compare", action="append", metavar="LABEL=RUN_DIR", help="Overlay another run's "
+                    "held-out accuracy (repeatable).")  # fmt: skip
     a = ap.parse_args(argv)
     try:
-        path = plot_run(a.run_dir, a.out, a.title)
+        compare = dict(c.rsplit("=", 1) for c in a.compare or [])
+        path = plot_run(a.run_dir, a.out, a.title, compare)
     except (FileNotFoundError, ValueError) as e:
         print(f"plots: {e}")
         return 2

@@ -51,7 +51,10 @@ fi
 echo
 echo "== did it learn? (held-out = problems never trained on)"
 $PY -m opsd_megatron.learning "${runs[@]}"
-for r in "${runs[@]}"; do  # NAME=DIR; the name may contain "="
-  $PY -m opsd_megatron.plots "${r##*=}" --title "${r%=*}"
-done
+if [ "${CONTROL:-0}" = 1 ]; then
+  $PY -m opsd_megatron.plots "$OUT/control" --title "control (teacher.privileged=false)"
+  $PY -m opsd_megatron.plots "$OUT/opsd" --title OPSD --compare "control (teacher.privileged=false)=$OUT/control"
+else
+  $PY -m opsd_megatron.plots "$OUT/opsd" --title OPSD
+fi
 echo "HF checkpoint: $OUT/opsd/hf   (load with transformers.AutoModelForCausalLM.from_pretrained)"

@@ -113,7 +113,7 @@ def test_paired_difference_and_plots(tmp_path):
         {"step": s, "loss": 1.0 / s, "divergence": 0.5 / s, "rollout/accuracy": 0.1 * s} for s in (1, 2, 3, 4)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    png = plot_run(run)
+    png = plot_run(run, compare={"itself": run})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_run(tmp_path / "nothing")
