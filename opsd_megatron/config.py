@@ -454,6 +454,11 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
         "is required when eval.interval > 0 (or set eval.benchmarks).",
     )
     _check(bool(cfg.sft.formats), "sft.formats", "must name at least one of student, teacher.")
+    _check(
+        cfg.algorithm != "sft" or cfg.eval.interval == 0,
+        "eval.interval",
+        "must be 0 with algorithm=sft (no rollout engine); evaluate its HF export with opsd-eval.",
+    )
     for fmt in cfg.sft.formats:
         _check(fmt in ("student", "teacher"), "sft.formats", f"lists student/teacher, got {fmt!r}.")
     for key, tmpl, needed in [

@@ -9,6 +9,8 @@ One process per GPU (or per CPU "device"), started by torchrun or srun:
 (the final Hugging Face export). A run resumes from the latest complete checkpoint there unless
 `checkpoint.resume=false`.
 SIGTERM / SIGUSR1 (SLURM preemption) finish the current step, save a checkpoint and exit 0.
+`algorithm: sft` in the config runs supervised fine-tuning on the reference solutions instead
+(`opsd_megatron.sft`: same data, prompts, checkpoints, metrics and export).
 """
 
 from __future__ import annotations

@@ -119,5 +119,7 @@ def test_sft_config_errors(tmp_path):
     for over, key in cases:
         with pytest.raises(ConfigError, match=key):
             config_from_dict({**good, **over})
+    with pytest.raises(ConfigError, match="'eval.interval'"):
+        config_from_dict({**good, "eval": {"interval": 5, "path": "h.jsonl"}})
     with pytest.raises(ConfigError, match="'teacher.privileged'"):
         config_from_dict({**good, "teacher": {"privileged": "no"}})
