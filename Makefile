@@ -7,7 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test demo warmstart lint format clean-venv
+.PHONY: venv test demo warmstart lint format clean-venv gpu-test gpu-wheels
 
 venv: $(STAMP)
 
@@ -34,6 +34,18 @@ demo: $(STAMP)
 # Rebuild the demo's warm start (SFT of the tiny task model, ~6 min on 2 cores) into opsd_megatron/assets.
 warmstart: $(STAMP)
 	$(VPY) -m opsd_megatron.warmstart runs/warmstart --install opsd_megatron/assets/warmstart
+
+# On one GPU (H100/H200): pytest -m gpu plus the GPU benchmarks with their thresholds; exits 1 on any failure
+# or missed threshold (docs/performance.md). Uses the machine's python3 (torch with CUDA), not .venv.
+# CHECKS="pytest step" runs a subset (benchmarks/gpu_checks.sh lists them).
+gpu-test:
+	bash benchmarks/gpu_checks.sh $(CHECKS)
+
+# Here, with network: the wheels the GPU image lacks, into .whl/ (git-ignored; carry it to the GPU machine).
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl megatron-core==0.19.2 liger-kernel==0.8.5
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

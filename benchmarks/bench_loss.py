@@ -1,8 +1,15 @@
-"""Benchmark of the self-distillation loss over the LM head: time and peak extra memory, printed as a table.
+"""Benchmark of the self-distillation loss over the LM head: time and peak extra memory, a table with ratios
+to baselines measured in the same run, and pass/fail thresholds (docs/performance.md; exit 1 on a miss or if
+our own kernel raises; Liger's absence is only reported).
 
-    .venv/bin/python benchmarks/bench_loss.py                  # CPU: 2048 x 512 x 32000 fp32, RSS per variant
-    python3 benchmarks/bench_loss.py                           # GPU (auto): 8192 x 4096 x 151936 bf16
-    python3 benchmarks/bench_loss.py --tokens 4096 --vocab 32000 --hidden 512
+    .venv/bin/python benchmarks/bench_loss.py     # CPU check (2 threads): time at 1024 x 256 x 32768 and
+                                                  # peak memory at 4096 x 256 x 32768, fp32
+    python3 benchmarks/bench_loss.py              # GPU (auto): 8192 x 4096 x 151936 bf16 (the anchor shape)
+    python3 benchmarks/bench_loss.py --tokens 2048 --vocab 32000 --hidden 512   # any other shape
+
+CPU thresholds: fused time <= 1.5x the 4 plain GEMMs, fused peak extra memory <= 0.05x naive autograd.
+GPU thresholds: fused time <= 1.15x the 4 GEMMs, fused peak extra memory <= 2.5 GiB (benchmarks/thresholds.py;
+OPSD_THRESHOLD_SCALE=0.01 shows a failing run).
 
 Timed work (as docs/performance.md): student forward + teacher forward + backward to the student hidden states
 and the LM-head weight; forward KL KL(p_T || p_S), temperature 1.1, pointwise clip 0.05 unless the row says
@@ -10,8 +17,9 @@ otherwise. Variants: `floor` = the 4 plain GEMMs of these shapes (arithmetic flo
 fp32 log-softmax in PyTorch, `liger` = Liger-Kernel's LigerFusedLinearJSD(jsd_beta=0) (no clip; GPU, when
 importable), `unfused` = ours on full logits, `fused` = ours from hidden states (`fused_linear_divergence`).
 GPU: CUDA events, median of 5 after 2 warm-ups (the first warm-up compiles the Triton kernels), peak =
-max_memory_allocated above the inputs. CPU: median of `--repeat` after one warm-up, each variant in its own
-subprocess, peak = peak RSS above the RSS after building the inputs.
+max_memory_allocated above the inputs. CPU: time = median of `--repeat` rounds after one warm-up, all timed
+variants in ONE process taking turns (floor, naive, fused, floor, ...: load from other processes hits all
+alike); memory = one run per variant in its own fresh process, peak RSS above the RSS after building inputs.
 """
 
 from __future__ import annotations
@@ -27,7 +35,11 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from thresholds import check  # noqa: E402
+
 TEMPERATURE, CLIP = 1.1, 0.05
+OURS = "ours fused, clip"
 
 
 def make_inputs(n, h, v, dtype, device, seed=0):
@@ -105,7 +117,6 @@ VARIANTS = {
     "ours fused, reverse KL clip": lambda *a: run_fused(*a, kind="reverse_kl"),
     "ours fused, JSD(0.5) clip": lambda *a: run_fused(*a, kind="jsd"),
 }
-CPU_VARIANTS = ["floor (4 GEMMs)", "naive, clip", "ours unfused, clip", "ours fused, clip"]
 
 
 def _rss_bytes() -> int:
@@ -113,28 +124,48 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_cpu(name, n, h, v, repeat):
-    """In this (fresh) process: median seconds and peak RSS above the inputs, as a dict."""
+def _reset_grads(inp) -> None:
+    for x in inp[:2]:
+        x.grad = None
+
+
+def measure_cpu_memory(name, n, h, v):
+    """In this (fresh) process: one run of `name`; peak RSS above the inputs (GiB) and the loss."""
     inp = make_inputs(n, h, v, torch.float32, "cpu")
     base = _rss_bytes()
-    times, val = [], None
-    for i in range(repeat + 1):
-        for x in inp[:2]:
-            x.grad = None
-        t0 = time.perf_counter()
-        val = VARIANTS[name](*inp)
-        if i:
-            times.append(time.perf_counter() - t0)
+    val = VARIANTS[name](*inp)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"ms": 1e3 * statistics.median(times), "gib": max(peak - base, 0) / 2**30, "loss": float(val)}
+    return {"gib": max(peak - base, 0) / 2**30, "loss": float(val)}
+
+
+def measure_cpu_times(names, n, h, v, repeat):
+    """In this process: the variants take turns, one warm-up round then `repeat` rounds; median ms each."""
+    inp = make_inputs(n, h, v, torch.float32, "cpu")
+    times = {k: [] for k in names}
+    out = {}
+    for i in range(repeat + 1):
+        for name in names:
+            _reset_grads(inp)
+            t0 = time.perf_counter()
+            try:
+                val = VARIANTS[name](*inp)
+            except Exception as e:  # reported as this row's error
+                out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+                continue
+            if i:
+                times[name].append(time.perf_counter() - t0)
+            out[name] = {"loss": float(val)}
+    for name in names:
+        if times[name]:
+            out[name]["ms"] = 1e3 * statistics.median(times[name])
+    return out
 
 
 def measure_gpu(name, inp, warmup=2, repeat=5):
     times, val = [], None
     torch.cuda.synchronize()
     for i in range(warmup + repeat):
-        for x in inp[:2]:
-            x.grad = None
+        _reset_grads(inp)
         torch.cuda.synchronize()
         if i == warmup:
             torch.cuda.reset_peak_memory_stats()
@@ -147,81 +178,143 @@ def measure_gpu(name, inp, warmup=2, repeat=5):
         if i >= warmup:
             times.append(start.elapsed_time(end))
     peak = torch.cuda.max_memory_allocated() - base
-    for x in inp[:2]:
-        x.grad = None
+    _reset_grads(inp)
     return {"ms": statistics.median(times), "gib": peak / 2**30, "loss": float(val)}
 
 
+def _fmt(x, spec):
+    return format(x, spec) if x is not None else f"{'-':>{spec.split('.')[0]}}"
+
+
 def print_table(title, rows):
-    floor = rows.get("floor (4 GEMMs)", {}).get("ms")
-    naive = rows.get("naive, clip", {}).get("ms")
-    liger = rows.get("liger jsd_beta=0 (no clip)", {}).get("ms")
+    """One row per variant: ms, x floor, x naive, x liger (time), peak GiB, x naive (memory), loss."""
+    ref = {k: rows.get(k, {}) for k in ("floor (4 GEMMs)", "naive, clip", "liger jsd_beta=0 (no clip)")}
     print(f"\n{title}")
     hdr = f"{'variant':<30} {'time ms':>9} {'x floor':>8} {'x naive':>8} {'x liger':>8} {'peak GiB':>9}"
-    hdr += f" {'loss':>10}"
+    hdr += f" {'mem x naive':>11} {'loss':>10}"
     print(hdr)
     print("-" * len(hdr))
     for name, r in rows.items():
         if "error" in r:
             print(f"{name:<30} skipped: {r['error']}")
             continue
-
-        def ratio(ref, r=r):
-            return f"{r['ms'] / ref:8.2f}" if ref else f"{'-':>8}"
-
+        ms, gib = r.get("ms"), r.get("gib")
+        t_ratios = [ms / x["ms"] if ms and x.get("ms") else None for x in ref.values()]
+        naive_gib = ref["naive, clip"].get("gib")
+        m_ratio = gib / naive_gib if gib is not None and naive_gib else None
         loss = "-" if name.startswith("floor") else f"{r['loss']:10.6f}"
         print(
-            f"{name:<30} {r['ms']:9.1f} {ratio(floor)} {ratio(naive)} {ratio(liger)} "
-            f"{r['gib']:9.2f} {loss:>10}"
-        )
+            f"{name:<30} {_fmt(ms, '9.1f')} " + " ".join(_fmt(x, "8.2f") for x in t_ratios)
+            + f" {_fmt(gib, '9.3f')} {_fmt(m_ratio, '11.3f')} {loss:>10}"
+        )  # fmt: skip
 
 
-def main() -> None:
+def _child(args, mode, name):
+    cmd = [sys.executable, __file__, "--device", "cpu", "--hidden", str(args.hidden or 256)]
+    cmd += ["--tokens", str(args.tokens_mem if mode == "mem" else args.tokens_time)]
+    cmd += ["--vocab", str(args.vocab or 32768), "--repeat", str(args.repeat), "--_child", f"{mode}:{name}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:100]}
+
+
+def cpu_check(args) -> list[str]:
+    """The CPU targets: time at --tokens-time, peak memory at --tokens-mem; returns the missed checks."""
+    h, v = args.hidden or 256, args.vocab or 32768
+    failures: list[str] = []
+    timed = ["floor (4 GEMMs)", "naive, clip", OURS]
+    rows = _child(args, "time", ";".join(timed))
+    print(f"  timed: {rows}", file=sys.stderr, flush=True)
+    title = (
+        f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}: {args.tokens_time} x {h} x {v}"
+    )
+    print_table(title + f" fp32, time (median of {args.repeat}, variants taking turns)", rows)
+    mem = {}
+    for name in ("naive, clip", OURS):
+        mem[name] = _child(args, "mem", name)
+        print(f"  memory {name}: {mem[name]}", file=sys.stderr, flush=True)
+    print_table(f"CPU: {args.tokens_mem} x {h} x {v} fp32, peak RSS above the inputs (one run each)", mem)
+    for r in (rows, mem):
+        if "error" in r.get(OURS, {}):
+            failures.append(f"{OURS} raised: {r[OURS]['error']}")
+    floor, ours = rows.get("floor (4 GEMMs)", {}).get("ms"), rows.get(OURS, {}).get("ms")
+    if floor and ours:
+        print(f"time   {OURS} / floor = {check('cpu_loss_time_x_floor', ours / floor, failures)}")
+    naive, ours_m = mem.get("naive, clip", {}).get("gib"), mem.get(OURS, {}).get("gib")
+    if naive and ours_m is not None:
+        print(f"memory {OURS} / naive = {check('cpu_loss_mem_x_naive', ours_m / naive, failures)}")
+    elif "error" in mem.get("naive, clip", {}):
+        failures.append(f"naive baseline raised: {mem['naive, clip']['error']}")
+    return failures
+
+
+def gpu_check(args, names) -> list[str]:
+    n, h, v = args.tokens or 8192, args.hidden or 4096, args.vocab or 151_936
+    failures: list[str] = []
+    inp = make_inputs(n, h, v, torch.bfloat16, "cuda")
+    rows = {}
+    for name in names:
+        try:
+            rows[name] = measure_gpu(name, inp)
+        except Exception as e:  # liger-kernel not importable: a skipped row; ours: a failure below
+            if isinstance(e, torch.cuda.OutOfMemoryError) and name.startswith("ours"):
+                raise
+            rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+            if name.startswith("ours"):
+                failures.append(f"{name} raised: {rows[name]['error']}")
+            _reset_grads(inp)
+            torch.cuda.empty_cache()
+        print(f"  done {name}: {rows[name]}", file=sys.stderr, flush=True)
+    dev = torch.cuda.get_device_name()
+    title = f"GPU {dev}, torch {torch.__version__}: {n} tokens x {h} hidden x {v} vocab, bf16"
+    print_table(title + f", T={TEMPERATURE}, clip {CLIP} where stated", rows)
+    from opsd_megatron.losses import _phases
+
+    status = _phases.compiled_status()
+    print(f"phases: {status}")
+    if status["failed"]:  # a kernel that raised was logged and replaced: our kernel errored
+        failures.append(f"fast loss phases fell back: {status['failed']}")
+    floor, ours = rows.get("floor (4 GEMMs)", {}).get("ms"), rows.get(OURS, {}).get("ms")
+    if floor and ours:
+        print(f"time   {OURS} / floor = {check('gpu_loss_time_x_floor', ours / floor, failures)}")
+        print(f"memory {OURS} GiB     = {check('gpu_loss_mem_gib', rows[OURS]['gib'], failures)}")
+    return failures
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--tokens", type=int)
+    ap.add_argument("--tokens", type=int, help="GPU tokens (default 8192)")
+    ap.add_argument("--tokens-time", type=int, default=1024, help="CPU timed shape's tokens")
+    ap.add_argument("--tokens-mem", type=int, default=4096, help="CPU memory shape's tokens")
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--vocab", type=int)
-    ap.add_argument("--repeat", type=int, default=2, help="CPU timed repeats (GPU: 5)")
-    ap.add_argument("--variants", help="semicolon-separated subset of the variant names")
+    ap.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
+    ap.add_argument("--repeat", type=int, default=3, help="CPU timed rounds (GPU: 5)")
+    ap.add_argument("--variants", help="GPU: semicolon-separated subset of the variant names")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    n = args.tokens or (8192 if cuda else 2048)
-    h = args.hidden or (4096 if cuda else 512)
-    v = args.vocab or (151_936 if cuda else 32_000)
-    if args._child:  # CPU: one variant per fresh process, so that peak RSS is its own
-        print(json.dumps(measure_cpu(args._child, n, h, v, args.repeat)))
-        return
-    names = args.variants.split(";") if args.variants else (list(VARIANTS) if cuda else CPU_VARIANTS)
-    rows = {}
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    if args._child:  # CPU: measurements in a fresh process
+        mode, names = args._child.split(":", 1)
+        n, h, v = args.tokens, args.hidden, args.vocab
+        if mode == "mem":
+            print(json.dumps(measure_cpu_memory(names, n, h, v)))
+        else:
+            print(json.dumps(measure_cpu_times(names.split(";"), n, h, v, args.repeat)))
+        return 0
     if cuda:
-        dev = torch.cuda.get_device_name()
-        inp = make_inputs(n, h, v, torch.bfloat16, "cuda")
-        for name in names:
-            try:
-                rows[name] = measure_gpu(name, inp)
-            except Exception as e:  # e.g. liger-kernel not importable
-                rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
-            print(f"  done {name}: {rows[name]}", file=sys.stderr, flush=True)
-        title = f"GPU {dev}, torch {torch.__version__}: {n} tokens x {h} hidden x {v} vocab, bf16"
+        names = args.variants.split(";") if args.variants else [k for k in VARIANTS if "unfused" not in k]
+        failures = gpu_check(args, names)
     else:
-        for name in names:
-            cmd = [sys.executable, __file__, "--device", "cpu", "--tokens", str(n), "--hidden", str(h)]
-            cmd += ["--vocab", str(v), "--repeat", str(args.repeat), "--_child", name]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            try:
-                rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-            except (IndexError, json.JSONDecodeError):
-                rows[name] = {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:100]}
-            print(f"  done {name}: {rows[name]}", file=sys.stderr, flush=True)
-        title = f"CPU ({os.cpu_count()} cores), torch {torch.__version__}: {n} x {h} x {v} vocab, fp32"
-    print_table(title + f", T={TEMPERATURE}, clip {CLIP} where stated", rows)
-    if cuda:
-        from opsd_megatron.losses import _phases
-
-        print(f"compiled phases: { {f.__name__: c is not False for f, c in _phases._COMPILED.items()} }")
+        failures = cpu_check(args)
+    print("FAIL: " + "; ".join(failures) if failures else "PASS")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

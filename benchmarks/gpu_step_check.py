@@ -1,19 +1,26 @@
-"""One OPSD step of a Qwen3-1.7B-shaped random model on one GPU, timed by phase, vs plain Megatron passes.
+"""One OPSD step of a Qwen3-1.7B-shaped random model on one GPU, timed by phase, vs plain Megatron passes;
+exits 1 above the 1.10x goal (benchmarks/thresholds.py, docs/performance.md) or on any exception.
 
-    python benchmarks/gpu_step_check.py [--prompts 8] [--micro 4] [--new-tokens 512] [--reps 3]
+    python benchmarks/gpu_step_check.py [--prompts 8] [--micro 2] [--seq 4096] [--reps 3]
+    python benchmarks/gpu_step_check.py --seq 0 --new-tokens 512   # responses sampled by HF generate instead
     python benchmarks/gpu_step_check.py --tiny        # CPU smoke test of this script (tiny model)
 
 Builds a random Qwen3-1.7B-shaped HF checkpoint (28 layers, hidden 2048, GQA 16/8, head_dim 128, vocab
 151,936, tied embeddings; bf16) in a temp dir, starts the real `OPSDTrainer` on it (TP=PP=1, bf16, frozen
 teacher copy, forward KL with clip 0.05, temperature 1.1; rollout engine "hf" since vLLM is absent on the
 check machine) and times, with CUDA synchronisation, one step by phase: rollout / teacher forward / student
-forward+backward+loss / loss alone / optimizer / weight refresh. Then, on the SAME packed sequences, it
+forward+backward+loss / loss alone / optimizer / weight refresh. With `--seq N` (default 4096) the
+responses are random token ids filling each student sequence to N tokens (random weights generate nothing
+meaningful, and a 4096-token HF rollout alone would take minutes); the rollout row then times a short
+generation. Then, on the SAME packed sequences, it
 times a plain Megatron student forward+backward (vocab-parallel cross-entropy on the response tokens) and a
 plain teacher forward (forward-only schedule, no loss), each alone, and prints
 
     ratio = (teacher fwd + student fwd/bwd with the OPSD loss) / (plain student fwd/bwd + plain teacher fwd)
 
-against the target <= 1.10 (docs/performance.md). Medians over `--reps` after one warm-up. < 3 minutes.
+against the target <= 1.10 (docs/performance.md), and a CUDA profile of one OPSD step (top kernels by CUDA
+time) that shows where the time above the plain passes goes. Medians over `--reps` after one warm-up.
+< 4 minutes on an H200.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from thresholds import check  # noqa: E402
 
 from opsd_megatron.tiny import QWEN3_1_7B_SHAPE  # noqa: E402
 
@@ -53,10 +63,11 @@ def timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step (= global batch)")
-    ap.add_argument("--micro", type=int, default=4, help="micro-batch size")
+    ap.add_argument("--micro", type=int, default=2, help="micro-batch size")
+    ap.add_argument("--seq", type=int, default=4096, help="student sequence length (0: sampled responses)")
     ap.add_argument(
         "--new-tokens", type=int, default=512, help="rollout length (random weights: always reached)"
     )
@@ -67,8 +78,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.tiny:
-        print("gpu_step_check: no CUDA device; this check needs one GPU (or --tiny for a CPU smoke test).")
-        return
+        print("FAIL: no CUDA device; this check needs one GPU (or --tiny for a CPU smoke test).")
+        return 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -95,7 +106,7 @@ def main() -> None:
             "output_dir": str(tmp / "run"),
             "model": {"path": str(model_dir), "dtype": "float32" if args.tiny else "bfloat16"},
             "data": {"path": "builtin:tiny_math", "answer_field": None},  # random ids: nothing to grade
-            "rollout": {"engine": "hf", "max_new_tokens": args.new_tokens},
+            "rollout": {"engine": "hf", "max_new_tokens": args.new_tokens if not args.seq else 16},
             "loss": {"kind": "forward_kl", "clip": 0.05},
             "train": {"steps": 1, "global_batch_size": args.prompts, "micro_batch_size": args.micro},
             "checkpoint": {"save_interval": 0, "export_hf": False, "resume": False},
@@ -107,10 +118,42 @@ def main() -> None:
     t0 = time.perf_counter()
     tr = OPSDTrainer(cfg)
     print(f"[setup] trainer (model, teacher copy, optimizer, HF engine) in {time.perf_counter() - t0:.1f} s")
-    run_checks(tr, args, gpu)
+    try:
+        return run_checks(tr, args, gpu)
+    finally:
+        tr.close()
 
 
-def run_checks(tr, args, gpu: str) -> None:
+def synthetic_samples(tr, samples, seq: int) -> list:
+    """The sampled prompts with random responses filling each student sequence to `seq` tokens."""
+    from opsd_megatron.batch import Sample
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for s in samples:
+        n = max(1, seq - len(s.student_prompt))
+        ids = torch.randint(0, tr.info.vocab_size, (n,), generator=g).tolist()
+        out.append(Sample(s.student_prompt, s.teacher_prompt, ids, [0.0] * n, truncated=True))
+    return out
+
+
+def profile_step(tr, mbs, G, rows: int = 25) -> None:
+    """CUDA time per kernel over one OPSD step (teacher forward + student forward/backward with the loss)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        tl = tr.teacher_forward(mbs)
+        for c in tr.chunks:
+            c.zero_grad_buffer()
+        tr.forward_backward_step(mbs, tl, G)
+        sync()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"\nProfile of one OPSD step (teacher fwd + student fwd/bwd + loss), top {rows} by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def run_checks(tr, args, gpu: str) -> int:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from opsd_megatron.batch import gather_positions, pack_step
@@ -122,6 +165,8 @@ def run_checks(tr, args, gpu: str) -> None:
     samples, rstats = tr.rollout(0)
     sync()
     t_rollout = time.perf_counter() - t0
+    if args.seq:
+        samples = synthetic_samples(tr, samples, args.seq)
     mbs = pack_step(samples, micro_batch_size=args.micro, pad_id=tr.pad_id, pad_to_multiple=64)
     G = sum(m.num_tokens for m in mbs)
     S, T = mbs[0].student_tokens.shape[1], mbs[0].teacher_tokens.shape[1]
@@ -208,11 +253,19 @@ def run_checks(tr, args, gpu: str) -> None:
         ("plain Megatron teacher forward", t_plain_t),
     ]:
         print(f"{name:<44}{v:>10.3f}")
+    rest = opsd - plain
+    print(f"{'OPSD - plain (what the loss and bookkeeping add)':<44}{rest:>10.3f}")
+    print(f"{'  of which loss fwd+bwd (isolated)':<44}{t_loss:>10.3f}")
+    print(f"{'  rest (schedule, gathers, metrics, copies)':<44}{rest - t_loss:>10.3f}")
+    failures: list[str] = []
+    verdict = check("gpu_step_x_plain", opsd / plain, failures)
     print(f"\ntrain step (teacher + student + loss) / (plain student + plain teacher) = "
-          f"{opsd:.3f} / {plain:.3f} = {opsd / plain:.3f}x   (target <= 1.10)")  # fmt: skip
+          f"{opsd:.3f} / {plain:.3f} = {opsd / plain:.3f}x   {verdict}")  # fmt: skip
     print(f"peak GPU memory allocated: {peak:.1f} GiB; tokens/s (response) {G / opsd:.0f}")
-    tr.close()
+    profile_step(tr, mbs, G)
+    print("FAIL: " + "; ".join(failures) if failures else "PASS")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,16 +3,19 @@
     opsd-convert hf-to-megatron --hf HF_DIR --out CKPT_DIR --tp 2 --pp 2     (run under torchrun, 4 ranks)
     opsd-convert megatron-to-hf --megatron CKPT_DIR --out HF_OUT
     opsd-convert verify --hf HF_DIR --megatron CKPT_DIR --tp 1 --pp 2        (torchrun, 2 ranks)
+    opsd-convert export-lora --megatron RUN/checkpoints/step_000100 --out ADAPTER_DIR   (PEFT adapter)
 
 Every subcommand runs on world size = TP x PP x DP ranks started by torchrun (or srun); a plain
 `opsd-convert ...` is one rank (TP = PP = 1). Megatron checkpoints reshard on load: one written at
-TP2 x PP2 can be read at any TP x PP that divides the model.
+TP2 x PP2 can be read at any TP x PP that divides the model. `--megatron` also takes a training run's
+checkpoint (`RUN/checkpoints/step_000040`, `RUN/checkpoints` or `RUN` for the newest complete one): the
+model is rebuilt from the config saved with it, LoRA adapters merged. User errors (a missing path, a layout
+that does not fit the world) are one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -43,12 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument("-v", "--verbose", action="store_true", help="show third-party (Megatron) messages")
     sub = ap.add_subparsers(dest="command", required=True)
     common = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
 
     def layout(p, default_dtype="fp32"):
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+        p.add_argument("--ep", type=int, default=1, help="expert-parallel size, MoE models (default 1)")
         p.add_argument("--dtype", default=default_dtype, choices=["fp32", "bf16"], help="model dtype")
 
     p = sub.add_parser("hf-to-megatron", help="HF dir -> Megatron distributed checkpoint", **common)
@@ -56,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output Megatron checkpoint directory")
     layout(p)
     p = sub.add_parser("megatron-to-hf", help="Megatron distributed checkpoint -> HF dir", **common)
-    p.add_argument("--megatron", required=True, help="Megatron checkpoint directory (from hf-to-megatron)")
+    p.add_argument(
+        "--megatron", required=True,
+        help="Megatron checkpoint (hf-to-megatron) or a training run's checkpoint (RUN/checkpoints/step_*)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer dir (default: the one stored in the checkpoint)"
@@ -72,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=None, help="absolute tolerance (default: by dtype)")
     layout(p)
+    from checkpoint_tools import export_lora
+
+    export_lora.add_parser(sub, **common)
     return ap
 
 
@@ -89,9 +100,11 @@ def hf_to_megatron(args) -> int:
     from opsd_megatron.conversion.hf_checkpoint import TOKENIZER_FILES
     from opsd_megatron.models import build_model
 
-    parallel.initialize(args.tp, args.pp)
+    parallel.initialize(args.tp, args.pp, ep=args.ep)
+    _progress(f"reading HF checkpoint {args.hf} (TP={args.tp} x PP={args.pp} x EP={args.ep})")
     chunks = build_model(args.hf, dtype=_dtype(args.dtype), perform_initialization=False)
     load_hf_weights(chunks, args.hf)
+    _progress(f"writing Megatron checkpoint to {args.out}")
     out = save_megatron_checkpoint(
         chunks, args.out, extra_metadata={"source_hf_dir": str(Path(args.hf).resolve())}
     )
@@ -105,14 +118,44 @@ def hf_to_megatron(args) -> int:
     return 0
 
 
-def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
+def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int = 1):
+    """(chunks, meta, shard_hook, tokenizer dir) of an opsd_megatron Megatron or training checkpoint."""
+    from opsd_megatron.conversion.megatron_checkpoint import META_FILE
+    from opsd_megatron.conversion.training_checkpoint import (
+        is_training_checkpoint,
+        load_training_model,
+        resolve_training_checkpoint,
+        training_shard_hook,
+    )
+
+    if not (Path(ckpt) / META_FILE).is_file() and is_training_checkpoint(ckpt):
+        step = resolve_training_checkpoint(ckpt)
+        _progress(f"reading training checkpoint {step} (TP={tp} x PP={pp})")
+        chunks, cfg = load_training_model(step, tp, pp, _dtype(dtype_name) if dtype_name else None, ep=ep)
+        return chunks, {}, training_shard_hook(cfg), cfg.model.tokenizer or cfg.model.path
+    if not (Path(ckpt) / META_FILE).is_file():
+        raise ValueError(
+            f"--megatron {ckpt!r} is neither an opsd-convert checkpoint (no {META_FILE}) nor a training "
+            "checkpoint (no opsd_state.json, step_* or checkpoints/)."
+        )
+    _progress(f"reading Megatron checkpoint {ckpt} (TP={tp} x PP={pp})")
+    chunks, meta = _load_converted(ckpt, tp, pp, dtype_name, ep)
+    return chunks, meta, None, Path(ckpt) / "tokenizer"
+
+
+def _progress(msg: str) -> None:
+    if _rank0():
+        print(f"opsd-convert: {msg}", file=sys.stderr, flush=True)
+
+
+def _load_converted(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int = 1):
     from opsd_megatron import parallel
     from opsd_megatron.conversion import load_megatron_checkpoint, read_checkpoint_metadata
     from opsd_megatron.conversion.megatron_checkpoint import default_dtype
     from opsd_megatron.models import build_model
 
     meta = read_checkpoint_metadata(ckpt)
-    parallel.initialize(tp, pp)
+    parallel.initialize(tp, pp, ep=ep)
     dtype = _dtype(dtype_name) if dtype_name else default_dtype(meta)
     chunks = build_model(
         meta["hf_config"],
@@ -127,9 +170,10 @@ def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None):
 def megatron_to_hf(args) -> int:
     from opsd_megatron.conversion import save_hf_checkpoint
 
-    chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)
-    tok = args.tokenizer or (Path(args.megatron) / "tokenizer")
-    out = save_hf_checkpoint(chunks, args.out, tokenizer_dir=tok)
+    chunks, _, hook, default_tok = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep)
+    tok = args.tokenizer or default_tok
+    _progress(f"writing HF checkpoint to {args.out}" + (" (LoRA merged)" if hook else ""))
+    out = save_hf_checkpoint(chunks, args.out, tokenizer_dir=tok, shard_hook=hook)
     if _rank0():
         print(f"wrote HF checkpoint {out}")
     return 0
@@ -147,9 +191,9 @@ def verify(args) -> int:
 
     dtype = _dtype(args.dtype)
     if args.megatron:
-        chunks, _ = _load_megatron(args.megatron, args.tp, args.pp, args.dtype)
+        chunks = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep)[0]
     else:
-        parallel.initialize(args.tp, args.pp)
+        parallel.initialize(args.tp, args.pp, ep=args.ep)
         chunks = build_model(args.hf, dtype=dtype, perform_initialization=False)
         load_hf_weights(chunks, args.hf)
     vocab = model_info(chunks).vocab_size
@@ -180,13 +224,51 @@ def verify(args) -> int:
     return 0 if bool(ok[0]) else 1
 
 
+def check_args(args) -> None:
+    """User errors before anything heavy: sizes, the layout against the world, paths that must exist."""
+    import os
+
+    for flag in ("tp", "pp"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if world % (args.tp * args.pp):
+        raise ValueError(
+            f"--tp x --pp = {args.tp} x {args.pp} = {args.tp * args.pp} does not divide the {world} "
+            "process(es) started (torchrun --nproc-per-node N; a plain run is one process)."
+        )
+    hf = getattr(args, "hf", None)
+    if hf is not None and not (Path(hf) / "config.json").is_file():
+        raise ValueError(f"--hf {hf!r} is not a Hugging Face model directory (no config.json).")
+    mg = getattr(args, "megatron", None)
+    if mg is not None and not Path(mg).is_dir():
+        raise ValueError(f"--megatron {mg!r} does not exist.")
+    if args.command == "megatron-to-hf":
+        from opsd_megatron.conversion.hf_checkpoint import check_export_dir
+
+        check_export_dir(Path(args.out))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    handler = {"hf-to-megatron": hf_to_megatron, "megatron-to-hf": megatron_to_hf, "verify": verify}[
-        args.command
-    ]
-    return handler(args)
+    from checkpoint_tools import export_lora
+    from opsd_megatron.config import ConfigError
+    from opsd_megatron.console import setup_logging
+
+    setup_logging("info", verbose=args.verbose)
+    handler = {
+        "hf-to-megatron": hf_to_megatron,
+        "megatron-to-hf": megatron_to_hf,
+        "verify": verify,
+        "export-lora": export_lora.run,
+    }[args.command]
+    try:
+        check_args(args)
+        return handler(args)
+    except (ValueError, ConfigError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"opsd-convert {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

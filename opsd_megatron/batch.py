@@ -133,3 +133,15 @@ def gather_positions(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """logits [b, s, v] (any sharding of v), index [b, R] -> [b, R, v]: rows at the given positions."""
     b, R = index.shape
     return torch.gather(logits, 1, index.unsqueeze(-1).expand(b, R, logits.shape[-1]))
+
+
+def skip_first_tokens(mbs: list[MicroBatch], k: int) -> list[MicroBatch]:
+    """Mask the first `k` response positions of every sample from the loss (`loss.skip_first_tokens`): the
+    teacher prompt ends with thinking on, the student's with thinking off, so the teacher scores response
+    position 0 expecting `<think>`. Updates `loss_mask` [b, R] and `num_tokens` in place; returns `mbs`."""
+    if k <= 0:
+        return mbs
+    for mb in mbs:
+        mb.loss_mask[:, :k] = 0.0
+        mb.num_tokens = int(mb.loss_mask.sum().item())
+    return mbs

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import random
 import signal
 import time
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from opsd_megatron.models.builder import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +38,10 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root` (from the `latest` marker), or None."""
-    marker = Path(root) / LATEST
-    if not marker.is_file():
-        return None
-    path = Path(root) / marker.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+    """The newest complete (verified) checkpoint under `root`, or None; see `checkpoint_index`."""
+    from opsd_megatron.checkpoint_index import choose_resume
 
-
-def _inner(chunk: Any) -> Any:
-    """The GPTModel inside a DDP wrapper (its state-dict keys carry no `module.` prefix)."""
-    return getattr(chunk, "module", chunk)
+    return choose_resume(root).path
 
 
 def _rng_state() -> dict:
@@ -96,7 +92,7 @@ def _sharded_state_dict(
 
     model_sd: dict = {}
     for i, chunk in enumerate(chunks):
-        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = _inner(chunk).sharded_state_dict()
+        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = unwrap(chunk).sharded_state_dict()
     flat_model = {}
     for v in model_sd.values():
         flat_model.update(v)
@@ -124,21 +120,33 @@ def _start_writer_manager_shielded() -> None:
     `dist_checkpointing.save` lazily starts a multiprocessing Manager that inherits the default SIGTERM
     action. On preemption SLURM signals the whole process tree, the Manager dies, and the save-on-signal
     fails with BrokenPipeError/EOFError, losing the step. Started here with both signals ignored, it outlives
-    the signal long enough for the trainer's grace-period save. No-op when Megatron's internals differ.
+    the signal long enough for the trainer's grace-period save, and it dies with its trainer process
+    (`opsd_megatron.lifeline`). When Megatron's internals moved, the patch registry (`opsd_megatron.patches`)
+    warns once and this is a no-op.
     """
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-    except ImportError:
+    from opsd_megatron import patches
+
+    found = patches.target("megatron.checkpoint_writer_queue")
+    if found is None or patches.target("megatron.checkpoint_writer_queue_state") is None:
         return
-    if getattr(fa, "_results_queue", True) is not None or not hasattr(fa, "_get_write_results_queue"):
+    fa = found[0]
+    if fa._results_queue is not None:
         return
-    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None]
     try:
         old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
     except ValueError:  # not the main thread: nothing to shield
         return
     try:
-        fa._get_write_results_queue()
+        # Megatron's `_get_write_results_queue` with one change: the Manager dies with this process
+        # (`opsd_megatron.lifeline`), so a SIGKILLed trainer leaves no orphan that ignores SIGTERM.
+        from multiprocessing.managers import SyncManager
+
+        from opsd_megatron.lifeline import die_with_parent, parent_lifeline
+
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=parent_lifeline())
+        fa._results_queue = manager.Queue()  # the queue proxy keeps the manager alive
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -153,8 +161,13 @@ def save_checkpoint(
     *,
     teacher: Any = None,
     reason: str = "interval",
+    config: dict | None = None,
 ) -> Path:
-    """Save everything needed to resume after `step` completed optimizer steps; returns the directory."""
+    """Save everything needed to resume after `step` completed optimizer steps; returns the directory.
+
+    `config` (the run's config as a dict) is stored as `config.yaml` in the directory, so a resumed run can
+    list what changed and `opsd-convert`/`opsd-eval` can rebuild the model from the checkpoint alone.
+    `opsd_state.json`, written last, records every file's size (checked by `checkpoint_index`)."""
     from megatron.core import dist_checkpointing
 
     t0 = time.perf_counter()
@@ -175,15 +188,38 @@ def save_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        from opsd_megatron.checkpoint_index import CONFIG_FILE, file_manifest
+
+        if config is not None:
+            import yaml
+
+            (path / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         state = {"step": step, "reason": reason, "time": time.time(), "save_s": time.perf_counter() - t0}
-        (path / STATE_FILE).write_text(json.dumps(state))
+        state["files"] = file_manifest(path)
+        tmp_state = path / (STATE_FILE + ".tmp")
+        tmp_state.write_text(json.dumps(state))
+        tmp_state.replace(path / STATE_FILE)
         tmp = Path(root) / (LATEST + ".tmp")
         tmp.write_text(path.name)
         tmp.replace(Path(root) / LATEST)
     if dist.is_initialized():
         dist.barrier()
-    log.info("saved checkpoint %s (%s) in %.1f s", path, reason, time.perf_counter() - t0)
+    level = logging.DEBUG if reason == "interval" else logging.INFO  # one console line per step
+    log.log(level, "saved checkpoint %s (%s) in %.1f s", path, reason, time.perf_counter() - t0)
     return path
+
+
+def mark_reason(path: str | Path, reason: str) -> None:
+    """Rewrite the `reason` recorded in a complete checkpoint's opsd_state.json (rank 0; atomic)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    p = Path(path) / STATE_FILE
+    state = json.loads(p.read_text())
+    state["reason"] = reason
+    tmp = p.with_name(STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(p)
+    log.info("checkpoint %s (%s): the stop request came after this step's save", path, reason)
 
 
 def load_checkpoint(
@@ -192,16 +228,25 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step."""
     from megatron.core import dist_checkpointing
 
+    from opsd_megatron.checkpoint_index import CheckpointError, checkpoint_problem
+
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete or missing (no {STATE_FILE}).")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {problem}.")
     sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None)
     if _teacher_state(teacher) is None:
         sd.pop("teacher_state")
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    state = dist_checkpointing.load(sd, str(path))
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        state = dist_checkpointing.load(sd, str(path))
+    except Exception as e:  # a damage the size checks cannot see (garbled bytes, mismatched shapes)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: {e}); remove it to resume from "
+            "the previous one, or name another with checkpoint.load."
+        ) from e
     for i, chunk in enumerate(chunks):
-        _inner(chunk).load_state_dict(state[f"model{i}" if len(chunks) > 1 else "model"])
+        unwrap(chunk).load_state_dict(state[f"model{i}" if len(chunks) > 1 else "model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     _set_rng_state(state["rng_state"])

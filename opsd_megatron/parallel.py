@@ -2,6 +2,7 @@
 
     from opsd_megatron import parallel
     ps = parallel.initialize(tp=2, pp=2, seed=1234)   # DP = world_size / (TP * PP)
+    ps = parallel.initialize(tp=1, pp=1, ep=2)         # MoE: experts split over 2 ranks of the DP group
     ps.tp_group, ps.pp_group, ps.dp_group, ps.tp_rank, ...
     parallel.destroy()
 
@@ -44,6 +45,10 @@ class ParallelState:
     backend: str = "gloo"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 1234
+    ep: int = 1  # expert-parallel size (MoE; carved out of DP)
+    etp: int = 1  # expert tensor-parallel size (MoE; defaults to TP)
+    ep_rank: int = 0
+    etp_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -128,27 +133,50 @@ def _init_process_group(backend: str | None) -> None:
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, *, backend: str | None = None) -> ParallelState:
-    """Initialise torch.distributed (if needed), Megatron's parallel_state for TP x PP (DP derived) and seeds.
-
-    Calling it again with the same (tp, pp) returns the existing state; with a different layout it
-    rebuilds Megatron's groups (torch.distributed stays up). Collective over the world group.
-    """
-    global _STATE
-    from megatron.core import parallel_state as mps
-
-    from opsd_megatron import cpu
-
-    if _STATE is not None and (_STATE.tp, _STATE.pp) == (tp, pp) and mps.model_parallel_is_initialized():
-        return _STATE
-    cpu_mode = cpu.install()  # no-op with CUDA
-    _init_process_group(backend)
-    world = dist.get_world_size()
+def check_layout(world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
+    """ValueError naming the sizes when TP x PP (dense) or ETP x EP x PP (experts) cannot tile the world."""
+    etp = tp if etp is None else etp
     if tp < 1 or pp < 1 or world % (tp * pp) != 0:
         raise ValueError(
             f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp}) must divide the "
             f"world size ({world})."
         )
+    if ep < 1 or etp < 1 or world % (etp * ep * pp) != 0:
+        raise ValueError(
+            f"expert parallel size (parallel.ep={ep}) x expert tensor parallel size ({etp}) x pipeline "
+            f"parallel size ({pp}) must divide the world size ({world}): EP x ETP x PP x expert-DP = world."
+        )
+
+
+def initialize(
+    tp: int = 1,
+    pp: int = 1,
+    seed: int = 1234,
+    *,
+    backend: str | None = None,
+    ep: int = 1,
+    etp: int | None = None,
+) -> ParallelState:
+    """Initialise torch.distributed (if needed), Megatron's parallel_state for TP x PP (DP derived) and seeds.
+
+    `ep` / `etp`: expert-parallel and expert tensor-parallel sizes for MoE models (etp defaults to tp);
+    EP ranks are data-parallel ranks for the dense part. Calling it again with the same layout returns the
+    existing state; with a different layout it rebuilds Megatron's groups (torch.distributed stays up).
+    Collective over the world group.
+    """
+    etp = tp if etp is None else etp
+    global _STATE
+    from megatron.core import parallel_state as mps
+
+    from opsd_megatron import cpu
+
+    same = _STATE is not None and (_STATE.tp, _STATE.pp, _STATE.ep, _STATE.etp) == (tp, pp, ep, etp)
+    if same and mps.model_parallel_is_initialized():
+        return _STATE
+    cpu_mode = cpu.install()  # no-op with CUDA
+    _init_process_group(backend)
+    world = dist.get_world_size()
+    check_layout(world, tp, pp, ep, etp)
     if mps.model_parallel_is_initialized():
         mps.destroy_model_parallel()
     # With a gloo world every Megatron group is already a gloo group: the extra gloo twins Megatron makes for
@@ -156,11 +184,14 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, *, backend: str | Non
     mps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         create_gloo_process_groups=dist.get_backend() != "gloo",
     )
     tp_rank = mps.get_tensor_model_parallel_rank()
+    ep_rank, etp_rank = mps.get_expert_model_parallel_rank(), mps.get_expert_tensor_parallel_rank()
     if cpu_mode:
-        cpu.cpu_model_parallel_manual_seed(seed, tp_rank)
+        cpu.cpu_model_parallel_manual_seed(seed, tp_rank, ep_rank, etp_rank)
         device = torch.device("cpu")
     else:
         from megatron.core import tensor_parallel
@@ -185,6 +216,10 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, *, backend: str | Non
         backend=dist.get_backend(),
         device=device,
         seed=seed,
+        ep=ep,
+        etp=etp,
+        ep_rank=ep_rank,
+        etp_rank=etp_rank,
     )
     if _STATE.rank == 0:
         log.info("parallel layout: %s", _STATE)

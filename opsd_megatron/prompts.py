@@ -29,7 +29,7 @@ TRANSITION = (
 """The OPSD reference's transition paragraph between the reference solution and the instruction."""
 
 STUDENT_TEMPLATE = "Problem: {problem}\n\n" + ANSWER_INSTRUCTION
-"""Student user turn (opsd_spec.md)."""
+"""Student user turn (docs/algorithm.md)."""
 
 TEACHER_TEMPLATE = (
     "Problem: {problem}\n\n"
@@ -39,7 +39,7 @@ TEACHER_TEMPLATE = (
     + "\n"
     + ANSWER_INSTRUCTION
 )
-"""Teacher user turn: problem, privileged reference solution, transition, instruction (opsd_spec.md)."""
+"""Teacher user turn: problem, privileged reference solution, transition, instruction (docs/algorithm.md)."""
 
 
 def fill_template(template: str, problem: str, solution: str | None = None) -> str:

@@ -12,8 +12,10 @@ engine or teacher copy is built. Each problem of the step's batch gives one sequ
 
 The packed sequences reuse `opsd_megatron.batch.pack_step` with the reference solution in the place of the
 sampled response, so `student_index[j]` is the position predicting `response_ids[:, j]`. Loss: token-mean
-cross-entropy over the response tokens (prompt and padding excluded), computed on the vocab-parallel logits
-at the response positions ([b, R, v/tp], never [b, S, v]) with Megatron's `vocab_parallel_cross_entropy`
+cross-entropy over the response tokens (prompt and padding excluded): the last stage stops before the LM
+head (`models.forward.hidden_states_forward`), keeps the response positions' hidden states [b, R, h] and
+multiplies them with its LM-head shard into vocab-parallel logits [b, R, v/tp] (never [b, S, v]), then
+Megatron's `vocab_parallel_cross_entropy`
 (all-reduces max, target logit and sum-exp over the TP group); padded vocabulary entries are masked out.
 Normalised by the GLOBAL number of response tokens, as OPSD's loss (see the trainer docstring).
 
@@ -30,6 +32,7 @@ import torch
 
 from opsd_megatron.batch import MicroBatch, Sample, gather_positions, pack_step
 from opsd_megatron.trainer import OPSDTrainer
+from opsd_megatron.watchdog import ends_job_on_error
 
 
 def masked_vocab_parallel_cross_entropy(
@@ -92,8 +95,14 @@ class SFTTrainer(OPSDTrainer):
                 out.append(Sample(s if fmt == "student" else t, [self.pad_id], sol))
         return out
 
-    def _ce_loss(self, mb: MicroBatch, scale: float, output: torch.Tensor):
-        logits = gather_positions(output, mb.student_index)  # [b, R, v/tp]
+    def _ce_loss(self, mb: MicroBatch, scale: float, weight: torch.Tensor, hidden: torch.Tensor):
+        """hidden: the last stage's final hidden states [b, S, h]; weight: the LM-head shard [v/tp, h]."""
+        h = gather_positions(hidden, mb.student_index)  # [b, R, h]
+        if self.ps.tp > 1 and not self.cfg.parallel.sequence_parallel:
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            h = copy_to_tensor_model_parallel_region(h)  # backward: all-reduce the partial grads over TP
+        logits = torch.matmul(h, weight.t())  # [b, R, v/tp]: response positions only
         ce = masked_vocab_parallel_cross_entropy(
             logits, mb.response_ids, vocab_size=self.info.vocab_size, tp_group=self.ps.tp_group
         )  # [b, R]
@@ -114,10 +123,14 @@ class SFTTrainer(OPSDTrainer):
             dist.all_reduce(local, group=self.ps.dp_group)
         scale = self.dp * len(mbs) / max(int(local.item()), 1)
 
+        from opsd_megatron.models.forward import hidden_states_forward, output_weight
+
+        weight = output_weight(self.chunks[-1]) if self.ps.is_last_stage else None
+
         def step_fn(data_iterator, model):
             mb = next(data_iterator)
-            out = model(mb.student_tokens, mb.student_position_ids, None)
-            return out, partial(self._ce_loss, mb, scale)
+            out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None)
+            return out, partial(self._ce_loss, mb, scale, weight)
 
         for c in self.chunks:
             c.zero_grad_buffer()
@@ -140,8 +153,10 @@ class SFTTrainer(OPSDTrainer):
             "update_ok": float(bool(ok)),
         }
 
+    @ends_job_on_error
     def train(self) -> list[dict]:
-        """SFT from `self.step` to `train.steps`; checkpoints, metrics and HF export as OPSD's `train`."""
+        """SFT from `self.step` to `train.steps`; checkpoints (saved before a stop), metrics and HF export as
+        OPSD's `train`."""
         from opsd_megatron.schedule import current_lr
 
         rows = []
@@ -153,19 +168,28 @@ class SFTTrainer(OPSDTrainer):
             m.update(lr=current_lr(self.optimizer), epoch=self.sampler.epoch_of(self.step - 1))
             m["time/step_s"] = time.perf_counter() - t0
             m["throughput/response_tokens_per_s"] = m["response_tokens"] / m["time/step_s"]
+            stop = self._stop_requested()
+            every = cfg.checkpoint.save_interval
+            saved = None
+            if stop or (every and self.step % every == 0) or self.step == cfg.train.steps:
+                last = self.step == cfg.train.steps
+                saved = self.save("signal" if stop else "final" if last else "interval")
+            every_hf = cfg.checkpoint.export_hf_interval
+            if not stop and every_hf and self.step % every_hf == 0:
+                self.export_hf(self.out / f"hf_step_{self.step:06d}")
             self.metrics.log(self.step, m)
             rows.append({"step": self.step, **m})
             if self.on_step_end is not None:
                 self.on_step_end(self, self.step)
-            if self._stop_requested():
-                self.save("signal")
-                if self._grace_timer is not None:
-                    self._grace_timer.cancel()
+            if stop or self._stop_requested():
+                if saved is None:
+                    self.save("signal")
+                elif not stop:  # the signal came after this step's save: that checkpoint is where it stopped
+                    from opsd_megatron.checkpointing import mark_reason
+
+                    mark_reason(saved, "signal")
+                self._stop.cancel()
                 return rows
-            every = cfg.checkpoint.save_interval
-            if every and self.step % every == 0 and self.step < cfg.train.steps:
-                self.save("interval")
-        self.save("final")
         if cfg.checkpoint.export_hf:
             self.export_hf(self.out / "hf")
         return rows

@@ -34,19 +34,14 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from opsd_megatron.config import TeacherConfig, choices
 from opsd_megatron.lora import adapters_disabled, has_lora, merged_named_parameters
 from opsd_megatron.lora.api import copy_named_tensors
+from opsd_megatron.models.builder import unwrap
 
 log = logging.getLogger(__name__)
 
-TEACHER_MODES = ("frozen", "adapters_off", "ema", "current")
-
-
-def _inner(chunk: nn.Module) -> nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
+TEACHER_MODES = choices(TeacherConfig, "mode")
 
 
 @contextlib.contextmanager
@@ -124,8 +119,8 @@ class CopyTeacher(Teacher):
             )
         self._params: list[dict[str, torch.nn.Parameter]] = []
         for ci, (t, s) in enumerate(zip(self.teacher_chunks, self.student_chunks)):
-            tp = dict(_inner(t).named_parameters())
-            sp = dict(merged_named_parameters(_inner(s)))
+            tp = dict(unwrap(t).named_parameters())
+            sp = dict(merged_named_parameters(unwrap(s)))
             if tp.keys() != sp.keys():
                 diff = sorted(set(tp) ^ set(sp))
                 raise ValueError(f"teacher chunk {ci} does not match the student's parameters: {diff[:4]}.")
@@ -194,7 +189,7 @@ class EMATeacher(CopyTeacher):
     def after_optimizer_step(self) -> None:
         d = self.decay
         for ci, s in enumerate(self.student_chunks):
-            for n, w in merged_named_parameters(_inner(s)):
+            for n, w in merged_named_parameters(unwrap(s)):
                 key = f"{ci}.{n}"
                 shadow = self.shadow[key]
                 shadow.mul_(d).add_(w.to(shadow.device, torch.float32), alpha=1.0 - d)

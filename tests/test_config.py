@@ -71,7 +71,20 @@ BAD = [
     ("", ["optimizer.lr_warmup_steps=1000"], "'optimizer.lr_warmup_steps': must be in [0, train.steps=100]"),
     ("", ["train.steps"], "override 'train.steps' must look like key.sub=value"),
     ("", ["lora.target_modules=q_proj"], "config key 'lora.target_modules': expected a list"),
+    ("", ["lora.layout=peft"], "config key 'lora.layout': must be one of fused, per_projection, got 'peft'"),
 ]
+
+
+def test_choices_are_declared_once_as_literal_types():
+    """Values set in code (not loaded from YAML) are checked against the same `Literal` types."""
+    from opsd_megatron.config import LoraConfig, OptimizerConfig, choices, validate
+
+    assert choices(LoraConfig, "layout") == ("fused", "per_projection")
+    assert choices(OptimizerConfig, "lr_decay_style") == ("constant", "linear", "cosine")
+    cfg = load_config(EXAMPLES / "tiny_cpu_demo.yaml")
+    cfg.loss.kind = "kl"
+    with pytest.raises(ConfigError, match="'loss.kind': must be one of forward_kl, reverse_kl, jsd, top_k, "):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("text,overrides,message", BAD)
@@ -106,6 +119,6 @@ def test_model_and_world_checks(tmp_path):
     with pytest.raises(ConfigError, match=r"'train.global_batch_size': 8 is not divisible by .* 2 x 3"):
         validate_world(cfg, 3)
     cfg.parallel.tp = 2
-    with pytest.raises(ConfigError, match="tp x pp = 2 does not divide the world size 3"):
+    with pytest.raises(ConfigError, match=r"'parallel.pp' = 2 x 1 = 2 do not divide the 3 process"):
         validate_world(cfg, 3)
     validate_model(cfg, {"num_attention_heads": 4})

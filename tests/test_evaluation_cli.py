@@ -28,7 +28,7 @@ def test_resolve_model_dir(tmp_path):
     run = tmp_path / "run"
     (run / "step_000004").mkdir(parents=True)
     (run / "latest").write_text("step_000004")
-    with pytest.raises(ValueError, match="training checkpoint \\(step_000004\\) without opsd_meta.json"):
+    with pytest.raises(ValueError, match="no complete training checkpoint \\(step_000004: no opsd_state"):
         resolve_model_dir(str(run), tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a Hugging Face directory"):

@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from opsd_megatron.evaluation import GraderPool, default_pool, extract_boxed, grade, normalize_answer
+from opsd_megatron.evaluation import (
+    GraderPool,
+    default_pool,
+    extract_answer,
+    extract_boxed,
+    grade,
+    normalize_answer,
+    strip_units,
+)
 
 
 def B(s: str) -> str:
@@ -96,6 +104,25 @@ PAIRS = [
     (B(r"x=4"), "3", False),
     (B(r"\begin{pmatrix} 2 \\ 1 \end{pmatrix}"), r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", False),
     (B(r"-\infty"), r"\infty", False),
+    # --- answers split over several boxes (Math-Verify grades their union), units, percent (extract.py)
+    (r"so $\boxed{(1, 4)}$ \quad \text{and} \quad $\boxed{(4, 1)}$", "(1, 4), (4, 1)", True),
+    (r"the roots are \boxed{-3} and \boxed{2}", "2, -3", True),
+    (r"$x_1 = \boxed{7}$, $x_2 = \boxed{-1}$", "x = 7, x = -1", True),
+    (r"\boxed{2}, \boxed{3}, \boxed{5}", r"\{2, 3, 5\}", True),
+    (r"\boxed{4} \text{ for (i) and } \boxed{9}", "4, 9", True),
+    (r"the roots are \boxed{-3} and \boxed{2}", "2", False),  # the union, not the last box
+    (r"\boxed{1} and \boxed{6}", "1, 5", False),
+    (r"First \boxed{4}; on reflection the answer is \boxed{6}", "4, 6", False),  # a correction: last box
+    (B(r"7\text{ cm}"), r"\frac{14}{2}", True),
+    (B(r"\text{7 cm}"), "7", True),
+    (B(r"7\text{ cm}^2"), "7", True),
+    (B("7 cm"), "7", True),
+    (B(r"\text{7 cm}"), "8", False),
+    (B("7x"), "7", False),  # a variable is not a unit
+    (B(r"0.5\%"), "0.005", True),  # decision: p% matches p/100 ...
+    (B(r"0.5\%"), "0.5", True),  # ... and p (the question asked for a percentage)
+    (B("0.5"), "0.005", False),  # without the % sign the two readings differ
+    (B(r"0.5\%"), "0.05", False),
 ]
 
 PATHOLOGICAL = B(
@@ -148,10 +175,50 @@ def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}", "(2, 2), (6, 2)"),
+        (r"$\boxed{1}$, $\boxed{2}$ or $\boxed{3}$", "1, 2, 3"),
+        (r"\( y_1 = \boxed{x+1} \) and \( y_2 = \boxed{x-1} \)", "x+1, x-1"),
+        (r"\boxed{5} and \boxed{5}", "5"),  # a repeated box is one answer
+        (r"First \boxed{3}. Wait, recheck: \boxed{5}", "5"),  # other text between: last-box rule
+        (r"\boxed{3} \text{ is wrong, } \boxed{5}", "5"),
+        (r"<think>\boxed{4}</think> final: \boxed{9}", "9"),
+        (r"\boxed{\boxed{8}}", "8"),  # nested: the inner box
+        (r"\boxed{1} and \boxed{2", "1"),  # unclosed last box
+        (r"\boxed{}", None),
+        ("no box", None),
+    ],
+)
+def test_extract_answer_joins_split_boxes(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (r"5\text{ cm}", "5"),
+        (r"\text{5 cm}", "5"),
+        (r"12\mbox{ m}^2", "12"),
+        (r"\frac{1}{2}\text{ m}", r"\frac{1}{2}"),
+        ("30 degrees", "30"),
+        ("2,500 dollars", "2,500"),
+        ("5x", "5x"),  # a variable, not a unit
+        ("5 m", "5 m"),  # single letters are left alone outside a text command
+        (r"3\text{ and }4", r"3\text{ and }4"),
+        (r"\text{(B)}", r"\text{(B)}"),
+    ],
+)
+def test_strip_units(answer, expected):
+    assert strip_units(answer) == expected
+
+
 def test_extract_is_linear_on_adversarial_text():
     t = time.monotonic()
     assert extract_boxed("\\boxed{" * 200_000) is None  # quadratic scanning would take minutes
     assert extract_boxed("{" * 100_000 + "\\boxed{1}") == "1"
+    assert extract_answer("\\boxed{1} and " * 20_000) == "1"  # repeated boxes collapse, still linear
     assert time.monotonic() - t < 5.0
 
 

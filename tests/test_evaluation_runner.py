@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd_megatron.evaluation import benchmark_metrics, default_pool, extract_boxed, load_benchmark
+from opsd_megatron.evaluation import benchmark_metrics, default_pool, extract_answer, load_benchmark
 from opsd_megatron.evaluation.metrics import SampleVerdict
 from opsd_megatron.evaluation.runner import evaluate, render_prompt_ids
 from opsd_megatron.rollout.base import RolloutOutput, SamplingConfig
@@ -216,7 +216,7 @@ def test_vllm_cli_end_to_end(vllm_engine, tokenizer, pool, tiny_qwen3_dir, tmp_p
     assert {(r["benchmark"], r["key"]) for r in recs} == set(refs)
     for r in recs:
         assert r["reference"] == refs[(r["benchmark"], r["key"])]
-        assert r["answer"] == extract_boxed(r["response"])
+        assert r["answer"] == extract_answer(r["response"])
         assert 1 <= r["num_tokens"] <= 8 and r["finish_reason"] in ("stop", "length")
         assert r["finish_reason"] == "stop" or r["num_tokens"] == 8
     regraded = pool.grade_many([(r["response"], r["reference"]) for r in recs])

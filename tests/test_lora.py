@@ -79,7 +79,7 @@ def set_random_lora(chunks, scale: float = 0.05):
         gname = global_module_name(chunks[0], name.split(".", 1)[1])
         g = torch.Generator().manual_seed(zlib.crc32(gname.encode()))
         ad.set_full_weights(
-            torch.randn(ad.rank, ad.in_features, generator=g) * scale,
+            torch.randn(ad.a_rows, ad.in_features, generator=g) * scale,
             torch.randn(ad.out_features, ad.rank, generator=g) * scale,
         )
 
@@ -289,19 +289,31 @@ def _sequence_parallel_checks(tp_rank: int) -> dict:
     }
 
 
-def _all_tp2_checks(rank: int, world: int, hf_dir: str, ckpt_dir: str) -> dict:
+def _all_tp2_checks(rank: int, world: int, hf_dir: str, ckpt_dir: str, peft_dir: str) -> dict:
     """One spawned run for every distributed LoRA and teacher check (process start-up dominates)."""
+    from tests.test_lora_peft import per_projection_checks
     from tests.test_teacher import teacher_checks
 
     out = _lora_tp_checks(rank, world, hf_dir, ckpt_dir)
     out.update(teacher_checks(hf_dir))
+    out.update(per_projection_checks(hf_dir, peft_dir))
     return out
 
 
 def test_lora_tp2_and_teacher_modes(tiny_qwen3_dir, tmp_path):
     """LoRA TP=2 (with and without SP) == TP=1, merge, adapters-off, checkpoint sharding; then the teacher
-    modes of tests/test_teacher.py on the same TP=2 processes."""
-    results = run_distributed(_all_tp2_checks, 2, str(tiny_qwen3_dir), str(tmp_path / "ckpt"), timeout=400)
+    modes of tests/test_teacher.py and the per_projection / PEFT checks of tests/test_lora_peft.py on the
+    same TP=2 processes; PEFT loads the adapters written there."""
+    from tests.test_lora_peft import check_cli_adapter, check_per_projection_results, peft_logits_vs_merged
+
+    peft_dir = tmp_path / "peft"
+    results = run_distributed(
+        _all_tp2_checks, 2, str(tiny_qwen3_dir), str(tmp_path / "ckpt"), str(peft_dir), timeout=400
+    )
+    check_per_projection_results(results)
+    check_cli_adapter(peft_dir)
+    for layout in ("per_projection", "fused"):  # PEFT loads what a LoRA run writes at its end
+        assert peft_logits_vs_merged(str(tiny_qwen3_dir), str(peft_dir / layout)) < 1e-5, layout
     for r in results:
         assert r["base_tp2_vs_tp1"] < 1e-5, r
         assert r["logits_tp2_vs_tp1"] < 1e-5, r

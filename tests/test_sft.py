@@ -48,6 +48,10 @@ def run_sft_tp2(rank, world_size, good: dict, bad: dict):
     try:
         samples = trainer.sft_samples(0)
         rows = trainer.train()
+        # A parameter replicated over TP (final norm) must stay identical on both ranks: the hidden-state
+        # gradient of the vocab-parallel LM head is all-reduced over TP.
+        norm = next(p for n, p in trainer.chunks[0].named_parameters() if "final_layernorm.weight" in n)
+        norm_sum = float(norm.detach().double().sum())
     finally:
         trainer.close()
     ref = None
@@ -67,7 +71,7 @@ def run_sft_tp2(rank, world_size, good: dict, bad: dict):
                 )
                 total, n = total + float(ce), n + len(s.response)
         ref = total / n
-    return {"bad_error": bad_error, "rows": rows, "ref": ref, "n_samples": len(samples)}
+    return {"bad_error": bad_error, "rows": rows, "ref": ref, "n_samples": len(samples), "norm": norm_sum}
 
 
 def test_sft_tp2_loss_matches_transformers_and_bad_rows_error(tmp_path):
@@ -88,6 +92,8 @@ def test_sft_tp2_loss_matches_transformers_and_bad_rows_error(tmp_path):
     first = r0["rows"][0]["loss"]
     assert first == pytest.approx(r0["ref"], rel=1e-5)  # fp32; Megatron TP=2 vs transformers
     assert res[1]["rows"][0]["loss"] == pytest.approx(first, rel=1e-12)  # every rank logs the global loss
+    assert r0["rows"][1]["loss"] < first  # the update helped
+    assert res[0]["norm"] == pytest.approx(res[1]["norm"], rel=1e-6)
 
 
 def test_warmstart_command_small_scale_sft_decreases_loss(tmp_path):

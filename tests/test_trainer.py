@@ -71,7 +71,7 @@ def run_opsd(rank, world_size, cfg_dict, kill_after=None, term_at=None, fixed_ba
                             "rollout/truncation_rate": 0.0,
                         },
                         out,
-                    )["divergence"]
+                    )["loss"]
                 )
         return {"rows": rows, "fixed": fixed, "step": trainer.step, "signal": trainer._signal}
     finally:
@@ -110,23 +110,48 @@ def test_pp2_multi_microbatch_and_fixed_batch_divergence_falls(tiny_qwen3_dir, t
     assert any((tmp_path / "pp2" / "tensorboard").iterdir())
 
 
+def run_unequal_replicas(rank, world_size, cfg_dict, keep_tokens):
+    """Worker: train as configured, then one more step on a fresh rollout whose second half of the global
+    batch (replica 1 at DP=2) keeps only `keep_tokens` response tokens; returns its metrics as well."""
+    from dataclasses import replace
+
+    from opsd_megatron.config import config_from_dict
+    from opsd_megatron.trainer import OPSDTrainer
+
+    trainer = OPSDTrainer(config_from_dict(cfg_dict))
+    try:
+        rows = trainer.train()
+        samples, rstats = trainer.rollout(1000)
+        half = len(samples) * trainer.dp // 2
+        first = trainer.ps.dp_rank * len(samples)
+        k = keep_tokens
+        cut = [replace(s, response=s.response[:k], rollout_logprobs=s.rollout_logprobs[:k]) for s in samples]
+        samples = [s if first + i < half else c for i, (s, c) in enumerate(zip(samples, cut))]
+        out = trainer.train_step(samples)
+        m = trainer._global_metrics(rstats, out)
+        local = sum(len(s.response) for s in samples)
+        return {"rows": rows, "unequal": {"loss": m["loss"], "grad_norm": out["grad_norm"], "local": local}}
+    finally:
+        trainer.close()
+
+
 def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path):
     """DP=2 (two replicas, one micro-batch each) computes the same loss and gradient norm as DP=1 (two
     micro-batches) on the same global batch: prompts split over replicas, gradients averaged by DDP with the
     global-token scaling, metrics reduced over DP. top_k=1 makes sampling deterministic whatever the per-rank
-    seed, so both runs see the same rollouts. (With equal response lengths per replica this does not tell a
-    global-token from a per-replica normalisation apart; the loss-scale formula is in `_loss_func`.)"""
+    seed, so both runs see the same rollouts. A last step on replicas with different token counts (12 vs 3
+    response tokens per sample) tells global-token normalisation (Σ/G, what DP=1 computes) from per-replica
+    normalisation ((Σ₀/G₀ + Σ₁/G₁)/2, which would give DP=2 a different gradient)."""
     common = dict(
         parallel={"tp": 1, "pp": 1},
+        loss={"kind": "top_k", "top_k": 8},  # a sparse estimator in the trainer (all: test_opsd_step)
         rollout={"top_k": 1},
         train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
     )
-    dp1 = run_distributed(
-        run_opsd, 1, tiny_config(tiny_qwen3_dir, tmp_path / "dp1", **common), timeout=200, env=ENV
-    )
-    dp2 = run_distributed(
-        run_opsd, 2, tiny_config(tiny_qwen3_dir, tmp_path / "dp2", **common), timeout=200, env=ENV
-    )
+    dp1 = tiny_config(tiny_qwen3_dir, tmp_path / "dp1", **common)
+    dp1 = run_distributed(run_unequal_replicas, 1, dp1, 3, timeout=200, env=ENV)
+    dp2 = tiny_config(tiny_qwen3_dir, tmp_path / "dp2", **common)
+    dp2 = run_distributed(run_unequal_replicas, 2, dp2, 3, timeout=200, env=ENV)
     r1, r2 = dp1[0]["rows"], dp2[0]["rows"]
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
     for a, b in zip(r1, r2):
@@ -135,3 +160,7 @@ def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
     assert dp2[0]["rows"] == dp2[1]["rows"] or r2[0]["loss"] == dp2[1]["rows"][0]["loss"]
+    u1, u2 = dp1[0]["unequal"], dp2[0]["unequal"]
+    assert dp2[0]["unequal"]["local"] > 2 * dp2[1]["unequal"]["local"] > 0  # ~2 x 12 vs 2 x 3 tokens
+    assert math.isclose(u1["loss"], u2["loss"], rel_tol=1e-5), (u1, u2)
+    assert math.isclose(u1["grad_norm"], u2["grad_norm"], rel_tol=1e-4), (u1, u2)

@@ -10,6 +10,9 @@ result must keep the shard's shape; it is cast back to the parameter dtype),
 (4) with PP > 1, each HF tensor is broadcast from the owning stage over the PP group, so every rank yields
 every tensor (same dtype as the parameter). Collectives per parameter: TP all-gather (owner stage), PP
 broadcast per HF tensor. One all_gather_object over PP at the start (which stage owns what).
+MoE: an expert parameter is gathered over the expert-TP group instead of TP, then its HF tensors are
+all-gathered over the expert-parallel group (every EP rank holds a different expert at the same local
+index), so every rank yields all E experts; the experts of one layer are yielded together with that layer.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.conversion.mapping import TP_DIM, ParamMap, hf_shape, param_maps
+from opsd_megatron.conversion.mapping import (
+    EXPERT_TRANSFORMS,
+    TP_DIM,
+    ParamMap,
+    expert_hf_names,
+    hf_shape,
+    param_maps,
+)
 from opsd_megatron.conversion.transforms import shards_to_hf
 from opsd_megatron.models.builder import model_info, unwrap
 
@@ -55,6 +65,12 @@ def export_hf_weights(
     tp_group, pp_group = mps.get_tensor_model_parallel_group(), mps.get_pipeline_model_parallel_group()
     tp, pp = mps.get_tensor_model_parallel_world_size(), mps.get_pipeline_model_parallel_world_size()
     pp_rank = mps.get_pipeline_model_parallel_rank()
+    ep, ep_group, ep_rank, etp, etp_group = 1, None, 0, tp, tp_group
+    if spec.is_moe:
+        ep, ep_rank = mps.get_expert_model_parallel_world_size(), mps.get_expert_model_parallel_rank()
+        ep_group = mps.get_expert_model_parallel_group()
+        etp, etp_group = mps.get_expert_tensor_parallel_world_size(), mps.get_expert_tensor_parallel_group()
+    n_local = spec.num_experts // ep if spec.is_moe else 0
     mine = [pm for pm in param_maps(model_chunks) if pm.export]
     params = {}
     for ci, chunk in enumerate(model_chunks):
@@ -92,12 +108,29 @@ def export_hf_weights(
             shard = param.detach()
             if shard_hook is not None:
                 shard = shard_hook(mname, _owner_module(model, pm.local_name), shard).to(param.dtype)
-            shards = _gather_tp(shard, tp_group, tp) if TP_DIM[transform] is not None else [shard]
+            if transform in EXPERT_TRANSFORMS:
+                shards = _gather_tp(shard, etp_group, etp)
+            else:
+                shards = _gather_tp(shard, tp_group, tp) if TP_DIM[transform] is not None else [shard]
             tensors = [t.contiguous().clone() for t in shards_to_hf(transform, shards, spec)]
+            if transform in EXPERT_TRANSFORMS and ep > 1:  # every EP rank's expert at this local index
+                per_rank = [_gather_tp(t, ep_group, ep) for t in tensors]  # [n_names][ep]
+                tensors = [per_rank[i][e] for e in range(ep) for i in range(len(hf_names))]
         else:
             dtype = getattr(torch, dtype_str.replace("torch.", ""))
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            tensors = [torch.empty(hf_shape(n, spec), dtype=dtype, device=device) for n in hf_names]
+            n_copies = ep if transform in EXPERT_TRANSFORMS else 1
+            tensors = [
+                torch.empty(hf_shape(n, spec), dtype=dtype, device=device)
+                for _ in range(n_copies)
+                for n in hf_names
+            ]
+        if transform in EXPERT_TRANSFORMS and ep > 1:
+            # hf_names carry this EP rank's global expert index g; rank e holds g + (e - ep_rank) * n_local.
+            g = int(hf_names[0].split(".mlp.experts.")[1].split(".")[0])
+            hf_names = tuple(
+                n for e in range(ep) for n in expert_hf_names(hf_names, g + (e - ep_rank) * n_local)
+            )
         if pp > 1:
             src = dist.get_global_rank(pp_group, stage)
             for t in tensors:

@@ -4,11 +4,18 @@
 
 The result loads with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`. Tensors stream from
 `export_hf_weights` one at a time; rank 0 buffers at most `max_shard_bytes` before writing a shard.
+
+Re-exporting never leaves stale files: the export is written to a temporary sibling directory and swapped in
+for `out_dir` (whose old shards, index and config go with the old directory). A directory that holds files an
+export does not write (anything but weights, index, config and tokenizer files) is refused before the export
+starts (`check_export_dir`), so a wrong `--out` cannot delete a user's files.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -30,7 +37,40 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 
+EXPORT_OWNED = (
+    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+    "config.json", ".opsd_export_source.json", *TOKENIZER_FILES,
+)  # fmt: skip
+"""File names an HF export writes or replaces; anything else in an export directory is refused."""
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def check_export_dir(out: Path) -> None:
+    """Raise ValueError naming a file in `out` that an HF export does not own (a subdirectory, a run's
+    files, sources); a missing or empty directory, or one holding an earlier export, is fine."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"export directory {str(out)!r} is a file.")
+    for p in sorted(out.iterdir()):
+        if p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in EXPORT_OWNED):
+            raise ValueError(
+                f"export directory {str(out)!r} holds {p.name!r}, which an HF export does not write; "
+                "refusing to replace it (choose an empty or new directory)."
+            )
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace `out` by the finished export `tmp` (old files leave with the old directory)."""
+    if out.exists():
+        check_export_dir(out)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def save_hf_checkpoint(
@@ -51,9 +91,12 @@ def save_hf_checkpoint(
 
     info = model_info(model_chunks)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    out = Path(out_dir)
+    final = Path(out_dir)
+    check_export_dir(final)  # every rank: fail before the collective export, not after it
+    out = final.with_name(f".{final.name}.partial-{os.getpid()}")
     if rank0:
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
     dtype = dtype or info.dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -95,6 +138,7 @@ def save_hf_checkpoint(
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copy(src, out / fname)
+        _swap_in(out, final)
     if dist.is_initialized():
         dist.barrier()
-    return out
+    return final

@@ -3,7 +3,8 @@
     load_hf_weights(model_chunks, hf_dir)
 
 Each rank opens the checkpoint's safetensors files lazily and reads only the rows/columns of its own TP
-shard (via `safe_open(...).get_slice`), so no process ever holds the whole model. No collectives.
+shard (MoE: only its own EP rank's experts, their expert-TP shard) (via `safe_open(...).get_slice`), so no
+process ever holds the whole model. No collectives.
 Errors name the tensor and file: a missing tensor, or a tensor whose shape differs from the config's.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from opsd_megatron.conversion.mapping import hf_shape, param_maps
+from opsd_megatron.conversion.mapping import EXPERT_TRANSFORMS, hf_shape, param_maps
 from opsd_megatron.conversion.transforms import hf_to_shard
 from opsd_megatron.models.builder import model_info, unwrap
 
@@ -89,6 +90,9 @@ def load_hf_weights(model_chunks: list, hf_dir: str | Path, *, strict: bool = Tr
     info = model_info(model_chunks)
     spec = info.spec
     tp_rank, tp = mps.get_tensor_model_parallel_rank(), mps.get_tensor_model_parallel_world_size()
+    etp_rank, etp = tp_rank, tp
+    if spec.is_moe:
+        etp_rank, etp = mps.get_expert_tensor_parallel_rank(), mps.get_expert_tensor_parallel_world_size()
     params = {}
     for ci, chunk in enumerate(model_chunks):
         for name, p in unwrap(chunk).named_parameters():
@@ -113,9 +117,8 @@ def load_hf_weights(model_chunks: list, hf_dir: str | Path, *, strict: bool = Tr
                     )
                 checked.add(n)
             param = params[(pm.chunk_index, pm.local_name)]
-            shard = hf_to_shard(
-                pm.transform, reader.read, pm.hf_names, spec, tp_rank, tp, info.padded_vocab_size
-            )
+            r, n = (etp_rank, etp) if pm.transform in EXPERT_TRANSFORMS else (tp_rank, tp)
+            shard = hf_to_shard(pm.transform, reader.read, pm.hf_names, spec, r, n, info.padded_vocab_size)
             if tuple(shard.shape) != tuple(param.shape):
                 raise ValueError(
                     f"Megatron parameter {pm.megatron_name!r}: shard from {list(pm.hf_names)} has shape "

@@ -8,6 +8,14 @@ A Megatron parameter maps to one or more HF tensors through one named transform:
     vocab         rows [r*Vp/tp, (r+1)*Vp/tp) of padded W      W [V, h]     (embedding, output layer)
     qkv           per query group g of rank r: [q_g; k_g; v_g]  q, k, v      (weight [*, h] and bias [*])
     fc1           [gate_r; up_r] (each half split over TP)     gate, up     (SwiGLU linear_fc1)
+    expert_fc1    fc1 of one expert, split over expert-TP      experts.{g}.gate_proj, .up_proj
+    expert_row    row of one expert, split over expert-TP      experts.{g}.down_proj
+
+MoE (Qwen3-MoE): the router `mlp.router.weight` [E, h] is `mlp.gate.weight` (replicated); local expert j of
+EP rank e is global expert g = e * E/ep + j (`models.moe.global_expert`); Megatron names of expert
+parameters carry the GLOBAL index (`decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight`), so
+the names are the same at every EP size. Both Megatron spellings are mapped: SequentialMLP
+(`local_experts.{j}.linear_fc1.weight`) and the TE grouped GEMM (`linear_fc1.weight{j}`).
 
 `param_maps(model_chunks)` gives, for every parameter of this rank's chunks (parameters with `lora_` in the
 name skipped; a `.base_layer.` segment of an adapter wrapper ignored for naming), a
@@ -51,12 +59,44 @@ _GLOBAL_MAP: dict[str, tuple[tuple[str, ...], str]] = {
 }
 # The three supported architectures share one map; which entries occur depends on the config
 # (qkv bias: Qwen2; q/k norm: Qwen3; output_layer: untied embeddings).
+_LAYER_MAP["mlp.router.weight"] = (("mlp.gate.weight",), "replicated")
 NAME_MAPS: dict[str, tuple[dict, dict]] = {
     arch: (_GLOBAL_MAP, _LAYER_MAP) for arch in SUPPORTED_ARCHITECTURES
 }
-TP_DIM = {"replicated": None, "row": 1, "vocab": 0, "qkv": 0, "fc1": 0}
+# Expert parameters: Megatron suffix after the expert index -> (HF suffixes after `mlp.experts.{g}.`,
+# transform).
+_EXPERT_MAP: dict[str, tuple[tuple[str, ...], str]] = {
+    "linear_fc1.weight": (("gate_proj.weight", "up_proj.weight"), "expert_fc1"),
+    "linear_fc2.weight": (("down_proj.weight",), "expert_row"),
+}
+TP_DIM = {"replicated": None, "row": 1, "vocab": 0, "qkv": 0, "fc1": 0, "expert_fc1": 0, "expert_row": 1}
+EXPERT_TRANSFORMS = ("expert_fc1", "expert_row")  # split over expert-TP (not TP), placed by EP rank
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# SequentialMLP: mlp.experts.local_experts.{j}.linear_fc1.weight;
+# TE grouped GEMM: mlp.experts.linear_fc1.weight{j}
+_SEQ_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+_GROUPED_EXPERT_RE = re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$")
+
+
+def expert_index(layer_suffix: str) -> tuple[int, str] | None:
+    """(expert index, `linear_fc1.weight` / `linear_fc2.weight`) of an expert parameter suffix, else None."""
+    m = _SEQ_EXPERT_RE.match(layer_suffix)
+    if m:
+        return int(m.group(1)), m.group(2)
+    m = _GROUPED_EXPERT_RE.match(layer_suffix)
+    if m:
+        return int(m.group(2)), m.group(1)
+    return None
+
+
+def _with_expert(layer_suffix: str, expert: int) -> str:
+    """The same expert parameter suffix with its expert index replaced."""
+    m = _SEQ_EXPERT_RE.match(layer_suffix)
+    if m:
+        return f"mlp.experts.local_experts.{expert}.{m.group(2)}"
+    m = _GROUPED_EXPERT_RE.match(layer_suffix)
+    return f"mlp.experts.{m.group(1)}{expert}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +109,7 @@ class ParamMap:
     hf_names: tuple[str, ...]
     transform: str  # key of TP_DIM
     export: bool = True  # False for a tied output layer (a copy of the embedding)
+    expert: int | None = None  # global expert index of an expert parameter (MoE), else None
 
     @property
     def layer(self) -> int | None:
@@ -96,6 +137,11 @@ def map_name(megatron_name: str, spec: ModelSpec) -> tuple[tuple[str, ...], str,
     if m and m.group(2) in layer_map:
         names, transform = layer_map[m.group(2)]
         return tuple(f"model.layers.{m.group(1)}.{n}" for n in names), transform, True
+    ex = expert_index(m.group(2)) if m and spec.is_moe else None
+    if ex is not None:
+        names, transform = _EXPERT_MAP[ex[1]]
+        prefix = f"model.layers.{m.group(1)}.mlp.experts.{ex[0]}."
+        return tuple(prefix + n for n in names), transform, True
     raise KeyError(
         f"Megatron parameter {megatron_name!r} has no Hugging Face mapping for {spec.architecture}."
     )
@@ -111,7 +157,13 @@ def _layer_offsets(chunk) -> dict[int, int]:
 
 def param_maps(model_chunks: list) -> list[ParamMap]:
     """`ParamMap` for every (non-LoRA) parameter of this rank's chunks, in named_parameters order."""
-    spec = model_info(model_chunks).spec
+    info = model_info(model_chunks)
+    spec = info.spec
+    ep_rank = 0
+    if spec.is_moe and info.ep > 1:
+        from megatron.core import parallel_state as mps
+
+        ep_rank = mps.get_expert_model_parallel_rank()
     out = []
     for ci, chunk in enumerate(model_chunks):
         model = unwrap(chunk)
@@ -121,17 +173,37 @@ def param_maps(model_chunks: list) -> list[ParamMap]:
                 continue
             name = local_name.replace(".base_layer.", ".")  # adapter wrappers keep the base weight here
             m = _LAYER_RE.match(name)
+            expert = None
             if m:
-                name = f"decoder.layers.{offsets[int(m.group(1))]}.{m.group(2)}"
+                suffix = m.group(2)
+                ex = expert_index(suffix) if spec.is_moe else None
+                if ex is not None:  # local expert index -> global (the name is then EP-independent)
+                    expert = ex[0] + ep_rank * (spec.num_experts // info.ep)
+                    suffix = _with_expert(suffix, expert)
+                name = f"decoder.layers.{offsets[int(m.group(1))]}.{suffix}"
             hf_names, transform, export = map_name(name, spec)
-            out.append(ParamMap(name, local_name, ci, hf_names, transform, export))
+            out.append(ParamMap(name, local_name, ci, hf_names, transform, export, expert))
     return out
+
+
+def expert_hf_names(hf_names: tuple[str, ...], expert: int) -> tuple[str, ...]:
+    """The HF names of another expert: `...mlp.experts.3.up_proj.weight` -> `...mlp.experts.{expert}....`."""
+    return tuple(re.sub(r"\.mlp\.experts\.\d+\.", f".mlp.experts.{expert}.", n) for n in hf_names)
+
+
+_EXPERT_HF_RE = re.compile(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def hf_shape(hf_name: str, spec: ModelSpec) -> tuple[int, ...]:
     """Full shape of an HF tensor of this architecture (for shape checks and PP broadcasts)."""
     h, hd, f = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
     q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
+    m = _EXPERT_HF_RE.search(hf_name) if spec.is_moe else None
+    if m:
+        fe = spec.moe_ffn_hidden_size
+        return (h, fe) if m.group(1) == "down_proj" else (fe, h)
+    if spec.is_moe and hf_name.endswith("mlp.gate.weight"):
+        return (spec.num_experts, h)
     suffix_shapes = {
         "embed_tokens.weight": (spec.vocab_size, h),
         "lm_head.weight": (spec.vocab_size, h),

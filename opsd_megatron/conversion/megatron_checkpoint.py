@@ -32,6 +32,8 @@ _SHAPE_FIELDS = (
     "head_dim",
     "ffn_hidden_size",
     "vocab_size",
+    "num_experts",
+    "moe_ffn_hidden_size",
 )
 
 
@@ -54,6 +56,7 @@ def checkpoint_metadata(model_chunks: list) -> dict:
         "hf_config": info.hf_config,
         "tp": info.tp,
         "pp": info.pp,
+        "ep": info.ep,
         "dtype": str(info.dtype).replace("torch.", ""),
         "padded_vocab_size": info.padded_vocab_size,
     }

@@ -1,5 +1,6 @@
 """The named transforms between HF tensors and Megatron TP shards (see mapping.py for the table).
 
+Expert transforms (`expert_fc1`, `expert_row`) take the expert-TP rank and size as `tp_rank`, `tp`.
 Load direction: `hf_to_shard(transform, read, hf_names, spec, tp_rank, tp, padded_vocab)` builds this rank's
 shard, calling `read(hf_name, dim, start, stop)` for exactly the rows/columns it needs (so a safetensors
 reader can stream slices). Export direction: `shards_to_hf(transform, shards, spec, ...)` turns the list
@@ -29,8 +30,11 @@ def hf_to_shard(
     """This TP rank's Megatron shard of the parameter built from HF tensors."""
     if transform == "replicated":
         return read(hf_names[0], None, 0, 0)
-    if transform == "row":  # split the input dimension
-        n = spec.num_heads * spec.head_dim if "o_proj" in hf_names[0] else spec.ffn_hidden_size
+    if transform in ("row", "expert_row"):  # split the input dimension (experts: over expert-TP)
+        if transform == "expert_row":
+            n = spec.moe_ffn_hidden_size
+        else:
+            n = spec.num_heads * spec.head_dim if "o_proj" in hf_names[0] else spec.ffn_hidden_size
         per = n // tp
         return read(hf_names[0], 1, tp_rank * per, (tp_rank + 1) * per)
     if transform == "vocab":  # rows of the padded vocabulary; padding rows are zero
@@ -58,8 +62,8 @@ def hf_to_shard(
             dim=1,
         )
         return qkv.reshape(-1, *tail)
-    if transform == "fc1":  # [gate_r; up_r]: each SwiGLU half split over TP on its own
-        per = spec.ffn_hidden_size // tp
+    if transform in ("fc1", "expert_fc1"):  # [gate_r; up_r]: each SwiGLU half split over (expert-)TP
+        per = (spec.moe_ffn_hidden_size if transform == "expert_fc1" else spec.ffn_hidden_size) // tp
         gate = read(hf_names[0], 0, tp_rank * per, (tp_rank + 1) * per)
         up = read(hf_names[1], 0, tp_rank * per, (tp_rank + 1) * per)
         return torch.cat([gate, up], dim=0)
@@ -70,7 +74,7 @@ def shards_to_hf(transform: str, shards: list[torch.Tensor], spec: ModelSpec) ->
     """Full HF tensors (in `hf_names` order) from the TP shards of one Megatron parameter (rank order)."""
     if transform == "replicated":
         return [shards[0]]
-    if transform == "row":
+    if transform in ("row", "expert_row"):
         return [torch.cat(shards, dim=1)]
     if transform == "vocab":
         return [torch.cat(shards, dim=0)[: spec.vocab_size]]
@@ -82,7 +86,7 @@ def shards_to_hf(transform: str, shards: list[torch.Tensor], spec: ModelSpec) ->
         grouped = full.reshape(groups, (heads_per_group + 2) * hd, *tail)
         q, k, v = torch.split(grouped, [heads_per_group * hd, hd, hd], dim=1)
         return [t.reshape(-1, *tail).contiguous() for t in (q, k, v)]
-    if transform == "fc1":
+    if transform in ("fc1", "expert_fc1"):
         halves = [s.chunk(2, dim=0) for s in shards]
         gate = torch.cat([h[0] for h in halves], dim=0)
         up = torch.cat([h[1] for h in halves], dim=0)

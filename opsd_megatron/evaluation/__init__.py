@@ -11,7 +11,7 @@ checkpoint export). Nothing here imports vLLM or torch at import time.
 """
 
 from opsd_megatron.evaluation.benchmarks import PRESETS, Benchmark, load_benchmark
-from opsd_megatron.evaluation.extract import extract_boxed, normalize_answer
+from opsd_megatron.evaluation.extract import extract_answer, extract_boxed, normalize_answer, strip_units
 from opsd_megatron.evaluation.grader import GradeResult, GraderPool, default_pool, grade
 from opsd_megatron.evaluation.hook import periodic_eval
 from opsd_megatron.evaluation.metrics import benchmark_metrics, pass_at_k
@@ -27,6 +27,7 @@ __all__ = [
     "benchmark_metrics",
     "default_pool",
     "evaluate",
+    "extract_answer",
     "extract_boxed",
     "flat_metrics",
     "format_table",
@@ -35,4 +36,5 @@ __all__ = [
     "normalize_answer",
     "pass_at_k",
     "periodic_eval",
+    "strip_units",
 ]

@@ -4,14 +4,17 @@
     with GraderPool(num_workers=4, timeout_s=5.0) as pool:
         results = pool.grade_many([(response, reference), ...])   # -> list[GradeResult], in order
 
-Per response: answer = `extract_boxed(response)` (no box -> wrong, status "no_answer"); if the answer and the
-reference are equal after `normalize_answer` it is right without further work; otherwise math-verify
+Per response: answer = `extract_answer(response)` (the last box, or the union of the final boxes when the
+answer is split over several: see extract.py; no box -> wrong, status "no_answer"); if the answer and the
+reference are equal after `normalize_answer` (units after a number dropped) it is right without further
+work; otherwise math-verify (on the answer with units stripped)
 (`parse` both as LaTeX/expressions, `verify(gold, pred)`) runs in a worker process with signal timeouts off
 (`parsing_timeout=None`, `timeout_seconds=None`, so it is safe from any thread). The pool enforces the
 per-item wall-clock limit itself: a worker that overruns (sympy on `9^{9^{9^{9}}}` never returns, and a
 C-level big-integer power cannot even be interrupted by a signal) is killed and replaced, and its item is
 graded wrong with status "timeout". Workers are spawned (not forked: the parent may hold vLLM/torch
-threads), start once and are reused; grading runs in parallel over `num_workers` processes.
+threads), start once and are reused; grading runs in parallel over `num_workers` processes. A worker exits
+when its parent process dies, however it dies (`opsd_megatron.lifeline`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from opsd_megatron.evaluation.extract import extract_boxed, strings_match
+from opsd_megatron.evaluation.extract import extract_answer, strings_match, strip_units
+from opsd_megatron.lifeline import parent_lifeline
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,8 @@ class GradeResult:
     correct: bool
     """True when the extracted answer equals the reference (math-verify or the string fallback)."""
     answer: str | None
-    """The extracted final answer (last complete `\\boxed{}`), None when there is none."""
+    """The extracted final answer (last complete `\\boxed{}`, or the final boxes joined with ", "), None when
+    there is none."""
     status: str
     """How the verdict was reached: "string_match", "math_verify", "no_answer", "timeout" or "error"."""
 
@@ -77,8 +82,17 @@ def math_verify_equal(answer: str, reference: str) -> bool:
     return bool(verify(list(gold), list(pred), timeout_seconds=None))
 
 
-def _worker_main(conn) -> None:
-    """Worker loop: receive (task_id, answer, reference), send (task_id, correct, status)."""
+def _worker_main(conn, parent_pid: int, started_by_main_thread: bool) -> None:
+    """Worker loop: receive (task_id, answer, reference), send (task_id, correct, status).
+
+    Exits with its parent (`opsd_megatron.lifeline`), even while stuck in a computation that never returns.
+    """
+    from opsd_megatron.lifeline import die_with_parent
+
+    die_with_parent(parent_pid, started_by_main_thread)
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pool
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     import math_verify  # noqa: F401  (pay the sympy import before reporting ready)
 
@@ -101,7 +115,7 @@ def _worker_main(conn) -> None:
 class _Worker:
     def __init__(self, ctx) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, *parent_lifeline()), daemon=True)
         self.proc.start()
         child.close()
         self.started = time.monotonic()
@@ -221,7 +235,7 @@ class GraderPool:
         need_verify: list[int] = []
         answers: list[str | None] = []
         for i, (response, reference) in enumerate(items):
-            answer = extract_boxed(response)
+            answer = extract_answer(response)
             answers.append(answer)
             if answer is None:
                 out[i] = GradeResult(False, None, "no_answer")
@@ -229,7 +243,8 @@ class GraderPool:
                 out[i] = GradeResult(True, answer, "string_match")
             else:
                 need_verify.append(i)
-        verdicts = self.verify_many([(answers[i], str(items[i][1])) for i in need_verify], timeout_s)
+        pairs = [(strip_units(answers[i]), strip_units(str(items[i][1]))) for i in need_verify]
+        verdicts = self.verify_many(pairs, timeout_s)
         for i, (ok, status) in zip(need_verify, verdicts):
             out[i] = GradeResult(ok, answers[i], status)
         return [r for r in out if r is not None]

@@ -9,10 +9,17 @@ replica — e.g. DP rank 0 — is enough; the others skip it). Outputs go to `<o
 so an evaluation cut by a preemption resumes when the step is evaluated again. Reads from the config object
 `eval.path` (one benchmark spec) or `eval.benchmarks` (a list), `eval.n`, `eval.max_new_tokens`, and, when
 the config has them, `temperature` (1.0), `top_p` (0.95), `top_k` (-1), `thinking` (True), `seed` (0).
+
+Engine state: the trainer calls this right after the weight refresh, with the engine awake; `wake_up()` here
+only matters for callers that left it asleep, and the engine is left awake (the next rollout needs it so).
+The engine must hold prompt + `eval.max_new_tokens` tokens (the trainer sizes it so,
+`opsd_megatron.rollout.lengths`); `{prefix}/truncated_fraction` is the share of samples that stopped at the
+length limit (finish reason "length"), warned about when above zero.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,8 @@ from opsd_megatron.evaluation.grader import DEFAULT_TIMEOUT_S, default_pool
 from opsd_megatron.evaluation.report import flat_metrics
 from opsd_megatron.evaluation.runner import evaluate
 from opsd_megatron.rollout.base import SamplingConfig
+
+logger = logging.getLogger(__name__)
 
 
 def periodic_eval(
@@ -55,4 +64,11 @@ def periodic_eval(
     )
     out = flat_metrics(summary, prefix)
     out[f"{prefix}/seconds"] = float(summary["seconds"])
+    truncated = float(summary.get("overall", {}).get("truncated_rate", 0.0))
+    out[f"{prefix}/truncated_fraction"] = truncated
+    if truncated > 0:
+        logger.warning(
+            "evaluation at step %d: %.1f%% of the samples stopped at eval.max_new_tokens=%d (finish reason "
+            "'length'); their answers are likely cut off", step, 100 * truncated, eval_cfg.max_new_tokens,
+        )  # fmt: skip
     return out

@@ -8,8 +8,9 @@
   `python -m checkpoint_tools.cli megatron-to-hf` in a child process (one rank, its own torch.distributed
   world, so the evaluator's process and its vLLM engine stay clean). The export is reused on a resumed run
   as long as the checkpoint's metadata file is unchanged.
-* A training run's checkpoint root (`latest` + `step_*/`) resolves to its newest step; such a step can be
-  exported only if it carries `opsd_meta.json`; otherwise the error names the HF export the trainer writes.
+* A training run's checkpoint (`RUN`, `RUN/checkpoints` or one `RUN/checkpoints/step_*`; the newest
+  complete step when not named) is exported the same way (the model rebuilt from the config saved with it,
+  LoRA adapters merged), so any step of a run, e.g. the best one, can be evaluated.
 """
 
 from __future__ import annotations
@@ -37,32 +38,25 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def _training_step(root: Path) -> Path | None:
-    marker = root / "latest"
-    if marker.is_file():
-        return root / marker.read_text().strip()
-    steps = sorted(root.glob("step_*"))
-    return steps[-1] if steps else None
-
-
 def resolve_model_dir(model: str, work_dir: str | Path) -> str:
     """The HF directory (or hub name) to load for `model`; Megatron checkpoints are exported first."""
     path = Path(model).expanduser()
     if is_hf_dir(path):
         return str(path)
     if path.is_dir() and not (path / META_FILE).is_file():
-        step = _training_step(path)
-        if step is not None:
-            if not (step / META_FILE).is_file():
-                raise ValueError(
-                    f"--model {model!r} is a training checkpoint ({step.name}) without {META_FILE}, so it "
-                    "cannot be exported on its own; evaluate the run's HF export (<run>/hf, "
-                    "checkpoint.export_hf) or a checkpoint written by save_megatron_checkpoint."
-                )
-            path = step
+        from opsd_megatron.conversion.training_checkpoint import (
+            is_training_checkpoint,
+            resolve_training_checkpoint,
+        )
+
+        if is_training_checkpoint(path):
+            step = resolve_training_checkpoint(path, arg="--model")
+            return str(_export_megatron(step, Path(work_dir) / "hf_export", stamp="opsd_state.json"))
     if (path / META_FILE).is_file():
         return str(_export_megatron(path, Path(work_dir) / "hf_export"))
-    if path.exists() or model.startswith(("/", "./", "../", "~")):
+    from opsd_megatron.preflight import looks_like_hub_name
+
+    if path.exists() or not looks_like_hub_name(model):
         raise ValueError(
             f"--model {model!r} is neither a Hugging Face directory (no config.json) nor a Megatron "
             f"checkpoint (no {META_FILE}, no latest/step_* checkpoints)."
@@ -70,9 +64,9 @@ def resolve_model_dir(model: str, work_dir: str | Path) -> str:
     return model  # a hub name: vLLM / transformers resolve it
 
 
-def _export_megatron(ckpt: Path, out: Path) -> Path:
+def _export_megatron(ckpt: Path, out: Path, stamp: str = META_FILE) -> Path:
     """Export `ckpt` to `out` with `opsd-convert megatron-to-hf` in a child process (reused when current)."""
-    source = {"checkpoint": str(ckpt.resolve()), "meta_mtime": (ckpt / META_FILE).stat().st_mtime}
+    source = {"checkpoint": str(ckpt.resolve()), "meta_mtime": (ckpt / stamp).stat().st_mtime}
     mark = out / EXPORT_MARK
     if mark.is_file() and json.loads(mark.read_text()) == source and is_hf_dir(out):
         logger.info("reusing the HF export of %s in %s", ckpt, out)
@@ -91,3 +85,22 @@ def _export_megatron(ckpt: Path, out: Path) -> Path:
     tmp.rename(out)
     mark.write_text(json.dumps(source))
     return out
+
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json", "config.json")
+
+
+def model_fingerprint(model: str) -> str:
+    """A short hash of what `model` holds: for a directory the names, sizes and mtimes of its weight, index
+    and config files (changed weights give a new hash); for a hub name the name itself."""
+    import hashlib
+
+    path = Path(model)
+    if not path.is_dir():
+        return f"hub:{model}"
+    h = hashlib.sha256()
+    files = sorted({p for pat in _WEIGHT_PATTERNS for p in path.glob(pat) if p.is_file()})
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]

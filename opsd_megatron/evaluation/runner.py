@@ -11,8 +11,10 @@ prompts; after each chunk the samples are graded (`GraderPool`, parallel worker 
 `out_dir/generations.jsonl` (one line per sample, flushed and fsynced per chunk). Re-running with the same
 `out_dir` skips every problem whose n samples are already there (a torn last line from a crash is dropped),
 so a preempted evaluation resumes where it stopped. The settings that change results (n, sampling, prompt,
-thinking, model) are kept in `out_dir/run_config.json`; resuming with different ones is an error unless
-`overwrite=True`. At the end `out_dir/summary.json` holds per-benchmark and overall metrics (see `metrics`).
+thinking, model and `model_hash`, a hash of the model directory's weight files' names, sizes and mtimes)
+are kept in `out_dir/run_config.json`; resuming with different ones (e.g. the weights in the same --model
+directory changed) is an error unless `overwrite=True`, and a resume is announced with what was reused.
+At the end `out_dir/summary.json` holds per-benchmark and overall metrics (see `metrics`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,12 @@ def _check_run_config(out_dir: Path, fingerprint: dict, overwrite: bool) -> None
         diff = [k for k in fingerprint if k in old and old[k] != fingerprint[k]]
         if diff:
             k = diff[0]
+            if k == "model_hash":
+                raise ValueError(
+                    f"out_dir {str(out_dir)!r} holds results of other weights: the model files changed since "
+                    f"they were generated (hash {old[k]} -> {fingerprint[k]}); use another out_dir, or "
+                    "overwrite=True (--overwrite) to evaluate again."
+                )
             raise ValueError(
                 f"out_dir {str(out_dir)!r} holds an evaluation with {k}={old[k]!r}, this one has "
                 f"{k}={fingerprint[k]!r}; use another out_dir, or overwrite=True (--overwrite) to restart."
@@ -139,6 +147,7 @@ def evaluate(
     grader: GraderPool | None = None,
     model_name: str | None = None,
     overwrite: bool = False,
+    model_hash: str | None = None,
 ) -> dict:
     """Evaluate `engine` on `benchmarks` with `n` samples per problem; returns the summary dict.
 
@@ -157,6 +166,7 @@ def evaluate(
         grader_workers: worker processes of the pool made here when `grader` is None;
         grader: an existing pool to reuse (the trainer keeps one across evaluations).
         model_name: recorded in run_config.json and checked on resume.
+        model_hash: content hash of the weights (`evaluation.model.model_fingerprint`); checked on resume.
         overwrite: discard earlier results in `out_dir` instead of resuming.
 
     Returns:
@@ -178,6 +188,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = {
         "model": model_name,
+        "model_hash": model_hash,
         "n": n,
         "sampling": {k: v for k, v in asdict(sampling).items() if k != "n"},
         "template": template,
@@ -194,9 +205,12 @@ def evaluate(
         (b, it) for b in benches for it in b.items if (b.name, it.key) not in done
     ]
     total = sum(len(b.items) for b in benches)
-    logger.info(
-        "evaluation: %d problems x %d samples, %d already done in %s", total, n, total - len(todo), out
-    )
+    if total - len(todo):
+        logger.warning(
+            "resuming: %d of %d problems already done in %s (same model files and sampling settings); "
+            "--overwrite starts over", total - len(todo), total, out,
+        )  # fmt: skip
+    logger.info("evaluation: %d problems x %d samples, %d to generate", total, n, len(todo))
 
     if todo and not hasattr(engine, "generate"):
         engine = engine()
@@ -235,7 +249,10 @@ def evaluate(
                 f.write("".join(lines))
                 f.flush()
                 os.fsync(f.fileno())
-            logger.info("evaluation: %d / %d problems generated", start + len(chunk), len(todo))
+            logger.info(
+                "evaluation: %d / %d problems generated (%.0f s)",
+                start + len(chunk), len(todo), time.monotonic() - t0,
+            )  # fmt: skip
     finally:
         if own_pool:
             pool.close()

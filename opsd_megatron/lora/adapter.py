@@ -21,6 +21,15 @@ Sharding follows the base layer so that no full-size activation is ever gathered
               identity); y += scale * h B^T.  With sequence parallelism: reduce_scatter instead, and B is
               marked `sequence_parallel=True`.
 
+Layouts. `fused` (Megatron's usual LoRA): ONE rank-r adapter over the whole fused output of `linear_qkv`
+(q, k, v) / `linear_fc1` (gate, up), so the q/k/v update has rank <= r. `per_projection` (PEFT's layout):
+one rank-r adapter per projection, stored as A `lora_a` [P*r, in] (the P projections' A stacked, each
+[r, in]) and B `lora_b` [out/tp, r] with the base weight's rows: a row of projection p is multiplied
+with h_p = x A_p^T only. The local output is viewed as [G, W] (qkv: G = local query groups, W =
+(heads_per_group + 2) * head_dim split into [q | k | v]; fc1: G = 1, W split into [gate | up]), so
+each projection is a contiguous column range of W. Row-parallel layers have one projection: both layouts
+agree there. With dropout > 0 the P projections share one dropout mask of x (PEFT draws one per module).
+
 B starts at zero, so a fresh adapter leaves the model's output bit-identical. A is initialised like PEFT
 (kaiming-uniform, a=sqrt(5)) on the FULL [r, in] matrix from a generator seeded by (seed, global layer
 name), then sliced: the adapter is the same whatever the TP layout (TP=2 equals TP=1 exactly).
@@ -73,12 +82,28 @@ class LoRAAdapter(nn.Module):
         sequence_parallel: bool,
         seed: int,
         name: str,
+        parts: tuple[tuple[str, int, bool], ...] | None = None,
+        groups: int = 1,
     ):
+        """`parts` (per_projection only): ((projection name, columns in W, has an adapter), ...) of the
+        local output viewed as [groups, W]; None = one adapter over the whole output (fused layout)."""
         super().__init__()
         if parallel_mode not in (COLUMN, ROW):
             raise ValueError(f"parallel_mode must be 'column' or 'row', got {parallel_mode!r}.")
         self.parallel_mode = parallel_mode
         self.rank = rank
+        out_local = base_weight.shape[0]
+        if parts is not None and (
+            parallel_mode != COLUMN or groups * sum(n for _, n, _ in parts) != out_local
+        ):
+            raise ValueError(
+                f"LoRA {name}: projections {parts} x {groups} groups do not tile the "
+                f"{parallel_mode}-parallel output of {out_local} rows."
+            )
+        self.parts = tuple(parts) if parts is not None else None
+        self.groups = groups
+        self.active_parts = tuple(n for n, _, on in parts if on) if parts is not None else None
+        self.a_rows = rank * (len(self.active_parts) if parts is not None else 1)
         self.scale = alpha / rank
         self.tp_group = tp_group
         self.tp_size, self.tp_rank = _tp_size_rank(tp_group)
@@ -93,10 +118,17 @@ class LoRAAdapter(nn.Module):
         else:
             self.in_features, self.out_features = in_local * self.tp_size, out_local
             a_shape, b_shape = (rank, in_local), (out_local, rank)
+        a_shape = (self.a_rows, a_shape[1])
         self.lora_a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
         self.lora_b = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+        if self.active_parts is None:
+            a_full = full_a_init(rank, self.in_features, seed, name)
+        else:  # each projection its own A, seeded by its own name (as PEFT: independent modules)
+            a_full = torch.cat(
+                [full_a_init(rank, self.in_features, seed, f"{name}.{p}") for p in self.active_parts]
+            )
         with torch.no_grad():
-            self.lora_a.copy_(self._local_a(full_a_init(rank, self.in_features, seed, name)))
+            self.lora_a.copy_(self._local_a(a_full))
         stride = getattr(base_weight, "partition_stride", 1)
         sharded, replicated = (
             (self.lora_b, self.lora_a) if parallel_mode == COLUMN else (self.lora_a, self.lora_b)
@@ -128,9 +160,12 @@ class LoRAAdapter(nn.Module):
 
     @torch.no_grad()
     def set_full_weights(self, a_full: torch.Tensor, b_full: torch.Tensor) -> None:
-        """Load full (unsharded, Megatron row order) A [r, in] and B [out, r]; keeps this rank's shard."""
-        if tuple(a_full.shape) != (self.rank, self.in_features):
-            raise ValueError(f"LoRA A must be [{self.rank}, {self.in_features}], got {tuple(a_full.shape)}.")
+        """Load full (unsharded, Megatron row order) A [a_rows, in] (a_rows = r, or P*r per_projection)
+        and B [out, r]; keeps this rank's shard."""
+        if tuple(a_full.shape) != (self.a_rows, self.in_features):
+            raise ValueError(
+                f"LoRA A must be [{self.a_rows}, {self.in_features}], got {tuple(a_full.shape)}."
+            )
         if tuple(b_full.shape) != (self.out_features, self.rank):
             raise ValueError(f"LoRA B must be [{self.out_features}, {self.rank}], got {tuple(b_full.shape)}.")
         self.lora_a.copy_(self._local_a(a_full.to(self.lora_a)))
@@ -169,16 +204,38 @@ class LoRAAdapter(nn.Module):
                 h = mtp.reduce_scatter_to_sequence_parallel_region(h, self.tp_group)  # [s/tp, b, r]
             else:
                 h = mtp.reduce_from_tensor_model_parallel_region(h, self.tp_group)  # [s, b, r]
-        return F.linear(h, self.lora_b) * self.scale  # [s, b, out/tp] column ; [s(/tp), b, out] row
+        if self.parts is None:
+            return F.linear(h, self.lora_b) * self.scale  # [s, b, out/tp] column ; [s(/tp), b, out] row
+        # per_projection: h [s, b, P*r] -> each projection's columns of the [G, W] view of the output
+        hs = iter(h.split(self.rank, dim=-1))
+        bv = self.lora_b.view(self.groups, -1, self.rank)  # [G, W, r]
+        outs, off = [], 0
+        for _, width, on in self.parts:
+            if on:
+                outs.append(torch.einsum("...r,gwr->...gw", next(hs), bv[:, off : off + width]))
+            else:
+                outs.append(h.new_zeros(*h.shape[:-1], self.groups, width))
+            off += width
+        return torch.cat(outs, dim=-1).flatten(-2) * self.scale  # [s, b, G*W = out/tp]
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """scale * B_local @ A_local in fp32: [out/tp, in] (column) or [out, in/tp] (row), the local shard
         of the full update, aligned with the base layer's local weight. No collective."""
-        return self.scale * (self.lora_b.float() @ self.lora_a.float())
+        if self.parts is None:
+            return self.scale * (self.lora_b.float() @ self.lora_a.float())
+        a_parts = iter(self.lora_a.float().split(self.rank, dim=0))
+        bv = self.lora_b.float().view(self.groups, -1, self.rank)
+        blocks, off = [], 0
+        for _, width, on in self.parts:
+            b = bv[:, off : off + width]  # [G, width, r]
+            blocks.append(b @ next(a_parts) if on else b.new_zeros(*b.shape[:2], self.lora_a.shape[1]))
+            off += width
+        return self.scale * torch.cat(blocks, dim=1).flatten(0, 1)  # [out/tp, in]
 
     def extra_repr(self) -> str:
+        parts = self.active_parts or "fused"
         return (
-            f"{self.parallel_mode}, rank={self.rank}, scale={self.scale:g}, in={self.in_features}, "
-            f"out={self.out_features}, tp={self.tp_size}, sp={self.sequence_parallel}"
+            f"{self.parallel_mode}, rank={self.rank}, parts={parts}, scale={self.scale:g}, "
+            f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}, sp={self.sequence_parallel}"
         )

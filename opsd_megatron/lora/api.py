@@ -8,10 +8,13 @@
 
 Targets. `lora_cfg.target_modules` takes HF names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj,
 with or without `_proj`), Megatron names (linear_qkv linear_proj linear_fc1 linear_fc2) or "all-linear".
-Megatron fuses q/k/v into `linear_qkv` and gate/up into `linear_fc1`; a fused layer gets ONE adapter over
-the whole fused output as soon as any of its parts is targeted (a partial target such as only q_proj is
-logged as a warning: k and v then also get an update). With all of q,k,v targeted this is the usual
-Megatron LoRA (one shared A for q, k, v), not three independent PEFT adapters.
+Megatron fuses q/k/v into `linear_qkv` and gate/up into `linear_fc1`. `lora_cfg.layout`:
+  "per_projection" (PEFT's layout): one rank-r adapter per targeted HF projection (q, k, v, gate, up
+      each its own A and B), so the q/k/v update has rank up to 3r; untargeted parts get no update.
+  "fused" (Megatron's usual LoRA, the default): ONE adapter over the whole fused output as soon as any of
+      its parts is targeted (a partial target such as only q_proj is logged as a warning: k and v then also
+      get an update); q, k, v share one A, so their joint update has rank <= r.
+`o_proj` / `down_proj` are single projections: both layouts are the same there.
 
 Mechanics. The adapter is a child module `lora` of the base layer (parameters `...linear_qkv.lora.lora_a`
 / `.lora.lora_b`: "lora_" in a name marks a LoRA parameter; base parameter names are unchanged, so name
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from opsd_megatron.config import LoraConfig, choices
 from opsd_megatron.lora.adapter import COLUMN, ROW, LoRAAdapter
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ HF_TO_MEGATRON = {
 }
 FUSED_PARTS = {"linear_qkv": {"q_proj", "k_proj", "v_proj"}, "linear_fc1": {"gate_proj", "up_proj"}}
 MEGATRON_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+LAYOUTS = choices(LoraConfig, "layout")
 _LORA_SUFFIXES = (".lora.lora_a", ".lora.lora_b")
 
 
@@ -66,10 +71,17 @@ class LoRASettings:
     """HF or Megatron layer names, or "all-linear"."""
     seed: int = 1234
     """Seed of A's initialisation (with the global layer name: identical for any TP/PP layout)."""
+    layout: str = "fused"
+    """"fused" (one adapter per Megatron layer) or "per_projection" (PEFT's: one per q/k/v/gate/up)."""
 
 
 def resolve_targets(target_modules: Iterable[str]) -> set[str]:
     """HF / Megatron names -> the set of Megatron layer names that get an adapter (see module docstring)."""
+    return set(resolve_parts(target_modules, warn=True))
+
+
+def resolve_parts(target_modules: Iterable[str], warn: bool = False) -> dict[str, set[str]]:
+    """HF / Megatron names -> {Megatron layer: the HF projections of it that were named}."""
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     if not names:
         raise ValueError("lora.target_modules is empty: name at least one layer (e.g. q_proj, v_proj).")
@@ -94,15 +106,15 @@ def resolve_targets(target_modules: Iterable[str]) -> set[str]:
         hf_parts.add(hf)
         out.add(HF_TO_MEGATRON[hf])
     for fused, parts in FUSED_PARTS.items():
-        if fused in out and not parts <= hf_parts:
+        if warn and fused in out and not parts <= hf_parts:
             log.warning(
                 "lora.target_modules names %s but not %s: Megatron fuses them in %s, which gets one adapter "
-                "over the whole fused layer.",
+                "over the whole fused layer (layout: fused).",
                 sorted(parts & hf_parts),
                 sorted(parts - hf_parts),
                 fused,
             )
-    return out
+    return {m: {p for p in hf_parts if HF_TO_MEGATRON[p] == m} for m in out}
 
 
 def _parallel_mode(module: nn.Module) -> str | None:
@@ -121,18 +133,14 @@ def _is_te_layernorm_linear(module: nn.Module) -> bool:
     return hasattr(module, "return_layernorm_output") and hasattr(module, "layer_norm_weight")
 
 
-def _unwrap(chunk: nn.Module) -> nn.Module:
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
-
-
 def global_module_name(chunk: nn.Module, name: str) -> str:
     """`decoder.layers.<local i>.x` -> `decoder.layers.<global i>.x` (uses the layer's `layer_number`)."""
     m = re.match(r"^(.*?layers\.)(\d+)(\..*)?$", name)
     if not m:
         return name
-    layer = _unwrap(chunk).get_submodule(f"{m.group(1)}{m.group(2)}")
+    from opsd_megatron.models.builder import unwrap
+
+    layer = unwrap(chunk).get_submodule(f"{m.group(1)}{m.group(2)}")
     idx = getattr(layer, "layer_number", int(m.group(2)) + 1) - 1
     return f"{m.group(1)}{idx}{m.group(3) or ''}"
 
@@ -168,7 +176,11 @@ def apply_lora(model_chunks: list[nn.Module], lora_cfg) -> dict[str, LoRAAdapter
         raise ValueError(f"lora.rank must be >= 1, got {rank}.")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}.")
-    targets = resolve_targets(lora_cfg.target_modules)
+    layout = str(getattr(lora_cfg, "layout", "fused"))
+    if layout not in LAYOUTS:
+        raise ValueError(f"lora.layout must be one of {list(LAYOUTS)}, got {layout!r}.")
+    per_part = resolve_parts(lora_cfg.target_modules, warn=layout == "fused")
+    targets = set(per_part)
     adapters: dict[str, LoRAAdapter] = {}
     for ci, chunk in enumerate(model_chunks):
         if any(c.__name__ == "DistributedDataParallel" for c in type(chunk).__mro__):
@@ -189,6 +201,9 @@ def apply_lora(model_chunks: list[nn.Module], lora_cfg) -> dict[str, LoRAAdapter
                 continue
             if mode == COLUMN and getattr(module, "gather_output", False):
                 raise ValueError(f"LoRA target {name} gathers its output (gather_output=True): unsupported.")
+            parts, groups = (None, 1)
+            if layout == "per_projection" and mode == COLUMN:
+                parts, groups = _projection_parts(module, leaf, per_part[leaf])
             module.lora = LoRAAdapter(
                 mode,
                 module.weight,
@@ -199,6 +214,8 @@ def apply_lora(model_chunks: list[nn.Module], lora_cfg) -> dict[str, LoRAAdapter
                 sequence_parallel=getattr(module, "sequence_parallel", False),
                 seed=seed,
                 name=global_module_name(chunk, name),
+                parts=parts,
+                groups=groups,
             )
             if _is_te_layernorm_linear(module):
                 module.return_layernorm_output = True
@@ -210,6 +227,23 @@ def apply_lora(model_chunks: list[nn.Module], lora_cfg) -> dict[str, LoRAAdapter
     if not adapters:
         raise ValueError(f"lora.target_modules {sorted(targets)} matched no layer of the model.")
     return adapters
+
+
+def _projection_parts(module: nn.Module, leaf: str, targeted: set[str]):
+    """(parts, groups) of a column-parallel layer for the per_projection layout (see adapter.py):
+    linear_qkv -> [q | k | v] per local query group; gated linear_fc1 -> [gate | up]; else None."""
+    cfg = getattr(module, "config", None)
+    tp = getattr(cfg, "tensor_model_parallel_size", 1) or 1
+    if leaf == "linear_qkv" and cfg is not None:
+        heads = cfg.num_attention_heads
+        groups = cfg.num_query_groups or heads
+        d = cfg.kv_channels or cfg.hidden_size // heads
+        names, widths = ("q_proj", "k_proj", "v_proj"), ((heads // groups) * d, d, d)
+        return tuple((n, w, n in targeted) for n, w in zip(names, widths)), groups // tp
+    if leaf == "linear_fc1" and getattr(cfg, "gated_linear_unit", False):
+        half = module.weight.shape[0] // 2
+        return (("gate_proj", half, "gate_proj" in targeted), ("up_proj", half, "up_proj" in targeted)), 1
+    return None, 1
 
 
 def _tp_group(module: nn.Module):
@@ -327,8 +361,10 @@ def lora_shard_hook(megatron_name: str, module: nn.Module, shard: torch.Tensor) 
 def _sharded_state_dict_with_lora(self, prefix: str = "", sharded_offsets=(), metadata=None):
     """The base layer's sharded state dict with the adapter re-wrapped with its own TP sharding
     (column: `lora.lora_b` on axis 0, SwiGLU halves as for fc1's weight; row: `lora.lora_a` on axis 1)."""
-    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+    from opsd_megatron import patches
 
+    owner, attr = patches.target("megatron.make_sharded_tensors")
+    make_sharded_tensors_for_checkpoint = getattr(owner, attr)
     sd = type(self).sharded_state_dict(self, prefix, sharded_offsets, metadata)
     ad: LoRAAdapter = self.lora
     local = {"lora_a": ad.lora_a, "lora_b": ad.lora_b}

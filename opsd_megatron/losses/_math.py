@@ -10,7 +10,7 @@ Notation (per position, z = logits / temperature, the sum over v runs over the *
     h_v      = p_S(v) * d f_v / d p_S(v)   (f_v depends on the student only through p_S(v)),
     m_v      = [f_v < clip]  (1 when there is no clip)
     loss     = sum_v min(f_v, clip),  dloss/dz^S_j = m_j h_j - p_S(j) * sum_v m_v h_v
-which gives the formulas of docs/opsd_spec.md (forward KL: h = -p_T; reverse KL: h = p_S (log p_S/p_T + 1);
+which gives the formulas of docs/algorithm.md (forward KL: h = -p_T; reverse KL: h = p_S (log p_S/p_T + 1);
 JSD(beta): h = (1-beta) p_S log(p_S/M)).
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 DENSE_KINDS = ("forward_kl", "reverse_kl", "jsd")
-ALL_KINDS = (*DENSE_KINDS, "topk", "sampled_token")
+ALL_KINDS = (*DENSE_KINDS, "topk", "topk_renorm", "sampled_token")
 
 
 def resolve_group(tp_group):

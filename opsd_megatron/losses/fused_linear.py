@@ -9,7 +9,10 @@ tokens so that no `[all tokens, vocab/tp]` fp32 tensor ever exists.
 Dense kinds (forward_kl / reverse_kl / jsd), per chunk of `chunk_size` valid tokens: two GEMMs give the
 student and teacher logit shards `[c, v/tp]` (input dtype, e.g. bf16), the divergence and its logit gradient
 are computed in fp32 (collectives of `dense_forward`, forward only), and two more GEMMs turn that gradient
-into d/d hidden `[c, H]` and d/d weight `[v/tp, H]`, which are kept (as Liger-Kernel: 4 GEMMs in all).
+into d/d hidden `[c, H]` and d/d weight `[v/tp, H]`, which are kept (as Liger-Kernel: 4 GEMMs in all). The
+two logit chunks live in two reused buffers; the elementwise phases (`_phases.py`) run as Triton kernels on
+CUDA (`triton_phases.py`) and on cache-sized row blocks of one thread on CPU (`_rowblock.py`), and the
+gradient overwrites the student chunk (no fp32 `[c, v]` copy).
 Backward scales them by the incoming per-token gradient when it is the same for every valid token (token-mean
 reductions, `token_mean`); otherwise (e.g. `sequence_mean`) it recomputes the logits chunk by chunk from the
 saved per-token log-sum-exps (6 GEMMs, still no collective). Masked tokens are skipped entirely.
@@ -19,8 +22,12 @@ shard, so each rank's d/d hidden is a partial sum; with `reduce_hidden_grad=True
 all-reduces it over `tp_group` (the one backward collective, the job of Megatron's
 `copy_to_tensor_model_parallel_region`); pass False if the caller's hidden states already go through that.
 
-Sparse kinds (topk / sampled_token) run `vocab_parallel_divergence` per chunk, recomputed in backward
-(`_RecomputedSparseChunk`; their forward collectives rerun in backward).
+Step statistics (`with_stats=True`, `step_stats.py`): the clipped fraction and both entropies come from the
+dense phases' extra sums of the same chunk, the drift log-probabilities from the student chunk before it is
+overwritten by its gradient; no second pass over the vocabulary.
+
+Sparse kinds (topk / topk_renorm / sampled_token) run `vocab_parallel_divergence` per chunk, recomputed in
+backward (`_RecomputedSparseChunk`; their forward collectives rerun in backward).
 """
 
 from __future__ import annotations
@@ -37,19 +44,25 @@ from opsd_megatron.losses._math import (
     shard_layout,
 )
 from opsd_megatron.losses._phases import agreed_chunk_size, dense_chunk, grad_from_saved_
+from opsd_megatron.losses.step_stats import FusedStats, StatsCollector
 from opsd_megatron.losses.vocab_parallel import validate_args, vocab_parallel_divergence
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """Logit shard `[c, n_valid]` = hidden `[c, H]` @ weight[:n_valid].T, in the input dtype (bf16 GEMM)."""
-    return hidden @ weight[:n_valid].t()
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int, out=None) -> torch.Tensor:
+    """Logit shard `[c, n_valid]` = hidden `[c, H]` @ weight[:n_valid].T, in the input dtype (bf16 GEMM);
+    `out`: a reused `[>= c, n_valid]` buffer (its first c rows are written and returned)."""
+    if out is None:
+        return hidden @ weight[:n_valid].t()
+    return torch.matmul(hidden, weight[:n_valid].t(), out=out[: hidden.shape[0]])
 
 
 class _FusedLinearDenseDivergence(torch.autograd.Function):
     """Dense divergence from hidden states and LM-head shards; see the module docstring for the algorithm."""
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, mask, kind, beta, temperature, clip, n_valid, group, chunk, reduce_h):
+    def forward(
+        ctx, hs, ws, ht, wt, mask, kind, beta, temperature, clip, n_valid, group, chunk, reduce_h, col
+    ):
         rows = None if mask is None else mask.nonzero().squeeze(-1)  # (Nv,) valid token indices
         hs_v = (hs if rows is None else hs.index_select(0, rows)).detach()  # (Nv, H)
         ht_v = (ht if rows is None else ht.index_select(0, rows)).detach()  # (Nv, H)
@@ -62,12 +75,21 @@ class _FusedLinearDenseDivergence(torch.autograd.Function):
         gh_v = torch.empty_like(hs_v) if need_h else None  # (Nv, H)
         gw = torch.zeros_like(ws_d[:n_valid]) if need_w else None  # (n_valid, H)
         saved = hs.new_empty((3, n_tok), dtype=acc) if need else None
+        # two reused logit buffers [chunk, v] (CPU: no page faults from fresh large allocations per chunk)
+        bufs = [hs_v.new_empty((min(chunk, n_tok), n_valid)) for _ in range(2)]
         for a in range(0, n_tok, chunk):
             b = min(a + chunk, n_tok)
-            loss_c, g, saved_c, _ = dense_chunk(
-                _logits(hs_v[a:b], ws_d, n_valid), _logits(ht_v[a:b], wt_d, n_valid), kind=kind, beta=beta,
-                temperature=temperature, clip=clip, group=group, need_grad=need,
+            ls_c = _logits(hs_v[a:b], ws_d, n_valid, bufs[0])
+            lt_c = _logits(ht_v[a:b], wt_d, n_valid, bufs[1])
+            if col is not None:  # step statistics (StatsCollector): read ls_c before it becomes the gradient
+                col.token_logprobs(a, b, ls_c)
+            loss_c, g, saved_c, extra_c = dense_chunk(
+                ls_c, lt_c, kind=kind, beta=beta, temperature=temperature, clip=clip, group=group,
+                need_grad=need, owned=True, extra=col is not None,
             )  # fmt: skip
+            if col is not None:
+                col.extra(a, b, extra_c)
+            del ls_c, lt_c
             loss_v[a:b] = loss_c
             if need:
                 saved[:, a:b] = saved_c
@@ -122,7 +144,7 @@ class _FusedLinearDenseDivergence(torch.autograd.Function):
         if gw is not None:
             pad = w_shape[0] - n_valid
             grad_w = gw if pad == 0 else torch.nn.functional.pad(gw, (0, 0, 0, pad))
-        return (grad_h, grad_w) + (None,) * 11
+        return (grad_h, grad_w) + (None,) * 12
 
 
 class _ReduceGradOverGroup(torch.autograd.Function):
@@ -138,10 +160,27 @@ class _ReduceGradOverGroup(torch.autograd.Function):
         return all_reduce(grad.clone(), dist.ReduceOp.SUM, ctx.group), None
 
 
-def _sparse_chunk(hs_c, ws, ht_c, wt, mask_c, ids_c, kw):
+def _sparse_chunk(hs_c, ws, ht_c, wt, mask_c, ids_c, kw, col=None, a=0):
     ls = hs_c @ ws.t()  # (c, v)
     lt = ht_c.detach() @ wt.detach().t()  # (c, v)
+    if col is not None:  # step statistics from this chunk's logits (forward only, no grad)
+        with torch.no_grad():
+            _sparse_stats(ls.detach(), lt, a, col, kw)
     return vocab_parallel_divergence(ls, lt, loss_mask=mask_c, target_ids=ids_c, **kw)
+
+
+def _sparse_stats(ls, lt, a, col, kw) -> None:
+    """Entropies (one dense statistics pass) and drift logprobs of a sparse-kind chunk `[c, v/tp]`."""
+    b = a + ls.shape[0]
+    n_valid = col.n_valid
+    ls_v, lt_v = ls[:, :n_valid], lt[:, :n_valid]
+    col.token_logprobs(a, b, ls_v)
+    _, _, _, extra = dense_chunk(
+        ls_v, lt_v, kind="forward_kl", beta=0.0, temperature=kw["temperature"], clip=None,
+        group=kw["tp_group"], need_grad=False, extra=True,
+    )  # fmt: skip
+    extra[0].zero_()  # no pointwise clip statistic for the sparse estimators
+    col.extra(a, b, extra)
 
 
 class _RecomputedSparseChunk(torch.autograd.Function):
@@ -149,10 +188,10 @@ class _RecomputedSparseChunk(torch.autograd.Function):
     its forward collectives) under autograd and back-propagates into the chunk's hidden and the weight."""
 
     @staticmethod
-    def forward(ctx, hs_c, ws, ht_c, wt, mask_c, ids_c, kw):
+    def forward(ctx, hs_c, ws, ht_c, wt, mask_c, ids_c, kw, col=None, a=0):
         ctx.save_for_backward(hs_c, ws, ht_c, wt, mask_c, ids_c)
         ctx.kw = kw
-        return _sparse_chunk(hs_c, ws, ht_c, wt, mask_c, ids_c, kw)
+        return _sparse_chunk(hs_c, ws, ht_c, wt, mask_c, ids_c, kw, col, a)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -164,7 +203,7 @@ class _RecomputedSparseChunk(torch.autograd.Function):
             loss = _sparse_chunk(h, w, ht_c, wt, mask_c, ids_c, ctx.kw)
             inputs = [x for x, n in ((h, need_h), (w, need_w)) if n]
             grads = iter(torch.autograd.grad(loss, inputs, grad_loss))
-        return (next(grads) if need_h else None, next(grads) if need_w else None) + (None,) * 5
+        return (next(grads) if need_h else None, next(grads) if need_w else None) + (None,) * 7
 
 
 def fused_linear_divergence(
@@ -185,7 +224,9 @@ def fused_linear_divergence(
     vocab_start_index: int | None = None,
     chunk_size: int | None = None,
     reduce_hidden_grad: bool = True,
-) -> torch.Tensor:
+    with_stats: bool = False,
+    sampling=None,
+) -> torch.Tensor | tuple[torch.Tensor, FusedStats]:
     """Per-token divergence from hidden states `[T, H]` and LM-head weight shards `[v/tp, H]`.
 
     Same keywords and result as `vocab_parallel_divergence` on `hidden @ weight.T` (fp32 `[T]`, identical on
@@ -193,6 +234,12 @@ def fused_linear_divergence(
     group when `reduce_hidden_grad`) and `student_weight` (this rank's shard); the teacher is a constant and
     `teacher_weight` may be the very same tensor as `student_weight`. `chunk_size` = tokens per chunk, the
     same on every TP rank (default: `agreed_chunk_size`, ~1 GB of bf16 logits per chunk on CUDA).
+
+    `with_stats=True` returns `(loss, FusedStats)`: the step statistics (clipped fraction, student and
+    teacher entropies, and with `sampling` (a `SamplingConfig`) and `target_ids` the sampled tokens'
+    log-probabilities under the engine's sampling distribution), all `[T]`, computed in the same chunk loop
+    from the same logits chunks (see `step_stats.py`). `target_ids` are then the sampled tokens for every
+    kind (the sampled_token estimator uses them too).
     """
     if student_hidden.dim() != 2 or teacher_hidden.shape != student_hidden.shape:
         raise ValueError(
@@ -220,11 +267,22 @@ def fused_linear_divergence(
     clip = None if clip is None else float(clip)
     dense_kind = effective_dense_kind(kind, float(beta))
     reduce_h = reduce_hidden_grad and group_size(group) > 1
+    col = rows = None
+    if with_stats:
+        dense = dense_kind in DENSE_KINDS
+        rows = mask.nonzero().squeeze(-1) if (dense and mask is not None) else None  # the dense loop's rows
+        ids = None if target_ids is None else target_ids.reshape(-1)
+        if ids is not None and rows is not None:
+            ids = ids.index_select(0, rows)
+        n_rows = student_hidden.shape[0] if rows is None else rows.shape[0]
+        col = StatsCollector(n_rows, student_hidden.device, ids, sampling, start, group)
+        col.n_valid = n_valid
     if dense_kind in DENSE_KINDS:
-        return _FusedLinearDenseDivergence.apply(
+        loss = _FusedLinearDenseDivergence.apply(
             student_hidden, student_weight, teacher_hidden, teacher_weight, mask, dense_kind, float(beta),
-            float(temperature), clip, n_valid, group, chunk, reduce_h,
+            float(temperature), clip, n_valid, group, chunk, reduce_h, col,
         )  # fmt: skip
+        return loss if col is None else (loss, _finish_stats(col, rows, mask, n_valid, group))
     hs = _ReduceGradOverGroup.apply(student_hidden, group) if reduce_h else student_hidden
     kw = dict(
         kind=kind, beta=beta, temperature=temperature, clip=clip, tp_group=group, top_k=top_k,
@@ -235,6 +293,16 @@ def fused_linear_divergence(
         b = min(a + chunk, hs.shape[0])
         m_c = None if mask is None else mask[a:b]
         ids_c = None if target_ids is None else target_ids[a:b]
-        args = (hs[a:b], student_weight, teacher_hidden[a:b], teacher_weight, m_c, ids_c, kw)
+        args = (hs[a:b], student_weight, teacher_hidden[a:b], teacher_weight, m_c, ids_c, kw, col, a)
         out.append(_RecomputedSparseChunk.apply(*args))
-    return torch.cat(out)
+    loss = torch.cat(out)
+    return loss if col is None else (loss, _finish_stats(col, None, mask, n_valid, group))
+
+
+def _finish_stats(col: StatsCollector, rows, mask, n_valid: int, group) -> FusedStats:
+    """The collector's `[T]` statistics; the clipped count is divided by the global real vocabulary size
+    (one all-reduce SUM of this shard's valid-entry count when TP > 1)."""
+    v = torch.tensor(float(n_valid), dtype=torch.float64, device=col.parts.device)
+    v_global = int(all_reduce(v, dist.ReduceOp.SUM, group).item())
+    n_tokens = mask.shape[0] if mask is not None else col.parts.shape[1]
+    return col.result(rows, n_tokens, mask, v_global)

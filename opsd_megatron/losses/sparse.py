@@ -78,14 +78,23 @@ def global_topk_ids(teacher, k: int, start: int, n_valid: int, group) -> torch.T
     return cand[..., 1].gather(1, top).long()
 
 
-def topk_divergence(student, teacher, *, k, temperature, clip, start, n_valid, group) -> torch.Tensor:
+def topk_divergence(
+    student, teacher, *, k, temperature, clip, start, n_valid, group, tail: bool = True
+) -> torch.Tensor:
     """Forward KL over the teacher's global top-k entries plus one tail bucket holding the remaining mass.
 
     loss = sum_{i in top-k} p_T(i) log(p_T(i)/p_S(i)) + t_T log(t_T/t_S), t = 1 - sum_{top-k} p; each of
     the k+1 bucket terms is clamped at `clip` (pointwise, as the dense clip). Returns `[N]` fp32.
+    `tail=False`: the OPSD reference's variant, forward KL between the two distributions restricted to the
+    teacher's top-k ids and renormalised there (no tail bucket); each of the k terms clamped at `clip`.
     """
     ids = global_topk_ids(teacher, k, start, n_valid, group)  # (N, k)
     logp_s, logp_t = _VocabParallelLogProbAt.apply(student, teacher, ids, temperature, start, n_valid, group)
+    if not tail:
+        logq_s = logp_s - torch.logsumexp(logp_s, -1, keepdim=True)  # (N, k) renormalised over the top-k
+        logq_t = logp_t - torch.logsumexp(logp_t, -1, keepdim=True)
+        terms = logq_t.exp() * (logq_t - logq_s)  # (N, k)
+        return (terms if clip is None else terms.clamp(max=clip)).sum(-1)
     p_t = logp_t.exp()  # (N, k)
     tail_t = (1.0 - p_t.sum(-1)).clamp(min=0.0)  # (N,)
     tail_s = (1.0 - logp_s.exp().sum(-1)).clamp(min=_TINY)  # (N,)

@@ -120,8 +120,8 @@ def validate_args(
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     if clip is not None and not float(clip) > 0.0:
         raise ValueError(f"clip must be None or > 0 (the pointwise clamp tau), got {clip}.")
-    if kind == "topk" and (top_k is None or int(top_k) < 1):
-        raise ValueError(f"kind='topk' needs top_k >= 1, got top_k={top_k}.")
+    if kind in ("topk", "topk_renorm") and (top_k is None or int(top_k) < 1):
+        raise ValueError(f"kind={kind!r} needs top_k >= 1, got top_k={top_k}.")
     if kind == "sampled_token":
         if target_ids is None:
             raise ValueError(
@@ -164,6 +164,7 @@ def vocab_parallel_divergence(
         kind: "forward_kl" KL(p_T||p_S) | "reverse_kl" KL(p_S||p_T) | "jsd" generalised JSD(beta) with
             M = beta p_T + (1-beta) p_S (beta = 0 is exactly forward KL, beta = 1 exactly reverse KL) |
             "topk" forward KL over the teacher's global top-`top_k` ids + a tail bucket |
+            "topk_renorm" forward KL between p_T and p_S restricted to those ids and renormalised |
             "sampled_token" -stop_grad(log p_T(y) - log p_S(y)) * log p_S(y) at `target_ids` y.
         beta: JSD mixture weight (kind="jsd" only).
         temperature: both logits are divided by it before the softmax (gradient w.r.t. the raw logits).
@@ -199,10 +200,10 @@ def vocab_parallel_divergence(
         return _VocabParallelDenseDivergence.apply(
             student_logits, teacher_logits, mask, kind, float(beta), float(temperature), clip, n_valid, group
         )
-    if kind == "topk":
+    if kind in ("topk", "topk_renorm"):
         loss = topk_divergence(
             student_logits, teacher_logits, k=int(top_k), temperature=float(temperature), clip=clip,
-            start=start, n_valid=n_valid, group=group,
+            start=start, n_valid=n_valid, group=group, tail=kind == "topk",
         )  # fmt: skip
     else:
         ids = target_ids.reshape(-1)

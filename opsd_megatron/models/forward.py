@@ -60,3 +60,49 @@ def forward_logits(
     if not gather_vocab:
         return out
     return gather_true_vocab_logits(out, info)
+
+
+def output_weight(chunk) -> torch.Tensor:
+    """The last stage's vocabulary-parallel LM-head weight `[v_padded/tp, h]` (tied embedding or untied
+    `output_layer.weight`), the very Parameter Megatron's output layer multiplies with."""
+    model = unwrap(chunk)
+    if not model.post_process:
+        raise ValueError("output_weight: this chunk is not on the last pipeline stage (no LM head).")
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
+def _gather_sequence(h: torch.Tensor, group) -> torch.Tensor:
+    """[s/tp, b, h] sequence-parallel shards -> [s, b, h]; backward: reduce-scatter (sums the TP ranks'
+    partial gradients, as Megatron's output layer does with sequence parallelism)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=group)
+
+
+def hidden_states_forward(chunk, input_ids, position_ids, attention_mask=None) -> torch.Tensor:
+    """Run one model chunk, stopping before the LM head on the last pipeline stage.
+
+    Last stage: the final hidden states (after the final norm) `[b, s, h]`, full sequence (gathered over TP
+    when `config.sequence_parallel`; that gather's backward reduce-scatters the gradient, so a loss on these
+    states must not all-reduce its hidden gradient itself). Other stages: exactly what the chunk returns
+    (the `[s, b, h]` activations the pipeline schedule sends on). For Megatron's schedules: call it from the
+    forward-step function with the (DDP-wrapped) chunk the schedule passes in. No tensor of vocabulary
+    width is created. The output layer is bypassed only for the duration of this call (its `forward` is
+    replaced by a pass-through on the instance), so `forward_logits` and checkpoints are unaffected.
+    """
+    model = unwrap(chunk)
+    if not model.post_process:
+        return chunk(input_ids, position_ids, attention_mask)
+    layer = model.output_layer
+    sp_group = layer.tp_group if model.config.sequence_parallel else None
+
+    def pass_through(hidden, weight=None, runtime_gather_output=None):  # [s(/tp), b, h]
+        return (hidden if sp_group is None else _gather_sequence(hidden, sp_group)), None
+
+    layer.forward = pass_through
+    try:
+        return chunk(input_ids, position_ids, attention_mask)  # GPTModel: [s, b, h] -> [b, s, h]
+    finally:
+        del layer.forward  # back to the class's forward

@@ -1,7 +1,10 @@
 """Read a Hugging Face `config.json` into the few facts a Megatron GPT model needs (`ModelSpec`).
 
 Supported `architectures`: LlamaForCausalLM (Llama 3.x, `rope_scaling` type llama3), Qwen2ForCausalLM
-(Qwen2/2.5: qkv bias), Qwen3ForCausalLM (dense: q/k RMSNorm, head_dim may differ from hidden/heads).
+(Qwen2/2.5: qkv bias), Qwen3ForCausalLM (dense: q/k RMSNorm, head_dim may differ from hidden/heads),
+Qwen3MoeForCausalLM (Qwen3 attention + mixture-of-experts MLPs: `num_experts` (alias `num_local_experts`),
+`num_experts_per_tok`, `moe_intermediate_size`, `norm_topk_prob`, `decoder_sparse_step`, `mlp_only_layers`;
+a bias-free softmax router; no shared experts).
 Both the transformers-4 (`rope_theta` + `rope_scaling`) and transformers-5 (`rope_parameters`) spellings
 are understood, so hub checkpoints and freshly saved ones read the same.
 """
@@ -16,7 +19,13 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,17 @@ class ModelSpec:
     tie_word_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
+    # Mixture of experts (num_experts == 0: dense model).
+    num_experts: int = 0
+    moe_topk: int = 0  # experts per token
+    moe_ffn_hidden_size: int = 0  # per-expert intermediate size
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    moe_layers: tuple[int, ...] = ()  # 0-based indices of the layers with an MoE MLP (others dense)
+    router_aux_loss_coef: float = 0.0  # the HF config's value (informational; training uses moe.* config)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,9 +128,37 @@ def parse_hf_config(hf_config_or_dir: Any) -> tuple[ModelSpec, dict]:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+        **(_moe_fields(cfg) if arch in MOE_ARCHITECTURES else {}),
     )
     return spec, cfg
+
+
+def _moe_fields(cfg: dict) -> dict:
+    """MoE facts of a Qwen3-MoE config (HF semantics: layer i is sparse iff i not in mlp_only_layers and
+    (i + 1) % decoder_sparse_step == 0)."""
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if not experts or int(experts) <= 0:
+        raise ValueError("HF config 'num_experts' must be a positive integer for Qwen3MoeForCausalLM.")
+    experts = int(experts)
+    topk = int(cfg.get("num_experts_per_tok", 8))
+    if not 0 < topk <= experts:
+        raise ValueError(f"HF config 'num_experts_per_tok' ({topk}) must be in [1, num_experts={experts}].")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError(
+            "HF config 'shared_expert_intermediate_size' is set: shared experts are not supported."
+        )
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    layers = int(cfg["num_hidden_layers"])
+    return dict(
+        num_experts=experts,
+        moe_topk=topk,
+        moe_ffn_hidden_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+        router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0),
+    )
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:

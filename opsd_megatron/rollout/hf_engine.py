@@ -3,6 +3,7 @@
     engine = HFEngine("path/to/hf_dir", dtype="float32", seed=0)
     outs = engine.generate([[1, 2, 3]], SamplingConfig(temperature=1.1, top_k=20))
     engine.update_weights(named_tensors)  # load_state_dict(strict=False) of HF-named tensors
+                                          # (MoE: per-expert names go into transformers' fused experts)
 
 Same sampling semantics as the vLLM engine (`opsd_megatron.rollout.sampling.process_logits`: temperature,
 min-p, top-k, top-p in vLLM's order) and the same logprobs: log-softmax of the processed logits at the
@@ -176,10 +177,16 @@ class HFEngine:
         """Copy HF-named full tensors into the model in place (any subset); unknown names are an error."""
         import torch
 
+        from opsd_megatron.rollout.hf_experts import fused_expert_target
+
         params = dict(self.model.named_parameters(remove_duplicate=False))  # tied lm_head.weight included
         with torch.no_grad():
             for name, tensor in named_tensors:
-                if name not in params:
+                if name not in params:  # MoE: per-expert checkpoint names -> slices of the fused experts
+                    target = fused_expert_target(name, params)
+                    if target is not None:
+                        target.copy_(tensor)
+                        continue
                     raise KeyError(f"update_weights: tensor {name!r} is not a parameter of the HF model.")
                 if tuple(params[name].shape) != tuple(tensor.shape):
                     raise ValueError(

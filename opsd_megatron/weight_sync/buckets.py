@@ -15,6 +15,9 @@ vLLM's layerwise reload materialises a fused module (qkv_proj, gate_up_proj) fro
 garbage where a call delivered only part of it, so q/k/v and gate/up of one layer must travel in the same
 bucket. A bucket therefore exceeds `bucket_bytes` by at most one group (a stream does not announce group
 sizes): the peak extra memory of a refresh stays below `bucket_bytes` + one decoder layer.
+
+MoE: vLLM also fuses all experts of a layer into one module (w13 / w2), so an expert group must not be split
+either; the experts are named `model.layers.{i}.mlp.experts.{e}...`, so the layer group keeps them whole.
 """
 
 from __future__ import annotations

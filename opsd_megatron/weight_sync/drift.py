@@ -123,6 +123,7 @@ def vocab_parallel_token_logprobs(
     *,
     vocab_size: int | None = None,
     tp_group: dist.ProcessGroup | None = None,
+    vocab_start_index: int | None = None,
 ) -> torch.Tensor:
     """Logprobs of `token_ids` under the engines' sampling distribution, from vocab-sharded logits (no grad).
 
@@ -133,6 +134,8 @@ def vocab_parallel_token_logprobs(
         sampling: temperature / min-p / top-k / top-p as given to the engine; None = plain log-softmax.
         vocab_size: real vocabulary size; logits of padded ids >= vocab_size are excluded (engines drop them).
         tp_group: tensor-parallel group over which the vocabulary is split (None: not split).
+        vocab_start_index: global id of this shard's first entry (default rank * v/tp); lets a caller pass
+            only the real entries of a shard (e.g. the fused loss's logits chunk `[c, n_valid]`).
     Returns:
         [...] float32 logprobs (-inf where the token was masked out by top-k/top-p/min-p).
     """
@@ -154,7 +157,7 @@ def vocab_parallel_token_logprobs(
             )
         z = vocab_parallel_logits.reshape(-1, part).float()  # [n, v/tp] (copy below; input untouched)
         ids = token_ids.reshape(-1).long()  # [n]
-        start = rank * part
+        start = rank * part if vocab_start_index is None else int(vocab_start_index)
         greedy = sampling.temperature < 1e-5
         z = z / (1.0 if greedy else sampling.temperature)  # [n, v/tp] new tensor
         if vocab_size is not None and start + part > vocab_size:

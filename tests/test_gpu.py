@@ -1,0 +1,221 @@
+"""GPU tests with thresholds (`pytest -m gpu`; part of `make gpu-test`). Collected everywhere, skipped with
+the reason when CUDA is absent. Thresholds: benchmarks/thresholds.py (OPSD_THRESHOLD_SCALE scales them;
+anchors in docs/performance.md).
+
+* the fused loss in bf16 against the float64 reference, values and gradients, at TP = 1 and per vocabulary
+  shard (two shards combined exactly as the TP collectives do, on one GPU);
+* the fused path's peak extra CUDA memory at the anchor shape;
+* a bf16 OPSD train step under Megatron's distributed optimizer against an fp32 step on the same batch;
+* Transformer Engine layer-spec logits against transformers (when TE imports);
+* Megatron distributed checkpoint save/load of model + distributed-optimizer state.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from thresholds import limit  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `make gpu-test` on one)"),
+]
+TEMP, CLIP = 1.1, 0.05
+
+
+def _inputs(t, h, v, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(t, h, generator=g)
+    ws = torch.randn(v, h, generator=g) * 2 / h**0.5
+    ht = hs + 0.3 * torch.randn(t, h, generator=g)
+    wt = ws + 0.5 / h**0.5 * torch.randn(v, h, generator=g)
+    return [x.to("cuda", dtype) for x in (hs, ws, ht, wt)]
+
+
+def _reference(hs, ws, ht, wt, go, kind="forward_kl", mask=None):
+    """float64 reference for bf16 inputs: the logits as the bf16 GEMMs give them, everything after in float64
+    (loss, its logit gradient, and the gradient GEMMs): loss, dh, dW."""
+    from opsd_megatron.losses import vocab_parallel_divergence
+
+    ls = (hs @ ws.t()).double().requires_grad_(True)
+    ref = vocab_parallel_divergence(ls, (ht @ wt.t()).double(), kind=kind, beta=0.5, temperature=TEMP,
+                                    clip=CLIP, loss_mask=mask)  # fmt: skip
+    (ref * go).sum().backward()
+    return ref.detach(), ls.grad @ ws.double(), ls.grad.t() @ hs.double()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_fused_loss_bf16_matches_float64(kind):
+    from opsd_megatron.losses import fused_linear_divergence
+
+    t, h, v = 1000, 256, 5003
+    hs, ws, ht, wt = _inputs(t, h, v, torch.bfloat16)
+    mask = torch.rand(t, device="cuda") > 0.2
+    go = torch.rand(t, device="cuda", dtype=torch.float64)
+    for weights in ("uniform", "weighted"):
+        g = torch.full_like(go, 1 / t) if weights == "uniform" else go
+        x = [hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)]
+        loss = fused_linear_divergence(x[0], x[1], ht, wt, kind=kind, beta=0.5, temperature=TEMP, clip=CLIP,
+                                       loss_mask=mask, chunk_size=384)  # fmt: skip
+        (loss * g.float()).sum().backward()
+        ref = _reference(hs, ws, ht, wt, g, kind, mask)
+        errs = [_rel(a, b) for a, b in zip((loss, x[0].grad, x[1].grad), ref)]
+        assert max(errs) < 2e-2, f"{kind} {weights}: rel. err loss/dh/dW {errs}"
+
+
+def test_fused_loss_bf16_per_vocab_shard_matches_float64():
+    """Two vocabulary shards, their statistics combined as `global_shift` / the all-reduce do at TP = 2."""
+    from opsd_megatron.losses import _phases
+
+    t, h, v = 512, 256, 4096
+    hs, ws, ht, wt = _inputs(t, h, v, torch.bfloat16, seed=1)
+    go = torch.full((t,), 1 / t, device="cuda", dtype=torch.float64)
+    ref_loss, ref_dh, ref_dw = _reference(hs, ws, ht, wt, go)
+    shards = [slice(0, v // 2), slice(v // 2, v)]
+    ls = [hs @ ws[s].t() for s in shards]  # [t, v/2] bf16 each
+    lt = [ht @ wt[s].t() for s in shards]
+    stats = torch.stack(
+        [_phases._run(_phases.phase_stats, "forward_kl", a, b, 1 / TEMP) for a, b in zip(ls, lt)]
+    )
+    m = stats[:, :, 0].amax(0)
+    shift = m + torch.log((stats[:, :, 1] * torch.exp(stats[:, :, 0] - m)).sum(0))  # the all-gather's result
+    args = (1 / TEMP, "forward_kl", 0.5, CLIP, False)
+    parts = sum(_phases._run(_phases.phase_terms, "forward_kl", a, b, shift, *args) for a, b in zip(ls, lt))
+    assert _rel(parts[0], ref_loss) < 1e-2
+    saved = torch.cat([shift, parts[1:2]])
+    dh = torch.zeros(t, h, device="cuda", dtype=torch.float64)
+    for s, a, b in zip(shards, ls, lt):
+        g = _phases.grad_from_saved_(a, b, saved, go.float(), kind="forward_kl", beta=0.5, temperature=TEMP,
+                                     clip=CLIP)  # fmt: skip
+        assert _rel(g.double().t() @ hs.double(), ref_dw[s]) < 2e-2, f"dW of shard {s}"
+        dh += g.double() @ ws[s].double()
+    assert _rel(dh, ref_dh) < 2e-2
+
+
+def test_fused_loss_peak_memory_at_anchor_shape():
+    """8192 x 4096 x 151936 bf16, forward KL + clip, forward + backward: peak above the inputs."""
+    from opsd_megatron.losses import fused_linear_divergence, token_mean
+
+    hs, ws, ht, wt = _inputs(8192, 4096, 151_936, torch.bfloat16)
+    hs.requires_grad_(True)
+    ws.requires_grad_(True)
+    for _ in range(2):  # the first run compiles the kernels
+        hs.grad = ws.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        per = fused_linear_divergence(hs, ws, ht, wt, temperature=TEMP, clip=CLIP)
+        token_mean(per, None, hs.shape[0]).backward()
+        torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    assert peak <= limit("gpu_loss_mem_gib"), f"peak extra {peak:.2f} GiB > {limit('gpu_loss_mem_gib')} GiB"
+
+
+@pytest.fixture(scope="module")
+def single_rank_env():
+    """World size 1 in this process (the trainer initialises torch.distributed), on a free port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+
+
+def _trainer(model_dir, out, dtype, tokenizer_dir=None):
+    from opsd_megatron.config import config_from_dict
+    from opsd_megatron.trainer import OPSDTrainer
+
+    cfg = config_from_dict({
+        "output_dir": str(out), "model": {"path": str(model_dir), "dtype": dtype},
+        "data": {"path": "builtin:tiny_math", "answer_field": None},
+        "rollout": {"engine": "hf", "max_new_tokens": 24},
+        "loss": {"kind": "forward_kl", "clip": 0.05}, "optimizer": {"lr": 1e-4},
+        "train": {"steps": 1, "global_batch_size": 4, "micro_batch_size": 2},
+        "checkpoint": {"save_interval": 0, "export_hf": False, "resume": False},
+        "logging": {"progress_bar": False},
+    })  # fmt: skip
+    return OPSDTrainer(cfg)
+
+
+def test_bf16_distributed_optimizer_step_matches_fp32(single_rank_env, tiny_qwen3_dir, tmp_path):
+    tr32 = _trainer(tiny_qwen3_dir, tmp_path / "fp32", "float32")
+    samples, _ = tr32.rollout(0)
+    out32 = tr32.train_step(samples)
+    tr32.close()
+    tr16 = _trainer(tiny_qwen3_dir, tmp_path / "bf16", "bfloat16")
+    assert tr16.chunks[0].ddp_config.use_distributed_optimizer, "CUDA runs use the distributed optimizer"
+    out16 = tr16.train_step(samples)
+    tr16.close()
+    assert out16["update_ok"] and out32["update_ok"]
+    l32, l16 = (o["sums"]["loss_sum"] / o["sums"]["tokens"] for o in (out32, out16))
+    assert abs(l16 - l32) <= 2e-2 * abs(l32) + 1e-3, (l16, l32)
+    assert abs(out16["grad_norm"] - out32["grad_norm"]) <= 5e-2 * out32["grad_norm"], (out16, out32)
+
+
+def test_te_layer_spec_logits_match_transformers(single_rank_env, tiny_qwen3_dir):
+    from opsd_megatron.models import builder
+
+    why = builder.te_import_error()
+    if why is not None:
+        pytest.skip(f"Transformer Engine does not import here: {why}")
+    from transformers import AutoModelForCausalLM
+
+    from opsd_megatron import parallel
+    from opsd_megatron.conversion import load_hf_weights
+    from opsd_megatron.models import build_model, forward_logits
+
+    parallel.initialize(1, 1)
+    chunks = build_model(str(tiny_qwen3_dir), dtype=torch.float32, use_te=True, perform_initialization=False)
+    load_hf_weights(chunks, str(tiny_qwen3_dir))
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_dir), dtype=torch.float32).cuda().eval()
+    x = torch.randint(0, hf.config.vocab_size, (2, 32), device="cuda")
+    with torch.no_grad():
+        ref = hf(x).logits.float()
+        got = forward_logits(chunks, x).float()[..., : ref.shape[-1]]
+    assert _rel(got, ref) < 2e-2  # TE kernels run in TF32/fused form: bf16-class tolerance
+
+
+def test_checkpoint_save_load_with_distributed_optimizer(single_rank_env, tiny_qwen3_dir, tmp_path):
+    from opsd_megatron.checkpointing import load_checkpoint
+
+    tr = _trainer(tiny_qwen3_dir, tmp_path / "run", "bfloat16")
+    samples, _ = tr.rollout(0)
+    tr.train_step(samples)
+    path = tr.save("test")
+    params = {n: p.detach().clone() for n, p in tr.chunks[0].named_parameters()}
+    opt = _optimizer_tensors(tr.optimizer)
+    assert opt, "no fp32 main-parameter shards / Adam moments found in the optimizer"
+    tr.train_step(samples)  # move away from the saved state
+    assert any(not torch.equal(p, params[n]) for n, p in tr.chunks[0].named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(_optimizer_tensors(tr.optimizer), opt))
+    load_checkpoint(path, tr.chunks, tr.optimizer, tr.scheduler, teacher=tr.teacher)
+    for n, p in tr.chunks[0].named_parameters():
+        assert torch.equal(p, params[n]), f"{n} differs after load"
+    after = _optimizer_tensors(tr.optimizer)
+    assert len(after) == len(opt) and all(torch.equal(a, b) for a, b in zip(after, opt))
+    tr.close()
+
+
+def _optimizer_tensors(optimizer) -> list:
+    """Copies of the distributed optimizer's fp32 main-parameter shards and Adam moments, in a fixed order."""
+    out = []
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in getattr(o, "shard_fp32_from_float16_groups", []):
+            out += [p.detach().clone() for p in group]
+        inner = getattr(o, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            out += [v.detach().clone() for k, v in sorted(st.items()) if torch.is_tensor(v) and v.dim() > 0]
+    return out

