@@ -32,18 +32,12 @@ def _sft_cfg(model_dir, data_path, out_dir, **over) -> dict:
     return cfg
 
 
-def run_sft_tp2(rank, world_size, good: dict, bad: dict):
-    """Worker: a row without a solution is a DataError; then SFT's first loss vs transformers' CE."""
+def run_sft_tp2(rank, world_size, good: dict):
+    """Worker: SFT's first loss vs transformers' CE; TP-replicated parameters stay equal."""
     import torch
 
-    from opsd_megatron.data import DataError
     from opsd_megatron.sft import SFTTrainer
 
-    try:
-        SFTTrainer(config_from_dict(bad))
-        bad_error = None
-    except DataError as e:
-        bad_error = str(e)
     trainer = SFTTrainer(config_from_dict(good))
     try:
         samples = trainer.sft_samples(0)
@@ -71,7 +65,7 @@ def run_sft_tp2(rank, world_size, good: dict, bad: dict):
                 )
                 total, n = total + float(ce), n + len(s.response)
         ref = total / n
-    return {"bad_error": bad_error, "rows": rows, "ref": ref, "n_samples": len(samples), "norm": norm_sum}
+    return {"rows": rows, "ref": ref, "n_samples": len(samples), "norm": norm_sum}
 
 
 def test_sft_tp2_loss_matches_transformers_and_bad_rows_error(tmp_path):
@@ -84,9 +78,14 @@ def test_sft_tp2_loss_matches_transformers_and_bad_rows_error(tmp_path):
     bad_path.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n")
     good = _sft_cfg(model, paths["train"], tmp_path / "run")
     bad = _sft_cfg(model, bad_path, tmp_path / "bad_run")
-    res = run_distributed(run_sft_tp2, 2, good, bad, timeout=240)
+    # The SFT trainer reads its rows with load_problems (before any model work): a row without a solution
+    # is one DataError naming the row and the field.
+    from opsd_megatron.data import DataError, load_problems
+
+    with pytest.raises(DataError, match="row 0 has no field 'solution'"):
+        load_problems(config_from_dict(bad).data)
+    res = run_distributed(run_sft_tp2, 2, good, timeout=240)
     r0 = res[0]
-    assert "row 0" in r0["bad_error"] and "'solution'" in r0["bad_error"]
     # TP=2, DP=1: the replica gets all 4 problems of the step, one sequence per format.
     assert r0["n_samples"] == 8
     first = r0["rows"][0]["loss"]
