@@ -171,6 +171,8 @@ class TeacherConfig:
     """EMA decay for mode=ema."""
     offload: bool = False
     """Keep the frozen teacher copy on CPU between uses (full fine-tuning only)."""
+    privileged: bool = True
+    """Show the teacher the reference solution (OPSD); false: teacher prompt = student prompt (control)."""
 
 
 @dataclass
@@ -293,9 +295,18 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    formats: list[str] = field(default_factory=lambda: ["student", "teacher"])
+    """algorithm=sft: the prompt formats each problem is trained in (student: problem -> solution;
+    teacher: problem + reference solution -> solution); one sequence per problem and format."""
+
+
+@dataclass
 class OPSDConfig:
     output_dir: str = "runs/opsd"
     """Checkpoints, metrics.jsonl, TensorBoard logs and the final HF export go here."""
+    algorithm: Literal["opsd", "sft"] = "opsd"
+    """opsd (self-distillation, the default) | sft (supervised warm start on the reference solutions)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network trained (student) and scored against (teacher)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -324,6 +335,8 @@ class OPSDConfig:
     """Periodic evaluation."""
     moe: MoeConfig = field(default_factory=MoeConfig)
     """Mixture-of-experts router losses (ignored for dense models); expert parallelism is parallel.ep."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning (algorithm=sft)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -566,6 +579,14 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
         "eval.path",
         "is required when eval.interval > 0 (or set eval.benchmarks).",
     )
+    _check(bool(cfg.sft.formats), "sft.formats", "must name at least one of student, teacher.")
+    _check(
+        cfg.algorithm != "sft" or cfg.eval.interval == 0,
+        "eval.interval",
+        "must be 0 with algorithm=sft (no rollout engine); evaluate its HF export with opsd-eval.",
+    )
+    for fmt in cfg.sft.formats:
+        _check(fmt in ("student", "teacher"), "sft.formats", f"lists student/teacher, got {fmt!r}.")
     for key, tmpl, needed in [
         ("prompts.student_template", cfg.prompts.student_template, ["{problem}"]),
         ("prompts.teacher_template", cfg.prompts.teacher_template, ["{problem}", "{solution}"]),

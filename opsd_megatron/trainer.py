@@ -244,7 +244,8 @@ class OPSDTrainer:
 
         if idx not in self._prompt_cache:
             p = self.problems[idx]
-            s, t = render_pair(self.tokenizer, p.problem, p.solution, self.cfg.prompts)
+            s, t = render_pair(self.tokenizer, p.problem, p.solution, self.cfg.prompts,
+                               privileged=self.cfg.teacher.privileged)  # fmt: skip
             limit = self.cfg.prompts.max_prompt_tokens
             if max(len(s), len(t)) > limit:
                 raise ConfigError(

