@@ -261,7 +261,7 @@ class LoggingConfig:
     progress_bar: bool = True
     """Show progress (step k/N, %, ETA) on the per-step console line of rank 0."""
     level: Literal["debug", "info", "warning"] = "info"
-    """Console level of opsd_megatron's own messages: debug | info | warning. Third-party libraries (vLLM,
+    """Console level of opsd_megatron's own messages. Third-party libraries (vLLM,
     Megatron, transformers) log warnings and errors only, unless level=debug or `opsd-train --verbose`."""
     rollout_interval: int = 1
     """Every N steps append a few sampled rollouts (prompt, response, per-token divergence, correct) to
