@@ -11,11 +11,21 @@ plain `copy_` of the same tensors into preallocated (pre-touched) buffers on the
 refresh / copy (median over repeats of pairs timed back to back). "engine ms" is the time inside
 `update_weights`; the rest is producing the tensors. Engine start-up time is printed too. Timings are the
 minimum of `--repeats` runs (CPU timings are noisy on shared machines).
+
+Engine tensor parallelism (`--engine-tp 1,2`, on by default): for each engine TP a world of 2 gloo ranks
+holds the model as Megatron TP 2 and refreshes its engine(s) from the real export stream (`WeightSyncer` over
+`export_hf_weights`: TP all-gather, buckets, `update_weights`): two TP-1 engines (one per rank) or one TP-2
+engine over both ranks. Per rank it reports the bytes gathered by the export collectives, the bytes streamed
+into the engine (full tensors: vLLM's loaders cut the shard), the bytes the engine holds afterwards (read back
+from vLLM, `held_shapes`), the refresh time (export + load) and a plain `copy_` of the same bytes timed in
+the same process. Exits non-zero when an engine-TP-2 rank holds more than 0.6x what a TP-1 engine holds (each
+rank must keep only its shard) or a refresh held more than one bucket + one decoder layer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -64,6 +74,93 @@ def plain_copy_seconds(source, dst) -> float:
     return time.perf_counter() - t0
 
 
+def _tp_worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_mb: float, repeats: int,
+               out_dir: str) -> None:  # fmt: skip
+    """One rank of the engine-TP comparison (spawned): Megatron TP=world, engine TP=etp, timed refreshes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from opsd_megatron import parallel
+    from opsd_megatron.conversion import export_hf_weights, load_hf_weights
+    from opsd_megatron.models import build_model
+    from opsd_megatron.rollout import make_engine
+    from opsd_megatron.weight_sync import WeightSyncer
+
+    parallel.initialize(tp=world, pp=1, seed=0)
+    chunks = build_model(model_dir, torch.float32, perform_initialization=False)
+    load_hf_weights(chunks, model_dir)
+    local = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
+    exported = [(n, t.clone()) for n, t in export_hf_weights(chunks)]  # the same bytes, for the plain copy
+    full = sum(t.numel() * t.element_size() for _, t in exported)
+    layer = max(
+        sum(t.numel() * t.element_size() for n, t in exported if f".layers.{i}." in n) for i in range(2)
+    )
+    dst = [torch.zeros_like(t) for _, t in exported]
+    engine = make_engine("vllm", model_dir, dtype="float32", seed=0, max_model_len=256,
+                         tensor_parallel_size=etp, gpu_memory_utilization=0.05)  # fmt: skip
+    syncer = WeightSyncer(engine, bucket_bytes=int(bucket_mb * 2**20))
+    secs, exports, loads, copies, peak = [], [], [], [], 0
+    for _ in range(repeats):
+        copies.append(plain_copy_seconds(exported, dst))
+        dist.barrier()
+        stats = syncer.sync(chunks)
+        secs.append(stats.seconds)
+        exports.append(stats.export_seconds)
+        loads.append(stats.load_seconds)
+        peak = max(peak, stats.max_bucket_bytes)
+    held = sum(math.prod(s) * 4 for s in engine.held_shapes().values())
+    engine.close()
+    torch.save(dict(rank=rank, etp=etp, gathered=full - local, into_engine=stats.bytes, held=held,
+                    refresh=min(secs), export=min(exports), load=min(loads), copy=min(copies), peak=peak,
+                    limit=int(bucket_mb * 2**20) + layer),
+               Path(out_dir) / f"etp{etp}_rank{rank}.pt")  # fmt: skip
+    parallel.destroy()
+
+
+def engine_tp_table(model_dir: Path, etps: list[int], bucket_mb: float, repeats: int) -> bool:
+    """Run the engine-TP comparison (one spawned world of 2 per engine TP); print it; True when it passes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_refresh_tp_") as out:
+        for etp in etps:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            mp.start_processes(_tp_worker, args=(2, port, str(model_dir), etp, bucket_mb, repeats, out),
+                               nprocs=2, start_method="spawn")  # fmt: skip
+            rows += [torch.load(Path(out) / f"etp{etp}_rank{r}.pt") for r in range(2)]
+    mib = 2**20
+    print(f"\nengine TP (world 2, Megatron TP 2, bucket {bucket_mb:g} MiB, fp32): per rank")
+    head = ("eng TP", "rank", "gathered MiB", "into eng MiB", "held MiB", "refresh ms", "export ms",
+            "load ms", "copy ms", "refresh/copy", "peak MiB")  # fmt: skip
+    print(" ".join(f"{h:>12}" for h in head))
+    for r in rows:
+        print(f"{r['etp']:>12} {r['rank']:>12} {r['gathered'] / mib:>12.1f} {r['into_engine'] / mib:>12.1f} "
+              f"{r['held'] / mib:>12.1f} {r['refresh'] * 1e3:>12.1f} {r['export'] * 1e3:>12.1f} "
+              f"{r['load'] * 1e3:>12.1f} {r['copy'] * 1e3:>12.1f} {r['refresh'] / r['copy']:>12.1f} "
+              f"{r['peak'] / mib:>12.1f}")  # fmt: skip
+    ok = True
+    held1 = [r["held"] for r in rows if r["etp"] == 1]
+    for r in rows:
+        if r["peak"] > r["limit"]:
+            print(
+                f"FAIL: engine TP {r['etp']} rank {r['rank']} held {r['peak']} B at once > one bucket + layer"
+            )
+            ok = False
+        if held1 and r["etp"] > 1 and r["held"] > 0.6 * max(held1):
+            print(
+                f"FAIL: engine TP {r['etp']} rank {r['rank']} holds {r['held']} B, not a shard of "
+                f"{max(held1)} B"
+            )
+            ok = False
+    return ok
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
@@ -71,6 +168,10 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--buckets-mb", default="1,8,64,1024", help="comma-separated bucket sizes in MiB")
+    ap.add_argument(
+        "--engine-tp", default="1,2", help="engine TP sizes to compare in a world of 2 ('' skips)"
+    )
+    ap.add_argument("--tp-bucket-mb", type=float, default=8.0, help="bucket size of the engine-TP comparison")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -107,6 +208,8 @@ def main() -> None:
             rows.append((mb, stats.buckets, s, min(loads), total / s / 1e9, max(peaks) / 2**20, ratio))
         copy_s = min(copies)
         engine.close()
+        etps = [int(x) for x in args.engine_tp.split(",") if x.strip()]
+        ok = engine_tp_table(model_dir, etps, args.tp_bucket_mb, args.repeats) if etps else True
 
     print(f"\nengine={args.engine}  model={total / 2**20:.1f} MiB fp32 ({len(source)} tensors)  "
           f"startup={startup:.1f} s  torch threads={torch.get_num_threads()}")  # fmt: skip
@@ -116,6 +219,8 @@ def main() -> None:
     for mb, nb, s, load, gbps, peak, ratio in rows:
         ms, load_ms = s * 1e3, load * 1e3
         print(f"{mb:>10g} {nb:>8d} {ms:>11.1f} {load_ms:>10.1f} {gbps:>7.2f} {peak:>14.1f} {ratio:>13.1f}")
+    if not ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     opsd-convert hf-to-megatron --hf HF_DIR --out CKPT_DIR --tp 2 --pp 2     (run under torchrun, 4 ranks)
     opsd-convert megatron-to-hf --megatron CKPT_DIR --out HF_OUT
     opsd-convert verify --hf HF_DIR --megatron CKPT_DIR --tp 1 --pp 2        (torchrun, 2 ranks)
+    opsd-convert hf-to-megatron ... --pp 2 --pipeline-layers 2,1             (uneven split of 3 layers)
     opsd-convert export-lora --megatron RUN/checkpoints/step_000100 --out ADAPTER_DIR   (PEFT adapter)
 
 Every subcommand runs on world size = TP x PP x DP ranks started by torchrun (or srun); a plain
@@ -39,6 +40,35 @@ def _dtype(name: str):
     }[name]
 
 
+def _layer_counts(text: str) -> list[int]:
+    """`--pipeline-layers 2,1` -> [2, 1]."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer counts per stage, e.g. 2,1; got {text!r}"
+        ) from None
+
+
+def _pipeline_layers(args, num_layers: int | None) -> list[int] | None:
+    """args.pipeline_layers checked against --pp and the model's layer count (ValueError naming the flag)."""
+    from opsd_megatron import parallel
+
+    pl = getattr(args, "pipeline_layers", None)
+    try:
+        parallel.check_pipeline_layers(pl, args.pp, num_layers)
+    except ValueError as e:
+        raise ValueError(f"--pipeline-layers: {e}") from None
+    return pl
+
+
+def _hf_layers(hf_dir: str) -> int | None:
+    import json
+
+    cfg = Path(hf_dir) / "config.json"
+    return json.loads(cfg.read_text()).get("num_hidden_layers") if cfg.is_file() else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="opsd-convert",
@@ -54,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
         p.add_argument("--ep", type=int, default=1, help="expert-parallel size, MoE models (default 1)")
+        p.add_argument(
+            "--pipeline-layers",
+            type=_layer_counts,
+            default=None,
+            help="decoder layers per pipeline stage for an uneven split, e.g. 2,1 (default: even)",
+        )
         p.add_argument("--dtype", default=default_dtype, choices=["fp32", "bf16"], help="model dtype")
 
     p = sub.add_parser("hf-to-megatron", help="HF dir -> Megatron distributed checkpoint", **common)
@@ -100,7 +136,8 @@ def hf_to_megatron(args) -> int:
     from opsd_megatron.conversion.hf_checkpoint import TOKENIZER_FILES
     from opsd_megatron.models import build_model
 
-    parallel.initialize(args.tp, args.pp, ep=args.ep)
+    pl = _pipeline_layers(args, _hf_layers(args.hf))
+    parallel.initialize(args.tp, args.pp, ep=args.ep, pipeline_layers=pl)
     _progress(f"reading HF checkpoint {args.hf} (TP={args.tp} x PP={args.pp} x EP={args.ep})")
     chunks = build_model(args.hf, dtype=_dtype(args.dtype), perform_initialization=False)
     load_hf_weights(chunks, args.hf)
@@ -118,7 +155,7 @@ def hf_to_megatron(args) -> int:
     return 0
 
 
-def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int = 1):
+def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int = 1, args=None):
     """(chunks, meta, shard_hook, tokenizer dir) of an opsd_megatron Megatron or training checkpoint."""
     from opsd_megatron.conversion.megatron_checkpoint import META_FILE
     from opsd_megatron.conversion.training_checkpoint import (
@@ -139,7 +176,7 @@ def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int 
             "checkpoint (no opsd_state.json, step_* or checkpoints/)."
         )
     _progress(f"reading Megatron checkpoint {ckpt} (TP={tp} x PP={pp})")
-    chunks, meta = _load_converted(ckpt, tp, pp, dtype_name, ep)
+    chunks, meta = _load_converted(ckpt, tp, pp, dtype_name, ep, args)
     return chunks, meta, None, Path(ckpt) / "tokenizer"
 
 
@@ -148,14 +185,15 @@ def _progress(msg: str) -> None:
         print(f"opsd-convert: {msg}", file=sys.stderr, flush=True)
 
 
-def _load_converted(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int = 1):
+def _load_converted(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int = 1, args=None):
     from opsd_megatron import parallel
     from opsd_megatron.conversion import load_megatron_checkpoint, read_checkpoint_metadata
     from opsd_megatron.conversion.megatron_checkpoint import default_dtype
     from opsd_megatron.models import build_model
 
     meta = read_checkpoint_metadata(ckpt)
-    parallel.initialize(tp, pp, ep=ep)
+    pl = _pipeline_layers(args, meta.get("hf_config", {}).get("num_hidden_layers")) if args else None
+    parallel.initialize(tp, pp, ep=ep, pipeline_layers=pl)
     dtype = _dtype(dtype_name) if dtype_name else default_dtype(meta)
     chunks = build_model(
         meta["hf_config"],
@@ -170,7 +208,7 @@ def _load_converted(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int
 def megatron_to_hf(args) -> int:
     from opsd_megatron.conversion import save_hf_checkpoint
 
-    chunks, _, hook, default_tok = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep)
+    chunks, _, hook, default_tok = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep, args)
     tok = args.tokenizer or default_tok
     _progress(f"writing HF checkpoint to {args.out}" + (" (LoRA merged)" if hook else ""))
     out = save_hf_checkpoint(chunks, args.out, tokenizer_dir=tok, shard_hook=hook)
@@ -191,9 +229,10 @@ def verify(args) -> int:
 
     dtype = _dtype(args.dtype)
     if args.megatron:
-        chunks = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep)[0]
+        chunks = _load_megatron(args.megatron, args.tp, args.pp, args.dtype, args.ep, args)[0]
     else:
-        parallel.initialize(args.tp, args.pp, ep=args.ep)
+        pl = _pipeline_layers(args, _hf_layers(args.hf))
+        parallel.initialize(args.tp, args.pp, ep=args.ep, pipeline_layers=pl)
         chunks = build_model(args.hf, dtype=dtype, perform_initialization=False)
         load_hf_weights(chunks, args.hf)
     vocab = model_info(chunks).vocab_size

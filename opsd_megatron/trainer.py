@@ -4,18 +4,21 @@
     trainer.train()                # steps, metrics, checkpoints, signals, final HF export
     trainer.close()
 
-Placement. Every rank holds its Megatron shard (TP×PP, DP = world / (TP×PP)) and one in-process rollout
-engine with the full model (vLLM creates its process groups collectively over the trainer's world, so every
-rank must build one; the colocated layout of NeMo-RL/verl with engine TP = 1). A data-parallel replica's
-prompts are split over the ranks of its model-parallel group: each rank samples its contiguous share and the
-responses (token ids, logprobs, finish reasons, rollout correctness) are all-gathered over the model-parallel
-group (`all_gather_object`), so every rank of the replica packs the same micro-batches. Prompts are rendered
-on every rank (cheap, deterministic). After each optimizer step every rank pushes the exported full weights
-(`export_hf_weights` yields every tensor on every rank) into its own engine.
+Placement. Every rank holds its Megatron shard (TP×PP, DP = world / (TP×PP)) and its part of one in-process
+rollout engine. Engines have their own tensor parallelism `rollout.tensor_parallel_size` (T), independent of
+the Megatron layout: engine e = ranks [e·T, (e+1)·T), world / T engines (vLLM creates its groups collectively
+over the trainer's world, so every rank takes part; see `opsd_megatron.rollout.placement`). The step's
+global batch is split over the engines; every rank of an engine generates the engine's share with the same
+per-request seeds (a pure function of (seed, step, global prompt index)); each engine's first rank grades
+its share and publishes it; the responses (token ids, logprobs, finish reasons, rollout correctness) are
+gathered over the world (`all_gather_object`) in global prompt order, and each data-parallel replica takes
+its contiguous slice, so every rank of a replica packs the same micro-batches. Prompts are rendered on
+every rank (cheap, deterministic). After each optimizer step every rank pushes the exported full weights
+(`export_hf_weights` yields every tensor on every rank) into its engine, whose loaders keep the rank's shard.
 
 One step (all ranks):
-1. rollout: the replica's problems for this step (a pure function of (seed, step)), student prompts →
-   engine.generate with a per-step seed (so a resumed run samples exactly what the uninterrupted one did).
+1. rollout: the step's problems (a pure function of (seed, step)), student prompts → engine.generate with
+   per-request seeds (so a resumed run samples exactly what the uninterrupted one did).
 2. pack: student = student prompt ‖ response, teacher = teacher prompt ‖ response, padded at the end to one
    fixed length per forward_backward call (pipeline p2p needs fixed shapes); see `opsd_megatron.batch`.
 3. teacher_forward: Megatron's forward-only schedule over the teacher chunks (`opsd_megatron.teacher`); the
@@ -52,13 +55,14 @@ from opsd_megatron.watchdog import JobWatchdog, ends_job_on_error
 log = logging.getLogger("opsd_megatron")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Per-step sampling seed: a pure function of (train.seed, step, dp_rank).
-_SEED_STRIDE = (1_000_003, 7_919)
 
 
-def step_seed(seed: int, step: int, rollout_rank: int) -> int:
-    """Sampling seed of one rollout rank at one step: a pure function, so resumed runs sample identically."""
-    return (seed * _SEED_STRIDE[0] + step * _SEED_STRIDE[1] + rollout_rank * 104_729) % (2**31 - 1)
+def step_seed(seed: int, step: int, prompt_index: int) -> int:
+    """Sampling seed of global prompt `prompt_index` at `step` (`rollout.placement.request_seed`): a pure
+    function, so resumed runs sample identically and copies of one prompt are sampled independently."""
+    from opsd_megatron.rollout.placement import request_seed
+
+    return request_seed(seed, step, prompt_index)
 
 
 class OPSDTrainer:
@@ -76,7 +80,8 @@ class OPSDTrainer:
         # Paths, layout vs world, resume choice, config changes: checked before anything heavy starts.
         self._resume_path = preflight(cfg)
         self.ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed,
-                                      ep=cfg.parallel.ep, etp=cfg.parallel.etp)  # fmt: skip
+                                      ep=cfg.parallel.ep, etp=cfg.parallel.etp,
+                                      pipeline_layers=cfg.parallel.pipeline_layers)  # fmt: skip
         self.watchdog = JobWatchdog.start(self.ps.rank, self.ps.world_size)  # one rank's error ends the job
         self.dp = validate_world(cfg, self.ps.world_size)
         validate_model(cfg)
@@ -88,7 +93,6 @@ class OPSDTrainer:
             )
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.mp_rank = dist.get_rank(self.ps.mp_group) if self.ps.world_size > 1 else 0
         self.step = 0
         self._stop = None
         self._capture_div: list | None = None
@@ -174,16 +178,31 @@ class OPSDTrainer:
         self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.train.steps)
         install_schedule_hooks(self.chunks, self.optimizer)
 
+    def _setup_placement(self) -> None:
+        """Which ranks form which engine; one gloo group per engine when engines span ranks. Collective."""
+        from opsd_megatron.rollout.placement import EnginePlacement
+
+        etp = self.cfg.rollout.tensor_parallel_size
+        self.placement = EnginePlacement(self.ps.world_size, self.ps.rank, etp)
+        self.engine_group = None
+        if self.placement.engine_tp > 1:  # every rank creates every group, in the same order
+            for e in range(self.placement.num_engines):
+                g = dist.new_group(self.placement.engine_ranks(e), backend="gloo")
+                if e == self.placement.engine:
+                    self.engine_group = g
+
     def _setup_engine(self) -> None:
         from opsd_megatron.rollout import make_engine
         from opsd_megatron.rollout.lengths import engine_max_model_len
 
         r = self.cfg.rollout
+        self._setup_placement()
         self.engine = make_engine(
             r.engine,
             self.cfg.model.path,
             dtype=self.cfg.model.dtype,
             seed=self.cfg.train.seed,
+            tensor_parallel_size=r.tensor_parallel_size,
             gpu_memory_utilization=r.gpu_memory_utilization,
             enable_sleep_mode=r.sleep_between_rollouts,
             max_model_len=engine_max_model_len(self.cfg),  # rollouts and periodic evaluation
@@ -225,7 +244,8 @@ class OPSDTrainer:
 
         if idx not in self._prompt_cache:
             p = self.problems[idx]
-            s, t = render_pair(self.tokenizer, p.problem, p.solution, self.cfg.prompts)
+            s, t = render_pair(self.tokenizer, p.problem, p.solution, self.cfg.prompts,
+                               privileged=self.cfg.teacher.privileged)  # fmt: skip
             limit = self.cfg.prompts.max_prompt_tokens
             if max(len(s), len(t)) > limit:
                 raise ConfigError(
@@ -243,24 +263,34 @@ class OPSDTrainer:
                               max_new_tokens=r.max_new_tokens, n=1, seed=seed)  # fmt: skip
 
     def rollout(self, step: int) -> tuple[list[Sample], dict[str, float]]:
-        """Sample this replica's responses for `step` (0-based); share them over the model-parallel group."""
-        idx = self.sampler.replica_slice(step, self.ps.dp_rank, self.dp)
-        prompts = [self._prompts(i) for i in idx]
-        # This rank's contiguous share of the replica's prompts (its engine samples them).
-        mp, mp_rank = self.ps.tp * self.ps.pp, self.mp_rank
-        lo, hi = len(idx) * mp_rank // mp, len(idx) * (mp_rank + 1) // mp
+        """Sample the step's responses on the engines; return this replica's samples (collective, world).
+
+        Engine e generates its contiguous share of the global batch (every rank of the engine the same
+        prompts with the same per-request seeds), its first rank grades and publishes them, the shares are
+        gathered over the world in global order and this data-parallel replica keeps its slice.
+        """
+        idx = self.sampler.indices(step)  # the global batch, in global order
+        pl = self.placement
+        lo, hi = pl.prompt_share(len(idx))
         rows: list = []
         correct: list = []
         if hi > lo:
-            seed = step_seed(self.cfg.train.seed, step, self.ps.dp_rank * mp + mp_rank)
-            outs = self.engine.generate([s for s, _ in prompts[lo:hi]], self._sampling_cfg(seed))
+            seeds = [step_seed(self.cfg.train.seed, step, j) for j in range(lo, hi)]
+            outs = self.engine.generate(
+                [self._prompts(i)[0] for i in idx[lo:hi]], self._sampling_cfg(None), seeds=seeds
+            )
             rows = [(o[0].token_ids, o[0].logprobs, o[0].finish_reason) for o in outs]
-            correct = self._grade(idx[lo:hi], [row[0] for row in rows])
-        if mp > 1:
-            gathered: list[Any] = [None] * mp
-            dist.all_gather_object(gathered, (rows, correct), group=self.ps.mp_group)
-            rows = [r for g in gathered for r in g[0]]
-            correct = [c for g in gathered for c in g[1]]
+            if pl.is_leader:
+                correct = self._grade(idx[lo:hi], [row[0] for row in rows])
+        if self.ps.world_size > 1:
+            gathered: list[Any] = [None] * self.ps.world_size
+            dist.all_gather_object(gathered, (rows, correct) if pl.is_leader else None)
+            rows = [r for g in gathered if g is not None for r in g[0]]
+            correct = [c for g in gathered if g is not None for c in g[1]]
+        per = len(idx) // self.dp
+        a, b = self.ps.dp_rank * per, (self.ps.dp_rank + 1) * per  # this replica's slice
+        prompts = [self._prompts(i) for i in idx[a:b]]
+        rows, correct = rows[a:b], correct[a:b]
         samples = [
             Sample(s, t, list(ids), list(lps), truncated=(fr == "length"))
             for (s, t), (ids, lps, fr) in zip(prompts, rows)
@@ -339,8 +369,12 @@ class OPSDTrainer:
         pad = self.cfg.train.pad_to_multiple
         if self.cfg.parallel.sequence_parallel:  # sequence parallelism splits the sequence over TP
             pad = math.lcm(pad, self.ps.tp)
-        mbs = pack_step(samples, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.pad_id,
-                        pad_to_multiple=pad)  # fmt: skip
+        pack = pack_step
+        if self.info.spec.is_moe and self.dp > 1:  # MoE: EP ranks all-gather tokens -> one padded length
+            # over DP (at every EP size, so the routed padding and the router aux loss do not depend on EP)
+            from opsd_megatron.models.moe import pack_step_uniform as pack
+        mbs = pack(samples, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.pad_id,
+                   pad_to_multiple=pad)  # fmt: skip
         mbs = skip_first_tokens(mbs, self.cfg.loss.skip_first_tokens)
         local = torch.tensor([sum(m.num_tokens for m in mbs)], dtype=torch.long)
         if self.dp > 1:
@@ -483,12 +517,22 @@ class OPSDTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Periodic evaluation (`eval.*`) of the refreshed weights on global rank 0's engine; every replica
-        holds the same weights, so the other ranks only wait. Returns `eval/...` metrics on rank 0."""
+        holds the same weights, so the other ranks only wait (the other ranks of a tensor-parallel engine 0
+        replay rank 0's generate calls, `rollout.engine_group`). Returns `eval/...` metrics on rank 0."""
         out: dict[str, float] = {}
         if self.ps.rank == 0:
             from opsd_megatron.evaluation.hook import periodic_eval
+            from opsd_megatron.rollout.engine_group import leading
 
-            out = periodic_eval(self.engine, self.tokenizer, self.cfg.eval, self.step, self.out)
+            if self.engine_group is None:
+                out = periodic_eval(self.engine, self.tokenizer, self.cfg.eval, self.step, self.out)
+            else:
+                with leading(self.engine, self.engine_group, src=0) as engine:
+                    out = periodic_eval(engine, self.tokenizer, self.cfg.eval, self.step, self.out)
+        elif self.engine_group is not None and self.placement.engine == 0:
+            from opsd_megatron.rollout.engine_group import follow
+
+            follow(self.engine, self.engine_group, src=0)
         if self.ps.world_size > 1:
             dist.barrier()
         return out

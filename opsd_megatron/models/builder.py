@@ -265,7 +265,8 @@ def build_model(
 ) -> list:
     """Build this rank's model chunks (one `GPTModel` per chunk; pre/post_process set by PP stage).
 
-    Needs `opsd_megatron.parallel.initialize(tp, pp)` first; TP/PP are read from Megatron's parallel_state.
+    Needs `opsd_megatron.parallel.initialize(tp, pp)` first; TP/PP are read from Megatron's parallel_state,
+    `pipeline_layers` (layers per stage) defaults to the one given to `parallel.initialize`.
     `sequence_parallel=True` (TP > 1) turns on Megatron's sequence parallelism: activations outside the
     tensor-parallel regions are split over the sequence (`models.forward.hidden_states_forward` gathers
     the last stage's output).
@@ -281,6 +282,11 @@ def build_model(
 
     if not mps.model_parallel_is_initialized():
         raise RuntimeError("call opsd_megatron.parallel.initialize(tp, pp) before build_model().")
+    if pipeline_layers is None:
+        from opsd_megatron import parallel
+
+        if parallel.is_initialized():  # the run's uneven split (parallel.initialize(pipeline_layers=...))
+            pipeline_layers = parallel.get_state().pipeline_layers
     spec, raw = parse_hf_config(hf_config_or_dir)
     tp = mps.get_tensor_model_parallel_world_size()
     pp = mps.get_pipeline_model_parallel_world_size()

@@ -71,9 +71,50 @@ def patch_megatron_moe() -> None:
         log.info("megatron-core MoE without Transformer Engine: defined moe_utils.te_general_gemm = None")
 
 
+_GATHER_HELPERS = (
+    "_gather_along_first_dim",
+    "_reduce_scatter_along_first_dim",
+    "_gather_along_last_dim",
+    "_reduce_scatter_along_last_dim",
+)
+
+
+def patch_mappings_for_cpu_backward() -> None:
+    """CPU only (written for megatron-core 0.16.1 + torch 2.13): the expert-parallel token dispatch
+    all-gathers / reduce-scatters tokens, and those helpers in `tensor_parallel.mappings` allocate with
+    `device=torch.cuda.current_device()` (0 under the CPU shim). In a backward pass the autograd engine does
+    not carry the shim's cuda->cpu TorchFunctionMode, so `device=0` there raises "Cannot access accelerator
+    device". The helpers are wrapped to run inside the shim's mode when it is not active. Idempotent."""
+    import torch
+
+    from opsd_megatron import cpu, patches
+
+    if torch.cuda.is_available() or patches.target("megatron.mappings_gather_cpu_backward") is None:
+        return
+    from megatron.core.tensor_parallel import mappings
+
+    def wrap(fn):
+        def run(*args, **kwargs):
+            n = torch._C._len_torch_function_stack()
+            mode = cpu._MODE
+            if mode is None or (n and torch._C._get_function_stack_at(n - 1) is mode):
+                return fn(*args, **kwargs)
+            with cpu._CudaToCpuMode():
+                return fn(*args, **kwargs)
+
+        run._opsd_cpu_wrapped = True
+        return run
+
+    for name in _GATHER_HELPERS:
+        fn = getattr(mappings, name, None)
+        if fn is not None and not getattr(fn, "_opsd_cpu_wrapped", False):
+            setattr(mappings, name, wrap(fn))
+
+
 def moe_config_kwargs(spec: ModelSpec, *, ep: int, etp: int, grouped_gemm: bool) -> dict[str, Any]:
     """TransformerConfig keyword arguments for the MoE part of `spec` (see the module docstring)."""
     patch_megatron_moe()
+    patch_mappings_for_cpu_backward()
     return dict(
         num_moe_experts=spec.num_experts,
         moe_router_topk=spec.moe_topk,
@@ -166,3 +207,30 @@ def router_loss_metrics(num_layers: int, reset: bool = True) -> dict[str, float]
     if reset:
         moe_utils.clear_aux_losses_tracker()
     return out
+
+
+def pack_step_uniform(samples, *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8) -> list:
+    """`batch.pack_step` with ONE (student, teacher) padded length over the data-parallel group.
+
+    Megatron's MoE token dispatch all-gathers hidden states [tokens, h] over the expert-parallel ranks,
+    which are data-parallel replicas with their own samples; the all-gather needs equal token counts, so
+    every replica pads to the longest replica's lengths. Collective: all-reduce MAX of 2 ints over DP.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+
+    from opsd_megatron.batch import pack_microbatch, round_up, sequence_lengths
+
+    if len(samples) % micro_batch_size:
+        raise ValueError(f"{len(samples)} samples are not divisible by micro_batch_size={micro_batch_size}.")
+    need_s, need_t = sequence_lengths(samples)
+    lengths = torch.tensor([round_up(need_s, pad_to_multiple), round_up(need_t, pad_to_multiple)])
+    dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=mps.get_data_parallel_group())
+    s_len, t_len = int(lengths[0]), int(lengths[1])
+    return [
+        pack_microbatch(
+            samples[k : k + micro_batch_size], pad_id=pad_id, student_len=s_len, teacher_len=t_len
+        )  # fmt: skip
+        for k in range(0, len(samples), micro_batch_size)
+    ]

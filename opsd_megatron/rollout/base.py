@@ -55,9 +55,13 @@ class RolloutEngine(Protocol):
     """A generation backend colocated with a training rank."""
 
     def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[RolloutOutput]]:
-        """For every prompt, `sampling.n` samples (outer list: prompts, inner: samples)."""
+        """For every prompt, `sampling.n` samples (outer list: prompts, inner: samples). `seeds`, one per
+        prompt, seeds each request on its own (overriding `sampling.seed`)."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

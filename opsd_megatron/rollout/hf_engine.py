@@ -81,9 +81,13 @@ class HFEngine:
 
     # ---------------------------------------------------------------- generation
     def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[RolloutOutput]]:
-        """For every prompt, `sampling.n` samples with the sampled tokens' logprobs."""
+        """For every prompt, `sampling.n` samples with the sampled tokens' logprobs; `seeds` (one per
+        prompt) overrides `sampling.seed` per request, as in the vLLM engine."""
 
         out: list[list[RolloutOutput]] = []
         if len(prompt_token_ids) == 0:
@@ -92,13 +96,18 @@ class HFEngine:
             raise ValueError(
                 "HFEngine.generate: every prompt needs at least one token (got an empty prompt)."
             )
+        if seeds is not None and len(seeds) != len(prompt_token_ids):
+            raise ValueError(f"generate got {len(seeds)} seeds for {len(prompt_token_ids)} prompts.")
         seed = self.seed if sampling.seed is None else sampling.seed
+        per_prompt = [seed] * len(prompt_token_ids) if seeds is None else [int(s) for s in seeds]
         for start in range(0, len(prompt_token_ids), self.batch_size):
             batch = prompt_token_ids[start : start + self.batch_size]
-            out.extend(self._generate_batch(batch, sampling, seed))
+            out.extend(self._generate_batch(batch, sampling, per_prompt[start : start + self.batch_size]))
         return out
 
-    def _generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int):
+    def _generate_batch(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, seeds: Sequence[int]
+    ):
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -116,7 +125,7 @@ class HFEngine:
         greedy = sampling.temperature < 1e-5
         generators = [
             torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + j)
-            for _ in prompts
+            for seed in seeds
             for j in range(n)
         ]
         step_logprobs: list[torch.Tensor] = []

