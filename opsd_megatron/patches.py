@@ -98,6 +98,11 @@ PATCHES: dict[str, Patch] = {
               "opsd_megatron.models.moe", "run the all-gather / reduce-scatter helpers of the MoE token "
               "dispatch inside the CPU shim's mode also in backward (else EP > 1 backward raises on CPU)",
               cpu_only=True),
+        Patch("vllm.external_launcher_dist_args",
+              "vllm.v1.executor.uniproc_executor:ExecutorWithExternalLauncher._distributed_args", _VL, _VL_V,
+              _ENGINE, "a per-run init method while an engine-TP engine is built on CPU, so its /dev/shm "
+              "segments get unique names (else a SIGKILLed run's leftovers make the resume fail, errno 17)",
+              required=False),
         Patch("vllm.logprobs_mode", "vllm.engine.arg_utils:EngineArgs.logprobs_mode", _VL, _VL_V, _ENGINE,
               "logprobs_mode='processed_logprobs' (logprobs of the distribution actually sampled from)"),
     )

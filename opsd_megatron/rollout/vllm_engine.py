@@ -175,10 +175,16 @@ def _unique_shm_ident() -> Iterator[None]:
     import secrets
 
     import torch.distributed as dist
-    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher as Executor
 
+    from opsd_megatron import patches
+
+    found = patches.target("vllm.external_launcher_dist_args")  # warns once when vLLM moved it
     box = [f"opsd-{os.getpid()}-{secrets.token_hex(4)}"]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0)  # collective: every rank takes part even without the patch
+    if found is None:
+        yield
+        return
+    Executor = found[0]
     original = Executor._distributed_args
 
     def distributed_args(self: Any) -> tuple[str, int, int]:
