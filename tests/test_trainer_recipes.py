@@ -44,10 +44,10 @@ class EngineRecorder:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, **kwargs):  # kwargs: per-request `seeds`
         need = max(len(p) for p in prompts) + sampling.max_new_tokens
         self.events.append(["generate", self.asleep, need])
-        return self._engine.generate(prompts, sampling)
+        return self._engine.generate(prompts, sampling, **kwargs)
 
     def update_weights(self, named):
         self.events.append(["update_weights", self.asleep])
