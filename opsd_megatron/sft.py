@@ -169,26 +169,12 @@ class SFTTrainer(OPSDTrainer):
             m["time/step_s"] = time.perf_counter() - t0
             m["throughput/response_tokens_per_s"] = m["response_tokens"] / m["time/step_s"]
             stop = self._stop_requested()
-            every = cfg.checkpoint.save_interval
-            saved = None
-            if stop or (every and self.step % every == 0) or self.step == cfg.train.steps:
-                last = self.step == cfg.train.steps
-                saved = self.save("signal" if stop else "final" if last else "interval")
-            every_hf = cfg.checkpoint.export_hf_interval
-            if not stop and every_hf and self.step % every_hf == 0:
-                self.export_hf(self.out / f"hf_step_{self.step:06d}")
+            saved = self._save_step(stop)
             self.metrics.log(self.step, m)
             rows.append({"step": self.step, **m})
             if self.on_step_end is not None:
                 self.on_step_end(self, self.step)
-            if stop or self._stop_requested():
-                if saved is None:
-                    self.save("signal")
-                elif not stop:  # the signal came after this step's save: that checkpoint is where it stopped
-                    from opsd_megatron.checkpointing import mark_reason
-
-                    mark_reason(saved, "signal")
-                self._stop.cancel()
+            if self._stopping_now(stop, saved):
                 return rows
         if cfg.checkpoint.export_hf:
             self.export_hf(self.out / "hf")

@@ -464,14 +464,7 @@ class OPSDTrainer:
             m["throughput/response_tokens_per_s"] = m["response_tokens"] / m["time/step_s"]
             # Save before evaluating: an evaluation that fails or is cut must not cost the step.
             stop = self._stop_requested()
-            every = cfg.checkpoint.save_interval
-            saved = None
-            if stop or (every and self.step % every == 0) or self.step == cfg.train.steps:
-                last = self.step == cfg.train.steps
-                saved = self.save("signal" if stop else "final" if last else "interval")
-            every_hf = cfg.checkpoint.export_hf_interval
-            if not stop and every_hf and self.step % every_hf == 0:
-                self.export_hf(self.out / f"hf_step_{self.step:06d}")
+            saved = self._save_step(stop)
             if not stop and cfg.eval.interval and self.step % cfg.eval.interval == 0:
                 m.update(self.evaluate())
             self.metrics.log(self.step, m)
@@ -479,18 +472,39 @@ class OPSDTrainer:
             rows.append({"step": self.step, **m})
             if self.on_step_end is not None:
                 self.on_step_end(self, self.step)
-            if stop or self._stop_requested():
-                if saved is None:
-                    self.save("signal")
-                elif not stop:  # the signal came after this step's save: that checkpoint is where it stopped
-                    from opsd_megatron.checkpointing import mark_reason
-
-                    mark_reason(saved, "signal")
-                self._stop.cancel()
+            if self._stopping_now(stop, saved):
                 return rows
         if cfg.checkpoint.export_hf:
             self.export_hf(self.out / "hf")
         return rows
+
+    def _save_step(self, stop: bool) -> Path | None:
+        """Checkpoint the step just done (interval, final, or a stop signal) and the periodic HF export;
+        called before the step's evaluation, so an evaluation that fails or is cut never costs the step.
+        Returns the checkpoint written, if any. Collective."""
+        cfg = self.cfg
+        every, saved = cfg.checkpoint.save_interval, None
+        if stop or (every and self.step % every == 0) or self.step == cfg.train.steps:
+            last = self.step == cfg.train.steps
+            saved = self.save("signal" if stop else "final" if last else "interval")
+        every_hf = cfg.checkpoint.export_hf_interval
+        if not stop and every_hf and self.step % every_hf == 0:
+            self.export_hf(self.out / f"hf_step_{self.step:06d}")
+        return saved
+
+    def _stopping_now(self, stop: bool, saved: Path | None) -> bool:
+        """True when a stop signal (seen before the save, or since) ends the loop after this step; a
+        checkpoint of this step then exists. Collective (`_stop_requested`) unless `stop` is already set."""
+        if not (stop or self._stop_requested()):
+            return False
+        if saved is None:
+            self.save("signal")
+        elif not stop:  # the signal came after this step's save: that checkpoint is where it stopped
+            from opsd_megatron.checkpointing import mark_reason
+
+            mark_reason(saved, "signal")
+        self._stop.cancel()
+        return True
 
     def _log_rollouts(self, samples: list[Sample]) -> None:
         """A few of rank 0's rollouts of this step to rollouts.jsonl (every logging.rollout_interval)."""
