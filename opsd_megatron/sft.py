@@ -59,23 +59,10 @@ def masked_vocab_parallel_cross_entropy(
 class SFTTrainer(OPSDTrainer):
     """`algorithm: sft`: cross-entropy on the reference solutions, no rollouts, no teacher copy."""
 
-    def _setup_model(self) -> None:
-        from opsd_megatron.models import model_info
-        from opsd_megatron.schedule import build_optimizer, build_scheduler, install_schedule_hooks, wrap_ddp
+    def _make_teacher(self, chunks: list):
         from opsd_megatron.teacher import make_teacher
 
-        cfg = self.cfg
-        chunks = self._build_chunks(initialize=True)
-        self.info = model_info(chunks)
-        if cfg.lora.enabled:
-            from opsd_megatron.lora import apply_lora
-
-            apply_lora(chunks, cfg.lora)
-        self.teacher = make_teacher("current", chunks)  # never used for SFT; no weight copy
-        self.chunks = wrap_ddp(chunks)
-        self.optimizer = build_optimizer(cfg.optimizer, self.chunks, self.dtype)
-        self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.train.steps)
-        install_schedule_hooks(self.chunks, self.optimizer)
+        return make_teacher("current", chunks)  # never used for SFT; no weight copy
 
     def _setup_engine(self) -> None:
         self.engine = None  # SFT samples nothing

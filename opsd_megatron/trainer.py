@@ -156,10 +156,17 @@ class OPSDTrainer:
             load_hf_weights(chunks, self.cfg.model.path)
         return chunks
 
+    def _make_teacher(self, chunks: list):
+        """The teacher (`teacher.mode`), made from the initial weights θ₀ before any checkpoint loads."""
+        from opsd_megatron.teacher import make_teacher
+
+        t = self.cfg.teacher
+        return make_teacher(t.mode, chunks, lambda: self._build_chunks(initialize=False),
+                            ema_decay=t.ema_decay, offload=t.offload)  # fmt: skip
+
     def _setup_model(self) -> None:
         from opsd_megatron.models import model_info
         from opsd_megatron.schedule import build_optimizer, build_scheduler, install_schedule_hooks, wrap_ddp
-        from opsd_megatron.teacher import make_teacher
 
         cfg = self.cfg
         chunks = self._build_chunks(initialize=True)
@@ -168,11 +175,7 @@ class OPSDTrainer:
             from opsd_megatron.lora import apply_lora
 
             apply_lora(chunks, cfg.lora)
-        # The teacher is created from the initial weights (θ₀), before any checkpoint is loaded.
-        self.teacher = make_teacher(
-            cfg.teacher.mode, chunks, lambda: self._build_chunks(initialize=False),
-            ema_decay=cfg.teacher.ema_decay, offload=cfg.teacher.offload,
-        )  # fmt: skip
+        self.teacher = self._make_teacher(chunks)
         self.chunks = wrap_ddp(chunks)
         self.optimizer = build_optimizer(cfg.optimizer, self.chunks, self.dtype)
         self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.train.steps)
