@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opsd_megatron.tiny import CHAT_TEMPLATE, MODEL_VOCAB, SPECIAL_TOKENS
+from opsd_megatron.tiny import MODEL_VOCAB
 
 TASK_TOKENIZER_VOCAB = 400
 TASK_MODEL_SHAPE: dict = dict(
@@ -36,32 +36,9 @@ def _corpus(seed: int = 0) -> list[str]:
 
 def build_task_tokenizer(out_dir: str | Path, vocab_size: int = TASK_TOKENIZER_VOCAB):
     """Train the digit-level BPE tokenizer and save it (HF format, chat template) to `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from opsd_megatron.tiny import train_bpe_tokenizer
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    hf_tok.chat_template = CHAT_TEMPLATE
-    hf_tok.save_pretrained(str(out_dir))
-    return hf_tok
+    return train_bpe_tokenizer(out_dir, _corpus(), vocab_size, individual_digits=True)
 
 
 def make_task_model(out_dir: str | Path, *, seed: int = 0, **overrides) -> Path:

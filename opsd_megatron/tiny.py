@@ -181,13 +181,22 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = TOKENIZER_VOCAB)
 
     Returns the `transformers.PreTrainedTokenizerFast`.
     """
+    return train_bpe_tokenizer(out_dir, synthetic_math_corpus(), vocab_size)
+
+
+def train_bpe_tokenizer(out_dir: str | Path, corpus, vocab_size: int, *, individual_digits: bool = False):
+    """Train a byte-level BPE tokenizer on `corpus` (an iterable of texts) with the chat template and the
+    special tokens of the tiny models, save it (HF format) to `out_dir`, return the
+    `transformers.PreTrainedTokenizerFast`. `individual_digits`: split digits into one token each first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level]) if individual_digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -195,7 +204,7 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = TOKENIZER_VOCAB)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(synthetic_math_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
