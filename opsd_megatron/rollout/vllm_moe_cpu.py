@@ -15,15 +15,24 @@ expects packed ones (or fails to copy them when padding changed the shape).
 `process_weights_after_loading(layer)` (pad + prepack into new tensors on the layer being materialised; the
 layerwise reload then copies them into the kernel's original storage). CPU only: on CUDA the method's own
 behaviour is kept. Registered in `opsd_megatron.patches` as "vllm.cpu_moe_reload_prepack" (required: a
-refreshed MoE engine on CPU would silently sample from wrong weights without it).
+refreshed MoE engine on CPU would silently sample from wrong weights without it); `VLLMEngine` installs it
+for MoE models only.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 from typing import Any
 
 _MARK = "_opsd_cpu_moe_reload_prepack"
+
+
+def has_experts(model_dir: str | Path) -> bool:
+    """Whether the HF model in `model_dir` (its config.json) is a mixture of experts."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return bool(cfg.get("num_experts") or cfg.get("num_local_experts"))
 
 
 def install() -> bool:
