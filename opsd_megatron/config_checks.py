@@ -213,6 +213,12 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
     ep = cfg.parallel.ep
     if experts:
         _check(experts % ep == 0, "parallel.ep", f"{ep} does not divide the model's {experts} experts.")
+        _check(
+            tp == 1 or cfg.parallel.sequence_parallel,
+            "parallel.sequence_parallel",
+            f"must be true for a mixture-of-experts model at parallel.tp={tp}: megatron-core's MoE layer "
+            "refuses to train with tensor parallelism but without sequence parallelism.",
+        )
     else:
         _check(ep == 1, "parallel.ep", f"is {ep}, but the model has no experts (not a mixture-of-experts).")
 

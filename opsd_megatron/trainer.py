@@ -462,7 +462,8 @@ class OPSDTrainer:
             if self.info.spec.is_moe:  # router losses of this step (collective over PP / DP)
                 from opsd_megatron.models.moe import router_loss_metrics
 
-                m.update(router_loss_metrics(self.info.spec.num_layers))
+                n_mb = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
+                m.update(router_loss_metrics(self.info.spec.num_layers, n_mb))
             if cfg.rollout.drift_threshold is not None:
                 from opsd_megatron.weight_sync.drift import DriftGuard
 
