@@ -51,6 +51,8 @@ class MicroBatch:
     loss_mask: torch.Tensor  # [b, R] float32, 1 on sampled tokens (EOS included), 0 on padding
     rollout_logprobs: torch.Tensor  # [b, R] float32 (0 where unknown/masked)
     num_tokens: int  # loss_mask.sum()
+    student_lengths: torch.Tensor | None = None  # [b] int64: unpadded student length (prompt + response)
+    teacher_lengths: torch.Tensor | None = None  # [b] int64: unpadded teacher length
 
     def to(self, device: torch.device | str) -> MicroBatch:
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -109,7 +111,15 @@ def pack_microbatch(
             lps[i, :n] = torch.tensor(x.rollout_logprobs[:n], dtype=torch.float32)
     pos_s = torch.arange(S, dtype=torch.long).expand(b, S).contiguous()
     pos_t = torch.arange(T, dtype=torch.long).expand(b, T).contiguous()
-    return MicroBatch(s_tok, pos_s, t_tok, pos_t, s_idx, t_idx, resp, mask, lps, int(mask.sum().item()))
+    s_len = torch.tensor([len(x.student_prompt) + len(x.response) for x in samples], dtype=torch.long)
+    t_len = torch.tensor([len(x.teacher_prompt) + len(x.response) for x in samples], dtype=torch.long)
+    return MicroBatch(s_tok, pos_s, t_tok, pos_t, s_idx, t_idx, resp, mask, lps, int(mask.sum().item()),
+                      s_len, t_len)  # fmt: skip
+
+
+def padding_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """[b] unpadded lengths -> [b, length] bool, True at the end padding (Megatron's MoE `padding_mask`)."""
+    return torch.arange(length, device=lengths.device).unsqueeze(0) >= lengths.unsqueeze(1)
 
 
 def pack_step(

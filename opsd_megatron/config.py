@@ -66,7 +66,10 @@ class MoeConfig:
     """Router load-balancing loss coefficient; null = the HF config's router_aux_loss_coef (0.001 for
     Qwen3-MoE: what the model was trained with, keeps routing stable while distilling)."""
     z_loss_coeff: float = 0.0
-    """Router z-loss coefficient (0 = off; Qwen3-MoE was not trained with one)."""
+    """Router z-loss coefficient (0 = off; Qwen3-MoE was not trained with one). Padding is left out of both
+    router losses; the z-loss is Megatron's mean over each rank's valid tokens, so with sequence parallelism
+    it weighs tokens by how the valid ones fall on the TP ranks (the load-balancing loss is exact at any
+    layout)."""
 
 
 @dataclass

@@ -113,7 +113,8 @@ def teacher_hidden(chunks: list, mbs: list[MicroBatch], *, micro_batch_size: int
 
     def step_fn(data_iterator, model):
         mb = next(data_iterator)
-        out = hidden_states_forward(model, mb.teacher_tokens, mb.teacher_position_ids, None)
+        out = hidden_states_forward(model, mb.teacher_tokens, mb.teacher_position_ids, None,
+                                    lengths=mb.teacher_lengths)  # fmt: skip
 
         def keep(output):  # [b, T, h] on the last stage
             return output.new_zeros(()), {"h": gather_positions(output, mb.teacher_index).detach()}
@@ -181,7 +182,8 @@ def student_step(
 
     def step_fn(data_iterator, model):
         mb, th = next(data_iterator)
-        out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None)
+        out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None,
+                                    lengths=mb.student_lengths)  # fmt: skip
         return out, partial(loss_func, mb, th, t_weight, spec, scale, s_weight, capture)
 
     data = list(zip(mbs, t_hidden))

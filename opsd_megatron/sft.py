@@ -116,7 +116,8 @@ class SFTTrainer(OPSDTrainer):
 
         def step_fn(data_iterator, model):
             mb = next(data_iterator)
-            out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None)
+            out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None,
+                                        lengths=mb.student_lengths)  # fmt: skip
             return out, partial(self._ce_loss, mb, scale, weight)
 
         for c in self.chunks:

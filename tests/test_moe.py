@@ -75,6 +75,43 @@ class _RecordingEngine:
         pass
 
 
+def _router_losses_ignore_padding(moe_dir) -> dict:
+    """TP2 x PP2 x EP2 (expert-TP 1) with sequence parallelism, layers [1, 3]: one training forward/backward
+    of the same 2 rows (lengths 9 and 13) padded to 16 and to 32 positions, with and without the rows'
+    lengths. Returns the router losses (`moe.router_loss_metrics`) of each run."""
+    from opsd_megatron import parallel
+    from opsd_megatron.conversion import load_hf_weights
+    from opsd_megatron.models import build_model
+    from opsd_megatron.models.forward import hidden_states_forward
+    from opsd_megatron.models.moe import router_loss_metrics
+    from opsd_megatron.opsd_step import run_schedule
+
+    parallel.initialize(2, 2, ep=2, etp=1, pipeline_layers=[1, 3])
+    chunks = build_model(moe_dir, perform_initialization=False, sequence_parallel=True, moe_z_loss_coeff=1e-3)
+    load_hf_weights(chunks, moe_dir)
+    for c in chunks:
+        c.train()
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.clear_aux_losses_tracker()  # nothing recorded earlier in this process counts
+    lengths = torch.tensor([9, 13])
+    rows = torch.randint(3, 700, (2, 13), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for pad, with_lengths in ((16, True), (32, True), (32, False)):
+        ids = torch.zeros((2, pad), dtype=torch.long)
+        ids[:, :13] = rows
+        pos = torch.arange(pad).expand(2, pad)
+
+        def step_fn(data_iterator, model, ids=ids, pos=pos, with_lengths=with_lengths):
+            next(data_iterator)
+            h = hidden_states_forward(model, ids, pos, None, lengths=lengths if with_lengths else None)
+            return h, lambda o: (o.float().pow(2).mean(), {})
+
+        run_schedule(step_fn, [None], chunks, pad, 2, False)
+        out[(pad, with_lengths)] = router_loss_metrics(4, 1)
+    return out
+
+
 def _bundle(rank, world, moe_dir, ref_logits, x, work, bad_dir):
     import torch.distributed as dist
     from safetensors.torch import load_file
@@ -119,6 +156,8 @@ def _bundle(rank, world, moe_dir, ref_logits, x, work, bad_dir):
     res["errors"]["missing_expert"] = _err(
         lambda: load_hf_weights(build_model(bad_dir, perform_initialization=False), bad_dir)
     )
+
+    res["padding"] = _router_losses_ignore_padding(moe_dir)
 
     # --- refresh at TP2xEP2: perturbed weights -> vLLM (rank 0) in small buckets -> greedy ---------------
     parallel.initialize(2, 1, ep=2)
@@ -225,6 +264,22 @@ def test_moe_refresh_then_engine_greedy_equals_transformers(bundle, kind):
         assert max(abs(u - v) for u, v in zip(a[0].logprobs, o[0].logprobs)) < 1e-5
     # The perturbation changed the model: before the refresh the engine answered differently.
     assert [o[0].token_ids for o in before] != [o[0].token_ids for o in after]
+
+
+def test_moe_router_losses_leave_padding_out(bundle):
+    """The rows' lengths reach Megatron's router as `padding_mask` (also on the later pipeline stage under
+    sequence parallelism, which Megatron does not scatter itself): the load-balancing loss of 2 rows is the
+    same padded to 16 or 32 positions (fp32 sums over different token counts: 1e-5), and differs when the
+    padding is routed like tokens (no lengths). The z-loss is Megatron's mean over each rank's valid tokens,
+    averaged over TP ranks: under sequence parallelism it depends on how the valid tokens fall on the TP
+    ranks (measured: x2 when one rank holds only padding), so only its presence is checked here."""
+    lb = "moe/load_balancing_loss"
+    for r in bundle["results"]:
+        got = r["padding"]
+        short, long_, routed = got[(16, True)], got[(32, True)], got[(32, False)]
+        assert set(short) == {lb, "moe/z_loss"} and short["moe/z_loss"] > 0, short
+        assert short[lb] > 0 and abs(short[lb] - long_[lb]) <= 1e-5 * short[lb], (short, long_)
+        assert abs(routed[lb] - long_[lb]) > 1e-3 * long_[lb], (routed, long_)
 
 
 def test_moe_bad_input_errors(bundle):

@@ -102,11 +102,15 @@ def test_opsd_ep2_equals_ep1_on_the_same_rollouts(tiny_models, tmp_path):
 # One spawn, 2 optimizer steps per layout on the same rollouts (HF engine, top_k=1). micro_batch_size=1 so
 # that every layout sees the same micro-batches (4 single-sample ones): the router's load-balancing loss is
 # a function of a micro-batch's token set, so its gradient and metric agree across layouts only then.
-# z-loss on (1e-3) so that its metric and gradient are compared too.
+# The z-loss (1e-3) is on in "ref_z" and "pp2_ep2", which compare its metric and gradient too. It is off in
+# the sequence-parallel layouts and their reference "ref": padding is masked out of the router losses, and
+# Megatron's z-loss is the mean over each TP rank's valid tokens, so under sequence parallelism it weighs
+# tokens by how the valid ones fall on the TP ranks (tests/test_moe.py checks the padding masks).
 LAYOUTS4 = {
     "ref": dict(tp=1, pp=1, ep=1),  # DP4: one micro-batch per replica
+    "ref_z": dict(tp=1, pp=1, ep=1, z_loss=True),
     "tp2_ep2_sp": dict(tp=2, pp=1, ep=2, sequence_parallel=True),  # expert-TP 2 (= TP): ETP2 x EP2
-    "pp2_ep2": dict(tp=1, pp=2, ep=2, pipeline_layers=[1, 3]),  # stage 0: the dense layer 0, no experts
+    "pp2_ep2": dict(tp=1, pp=2, ep=2, pipeline_layers=[1, 3], z_loss=True),  # stage 0: dense layer 0 only
     "tp2_pp2_ep2": dict(tp=2, pp=2, ep=2, etp=1, sequence_parallel=True),  # DP1: EP over the TP ranks
 }
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [100, 200, 300, 400, 500, 600, 7]]
@@ -114,8 +118,8 @@ PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [100, 200, 300, 400, 500, 600, 7]]
 
 def _config4(model_dir, out_dir, parallel: dict) -> dict:
     cfg = _config(model_dir, out_dir, 1)
-    cfg["parallel"] = dict(parallel)
-    cfg["moe"] = {"z_loss_coeff": 1e-3}
+    cfg["parallel"] = {k: v for k, v in parallel.items() if k != "z_loss"}
+    cfg["moe"] = {"z_loss_coeff": 1e-3 if parallel.get("z_loss") else 0.0}
     # adam_eps 1e-6: Adam's update lr * g / (|g| + eps) turns an fp32 rounding difference dg of a near-zero
     # gradient coordinate into a weight difference of up to lr * dg / eps per step; with 1e-6 that stays
     # below ~1e-6 for the ~1e-9 rounding of these gradients (with the default 1e-8: up to 1.1e-4, measured).
@@ -172,14 +176,21 @@ def test_opsd_world4_ep2_tp2_pp2_equal_dp4_on_the_same_rollouts(tiny_models, tmp
     res = run_distributed(_run_layouts, 4, str(model_dir), str(tmp_path), timeout=600, env=ENV)
     assert res[0]["layout"] == {
         "ref": (1, 1, 4, 1, 1),
+        "ref_z": (1, 1, 4, 1, 1),
         "tp2_ep2_sp": (2, 1, 2, 2, 2),
         "pp2_ep2": (1, 2, 2, 2, 1),
         "tp2_pp2_ep2": (2, 2, 1, 2, 1),
     }
-    ref = res[0]["rows"]["ref"]
-    assert [r["step"] for r in ref] == [1, 2] and ref[0]["response_tokens"] > 0
-    for name in LAYOUTS4:
-        keys = ("loss", "grad_norm", "moe/load_balancing_loss", "moe/z_loss", "response_tokens")
+    for name in ("ref", "ref_z"):
+        ref = res[0]["rows"][name]
+        assert [r["step"] for r in ref] == [1, 2] and ref[0]["response_tokens"] > 0
+        assert ("moe/z_loss" in ref[0]) == (name == "ref_z"), ref[0]
+    for name, par in LAYOUTS4.items():
+        ref = res[0]["rows"]["ref_z" if par.get("z_loss") else "ref"]
+        router = (
+            ("moe/load_balancing_loss", "moe/z_loss") if par.get("z_loss") else ("moe/load_balancing_loss",)
+        )
+        keys = ("loss", "grad_norm", "response_tokens", *router)
         per_rank = [[[row[k] for k in keys] for row in r["rows"][name]] for r in res]
         assert all(p == per_rank[0] for p in per_rank), (name, per_rank)  # global metrics on every rank
         for a, b in zip(ref, res[0]["rows"][name]):
@@ -188,16 +199,17 @@ def test_opsd_world4_ep2_tp2_pp2_equal_dp4_on_the_same_rollouts(tiny_models, tmp
             # relative for the loss and router losses, <= 1e-7 for the gradient norm.
             assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (name, a["loss"], b["loss"])
             assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (name, a, b)
-            for k in ("moe/load_balancing_loss", "moe/z_loss"):
+            for k in router:
                 assert a[k] > 0 and math.isclose(a[k], b[k], rel_tol=1e-5), (name, k, a[k], b[k])
     src = load_file(str(model_dir / "model.safetensors"))
     w = {n: load_file(str(tmp_path / n / "hf" / "model.safetensors")) for n in LAYOUTS4}
     assert max((w["ref"][k] - src[k]).abs().max().item() for k in src if ".experts." in k) > 1e-4
-    for name in LAYOUTS4:  # measured max |diff| 2.6e-6 after 2 steps (adam_eps: see _config4)
+    for name, par in LAYOUTS4.items():  # measured max |diff| 2.6e-6 after 2 steps (adam_eps: see _config4)
+        ref_w = w["ref_z" if par.get("z_loss") else "ref"]
         assert sorted(w[name]) == sorted(src), name
         for k in src:
-            diff = (w[name][k] - w["ref"][k]).abs().max().item()
-            assert torch.allclose(w[name][k], w["ref"][k], rtol=1e-4, atol=1e-5), (name, k, diff)
+            diff = (w[name][k] - ref_w[k]).abs().max().item()
+            assert torch.allclose(w[name][k], ref_w[k], rtol=1e-4, atol=1e-5), (name, k, diff)
 
     # Refresh: both pipeline stages' engines (every rank holds the full weights) == transformers (the HF
     # engine) on the run's exported checkpoint: same greedy tokens, logprobs to fp32 tolerance.

@@ -81,8 +81,34 @@ def _gather_sequence(h: torch.Tensor, group) -> torch.Tensor:
     return gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=group)
 
 
-def hidden_states_forward(chunk, input_ids, position_ids, attention_mask=None) -> torch.Tensor:
+def _moe_padding_kwargs(model, lengths: torch.Tensor | None, seq_len: int) -> dict:
+    """`padding_mask=` for a mixture-of-experts chunk: [b, s] bool, True at the end padding of each row
+    (rows are `lengths` long), so Megatron's router leaves padding out of the load-balancing and z losses.
+    {} for dense models or without lengths. With sequence parallelism, stages after the first receive the
+    sequence already split over TP, and Megatron scatters the mask only on the first stage: here the later
+    stages get this TP rank's contiguous slice of the sequence (the split that
+    `scatter_to_sequence_parallel_region` makes)."""
+    if lengths is None or not getattr(model.config, "num_moe_experts", None):
+        return {}
+    from opsd_megatron.batch import padding_mask
+
+    mask = padding_mask(lengths, seq_len)  # [b, s]
+    if model.config.sequence_parallel and not model.pre_process:
+        from megatron.core import parallel_state as mps
+
+        tp, rank = mps.get_tensor_model_parallel_world_size(), mps.get_tensor_model_parallel_rank()
+        part = seq_len // tp
+        mask = mask[:, rank * part : (rank + 1) * part].contiguous()
+    return {"padding_mask": mask}
+
+
+def hidden_states_forward(
+    chunk, input_ids, position_ids, attention_mask=None, *, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """Run one model chunk, stopping before the LM head on the last pipeline stage.
+
+    `lengths` [b] (unpadded row lengths; rows are padded at the end): for mixture-of-experts models the
+    padding is masked out of the router's load-balancing and z losses (`_moe_padding_kwargs`).
 
     Last stage: the final hidden states (after the final norm) `[b, s, h]`, full sequence (gathered over TP
     when `config.sequence_parallel`; that gather's backward reduce-scatters the gradient, so a loss on these
@@ -93,8 +119,9 @@ def hidden_states_forward(chunk, input_ids, position_ids, attention_mask=None) -
     replaced by a pass-through on the instance), so `forward_logits` and checkpoints are unaffected.
     """
     model = unwrap(chunk)
+    kw = _moe_padding_kwargs(model, lengths, position_ids.shape[1])
     if not model.post_process:
-        return chunk(input_ids, position_ids, attention_mask)
+        return chunk(input_ids, position_ids, attention_mask, **kw)
     layer = model.output_layer
     sp_group = layer.tp_group if model.config.sequence_parallel else None
 
@@ -103,6 +130,6 @@ def hidden_states_forward(chunk, input_ids, position_ids, attention_mask=None) -
 
     layer.forward = pass_through
     try:
-        return chunk(input_ids, position_ids, attention_mask)  # GPTModel: [s, b, h] -> [b, s, h]
+        return chunk(input_ids, position_ids, attention_mask, **kw)  # GPTModel: [s, b, h] -> [b, s, h]
     finally:
         del layer.forward  # back to the class's forward
