@@ -196,7 +196,8 @@ class LoraConfig:
     """Mixture-of-experts models: also adapt every expert's gate/up/down_proj named in target_modules (one
     adapter per expert). Default false: attention and dense-layer MLPs only; the router never."""
     export_peft: bool = True
-    """With checkpoint.export_hf, also write the adapters alone as a PEFT adapter dir (`<export>/../adapter`)."""
+    """With checkpoint.export_hf, also write the adapters alone as a PEFT adapter directory
+    (`<export>/../adapter`)."""
 
 
 @dataclass

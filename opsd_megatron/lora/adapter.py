@@ -33,13 +33,14 @@ agree there. With dropout > 0 the P projections share one dropout mask of x (PEF
 MoE experts (`expert=True`: a Megatron expert linear with `explicit_expert_comm`, i.e. expert-TP or EP > 1):
 Megatron's token dispatcher owns every collective there (it all-gathers the tokens over the EP x expert-TP
 group before fc1, and reduce-scatters fc2's partial outputs after it), so the adapter adds NO activation
-collective: column (fc1) h = x A^T, y_local += scale h B_local^T, whose input gradient is partial over
-expert-TP like the base layer's (the dispatcher sums it); row (fc2) y_partial += scale (x_local A_local^T) B^T,
-summed by the dispatcher. The replicated factor's gradient (A for fc1, B for fc2) is then partial over expert-TP
-and is all-reduced over the expert-TP group in backward (`copy_to_tensor_model_parallel_region` applied to the
-weight). `tp_group` is the layer's expert-TP group. Both factors take the base weight's `allreduce` flag:
-False for experts under EP > 1, so Megatron's DDP reduces their gradients over the expert-data-parallel group
-(like the expert weights), not the full data-parallel group.
+collective: column (fc1) h = x A^T, y_local += scale h B_local^T, whose input gradient is partial
+over expert-TP like the base layer's (the dispatcher sums it); row (fc2) y_partial += scale (x_local
+A_local^T) B^T, summed by the dispatcher. The replicated factor's gradient (A for fc1, B for fc2) is then
+partial over expert-TP and is all-reduced over the expert-TP group in backward
+(`copy_to_tensor_model_parallel_region` applied to the weight). `tp_group` is the layer's expert-TP
+group. Both factors take the base weight's `allreduce` flag: False for experts under EP > 1, so Megatron's
+DDP reduces their gradients over the expert-data-parallel group (like the expert weights), not the full
+data-parallel group.
 
 B starts at zero, so a fresh adapter leaves the model's output bit-identical. A is initialised like PEFT
 (kaiming-uniform, a=sqrt(5)) on the FULL [r, in] matrix from a generator seeded by (seed, global layer

@@ -169,8 +169,8 @@ _LOCAL_EXPERT_RE = re.compile(r"^(\..*?\.)local_experts\.(\d+)(.*)$")
 
 def _expert_kind(name: str, module: nn.Module) -> str | None:
     """None for a non-expert layer; "local" for a Megatron ColumnParallelLinear / RowParallelLinear inside
-    SequentialMLP (`...local_experts.{j}.linear_fc*`); "unsupported" for any other expert linear (grouped GEMM,
-    Transformer Engine)."""
+    SequentialMLP (`...local_experts.{j}.linear_fc*`); "unsupported" for any other expert linear (grouped
+    GEMM, Transformer Engine)."""
     if not getattr(module, "is_expert", False):
         return None
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear

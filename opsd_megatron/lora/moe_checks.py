@@ -67,11 +67,11 @@ def check_lora_model(cfg: Any, hf_config: dict) -> None:
     if dense and lo.export_peft and cfg.checkpoint.export_hf and _mlp_targeted(lo.target_modules):
         _fail(
             "lora.export_peft",
-            f"the model's layers {dense[:8]} have a dense MLP, and lora.target_modules adapts MLP projections: "
-            "peft (with transformers 5) maps gate_proj/up_proj/down_proj of a mixture-of-experts model to its "
-            "experts, so a PEFT adapter cannot hold the dense layers' MLP adapters. Set lora.export_peft: "
-            "false (the merged HF export still holds them) or leave gate_proj/up_proj/down_proj out of "
-            "lora.target_modules.",
+            f"the model's layers {dense[:8]} have a dense MLP, and lora.target_modules adapts MLP "
+            "projections: peft (with transformers 5) maps gate_proj/up_proj/down_proj of a "
+            "mixture-of-experts model to its experts, so a PEFT adapter cannot hold the dense layers' MLP "
+            "adapters. Set lora.export_peft: false (the merged HF export still holds them) or leave "
+            "gate_proj/up_proj/down_proj out of lora.target_modules.",
         )
     if lo.target_experts:
         import torch
