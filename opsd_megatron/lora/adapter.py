@@ -98,11 +98,14 @@ class LoRAAdapter(nn.Module):
         parts: tuple[tuple[str, int, bool], ...] | None = None,
         groups: int = 1,
         expert: bool = False,
+        stride: int | None = None,
     ):
         """`parts` (per_projection only): ((projection name, columns in W, has an adapter), ...) of the
         local output viewed as [groups, W]; None = one adapter over the whole output (fused layout).
         `expert`: the base is a MoE expert linear whose collectives the token dispatcher does (see the module
-        docstring); `tp_group` is then its expert-TP group."""
+        docstring); `tp_group` is then its expert-TP group. `stride`: the base weight's TP partition stride
+        (2 for a SwiGLU fc1: rank r holds [gate shard r | up shard r]); None = its `partition_stride`
+        attribute (Megatron sets it only when it initialises the weight)."""
         super().__init__()
         if parallel_mode not in (COLUMN, ROW):
             raise ValueError(f"parallel_mode must be 'column' or 'row', got {parallel_mode!r}.")
@@ -146,7 +149,7 @@ class LoRAAdapter(nn.Module):
             )
         with torch.no_grad():
             self.lora_a.copy_(self._local_a(a_full))
-        stride = getattr(base_weight, "partition_stride", 1)
+        stride = stride if stride is not None else getattr(base_weight, "partition_stride", 1)
         sharded, replicated = (
             (self.lora_b, self.lora_a) if parallel_mode == COLUMN else (self.lora_a, self.lora_b)
         )

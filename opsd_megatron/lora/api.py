@@ -266,6 +266,7 @@ def apply_lora(model_chunks: list[nn.Module], lora_cfg) -> dict[str, LoRAAdapter
                 parts=parts,
                 groups=groups,
                 expert=expert is not None and bool(getattr(module, "explicit_expert_comm", False)),
+                stride=_fc1_stride(module, leaf),
             )
             if _is_te_layernorm_linear(module):
                 module.return_layernorm_output = True
@@ -296,6 +297,14 @@ def _projection_parts(module: nn.Module, leaf: str, targeted: set[str]):
         half = module.weight.shape[0] // 2
         return (("gate_proj", half, "gate_proj" in targeted), ("up_proj", half, "up_proj" in targeted)), 1
     return None, 1
+
+
+def _fc1_stride(module: nn.Module, leaf: str) -> int:
+    """TP partition stride of a layer's weight: 2 for a gated (SwiGLU) `linear_fc1`, whose TP rank r holds
+    [gate shard r | up shard r] (Megatron's MLP builds it with stride 2 but records `partition_stride` on the
+    weight only when it initialises it, i.e. not with perform_initialization=False as the trainer builds)."""
+    gated = getattr(getattr(module, "config", None), "gated_linear_unit", False)
+    return 2 if leaf == "linear_fc1" and gated else 1
 
 
 def _tp_group(module: nn.Module):

@@ -85,13 +85,6 @@ def peft_adapter_tensors(model_chunks: list, which: str = "weight") -> dict[str,
                 continue
             hf_names, transform, _ = map_name(f"{global_module_name(model, name)}.weight", spec)
             a, b = _adapter_tensor(ad.lora_a, which), _adapter_tensor(ad.lora_b, which)
-            if spec.is_moe and ".experts." not in hf_names[0] and ".mlp." in hf_names[0]:
-                raise ValueError(
-                    f"PEFT export of {hf_names[0]}: peft maps gate_proj/up_proj/down_proj of a "
-                    "mixture-of-experts model to its experts, so an adapter on a dense layer's MLP cannot be "
-                    "loaded from a PEFT adapter; set lora.export_peft=false (the merged HF export holds it) "
-                    "or leave the MLP projections out of lora.target_modules."
-                )
             tp_group, tp = ad.tp_group, ad.tp_size  # expert adapters: the expert-TP group
             if ad.parallel_mode == COLUMN:
                 bs = shards_to_hf(transform, _gather_tp(b, tp_group, tp), spec)  # one B per HF projection
@@ -170,7 +163,17 @@ def save_peft_adapter(model_chunks: list, out_dir: str | Path, lora_cfg, *, base
     Collective: every rank of the model must call it (see `peft_adapter_tensors`)."""
     from safetensors.torch import save_file
 
+    from opsd_megatron.models.builder import model_info
+
     tensors = peft_adapter_tensors(model_chunks)
+    dense_mlp = sorted(k for k in tensors if ".mlp." in k and ".mlp.experts." not in k)
+    if dense_mlp and model_info(model_chunks).spec.is_moe:
+        raise ValueError(
+            f"PEFT adapter of a mixture-of-experts model with dense MLP adapters ({dense_mlp[0]}, ..): "
+            "peft maps gate_proj/up_proj/down_proj of a MoE model to its experts, so it cannot load them; "
+            "set lora.export_peft=false (the merged HF export holds them) or leave the MLP projections out "
+            "of lora.target_modules."
+        )
     out = Path(out_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
