@@ -261,13 +261,14 @@ def test_lora_moe_ep2_equals_ep1_expert_tp_and_exports(tiny_models, tiny_tokeniz
 
 
 # ---- bad input --------------------------------------------------------------------------------------------
-def _cfg(model_dir, **lora):
+def _cfg(model_dir, parallel=None, **lora):
     from opsd_megatron.config import config_from_dict
 
     return config_from_dict(
         {
             "model": {"path": str(model_dir)},
             "data": {"path": "builtin:tiny_math"},
+            "parallel": parallel or {},
             "rollout": {"engine": "hf"},
             "lora": {"enabled": True, **lora},
         }
@@ -280,6 +281,8 @@ def test_lora_moe_config_errors(tiny_models, tiny_qwen3_dir):
     moe = tiny_models("qwen3_moe")
     with pytest.raises(ConfigError, match="lora.target_experts.*no MLP projection"):
         _cfg(moe, target_experts=True, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ConfigError, match="parallel.etp.*is 2 with lora.target_experts"):
+        _cfg(moe, target_experts=True, parallel={"ep": 2, "etp": 2})
     with pytest.raises(ConfigError, match="lora.target_experts.*lora.enabled is false"):
         _cfg(moe, enabled=False, target_experts=True)
     with pytest.raises(ConfigError, match="lora.target_experts.*no experts"):

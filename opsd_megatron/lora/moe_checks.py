@@ -37,6 +37,15 @@ def check_lora_config(cfg: Any) -> None:
         return
     if not lo.enabled:
         _fail("lora.target_experts", "is true but lora.enabled is false (set both, or neither).")
+    etp = cfg.parallel.etp or cfg.parallel.tp
+    if etp > 1 and etp != cfg.parallel.tp:
+        _fail(
+            "parallel.etp",
+            f"is {etp} with lora.target_experts, but parallel.tp is {cfg.parallel.tp}: an expert adapter's "
+            "replicated factor (A of fc1, B of fc2) lives on every expert-TP rank, and Megatron's grad-norm "
+            "counts a replicated parameter once per TP group, not per expert-TP group. Use expert-TP 1 or "
+            "equal to parallel.tp.",
+        )
     if _mlp_targeted(lo.target_modules) is False:
         _fail(
             "lora.target_experts",
