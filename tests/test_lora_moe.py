@@ -297,8 +297,7 @@ class _GroupedExperts(torch.nn.Module):
     """Stand-in for Transformer Engine's grouped expert linear (TEGroupedMLP's linear_fc1): TE and CUDA are
     not available on the CPU test machine, and the check needs only the module's kind and place."""
 
-    is_expert = True
-    parallel_mode = "column"
+    parallel_mode = "column"  # like TEGroupedLinear: no `is_expert` attribute, no `weight`
 
     def __init__(self):
         super().__init__()

@@ -171,7 +171,8 @@ def _expert_kind(name: str, module: nn.Module) -> str | None:
     """None for a non-expert layer; "local" for a Megatron ColumnParallelLinear / RowParallelLinear inside
     SequentialMLP (`...local_experts.{j}.linear_fc*`); "unsupported" for any other expert linear (grouped
     GEMM, Transformer Engine)."""
-    if not getattr(module, "is_expert", False):
+    # Transformer Engine's expert linears (TEGroupedLinear, TELinear) keep no `is_expert`: the name decides
+    if not (getattr(module, "is_expert", False) or ".experts." in f".{name}"):
         return None
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
