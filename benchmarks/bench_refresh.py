@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_refresh.py                     # vLLM (CPU here), ~100 MB fp32 model
     .venv/bin/python benchmarks/bench_refresh.py --engine hf --layers 4 --hidden 256
+    .venv/bin/python benchmarks/bench_refresh.py --experts 16 --hidden 256    # Qwen3-MoE (all layers sparse)
 
 Builds a Qwen3-architecture model with random weights (tokenizer from opsd_megatron.tiny), starts one engine,
 then for several bucket sizes streams perturbed copies of all weights into it (freshly materialised per
@@ -36,12 +37,12 @@ from pathlib import Path
 import torch
 
 
-def build_model(out: Path, layers: int, hidden: int) -> Path:
+def build_model(out: Path, layers: int, hidden: int, experts: int = 0) -> Path:
+    """A random Qwen3 model; with `experts` > 0 a Qwen3-MoE (top-2, expert intermediate = hidden, every layer
+    sparse), so a decoder layer carries all its experts (refreshed together: one vLLM module)."""
     from opsd_megatron.tiny import make_tiny_hf_model
 
-    return make_tiny_hf_model(
-        out,
-        "qwen3",
+    shape = dict(
         num_hidden_layers=layers,
         hidden_size=hidden,
         intermediate_size=3 * hidden,
@@ -49,6 +50,12 @@ def build_model(out: Path, layers: int, hidden: int) -> Path:
         num_key_value_heads=max(1, hidden // 128),
         head_dim=64,
     )
+    if experts:
+        moe = dict(
+            num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=hidden, mlp_only_layers=[]
+        )
+        shape.update(moe)
+    return make_tiny_hf_model(out, "qwen3_moe" if experts else "qwen3", **shape)
 
 
 def stream(source, live):
@@ -172,6 +179,9 @@ def main() -> None:
         "--engine-tp", default="1,2", help="engine TP sizes to compare in a world of 2 ('' skips)"
     )
     ap.add_argument("--tp-bucket-mb", type=float, default=8.0, help="bucket size of the engine-TP comparison")
+    ap.add_argument(
+        "--experts", type=int, default=0, help="> 0: a Qwen3-MoE with this many experts per layer"
+    )
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -181,7 +191,7 @@ def main() -> None:
     from opsd_megatron.weight_sync import push_weights
 
     with tempfile.TemporaryDirectory(prefix="bench_refresh_") as tmp:
-        model_dir = build_model(Path(tmp) / "model", args.layers, args.hidden)
+        model_dir = build_model(Path(tmp) / "model", args.layers, args.hidden, args.experts)
         from safetensors.torch import load_file
 
         base = load_file(str(model_dir / "model.safetensors"))
@@ -211,7 +221,8 @@ def main() -> None:
         etps = [int(x) for x in args.engine_tp.split(",") if x.strip()]
         ok = engine_tp_table(model_dir, etps, args.tp_bucket_mb, args.repeats) if etps else True
 
-    print(f"\nengine={args.engine}  model={total / 2**20:.1f} MiB fp32 ({len(source)} tensors)  "
+    arch = f"Qwen3-MoE, {args.experts} experts" if args.experts else "Qwen3"
+    print(f"\nengine={args.engine}  model={arch}, {total / 2**20:.1f} MiB fp32 ({len(source)} tensors)  "
           f"startup={startup:.1f} s  torch threads={torch.get_num_threads()}")  # fmt: skip
     print(f"plain copy_ of the same tensors: {copy_s * 1e3:.1f} ms ({total / copy_s / 1e9:.2f} GB/s)\n")
     head = ("bucket MiB", "buckets", "refresh ms", "engine ms", "GB/s", "peak live MiB", "refresh/copy")

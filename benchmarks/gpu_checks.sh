@@ -2,7 +2,7 @@
 # `make gpu-test`: every GPU check in one command, prepared for one 15-minute session on one H100/H200 with no
 # network (docs/performance.md). Exits 1 when any check fails, raises, times out or misses its threshold
 # (benchmarks/thresholds.py; OPSD_THRESHOLD_SCALE=0.01 makes every threshold fail, to see that they bite).
-#   bash benchmarks/gpu_checks.sh [pytest] [loss] [bench] [step] [bench-tp2] [foundation] [refresh] [step-tiny]
+#   bash benchmarks/gpu_checks.sh [pytest] [loss] [bench] [step] [bench-tp2] [foundation] [refresh] [step-tiny] [moe]
 # Default: pytest loss bench step (limits add up to < 12 min, expected ~6; a device call may last 10 min:
 # give it timeout_s 600, and if it is cut, run CHECKS="pytest loss" and CHECKS="bench step" separately).
 # Wheels the GPU image lacks (megatron-core 0.19.x, liger-kernel) are installed from .whl/ when present
@@ -41,6 +41,7 @@ for c in "${checks[@]}"; do
     foundation) cmd="$PY benchmarks/gpu_foundation_check.py"; lim=200 ;;
     refresh) cmd="$PY benchmarks/bench_refresh.py"; lim=120 ;;
     step-tiny) cmd="$PY benchmarks/gpu_step_check.py --tiny --seq 128 --prompts 2 --reps 1"; lim=300 ;;
+    moe) cmd="$PY benchmarks/bench_moe.py --gpu --world 1 --ep 1 --layers 2 --batch 1 --steps 2"; lim=240 ;;  # 30B-A3B layers
     *) echo "unknown check $c"; failed+=("$c(unknown)"); continue ;;
   esac
   echo "=== $c: $cmd (limit ${lim}s)"

@@ -162,13 +162,16 @@ def _load_megatron(ckpt: str, tp: int, pp: int, dtype_name: str | None, ep: int 
         is_training_checkpoint,
         load_training_model,
         resolve_training_checkpoint,
+        training_config,
         training_shard_hook,
     )
 
     if not (Path(ckpt) / META_FILE).is_file() and is_training_checkpoint(ckpt):
         step = resolve_training_checkpoint(ckpt)
+        pl = _pipeline_layers(args, _hf_layers(training_config(step).model.path)) if args else None
         _progress(f"reading training checkpoint {step} (TP={tp} x PP={pp})")
-        chunks, cfg = load_training_model(step, tp, pp, _dtype(dtype_name) if dtype_name else None, ep=ep)
+        dtype = _dtype(dtype_name) if dtype_name else None
+        chunks, cfg = load_training_model(step, tp, pp, dtype, ep=ep, pipeline_layers=pl)
         return chunks, {}, training_shard_hook(cfg), cfg.model.tokenizer or cfg.model.path
     if not (Path(ckpt) / META_FILE).is_file():
         raise ValueError(

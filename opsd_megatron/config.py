@@ -52,7 +52,7 @@ class ParallelConfig:
     [3, 5, 5, 5, 5, 5, 5, 3] (36 layers, pp=8): pp entries, each >= 1, summing to the layer count, the
     middle stages equal (Megatron); null splits evenly."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs tp > 1)."""
+    """Megatron sequence parallelism (needs tp > 1; required for mixture-of-experts models at tp > 1)."""
     ep: int = 1
     """Expert-parallel size for mixture-of-experts models (must divide num_experts; carved out of DP:
     ep x etp x pp must divide the world size)."""

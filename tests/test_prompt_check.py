@@ -53,3 +53,27 @@ def test_skip_counts_and_error_names_row_and_key(tokenizer):
         drop_overlong_rows(problems[1:2], tokenizer, cfg, "skip")
     roomy = PromptConfig(max_prompt_tokens=10**6)
     assert drop_overlong_rows(problems, tokenizer, roomy, "error") == (problems, 0)
+
+
+def test_eval_benchmarks_checked_at_start_up(tokenizer, tmp_path):
+    """eval.path / eval.benchmarks: prompts rendered as the periodic evaluation renders them must fit
+    prompts.max_prompt_tokens (the engine is sized from it); a missing benchmark is a start-up error too."""
+    import json
+
+    from opsd_megatron.config import ConfigError, EvalConfig
+    from opsd_megatron.evaluation.prompt_check import check_eval_prompts
+    from opsd_megatron.evaluation.runner import render_prompt_ids
+
+    bench = tmp_path / "bench.jsonl"
+    rows = [{"id": "a", "problem": "What is 2 + 3?", "answer": "5"},
+            {"id": "b", "problem": "What is 1 + 1? " * 60, "answer": "2"}]  # fmt: skip
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lens = [len(render_prompt_ids(tokenizer, r["problem"], thinking=True)) for r in rows]
+    cfg = EvalConfig(interval=1, path=str(bench))
+    assert check_eval_prompts(cfg, tokenizer, max(lens)) == 2  # the limit is inclusive
+    too_long = rf"'eval.path': benchmark 'bench' problem '1:\w+' renders to a {lens[1]}-token prompt, more "
+    with pytest.raises(ConfigError, match=too_long + rf"than prompts.max_prompt_tokens={lens[1] - 1}"):
+        check_eval_prompts(cfg, tokenizer, lens[1] - 1)
+    missing = EvalConfig(interval=1, benchmarks=[str(bench), str(tmp_path / "nope.jsonl")])
+    with pytest.raises(ConfigError, match=r"'eval.benchmarks': benchmark '.*nope.jsonl' cannot be loaded"):
+        check_eval_prompts(missing, tokenizer, 10_000)

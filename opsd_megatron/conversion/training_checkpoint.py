@@ -1,14 +1,15 @@
 """Read the model out of a training run's checkpoint (`RUN/checkpoints/step_NNNNNN`), LoRA merged on export.
 
     step = resolve_training_checkpoint("runs/x")          # a run dir, its checkpoints/ or one step_* dir
-    chunks, cfg = load_training_model(step, tp=1, pp=1)   # after nothing else initialised torch.distributed
+    chunks, cfg = load_training_model(step, tp=1, pp=2, pipeline_layers=[3, 1])   # any split, not the run's
     save_hf_checkpoint(chunks, out, tokenizer_dir=..., shard_hook=training_shard_hook(cfg))
 
 A training checkpoint holds model, optimizer, RNG and schedule state but no `opsd_meta.json`; the model is
 rebuilt from the config the checkpoint was saved with (`config.yaml` in the step directory, else the run's
 `config.yaml`): `model.path`'s `config.json`, LoRA adapters when `lora.enabled`. Only the model tensors are
 read (`dist_checkpointing.load` with the model's sharded state dict; the rest of the checkpoint is left),
-at any TP x PP (dist checkpoints reshard). Collectives: those of `dist_checkpointing.load`.
+at any TP x PP x EP and pipeline split (dist checkpoints reshard; `opsd-convert --pipeline-layers`).
+Collectives: those of `dist_checkpointing.load`.
 """
 
 from __future__ import annotations
@@ -63,9 +64,17 @@ def training_config(step: Path) -> Any:
 
 
 def load_training_model(
-    step: Path, tp: int = 1, pp: int = 1, dtype: Any = None, ep: int = 1
+    step: Path,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: Any = None,
+    ep: int = 1,
+    pipeline_layers: list[int] | None = None,
 ) -> tuple[list, Any]:
-    """Model chunks (this rank's TP x PP (x EP) shard) with the checkpoint's weights, and the run's config."""
+    """Model chunks (this rank's TP x PP (x EP) shard) with the checkpoint's weights, and the run's config.
+
+    `pipeline_layers` (decoder layers per stage, `pp` entries; None: even split) is this load's split, which
+    need not be the run's: checkpoint tensors are addressed by global layer number."""
     import torch
     from megatron.core import dist_checkpointing
 
@@ -82,7 +91,7 @@ def load_training_model(
             "architecture) has no config.json."
         )
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    parallel.initialize(tp, pp, ep=ep)
+    parallel.initialize(tp, pp, ep=ep, pipeline_layers=pipeline_layers)
     chunks = build_model(cfg.model.path, dtype or names[cfg.model.dtype], perform_initialization=False)
     if cfg.lora.enabled:
         from opsd_megatron.lora import apply_lora

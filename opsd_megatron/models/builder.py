@@ -232,7 +232,14 @@ def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
     if spec.is_moe:
         if config is None:
             raise ValueError("layer_spec() of a mixture-of-experts model needs its TransformerConfig.")
-        return gls.get_gpt_decoder_block_spec(config, resolve_use_te(use_te), normalization="RMSNorm")
+        block = gls.get_gpt_decoder_block_spec(config, resolve_use_te(use_te), normalization="RMSNorm")
+        if resolve_use_te(use_te) or not config.sequence_parallel:
+            return block
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        from opsd_megatron.models.norm import SequenceParallelRMSNorm, replace_norms
+
+        return replace_norms(block, WrappedTorchNorm, SequenceParallelRMSNorm)
     if resolve_use_te(use_te):
         return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     local = gls.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
@@ -323,6 +330,10 @@ def build_model(
         rotary_percent=1.0,
         rotary_base=int(spec.rope_theta),
     )
+    if not perform_initialization:  # Megatron marks TP-split weights only when it initialises them
+        from opsd_megatron.models.tp_attributes import mark_tensor_parallel_weights
+
+        mark_tensor_parallel_weights(model)
     # Megatron hard-codes llama3's low/high frequency factors and original context: use HF's exact values.
     if getattr(model, "rotary_pos_emb", None) is not None:
         model.rotary_pos_emb.inv_freq = rope_inv_freq(spec).to(model.rotary_pos_emb.inv_freq.device)

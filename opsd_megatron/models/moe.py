@@ -18,7 +18,8 @@ switch-style load-balancing loss with the HF config's `router_aux_loss_coef` (0.
 value the model was trained with, small enough not to pull routing away from what pre-training learned,
 large enough to stop experts from collapsing during distillation); z-loss off (Qwen3-MoE was not trained
 with one).
-`router_loss_metrics()` reads Megatron's per-layer tracker (mean over MoE layers) once per step.
+`router_loss_metrics()` reads Megatron's per-layer tracker once per step (mean over micro-batches, MoE layers;
+the same value at every TP x PP x EP x DP layout).
 """
 
 from __future__ import annotations
@@ -172,15 +173,23 @@ def global_expert(ep_rank: int, local: int, spec: ModelSpec, ep: int) -> int:
 
 
 ROUTER_LOSS_NAMES = ("load_balancing_loss", "z_loss")  # Megatron's tracker names (aux_loss, z-loss)
+_SUMMED_OVER_TP = {"load_balancing_loss": True, "z_loss": False}
+"""How a tracker value combines over the tensor(-and-context)-parallel group. With sequence parallelism
+each TP rank routes only its slice of the tokens: its load-balancing value is a partial sum of the loss
+(Megatron's tracker SUMs it over that group), its z-loss value a mean over its own tokens (averaged here;
+equal slices). MoE training at TP > 1 needs sequence parallelism (megatron-core refuses it otherwise)."""
 
 
-def router_loss_metrics(num_layers: int, reset: bool = True) -> dict[str, float]:
-    """Router losses since the last reset, mean over MoE layers: {"moe/load_balancing_loss": .., ...}.
+def router_loss_metrics(num_layers: int, num_microbatches: int = 1, reset: bool = True) -> dict[str, float]:
+    """Router losses of the step just done, mean over micro-batches and MoE layers:
+    {"moe/load_balancing_loss": .., ...}.
 
     Reads Megatron's per-layer aux-loss tracker (unscaled losses, i.e. divided by their coefficient; summed
-    over the step's micro-batches). Collectives (every rank of the model must call it): all-reduce SUM over
-    the pipeline group (each layer lives on one stage) and over the data-parallel group (then / DP).
-    Megatron's own `reduce_aux_losses_tracker_across_ranks` is not used: it all-reduces with
+    over this rank's `num_microbatches` micro-batches, hence divided by it, as Megatron's training loop does).
+    Collectives (every rank of the model must call it): all-reduce SUM over the pipeline group (each layer
+    lives on one stage), over the tensor-and-context-parallel group (`_SUMMED_OVER_TP`) and over the
+    data-parallel group (then / DP). The value is thus the mean over all the step's micro-batches, whatever
+    the layout. Megatron's own `reduce_aux_losses_tracker_across_ranks` is not used: it all-reduces with
     `ReduceOp.AVG`, which gloo (CPU) does not implement. A loss no MoE layer recorded (e.g. z-loss off)
     is left out.
     """
@@ -196,8 +205,13 @@ def router_loss_metrics(num_layers: int, reset: bool = True) -> dict[str, float]
         if entry is None and not dist.is_initialized():
             continue
         values = entry["values"].detach().clone().float() if entry else torch.zeros(num_layers)
+        values /= max(num_microbatches, 1)
         if dist.is_initialized():
             dist.all_reduce(values, group=mps.get_pipeline_model_parallel_group())
+            tp_group = mps.get_tensor_and_context_parallel_group()
+            dist.all_reduce(values, group=tp_group)
+            if not _SUMMED_OVER_TP[name]:
+                values /= dist.get_world_size(tp_group)
             dp_group = mps.get_data_parallel_group()
             dist.all_reduce(values, group=dp_group)
             values /= dist.get_world_size(dp_group)

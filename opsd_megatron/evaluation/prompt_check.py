@@ -1,0 +1,50 @@
+"""Start-up check of the periodic evaluation's benchmarks: they load, and every rendered prompt fits.
+
+    check_eval_prompts(cfg.eval, tokenizer, cfg.prompts.max_prompt_tokens)   # with eval.interval > 0
+
+The trainer's engine is sized for `prompts.max_prompt_tokens` + the generation budget
+(`opsd_megatron.rollout.lengths`). An evaluation prompt longer than `prompts.max_prompt_tokens` would make
+vLLM reject the request at the first evaluation step, possibly hours into the run, and a benchmark file that
+is missing or malformed would fail there too. Both are found here, before any heavy work, with one
+`ConfigError` naming the key, the benchmark, the problem and the lengths. The prompts are rendered exactly as
+`opsd_megatron.evaluation.hook.periodic_eval` renders them (`evaluation.runner.render_prompt_ids`, the eval
+template, `eval.thinking`). No collective: every rank checks the same (small) benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_eval_prompts(eval_cfg: Any, tokenizer: Any, max_prompt_tokens: int) -> int:
+    """Load every benchmark of `eval_cfg` and check its prompts' token counts; returns the number of prompts.
+
+    Raises `opsd_megatron.config.ConfigError` naming `eval.path` / `eval.benchmarks` when a benchmark cannot
+    be loaded or a prompt has more than `max_prompt_tokens` tokens.
+    """
+    from opsd_megatron.config import ConfigError
+    from opsd_megatron.evaluation.benchmarks import load_benchmark
+    from opsd_megatron.evaluation.runner import render_prompt_ids
+
+    key = "eval.benchmarks" if getattr(eval_cfg, "benchmarks", None) else "eval.path"
+    specs = list(getattr(eval_cfg, "benchmarks", None) or [eval_cfg.path])
+    thinking = getattr(eval_cfg, "thinking", True)
+    count = 0
+    for spec in specs:
+        try:
+            bench = load_benchmark(spec)
+        except Exception as e:  # missing file, unknown hub name offline, bad rows: one message at start-up
+            raise ConfigError(f"config key {key!r}: benchmark {spec!r} cannot be loaded: {e}") from None
+        longest, where = 0, None
+        for item in bench.items:
+            n = len(render_prompt_ids(tokenizer, item.problem, thinking=thinking))
+            count += 1
+            if n > longest:
+                longest, where = n, item.key
+        if longest > max_prompt_tokens:
+            raise ConfigError(
+                f"config key {key!r}: benchmark {bench.name!r} problem {where!r} renders to a {longest}-"
+                f"token prompt, more than prompts.max_prompt_tokens={max_prompt_tokens} (the rollout engine "
+                "is sized from it); raise prompts.max_prompt_tokens or drop that problem."
+            )
+    return count
