@@ -1,14 +1,14 @@
 """LoRA on the tiny Qwen3-MoE (8 experts, top-2, layer 0 dense): ONE spawned 2-rank run.
 
 * Trainer: OPSD with adapters on attention, the dense MLP and every expert (`lora.target_experts`) at EP2
-  equals EP1 on the same rollouts (HF engine, top_k=1; world 2 = DP2 as in test_trainer_moe.py): loss, grad
-  norm and the merged HF export after 2 steps. Only adapters train: every parameter with a gradient is a LoRA
-  parameter and the base export (no merge) is the source checkpoint bit for bit, router included. The
-  adapters-off teacher is the base model bit for bit (router included). The EP2 run's Megatron logits equal
-  transformers' on its merged export. Its distributed checkpoint loads at EP1 (global expert keys) into
-  the same merged weights.
-* Expert-TP: TP2 (expert-TP 2, the token dispatcher owns the collectives) equals TP1: logits, every adapter
-  gradient (PEFT layout), merged export.
+  and at TP2 (= expert-TP 2, sequence parallel, DP1) equals EP1 on the same rollouts (HF engine, top_k=1;
+  world 2 = DP2 as in test_trainer_moe.py): loss, grad norm and the merged HF export after 2 steps. Only
+  adapters train: every parameter with a gradient is a LoRA parameter and the base export (no merge) is
+  the source checkpoint bit for bit, router included. The adapters-off teacher is the base model bit for
+  bit (router included). The EP2 run's Megatron logits equal transformers' on its merged export. Its
+  distributed checkpoint loads at EP1 (global expert keys) into the same merged weights.
+* Expert-TP 2 at TP 1 (each rank its own tokens) equals expert-TP 1: logits, every adapter gradient summed
+  over data parallelism as DDP does (PEFT layout), merged export.
 * PEFT: on a MoE model without dense layers, at EP2, the written adapter (per-expert hub names, converted by
   peft to transformers 5's fused experts) gives the merged export's logits, fused and per_projection
   (up_proj un-adapted: written as a zero adapter).
@@ -82,12 +82,15 @@ def _trainer_checks(model_dir, out_dir) -> dict:
     from opsd_megatron.trainer import OPSDTrainer
 
     res: dict = {}
-    for ep in (1, 2):
-        cfg = config_from_dict(_config(model_dir, f"{out_dir}/ep{ep}", ep))
+    for ep in ("tp2", 1, 2):
+        raw = _config(model_dir, f"{out_dir}/ep{ep}", 1 if ep == "tp2" else ep)
+        if ep == "tp2":  # TP2 = expert-TP 2 (sequence parallel), DP1
+            raw["parallel"].update(tp=2, sequence_parallel=True)
+        cfg = config_from_dict(raw)
         trainer = OPSDTrainer(cfg)
         try:
             res[ep] = trainer.train()
-            if ep == 1:
+            if ep != 2:
                 continue
             chunks = [unwrap(c) for c in trainer.chunks]
             res["layout"] = (trainer.ps.ep, trainer.ps.dp, trainer.ps.ep_rank)
@@ -205,8 +208,10 @@ def test_lora_moe_ep2_equals_ep1_expert_tp_and_exports(tiny_models, tiny_tokeniz
     t = [r["trainer"] for r in res]
     assert sorted(x["layout"] for x in t) == [(2, 2, 0), (2, 2, 1)]
     r1, r2 = t[0][1], t[0][2]
-    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
-    for a, b in zip(r1, r2):
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [r["step"] for r in t[0]["tp2"]] == [1, 2]
+    for a, b, c in zip(r1, r2, t[0]["tp2"]):
+        assert math.isclose(a["loss"], c["loss"], rel_tol=1e-5), (a["loss"], c["loss"])
+        assert math.isclose(a["grad_norm"], c["grad_norm"], rel_tol=1e-4), (a["grad_norm"], c["grad_norm"])
         assert a["response_tokens"] == b["response_tokens"] > 0
         assert math.isfinite(a["loss"]) and a["grad_norm"] > 0
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
@@ -221,7 +226,8 @@ def test_lora_moe_ep2_equals_ep1_expert_tp_and_exports(tiny_models, tiny_tokeniz
             assert torch.equal(x["base_export"][k], src[k]), k
     w1 = load_file(str(tmp_path / "trainer/ep1/hf/model.safetensors"))
     w2 = load_file(str(tmp_path / "trainer/ep2/hf/model.safetensors"))
-    assert sorted(w1) == sorted(w2) == sorted(src)
+    w3 = load_file(str(tmp_path / "trainer/eptp2/hf/model.safetensors"))
+    assert sorted(w1) == sorted(w2) == sorted(w3) == sorted(src)
     experts = [k for k in src if ".mlp.experts." in k]
     idle = [k for k in experts if torch.equal(w1[k], src[k])]  # experts no token was routed to in 2 steps
     assert len(idle) <= len(experts) // 4, idle
@@ -231,6 +237,7 @@ def test_lora_moe_ep2_equals_ep1_expert_tp_and_exports(tiny_models, tiny_tokeniz
         elif ".mlp.experts." not in k:
             assert torch.equal(w1[k], src[k]) and torch.equal(w2[k], src[k]), k  # router, norms, embeddings
         assert torch.allclose(w1[k], w2[k], **FP32), (k, (w1[k] - w2[k]).abs().max())
+        assert torch.allclose(w1[k], w3[k], **FP32), (k, (w1[k] - w3[k]).abs().max())
     ref = _hf_logits(tmp_path / "trainer/ep2/hf")
     for x in t:
         assert torch.allclose(x["lora_logits"], ref, **FP32), (x["lora_logits"] - ref).abs().max()
