@@ -5,9 +5,9 @@
   world 2 = DP2 as in test_trainer_moe.py): loss, grad norm and the merged HF export after 2 steps. Only
   adapters train: every parameter with a gradient is a LoRA parameter and the base export (no merge) is
   the source checkpoint bit for bit, router included. The adapters-off teacher is the base model bit for
-  bit (router included). The EP2 run's Megatron logits equal transformers' on its merged export. Its
-  training checkpoint, read at EP1 by `opsd-convert megatron-to-hf` (global expert keys), exports the same
-  merged weights.
+  bit (router included). The EP2 run's Megatron logits equal transformers' on its merged export. The EP2
+  and TP2 training checkpoints, read at TP1 x EP1 by `opsd-convert megatron-to-hf`, export the same merged
+  weights as their runs (expert keys with global offsets; SwiGLU halves of fc1's B under TP).
 * Expert-TP 2 at TP 1 (each rank its own tokens) equals expert-TP 1: logits, every adapter gradient summed
   over data parallelism as DDP does (PEFT layout), merged export.
 * PEFT: on a MoE model without dense layers, at EP2, the written adapter (per-expert hub names, converted by
@@ -84,6 +84,7 @@ def _trainer_checks(model_dir, out_dir) -> dict:
     from opsd_megatron.trainer import OPSDTrainer
 
     res: dict = {}
+    ckpts = {}
     for ep in ("tp2", 1, 2):
         raw = _config(model_dir, f"{out_dir}/ep{ep}", 1 if ep == "tp2" else ep)
         if ep == "tp2":  # TP2 = expert-TP 2 (sequence parallel), DP1
@@ -92,6 +93,8 @@ def _trainer_checks(model_dir, out_dir) -> dict:
         trainer = OPSDTrainer(cfg)
         try:
             res[ep] = trainer.train()
+            if ep == "tp2":
+                ckpts["tp2"] = trainer.save("test")
             if ep != 2:
                 continue
             chunks = [unwrap(c) for c in trainer.chunks]
@@ -106,13 +109,16 @@ def _trainer_checks(model_dir, out_dir) -> dict:
                 off = forward_logits(chunks, IDS)
             res["teacher_equal"] = torch.equal(off, forward_logits(_fresh(model_dir), IDS))
             res["merged"] = _merged(chunks)
-            ckpt = trainer.save("test")
+            ckpts["ep2"] = trainer.save("test")
         finally:
             trainer.close()
-    # the EP2 training checkpoint read at EP1 (opsd-convert; expert adapters under global expert keys)
-    with contextlib.redirect_stdout(io.StringIO()):
-        argv = ["megatron-to-hf", "--megatron", str(ckpt), "--out", f"{out_dir}/ckpt_hf", "--ep", "1"]
-        res["convert_rc"] = cli.main(argv)
+    # the training checkpoints read at TP1 x EP1 by opsd-convert: EP2's (expert adapters under global expert
+    # keys) and TP2's (fc1 adapters' B in SwiGLU halves, expert adapters split over expert-TP)
+    res["convert_rc"] = []
+    for name, ckpt in ckpts.items():
+        with contextlib.redirect_stdout(io.StringIO()):
+            argv = ["megatron-to-hf", "--megatron", str(ckpt), "--out", f"{out_dir}/ckpt_{name}_hf"]
+            res["convert_rc"].append(cli.main([*argv, "--tp", "1", "--ep", "1"]))
     return res
 
 
@@ -238,10 +244,12 @@ def test_lora_moe_ep2_equals_ep1_expert_tp_and_exports(tiny_models, tiny_tokeniz
             assert torch.equal(w1[k], src[k]) and torch.equal(w2[k], src[k]), k  # router, norms, embeddings
         assert torch.allclose(w1[k], w2[k], **FP32), (k, (w1[k] - w2[k]).abs().max())
         assert torch.allclose(w1[k], w3[k], **FP32), (k, (w1[k] - w3[k]).abs().max())
-    assert [x["convert_rc"] for x in t] == [0, 0]
-    w_ckpt = load_file(str(tmp_path / "trainer/ckpt_hf/model.safetensors"))  # EP2 checkpoint read at EP1
+    assert [x["convert_rc"] for x in t] == [[0, 0], [0, 0]]
+    from_ep2 = load_file(str(tmp_path / "trainer/ckpt_ep2_hf/model.safetensors"))  # read at TP1 x EP1
+    from_tp2 = load_file(str(tmp_path / "trainer/ckpt_tp2_hf/model.safetensors"))
     for k in src:
-        assert torch.equal(w_ckpt[k], w2[k]), k
+        assert torch.equal(from_ep2[k], w2[k]), k
+        assert torch.allclose(from_tp2[k], w3[k], rtol=0, atol=1e-6), (k, (from_tp2[k] - w3[k]).abs().max())
     ref = _hf_logits(tmp_path / "trainer/ep2/hf")
     for x in t:
         assert torch.allclose(x["lora_logits"], ref, **FP32), (x["lora_logits"] - ref).abs().max()
