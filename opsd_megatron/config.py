@@ -195,6 +195,12 @@ class LoraConfig:
     layout: Literal["fused", "per_projection"] = "fused"
     """One adapter per fused Megatron layer (q/k/v share A), or PEFT's one per projection (q, k, v, gate, up
     each rank r; the paper recipes' choice). See opsd_megatron/lora/api.py."""
+    target_experts: bool = False
+    """Mixture-of-experts models: also adapt every expert's gate/up/down_proj named in target_modules (one
+    adapter per expert). Default false: attention and dense-layer MLPs only; the router never."""
+    export_peft: bool = True
+    """With checkpoint.export_hf, also write the adapters alone as a PEFT adapter directory
+    (`<export>/../adapter`)."""
 
 
 @dataclass

@@ -131,6 +131,9 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
     )
     _check(not cfg.lora.enabled or cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}.")
     _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}.")
+    from opsd_megatron.lora.moe_checks import check_lora_config
+
+    check_lora_config(cfg)  # lora.target_experts (MoE)
     o = cfg.optimizer
     _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}.")
     _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr], got {o.min_lr}.")
@@ -221,6 +224,9 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
         )
     else:
         _check(ep == 1, "parallel.ep", f"is {ep}, but the model has no experts (not a mixture-of-experts).")
+    from opsd_megatron.lora.moe_checks import check_lora_model
+
+    check_lora_model(cfg, hf_config)  # lora.target_experts (MoE)
 
 
 def validate_world(cfg: OPSDConfig, world_size: int) -> int:

@@ -582,7 +582,7 @@ class OPSDTrainer:
         save_hf_checkpoint(self.chunks, out_dir, tokenizer_dir=tok, shard_hook=self._shard_hook())
         if self.ps.rank == 0:
             log.info("exported HF checkpoint to %s", out_dir)
-        if self.cfg.lora.enabled:  # the adapters alone, for peft.PeftModel.from_pretrained(base, <dir>)
+        if self.cfg.lora.enabled and self.cfg.lora.export_peft:  # for peft.PeftModel.from_pretrained
             from opsd_megatron.lora.peft_export import save_peft_adapter
 
             save_peft_adapter(self.chunks, Path(out_dir).parent / "adapter", self.cfg.lora,

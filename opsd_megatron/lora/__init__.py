@@ -6,7 +6,9 @@
     save_peft_adapter(chunks, out_dir, cfg.lora, base_model=path)   # PEFT adapter dir (collective)
 
 `cfg.lora.layout`: "per_projection" (PEFT's: q, k, v, gate, up each their own rank-r adapter) or "fused"
-(one adapter per fused Megatron layer); see `api.py` and `adapter.py`.
+(one adapter per fused Megatron layer); see `api.py` and `adapter.py`. Mixture-of-experts models: attention
+and dense-layer MLPs by default, never the router; `cfg.lora.target_experts` adds one adapter per expert
+(api.py "Mixture of experts"; start-up checks in `moe_checks.py`).
 
 Importing this package needs neither CUDA nor Transformer Engine nor vLLM.
 """

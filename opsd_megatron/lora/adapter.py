@@ -30,9 +30,22 @@ with h_p = x A_p^T only. The local output is viewed as [G, W] (qkv: G = local qu
 each projection is a contiguous column range of W. Row-parallel layers have one projection: both layouts
 agree there. With dropout > 0 the P projections share one dropout mask of x (PEFT draws one per module).
 
+MoE experts (`expert=True`: a Megatron expert linear with `explicit_expert_comm`, i.e. expert-TP or EP > 1):
+Megatron's token dispatcher owns every collective there (it all-gathers the tokens over the EP x expert-TP
+group before fc1, and reduce-scatters fc2's partial outputs after it), so the adapter adds NO activation
+collective: column (fc1) h = x A^T, y_local += scale h B_local^T, whose input gradient is partial
+over expert-TP like the base layer's (the dispatcher sums it); row (fc2) y_partial += scale (x_local
+A_local^T) B^T, summed by the dispatcher. The replicated factor's gradient (A for fc1, B for fc2) is then
+partial over expert-TP and is all-reduced over the expert-TP group in backward
+(`copy_to_tensor_model_parallel_region` applied to the weight). `tp_group` is the layer's expert-TP
+group. Both factors take the base weight's `allreduce` flag: False for experts under EP > 1, so Megatron's
+DDP reduces their gradients over the expert-data-parallel group (like the expert weights), not the full
+data-parallel group.
+
 B starts at zero, so a fresh adapter leaves the model's output bit-identical. A is initialised like PEFT
 (kaiming-uniform, a=sqrt(5)) on the FULL [r, in] matrix from a generator seeded by (seed, global layer
-name), then sliced: the adapter is the same whatever the TP layout (TP=2 equals TP=1 exactly).
+name), then sliced: the adapter is the same whatever the TP layout (TP=2 equals TP=1 exactly). For experts
+the global name carries the GLOBAL expert index (`local_experts.{g}`), so EP=2 equals EP=1 exactly.
 """
 
 from __future__ import annotations
@@ -84,9 +97,15 @@ class LoRAAdapter(nn.Module):
         name: str,
         parts: tuple[tuple[str, int, bool], ...] | None = None,
         groups: int = 1,
+        expert: bool = False,
+        stride: int | None = None,
     ):
         """`parts` (per_projection only): ((projection name, columns in W, has an adapter), ...) of the
-        local output viewed as [groups, W]; None = one adapter over the whole output (fused layout)."""
+        local output viewed as [groups, W]; None = one adapter over the whole output (fused layout).
+        `expert`: the base is a MoE expert linear whose collectives the token dispatcher does (see the module
+        docstring); `tp_group` is then its expert-TP group. `stride`: the base weight's TP partition stride
+        (2 for a SwiGLU fc1: rank r holds [gate shard r | up shard r]); None = its `partition_stride`
+        attribute (Megatron sets it only when it initialises the weight)."""
         super().__init__()
         if parallel_mode not in (COLUMN, ROW):
             raise ValueError(f"parallel_mode must be 'column' or 'row', got {parallel_mode!r}.")
@@ -107,7 +126,8 @@ class LoRAAdapter(nn.Module):
         self.scale = alpha / rank
         self.tp_group = tp_group
         self.tp_size, self.tp_rank = _tp_size_rank(tp_group)
-        self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
+        self.expert = bool(expert)
+        self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1 and not self.expert
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
         out_local, in_local = base_weight.shape
@@ -129,7 +149,7 @@ class LoRAAdapter(nn.Module):
             )
         with torch.no_grad():
             self.lora_a.copy_(self._local_a(a_full))
-        stride = getattr(base_weight, "partition_stride", 1)
+        stride = stride if stride is not None else getattr(base_weight, "partition_stride", 1)
         sharded, replicated = (
             (self.lora_b, self.lora_a) if parallel_mode == COLUMN else (self.lora_a, self.lora_b)
         )
@@ -139,8 +159,11 @@ class LoRAAdapter(nn.Module):
         replicated.tensor_model_parallel = False
         replicated.partition_dim = -1
         replicated.partition_stride = 1
+        if self.expert and self.tp_size == 1:  # not duplicated inside the expert model-parallel group
+            replicated.tensor_model_parallel = True  # (Megatron's grad norm then counts it on every rank)
         for p in (self.lora_a, self.lora_b):
-            p.allreduce = True  # data-parallel all-reduce (Megatron DDP reads it for expert params)
+            # Megatron's DDP: allreduce=False (experts under EP > 1) -> expert-data-parallel reduction
+            p.allreduce = bool(getattr(base_weight, "allreduce", True))
         if self.sequence_parallel:
             replicated.sequence_parallel = True  # its gradient is partial over the sequence shards
 
@@ -193,6 +216,8 @@ class LoRAAdapter(nn.Module):
 
         with self._dropout_ctx():
             x = self.dropout(x)
+        if self.expert:
+            return self._expert_forward(x)
         h = F.linear(x, self.lora_a)  # column: [s(/tp), b, r] ; row: partial sums [s, b, r]
         if self.tp_size > 1:
             if self.parallel_mode == COLUMN:
@@ -204,11 +229,29 @@ class LoRAAdapter(nn.Module):
                 h = mtp.reduce_scatter_to_sequence_parallel_region(h, self.tp_group)  # [s/tp, b, r]
             else:
                 h = mtp.reduce_from_tensor_model_parallel_region(h, self.tp_group)  # [s, b, r]
+        return self._up(h)
+
+    def _expert_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """MoE expert: x [tokens, in] (column) / [tokens, in/etp] (row) -> [tokens, out/etp] (column) /
+        partial [tokens, out] (row). No activation collective; backward all-reduces the replicated factor's
+        gradient over expert-TP (see the module docstring)."""
+        from megatron.core import tensor_parallel as mtp
+
+        a, b = self.lora_a, self.lora_b
+        if self.tp_size > 1 and self.parallel_mode == COLUMN:
+            a = mtp.copy_to_tensor_model_parallel_region(a, self.tp_group)  # fwd identity, bwd all-reduce
+        elif self.tp_size > 1:
+            b = mtp.copy_to_tensor_model_parallel_region(b, self.tp_group)
+        return self._up(F.linear(x, a), b)
+
+    def _up(self, h: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """h [..., P*r] -> scale * B h per projection ([..., out_local]); `b` defaults to `lora_b`."""
+        b = self.lora_b if b is None else b
         if self.parts is None:
-            return F.linear(h, self.lora_b) * self.scale  # [s, b, out/tp] column ; [s(/tp), b, out] row
+            return F.linear(h, b) * self.scale  # [s, b, out/tp] column ; [s(/tp), b, out] row
         # per_projection: h [s, b, P*r] -> each projection's columns of the [G, W] view of the output
         hs = iter(h.split(self.rank, dim=-1))
-        bv = self.lora_b.view(self.groups, -1, self.rank)  # [G, W, r]
+        bv = b.view(self.groups, -1, self.rank)  # [G, W, r]
         outs, off = [], 0
         for _, width, on in self.parts:
             if on:
@@ -238,4 +281,5 @@ class LoRAAdapter(nn.Module):
         return (
             f"{self.parallel_mode}, rank={self.rank}, parts={parts}, scale={self.scale:g}, "
             f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}, sp={self.sequence_parallel}"
+            + (", expert" if self.expert else "")
         )

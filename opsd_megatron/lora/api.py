@@ -16,6 +16,17 @@ Megatron fuses q/k/v into `linear_qkv` and gate/up into `linear_fc1`. `lora_cfg.
       get an update); q, k, v share one A, so their joint update has rank <= r.
 `o_proj` / `down_proj` are single projections: both layouts are the same there.
 
+Mixture of experts (Qwen3-MoE). The router (`mlp.router`, HF `mlp.gate`) never gets an adapter. gate/up/
+down_proj name the MLP of the dense layers and, only with `lora_cfg.target_experts=True`, also every expert's
+fc1 / fc2 (one adapter per expert, `...mlp.experts.local_experts.{j}.linear_fc1.lora.lora_a`); by default
+experts stay frozen and un-adapted. Expert adapters (see adapter.py): A seeded by the GLOBAL expert index
+(EP=2 equals EP=1), gradients reduced over the expert-data-parallel group (`allreduce=False` under EP > 1, as
+Megatron's expert weights), no activation collective under expert-TP (the token dispatcher does them), saved
+in distributed checkpoints under Megatron's expert keys with the global expert offset (any EP size loads
+them). Only Megatron's SequentialMLP experts (local linears; the CPU path) take adapters: grouped-GEMM experts
+(TEGroupedMLP / GroupedMLP, CUDA + Transformer Engine) with `target_experts=True` are a ValueError naming
+`lora.target_experts`; attention and dense-layer LoRA work there as usual.
+
 Mechanics. The adapter is a child module `lora` of the base layer (parameters `...linear_qkv.lora.lora_a`
 / `.lora.lora_b`: "lora_" in a name marks a LoRA parameter; base parameter names are unchanged, so name
 maps and checkpoints of the base keep working) plus a forward hook that adds `adapter(x)` to the layer's
@@ -73,6 +84,8 @@ class LoRASettings:
     """Seed of A's initialisation (with the global layer name: identical for any TP/PP layout)."""
     layout: str = "fused"
     """"fused" (one adapter per Megatron layer) or "per_projection" (PEFT's: one per q/k/v/gate/up)."""
+    target_experts: bool = False
+    """MoE: also adapt every expert's gate/up/down_proj named in target_modules (default: experts frozen)."""
 
 
 def resolve_targets(target_modules: Iterable[str]) -> set[str]:
@@ -142,7 +155,29 @@ def global_module_name(chunk: nn.Module, name: str) -> str:
 
     layer = unwrap(chunk).get_submodule(f"{m.group(1)}{m.group(2)}")
     idx = getattr(layer, "layer_number", int(m.group(2)) + 1) - 1
-    return f"{m.group(1)}{idx}{m.group(3) or ''}"
+    rest = m.group(3) or ""
+    e = _LOCAL_EXPERT_RE.match(rest)
+    if e:  # MoE: local expert j on EP rank k -> global expert k * E/ep + j (SequentialMLP's own offsets)
+        experts = layer.get_submodule(e.group(1).strip(".")) if e.group(1).strip(".") else layer
+        g = experts.ep_group.rank() * experts.num_local_experts + int(e.group(2))
+        rest = f"{e.group(1)}local_experts.{g}{e.group(3)}"
+    return f"{m.group(1)}{idx}{rest}"
+
+
+_LOCAL_EXPERT_RE = re.compile(r"^(\..*?\.)local_experts\.(\d+)(.*)$")
+
+
+def _expert_kind(name: str, module: nn.Module) -> str | None:
+    """None for a non-expert layer; "local" for a Megatron ColumnParallelLinear / RowParallelLinear inside
+    SequentialMLP (`...local_experts.{j}.linear_fc*`); "unsupported" for any other expert linear (grouped
+    GEMM, Transformer Engine)."""
+    # Transformer Engine's expert linears (TEGroupedLinear, TELinear) keep no `is_expert`: the name decides
+    if not (getattr(module, "is_expert", False) or ".experts." in f".{name}"):
+        return None
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    local = isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and ".local_experts." in name
+    return "local" if local else "unsupported"
 
 
 # ---- forward hook --------------------------------------------------------------------------------------
@@ -181,6 +216,13 @@ def apply_lora(model_chunks: list[nn.Module], lora_cfg) -> dict[str, LoRAAdapter
         raise ValueError(f"lora.layout must be one of {list(LAYOUTS)}, got {layout!r}.")
     per_part = resolve_parts(lora_cfg.target_modules, warn=layout == "fused")
     targets = set(per_part)
+    target_experts = bool(getattr(lora_cfg, "target_experts", False))
+    if target_experts and not targets & {"linear_fc1", "linear_fc2"}:
+        raise ValueError(
+            "lora.target_experts=true needs an MLP projection (gate_proj, up_proj or down_proj) in "
+            f"lora.target_modules, got {sorted(lora_cfg.target_modules)}."
+        )
+    skipped_experts = 0
     adapters: dict[str, LoRAAdapter] = {}
     for ci, chunk in enumerate(model_chunks):
         if any(c.__name__ == "DistributedDataParallel" for c in type(chunk).__mro__):
@@ -193,12 +235,20 @@ def apply_lora(model_chunks: list[nn.Module], lora_cfg) -> dict[str, LoRAAdapter
             leaf = name.rsplit(".", 1)[-1]
             if leaf not in targets:
                 continue
+            expert = _expert_kind(name, module)
+            if expert is not None and not target_experts:
+                skipped_experts += 1
+                continue
+            if expert == "unsupported":
+                raise ValueError(
+                    f"lora.target_experts=true: the MoE expert layer {name} is a {type(module).__name__} "
+                    "(grouped GEMM / Transformer Engine experts); expert adapters support Megatron's "
+                    "SequentialMLP experts only (the CPU path). Set lora.target_experts=false: attention and "
+                    "dense-layer MLP adapters work with any experts."
+                )
             mode = _parallel_mode(module)
             if mode is None:
                 raise TypeError(f"LoRA target {name} is a {type(module).__name__}, not a TP linear layer.")
-            if getattr(module, "is_expert", False):
-                log.warning("LoRA skips MoE expert layer %s (not supported).", name)
-                continue
             if mode == COLUMN and getattr(module, "gather_output", False):
                 raise ValueError(f"LoRA target {name} gathers its output (gather_output=True): unsupported.")
             parts, groups = (None, 1)
@@ -216,6 +266,8 @@ def apply_lora(model_chunks: list[nn.Module], lora_cfg) -> dict[str, LoRAAdapter
                 name=global_module_name(chunk, name),
                 parts=parts,
                 groups=groups,
+                expert=expert is not None and bool(getattr(module, "explicit_expert_comm", False)),
+                stride=_fc1_stride(module, leaf),
             )
             if _is_te_layernorm_linear(module):
                 module.return_layernorm_output = True
@@ -224,6 +276,8 @@ def apply_lora(model_chunks: list[nn.Module], lora_cfg) -> dict[str, LoRAAdapter
             module._lora_hook_handle = module.register_forward_hook(_lora_hook, with_kwargs=True)
             module.sharded_state_dict = _sharded_state_dict_with_lora.__get__(module)
             adapters[f"{ci}.{name}"] = module.lora
+    if skipped_experts:
+        log.info("LoRA: %d MoE expert projections left frozen (lora.target_experts=false)", skipped_experts)
     if not adapters:
         raise ValueError(f"lora.target_modules {sorted(targets)} matched no layer of the model.")
     return adapters
@@ -244,6 +298,14 @@ def _projection_parts(module: nn.Module, leaf: str, targeted: set[str]):
         half = module.weight.shape[0] // 2
         return (("gate_proj", half, "gate_proj" in targeted), ("up_proj", half, "up_proj" in targeted)), 1
     return None, 1
+
+
+def _fc1_stride(module: nn.Module, leaf: str) -> int:
+    """TP partition stride of a layer's weight: 2 for a gated (SwiGLU) `linear_fc1`, whose TP rank r holds
+    [gate shard r | up shard r] (Megatron's MLP builds it with stride 2 but records `partition_stride` on the
+    weight only when it initialises it, i.e. not with perform_initialization=False as the trainer builds)."""
+    gated = getattr(getattr(module, "config", None), "gated_linear_unit", False)
+    return 2 if leaf == "linear_fc1" and gated else 1
 
 
 def _tp_group(module: nn.Module):

@@ -13,6 +13,16 @@ Layouts (see adapter.py): per_projection maps one to one (A_p = the p-th r rows 
 rows of `lora_b` that belong to projection p, de-interleaved like the base weight by the conversion
 transforms). fused writes the shared A under each of q/k/v (gate/up) with that projection's rows of B,
 which is exactly the fused update, so PEFT reproduces both layouts.
+
+MoE (Qwen3-MoE, `lora.target_experts`): expert adapters are written per expert under the hub's (transformers
+4) names `...mlp.experts.{g}.gate_proj|up_proj|down_proj.lora_A|B.weight`, g the GLOBAL expert index, with
+gate/up/down_proj in `target_modules`. PEFT (>= 0.19 with transformers 5) converts exactly these on load to
+LoRA on transformers 5's fused 3-D `mlp.experts.gate_up_proj` / `down_proj` (`target_parameters`; gate and up
+become one block-diagonal adapter of rank 2r with alpha 2*alpha, so alpha/r is kept and both layouts are
+reproduced). Two limits of that conversion: it needs both gate_proj and up_proj (per_projection with only
+one adapted: the other is written as a zero adapter, exact), and it maps EVERY gate/up/down_proj name of a
+MoE model to the experts, so adapters on dense-layer MLPs of a MoE model (`mlp_only_layers`) cannot be
+loaded by PEFT: ValueError naming `lora.export_peft` (config_checks refuses it at start-up).
 """
 
 from __future__ import annotations
@@ -64,8 +74,8 @@ def peft_adapter_tensors(model_chunks: list, which: str = "weight") -> dict[str,
     from opsd_megatron.lora.api import global_module_name
     from opsd_megatron.models.builder import model_info, unwrap
 
-    spec = model_info(model_chunks).spec
-    tp, tp_group = mps.get_tensor_model_parallel_world_size(), mps.get_tensor_model_parallel_group()
+    info = model_info(model_chunks)
+    spec = info.spec
     out: dict[str, torch.Tensor] = {}
     for chunk in model_chunks:
         model = unwrap(chunk)
@@ -75,6 +85,7 @@ def peft_adapter_tensors(model_chunks: list, which: str = "weight") -> dict[str,
                 continue
             hf_names, transform, _ = map_name(f"{global_module_name(model, name)}.weight", spec)
             a, b = _adapter_tensor(ad.lora_a, which), _adapter_tensor(ad.lora_b, which)
+            tp_group, tp = ad.tp_group, ad.tp_size  # expert adapters: the expert-TP group
             if ad.parallel_mode == COLUMN:
                 bs = shards_to_hf(transform, _gather_tp(b, tp_group, tp), spec)  # one B per HF projection
                 if ad.parts is None:
@@ -90,6 +101,8 @@ def peft_adapter_tensors(model_chunks: list, which: str = "weight") -> dict[str,
                 stem = PEFT_PREFIX + hf_name.removesuffix(".weight")
                 out[f"{stem}.lora_A.weight"] = a_p.cpu().clone()
                 out[f"{stem}.lora_B.weight"] = b_p.cpu().clone()
+    if spec.is_moe:
+        out = moe_expert_tensors(out, info.ep, mps.get_expert_model_parallel_group() if info.ep > 1 else None)
     pp = mps.get_pipeline_model_parallel_world_size()
     if pp > 1:
         stages: list = [None] * pp
@@ -98,8 +111,32 @@ def peft_adapter_tensors(model_chunks: list, which: str = "weight") -> dict[str,
     return out
 
 
+def moe_expert_tensors(out: dict[str, torch.Tensor], ep: int, ep_group) -> dict[str, torch.Tensor]:
+    """This stage's tensors with every EP rank's expert adapters (all_gather_object over the EP group when
+    ep > 1: each EP rank holds its own experts, the rest is replicated), and a zero adapter for the un-adapted
+    one of gate_proj/up_proj of an expert (PEFT's conversion needs both; zero B = no update)."""
+    if ep > 1:
+        mine = {k: v for k, v in out.items() if ".mlp.experts." in k}
+        parts: list = [None] * ep
+        dist.all_gather_object(parts, mine, group=ep_group)
+        out = dict(out)
+        for part in parts:
+            out.update(part)
+    for key in [k for k in out if ".mlp.experts." in k and k.endswith(".lora_A.weight")]:
+        for have, other in (("gate_proj", "up_proj"), ("up_proj", "gate_proj")):
+            twin = key.replace(f".{have}.", f".{other}.")
+            if f".{have}." in key and twin not in out:
+                b = out[key.replace("lora_A", "lora_B")]
+                out[twin] = torch.zeros_like(out[key])
+                out[twin.replace("lora_A", "lora_B")] = torch.zeros_like(b)
+    return out
+
+
 def adapter_config(lora_cfg, tensors: dict[str, torch.Tensor], base_model: str | None) -> dict:
-    """The `adapter_config.json` content (PEFT LoraConfig fields) for the exported tensors."""
+    """The `adapter_config.json` content (PEFT LoraConfig fields) for the exported tensors. With expert
+    adapters `lora_dropout` is 0 (PEFT's adapters on the fused expert parameters take no dropout; the
+    adapter is for inference)."""
+    experts = any(".mlp.experts." in k for k in tensors)
     modules = sorted(
         {k.removesuffix(".lora_A.weight").rsplit(".", 1)[-1] for k in tensors if k.endswith("lora_A.weight")}
     )
@@ -109,7 +146,7 @@ def adapter_config(lora_cfg, tensors: dict[str, torch.Tensor], base_model: str |
         "base_model_name_or_path": base_model,
         "r": int(lora_cfg.rank),
         "lora_alpha": float(lora_cfg.alpha),
-        "lora_dropout": float(getattr(lora_cfg, "dropout", 0.0)),
+        "lora_dropout": 0.0 if experts else float(getattr(lora_cfg, "dropout", 0.0)),
         "target_modules": modules,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -126,7 +163,17 @@ def save_peft_adapter(model_chunks: list, out_dir: str | Path, lora_cfg, *, base
     Collective: every rank of the model must call it (see `peft_adapter_tensors`)."""
     from safetensors.torch import save_file
 
+    from opsd_megatron.models.builder import model_info
+
     tensors = peft_adapter_tensors(model_chunks)
+    dense_mlp = sorted(k for k in tensors if ".mlp." in k and ".mlp.experts." not in k)
+    if dense_mlp and model_info(model_chunks).spec.is_moe:
+        raise ValueError(
+            f"PEFT adapter of a mixture-of-experts model with dense MLP adapters ({dense_mlp[0]}, ..): "
+            "peft maps gate_proj/up_proj/down_proj of a MoE model to its experts, so it cannot load them; "
+            "set lora.export_peft=false (the merged HF export holds them) or leave the MLP projections out "
+            "of lora.target_modules."
+        )
     out = Path(out_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
