@@ -17,8 +17,9 @@ import torch
 
 def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:
     """Mark the weights of Megatron's own TP-split layers in `model` as tensor-parallel (partition dim 0
-    for column-parallel layers and the vocabulary-parallel embedding, 1 for row-parallel layers; stride 1).
-    Returns how many weights were marked."""
+    for column-parallel layers and the vocabulary-parallel embedding, 1 for row-parallel layers; stride 2
+    for a gated `linear_fc1`, whose rank shard is [gate shard | up shard], as Megatron's MLP builds it, else
+    1). Returns how many weights were marked."""
     from megatron.core.tensor_parallel import layers
 
     dims = (
@@ -26,14 +27,16 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:
         (layers.VocabParallelEmbedding, 0),
         (layers.RowParallelLinear, 1),
     )
+    gated = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
     marked = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
             continue
+        stride = 2 if gated and name.endswith("linear_fc1") else 1
         for cls, dim in dims:
             if isinstance(module, cls):
-                layers.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+                layers.set_tensor_model_parallel_attributes(weight, True, dim, stride)
                 marked += 1
                 break
     return marked
