@@ -23,6 +23,7 @@ import math
 import pytest
 import torch
 from dist_utils import run_distributed
+from test_trainer_moe import _config as moe_run_config
 
 ENV = {"OMP_NUM_THREADS": "1"}
 RANK, ALPHA = 4, 8.0
@@ -31,26 +32,18 @@ FP32 = dict(rtol=1e-4, atol=1e-5)
 
 
 def _config(model_dir, out_dir, ep: int) -> dict:
-    return {
-        "output_dir": str(out_dir),
-        "model": {"path": str(model_dir), "dtype": "float32"},
-        "parallel": {"tp": 1, "pp": 1, "ep": ep},
-        "data": {"path": "builtin:tiny_math"},
-        "prompts": {"max_prompt_tokens": 768},
-        "rollout": {"engine": "hf", "max_new_tokens": 8, "top_k": 1},
-        "optimizer": {"lr": 1e-2, "clip_grad": 1.0},
-        "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "seed": 7},
-        "checkpoint": {"save_interval": 0, "export_hf": True},
-        "lora": {
-            "enabled": True,
-            "rank": RANK,
-            "alpha": ALPHA,
-            "target_modules": ["all-linear"],
-            "target_experts": True,
-            "export_peft": False,  # layer 0's dense MLP adapter: PEFT cannot hold it on a MoE model
-        },
-        "logging": {"progress_bar": False},
+    """test_trainer_moe's tiny-MoE run (HF engine, top_k=1, 2 steps) with LoRA on every linear and expert."""
+    cfg = moe_run_config(model_dir, out_dir, ep)
+    cfg["optimizer"]["lr"] = 1e-2
+    cfg["lora"] = {
+        "enabled": True,
+        "rank": RANK,
+        "alpha": ALPHA,
+        "target_modules": ["all-linear"],
+        "target_experts": True,
+        "export_peft": False,  # layer 0's dense MLP adapter: PEFT cannot hold it on a MoE model
     }
+    return cfg
 
 
 def _merged(chunks) -> dict:
