@@ -30,9 +30,13 @@ log = logging.getLogger("opsd_megatron")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-REFUSED_CHANGES = ("model.", "parallel.tp", "parallel.pp", "data.", "lora.", "teacher.mode", "train.seed",
-                   "train.global_batch_size")  # fmt: skip
-"""Config keys (prefixes) whose change a resumed run cannot honour: refused without allow_config_change."""
+REFUSED_CHANGES = ("model.", "parallel.tp", "parallel.pp", "parallel.ep", "parallel.etp", "data.", "lora.",
+                   "teacher.mode", "train.seed", "train.global_batch_size")  # fmt: skip
+"""Config keys (prefixes) whose change a resumed run cannot honour: refused without allow_config_change.
+(parallel.ep / etp: megatron-core 0.16.1 keeps expert and dense optimizer state in a chained optimizer only
+when EP > 1, so a checkpoint saved at EP2 does not load at EP1: measured KeyError.)"""
+HONOURED_CHANGES = ("lora.export_peft",)
+"""Keys under a refused prefix whose change a resumed run does honour (listed, not refused)."""
 IGNORED_CHANGES = ("output_dir", "checkpoint.", "logging.")
 """Keys that may differ freely between a checkpoint and its resumed run (not even listed)."""
 CPU_KV_CACHE_MAX_GIB = 4
@@ -233,7 +237,7 @@ def check_config_change(cfg: OPSDConfig, ckpt: Path) -> list[tuple[str, Any, Any
     if not changes:
         return []
     listing = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes)
-    refused = [k for k, _, _ in changes if k.startswith(REFUSED_CHANGES)]
+    refused = [k for k, _, _ in changes if k.startswith(REFUSED_CHANGES) and k not in HONOURED_CHANGES]
     if refused and not cfg.checkpoint.allow_config_change:
         raise ConfigError(
             f"config key(s) {', '.join(repr(k) for k in refused)} changed since checkpoint {str(ckpt)!r} was "

@@ -113,7 +113,7 @@ def _tiny_cfg(model_dir, out, **extra) -> dict:
 def test_config_change_on_resume_is_listed_or_refused(tiny_qwen3_dir, tmp_path, caplog):
     import yaml
 
-    from opsd_megatron.preflight import preflight, record_config
+    from opsd_megatron.preflight import check_config_change, preflight, record_config
 
     out = tmp_path / "run"
     d = _fake_step(out / "checkpoints", 4)
@@ -130,6 +130,11 @@ def test_config_change_on_resume_is_listed_or_refused(tiny_qwen3_dir, tmp_path, 
     changed = _tiny_cfg(tiny_qwen3_dir, out, lora={"enabled": True, "rank": 4}, teacher={"mode": "frozen"})
     with pytest.raises(ConfigError, match="'lora.enabled', 'lora.rank' changed.*allow_config_change=true"):
         preflight(config_from_dict(changed))
+    ep = config_from_dict(_tiny_cfg(tiny_qwen3_dir, out, parallel={"ep": 2}))  # chained optimizer at EP > 1
+    with pytest.raises(ConfigError, match="'parallel.ep' changed"):
+        check_config_change(ep, d)
+    peft = config_from_dict(_tiny_cfg(tiny_qwen3_dir, out, lora={"export_peft": False}))
+    assert [k for k, _, _ in check_config_change(peft, d)] == ["lora.export_peft"]  # honoured: not refused
     changed["checkpoint"] = {"allow_config_change": True}
     assert preflight(config_from_dict(changed)) == d
     record_config(config_from_dict(changed), out)
