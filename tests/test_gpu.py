@@ -7,6 +7,7 @@ anchors in docs/performance.md).
 * the fused path's peak extra CUDA memory at the anchor shape;
 * a bf16 OPSD train step under Megatron's distributed optimizer against an fp32 step on the same batch;
 * Transformer Engine layer-spec logits against transformers (when TE imports);
+* the tiny Qwen3-MoE on CUDA: logits against transformers, a bf16 step against fp32 (router loss included);
 * Megatron distributed checkpoint save/load of model + distributed-optimizer state.
 """
 
@@ -186,6 +187,45 @@ def test_te_layer_spec_logits_match_transformers(single_rank_env, tiny_qwen3_dir
         ref = hf(x).logits.float()
         got = forward_logits(chunks, x).float()[..., : ref.shape[-1]]
     assert _rel(got, ref) < 2e-2  # TE kernels run in TF32/fused form: bf16-class tolerance
+
+
+def test_moe_on_cuda_logits_and_bf16_step(single_rank_env, tiny_models, tmp_path):
+    """The tiny Qwen3-MoE on CUDA (alltoall token dispatcher; grouped GEMM when Transformer Engine imports):
+    fp32 logits against transformers, then a bf16 OPSD step (distributed optimizer) against the fp32 step on
+    the same rollouts, router load-balancing loss included."""
+    from transformers import AutoModelForCausalLM
+
+    from opsd_megatron import parallel
+    from opsd_megatron.conversion import load_hf_weights
+    from opsd_megatron.models import build_model, builder, forward_logits
+
+    moe_dir = str(tiny_models("qwen3_moe"))
+    parallel.initialize(1, 1)
+    chunks = build_model(moe_dir, dtype=torch.float32, perform_initialization=False)
+    load_hf_weights(chunks, moe_dir)
+    hf = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).cuda().eval()
+    x = torch.randint(0, hf.config.vocab_size, (2, 32), device="cuda")
+    with torch.no_grad():
+        ref = hf(x).logits.float()
+        got = forward_logits(chunks, x).float()[..., : ref.shape[-1]]
+    te = builder.te_import_error() is None  # TE: TF32 / fused kernels, bf16-class tolerance; else fp32
+    assert _rel(got, ref) < (2e-2 if te else 1e-4), _rel(got, ref)
+    del chunks
+    from opsd_megatron.models.moe import router_loss_metrics
+
+    tr32 = _trainer(moe_dir, tmp_path / "fp32", "float32")
+    samples, _ = tr32.rollout(0)
+    out32 = tr32.train_step(samples)
+    lb32 = router_loss_metrics(4, 2).get("moe/load_balancing_loss")  # 4 layers, 2 micro-batches
+    tr32.close()
+    tr16 = _trainer(moe_dir, tmp_path / "bf16", "bfloat16")
+    out16 = tr16.train_step(samples)
+    lb16 = router_loss_metrics(4, 2).get("moe/load_balancing_loss")
+    tr16.close()
+    assert out16["update_ok"] and out32["update_ok"]
+    l32, l16 = (o["sums"]["loss_sum"] / o["sums"]["tokens"] for o in (out32, out16))
+    assert abs(l16 - l32) <= 2e-2 * abs(l32) + 1e-3, (l16, l32)
+    assert lb32 and lb16 and abs(lb16 - lb32) <= 2e-2 * lb32, (lb16, lb32)
 
 
 def test_checkpoint_save_load_with_distributed_optimizer(single_rank_env, tiny_qwen3_dir, tmp_path):
