@@ -30,7 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple, env: dict) -> None:
+def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple, env: dict,
+            lifeline: tuple[int, bool]) -> None:  # fmt: skip
+    from opsd_megatron.lifeline import die_with_parent
+
+    # A killed pytest leaves no rank behind (e.g. ranks blocked in a collective after another one failed).
+    die_with_parent(*lifeline)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -55,11 +60,16 @@ def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
     """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; return per-rank results."""
+    from opsd_megatron.lifeline import parent_lifeline
+
     ctx = mp.get_context("spawn")
     port = free_port()
+    lifeline = parent_lifeline()
     with tempfile.TemporaryDirectory(prefix="opsd_dist_") as out_dir:
         procs = [
-            ctx.Process(target=_worker, args=(fn, r, world_size, port, out_dir, args, dict(env or {})))
+            ctx.Process(
+                target=_worker, args=(fn, r, world_size, port, out_dir, args, dict(env or {}), lifeline)
+            )
             for r in range(world_size)
         ]
         # Children inherit the environment at spawn: one intra-op thread each (2-core CI machine; torch,
