@@ -212,7 +212,9 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
             "rollout.tensor_parallel_size",
             f"{engine_tp} and the model's {groups} key/value heads must divide one another (vLLM).",
         )
-    experts = hf_config.get("num_experts", hf_config.get("num_local_experts"))
+    from opsd_megatron.models.hf_config import hf_num_experts
+
+    experts = hf_num_experts(hf_config)
     ep = cfg.parallel.ep
     if experts:
         _check(experts % ep == 0, "parallel.ep", f"{ep} does not divide the model's {experts} experts.")

