@@ -24,6 +24,16 @@ import torch.multiprocessing as mp
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def error_text(fn) -> str:
+    """`fn()`'s exception as "Type: message" ("no error" when it returns): bad-input checks inside spawned
+    ranks send the message back to the test."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the message is what is tested
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -19,19 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_distributed
+from dist_utils import error_text, run_distributed
 
 ARCHS = ("qwen3", "qwen2", "llama")
 LAYOUTS = ((1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, [1, 3]))
 FP32_TOL = 1e-4
-
-
-def _err(fn) -> str:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the message is what is tested
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 def _megatron_grads(chunks, x, labels):
@@ -161,12 +153,16 @@ def _bundle(rank, world, dirs, refs, x, labels, work, bad_dirs):
     template = {"trainer": {"step": 0, "rng": torch.zeros(4, dtype=torch.int64)}}
     res["extra"] = load_megatron_checkpoint(chunks, ckpt2, extra_sharded_state=template)
     llama_chunks = build_model(dirs["llama"], perform_initialization=False)
-    res["errors"]["ckpt_arch"] = _err(lambda: load_megatron_checkpoint(llama_chunks, ckpt))
-    res["errors"]["ckpt_layout"] = _err(lambda: load_megatron_checkpoint(chunks, ckpt, strict_layout=True))
-    res["errors"]["missing"] = _err(
+    res["errors"]["ckpt_arch"] = error_text(lambda: load_megatron_checkpoint(llama_chunks, ckpt))
+    res["errors"]["ckpt_layout"] = error_text(
+        lambda: load_megatron_checkpoint(chunks, ckpt, strict_layout=True)
+    )
+    res["errors"]["missing"] = error_text(
         lambda: load_hf_weights(build_model(bad_dirs["missing"]), bad_dirs["missing"])
     )
-    res["errors"]["shape"] = _err(lambda: load_hf_weights(build_model(bad_dirs["shape"]), bad_dirs["shape"]))
+    res["errors"]["shape"] = error_text(
+        lambda: load_hf_weights(build_model(bad_dirs["shape"]), bad_dirs["shape"])
+    )
     lap("ckpt")
     with contextlib.redirect_stdout(buf):
         rcs += [

@@ -21,21 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_distributed
+from dist_utils import error_text, run_distributed
 
 # (tp, pp, ep, etp or None = tp)
 LAYOUTS = ((1, 1, 1, None), (1, 1, 2, None), (1, 1, 4, None), (2, 1, 2, None), (2, 1, 2, 1), (1, 2, 2, None))
 FP32_TOL = 1e-4
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [100, 200, 300, 400, 500, 600, 7]]
 MISSING = "model.layers.2.mlp.experts.5.up_proj.weight"
-
-
-def _err(fn) -> str:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the message is what is tested
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 def _perturb(chunks) -> None:
@@ -149,11 +141,11 @@ def _bundle(rank, world, moe_dir, ref_logits, x, work, bad_dir):
     res["cli"] = (rcs, buf.getvalue())
 
     # --- bad input --------------------------------------------------------------------------------------
-    res["errors"]["layout"] = _err(lambda: parallel.check_layout(4, 1, 1, ep=3))
+    res["errors"]["layout"] = error_text(lambda: parallel.check_layout(4, 1, 1, ep=3))
     parallel.initialize(1, 1, ep=4)
     cfg6 = dict(build_model(moe_dir, perform_initialization=False)[0].opsd_info.hf_config, num_experts=6)
-    res["errors"]["ep_divides"] = _err(lambda: build_model(cfg6, perform_initialization=False))
-    res["errors"]["missing_expert"] = _err(
+    res["errors"]["ep_divides"] = error_text(lambda: build_model(cfg6, perform_initialization=False))
+    res["errors"]["missing_expert"] = error_text(
         lambda: load_hf_weights(build_model(bad_dir, perform_initialization=False), bad_dir)
     )
 
