@@ -31,9 +31,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-# Rebuild the demo's warm start (SFT of the tiny task model, ~6 min on 2 cores) into opsd_megatron/assets.
+# Rebuild the demo's warm start (SFT of the tiny task model, ~6 min on 2 cores) into opsd_megatron/demo/assets.
 warmstart: $(STAMP)
-	$(VPY) -m opsd_megatron.warmstart runs/warmstart --install opsd_megatron/assets/warmstart
+	$(VPY) -m opsd_megatron.demo.warmstart runs/warmstart --install opsd_megatron/demo/assets/warmstart
 
 # On one GPU (H100/H200): pytest -m gpu plus the GPU benchmarks with their thresholds; exits 1 on any failure
 # or missed threshold (docs/performance.md). Uses the machine's python3 (torch with CUDA), not .venv.

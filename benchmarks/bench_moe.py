@@ -5,7 +5,8 @@
     torchrun-free GPU run (a lent GPU node, N GPUs):  python benchmarks/bench_moe.py --gpu --world N --ep 1,N
 
 A Qwen3-MoE model with random weights (CPU default: hidden 256, 16 experts, top-2, 4 layers; `--gpu`: the
-Qwen3-30B-A3B layer shape `opsd_megatron.tiny.QWEN3_30B_A3B_SHAPE` — 128 experts, top-8, hidden 2048 — with
+Qwen3-30B-A3B layer shape `opsd_megatron.demo.tiny.QWEN3_30B_A3B_SHAPE` — 128 experts, top-8, hidden 2048 —
+with
 `--layers` of its 48 layers, bf16) is built at every EP size on the same `--world` processes (DP = world, EP
 carved out of it; each rank its own `--batch` x `--seq` tokens). Per EP size: experts per rank, parameter
 MB per rank (expert weights shrink with EP), median step seconds over `--steps` after one warm-up, global
@@ -48,8 +49,8 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out_dir: str) -> No
 
 
 def _measure(rank: int, args: dict) -> list[dict]:
-    from opsd_megatron import parallel
-    from opsd_megatron.models import build_model
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.models import build_model
 
     gpu = args["gpu"]
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -93,7 +94,7 @@ def _measure(rank: int, args: dict) -> list[dict]:
 
 
 def _make_model(out: Path, args: argparse.Namespace) -> tuple[Path, dict]:
-    from opsd_megatron.tiny import QWEN3_30B_A3B_SHAPE, make_tiny_hf_model
+    from opsd_megatron.demo.tiny import QWEN3_30B_A3B_SHAPE, make_tiny_hf_model
 
     if args.gpu:
         shape = dict(QWEN3_30B_A3B_SHAPE, num_hidden_layers=args.layers, vocab_size=args.vocab or 151936)
@@ -116,7 +117,7 @@ def _make_model(out: Path, args: argparse.Namespace) -> tuple[Path, dict]:
 
 
 def _config_only(out: Path, shape: dict) -> Path:
-    from opsd_megatron.tiny import tiny_hf_config
+    from opsd_megatron.demo.tiny import tiny_hf_config
 
     out.mkdir(parents=True, exist_ok=True)
     tiny_hf_config("qwen3_moe", **shape).save_pretrained(str(out))
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     min_ratio = args.min_ratio if args.min_ratio is not None else (0.5 if args.gpu else 0.25)
     import torch.multiprocessing as mp
 
-    from opsd_megatron.parallel import _free_port
+    from opsd_megatron.mcore.parallel import _free_port
 
     with tempfile.TemporaryDirectory(prefix="bench_moe_") as tmp:
         model_dir, cfg = _make_model(Path(tmp) / "model", args)

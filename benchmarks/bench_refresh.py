@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/bench_refresh.py --engine hf --layers 4 --hidden 256
     .venv/bin/python benchmarks/bench_refresh.py --experts 16 --hidden 256    # Qwen3-MoE (all layers sparse)
 
-Builds a Qwen3-architecture model with random weights (tokenizer from opsd_megatron.tiny), starts one engine,
+Builds a Qwen3-architecture model with random weights (tokenizer from opsd_megatron.demo.tiny), starts one
+engine,
 then for several bucket sizes streams perturbed copies of all weights into it (freshly materialised per
 tensor, as `export_hf_weights` does) and reports: refresh time, throughput, buckets, the peak of streamed
 bytes alive at once (tracked with weakref finalizers = the extra memory a refresh holds), and the time of a
@@ -40,7 +41,7 @@ import torch
 def build_model(out: Path, layers: int, hidden: int, experts: int = 0) -> Path:
     """A random Qwen3 model; with `experts` > 0 a Qwen3-MoE (top-2, expert intermediate = hidden, every layer
     sparse), so a decoder layer carries all its experts (refreshed together: one vLLM module)."""
-    from opsd_megatron.tiny import make_tiny_hf_model
+    from opsd_megatron.demo.tiny import make_tiny_hf_model
 
     shape = dict(
         num_hidden_layers=layers,
@@ -89,11 +90,11 @@ def _tp_worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucke
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from opsd_megatron import parallel
-    from opsd_megatron.conversion import export_hf_weights, load_hf_weights
-    from opsd_megatron.models import build_model
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import export_hf_weights, load_hf_weights
+    from opsd_megatron.mcore.models import build_model
     from opsd_megatron.rollout import make_engine
-    from opsd_megatron.weight_sync import WeightSyncer
+    from opsd_megatron.rollout.refresh import WeightSyncer
 
     parallel.initialize(tp=world, pp=1, seed=0)
     chunks = build_model(model_dir, torch.float32, perform_initialization=False)
@@ -188,7 +189,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from opsd_megatron.rollout import make_engine
-    from opsd_megatron.weight_sync import push_weights
+    from opsd_megatron.rollout.refresh import push_weights
 
     with tempfile.TemporaryDirectory(prefix="bench_refresh_") as tmp:
         model_dir = build_model(Path(tmp) / "model", args.layers, args.hidden, args.experts)

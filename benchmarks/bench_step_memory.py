@@ -11,7 +11,7 @@ peak is the per-rank peak RSS during the measured step above the RSS just before
 
 Paths: `old` = the materialising step the trainer ran before (Megatron's output layer gives [b, T, v/tp]
 logits at every position, the teacher's [b, R, v/tp] are kept for every micro-batch, three passes for loss,
-metrics and drift logprobs; `tests/step_reference.py`); `new` = `opsd_megatron.opsd_step` (hidden states,
+metrics and drift logprobs; `tests/step_reference.py`); `new` = `opsd_megatron.step.opsd` (hidden states,
 fused LM-head loss, one pass), with the default chunk and with `loss.chunk_tokens`. Prints a table with
 the ratio new / old per rank; exits 1 when a `new` row's ratio exceeds --goal (default 0.25), or on error.
 The optimizer step is left out (the same in both paths).
@@ -46,14 +46,14 @@ def _worker(rank: int, world: int, port: int, args, path: str, chunk, out_dir: s
 
     from step_reference import fixed_samples, old_student_step, old_teacher_logits
 
-    from opsd_megatron import parallel
-    from opsd_megatron.batch import pack_step
-    from opsd_megatron.models import build_model
-    from opsd_megatron.opsd_step import LossSpec, student_step, teacher_hidden
+    from opsd_megatron.demo.tiny import tiny_hf_config
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.models import build_model
     from opsd_megatron.rollout.base import SamplingConfig
-    from opsd_megatron.schedule import install_schedule_hooks, wrap_ddp
-    from opsd_megatron.teacher import make_teacher
-    from opsd_megatron.tiny import tiny_hf_config
+    from opsd_megatron.step.batch import pack_step
+    from opsd_megatron.step.opsd import LossSpec, student_step, teacher_hidden
+    from opsd_megatron.step.optim import install_schedule_hooks, wrap_ddp
+    from opsd_megatron.step.teacher import make_teacher
 
     ps = parallel.initialize(args.tp, 1, seed=0)
     hf = tiny_hf_config(

@@ -6,7 +6,7 @@
 One GPU, world size 1, no Transformer Engine needed (Megatron's local layer spec is used when TE is
 absent), no vLLM. Steps: build a random Qwen3 model with Qwen3-1.7B's shape in transformers (bf16, norms
 randomised around 1 so a swapped norm cannot hide), save it as safetensors, load it into a Megatron
-GPTModel with `opsd_megatron.conversion.load_hf_weights`, and compare logits on a few random inputs:
+GPTModel with `opsd_megatron.mcore.conversion.load_hf_weights`, and compare logits on a few random inputs:
 
 * bf16 Megatron vs bf16 transformers: max|diff|, and both against an fp32 transformers reference of the
   same weights (Megatron's bf16 error must stay within 2x transformers' own bf16 error, plus a floor);
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from opsd_megatron.tiny import QWEN3_1_7B_SHAPE  # noqa: E402
+from opsd_megatron.demo.tiny import QWEN3_1_7B_SHAPE  # noqa: E402
 
 QWEN3_1P7B = dict(
     architectures=["Qwen3ForCausalLM"],
@@ -76,9 +76,9 @@ def main() -> int:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from opsd_megatron import parallel
-    from opsd_megatron.conversion import load_hf_weights
-    from opsd_megatron.models import build_model, forward_logits, have_te
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import load_hf_weights
+    from opsd_megatron.mcore.models import build_model, forward_logits, have_te
 
     print(_versions(), f"| TE: {have_te()}", flush=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="opsd_gpu_check_"))

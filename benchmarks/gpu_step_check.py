@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from thresholds import check  # noqa: E402
 
-from opsd_megatron.tiny import QWEN3_1_7B_SHAPE  # noqa: E402
+from opsd_megatron.demo.tiny import QWEN3_1_7B_SHAPE  # noqa: E402
 
 QWEN3_1_7B = QWEN3_1_7B_SHAPE
 
@@ -87,7 +87,7 @@ def main() -> int:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.tiny import make_tiny_hf_model
+    from opsd_megatron.demo.tiny import make_tiny_hf_model
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     tmp = Path(tempfile.mkdtemp(prefix="opsd_gpu_step_"))
@@ -113,7 +113,7 @@ def main() -> int:
             "logging": {"progress_bar": False},
         }
     )
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     t0 = time.perf_counter()
     tr = OPSDTrainer(cfg)
@@ -126,7 +126,7 @@ def main() -> int:
 
 def synthetic_samples(tr, samples, seq: int) -> list:
     """The sampled prompts with random responses filling each student sequence to `seq` tokens."""
-    from opsd_megatron.batch import Sample
+    from opsd_megatron.step.batch import Sample
 
     g = torch.Generator().manual_seed(0)
     out = []
@@ -156,8 +156,8 @@ def profile_step(tr, mbs, G, rows: int = 25) -> None:
 def run_checks(tr, args, gpu: str) -> int:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from opsd_megatron.batch import gather_positions, pack_step
     from opsd_megatron.losses import vocab_parallel_divergence
+    from opsd_megatron.step.batch import gather_positions, pack_step
 
     dev = tr.ps.device
     sync()

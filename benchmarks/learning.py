@@ -3,7 +3,7 @@
     python benchmarks/learning.py                          # seeds 1234 1235, the demo's settings
     python benchmarks/learning.py --seeds 1 2 3 --steps 30 --out runs/learning
 
-From the shipped warm start (opsd_megatron/assets/warmstart, or --warmstart DIR) on the demo's synthetic
+From the shipped warm start (opsd_megatron/demo/assets/warmstart, or --warmstart DIR) on the demo's synthetic
 addition task: one held-out evaluation of the warm start (`opsd-eval`, the shared step 0), then per seed two
 OPSD runs with examples/synthetic_opsd.yaml (TP=2, vLLM rollouts): the teacher shown the reference solution
 (OPSD) and the control with `teacher.privileged=false` (teacher prompt = student prompt). Each run's last
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                       VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONWARNINGS="ignore")  # fmt: skip
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from opsd_megatron.learning import format_learning_table, learning_summary
-    from opsd_megatron.warmstart import write_task
+    from opsd_megatron.demo.warmstart import write_task
+    from opsd_megatron.observe.learning import format_learning_table, learning_summary
 
     out = Path(a.out).resolve()
     if not (Path(a.warmstart) / "model.safetensors").is_file():

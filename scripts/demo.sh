@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: OPSD that you can see learn, on CPU.
-#  1. the synthetic addition task (train / held-out splits that never overlap: opsd_megatron.data.synthetic);
-#  2. the warm start: the tiny task model after SFT, shipped in opsd_megatron/assets/warmstart (rebuilt by
+#  1. the synthetic addition task (train / held-out splits that never overlap: opsd_megatron.demo.synthetic);
+#  2. the warm start: the tiny task model after SFT, shipped in opsd_megatron/demo/assets/warmstart (rebuilt by
 #     `make warmstart`; WARMSTART=DIR uses another one);
 #  3. held-out evaluation of the warm start with opsd-eval (Avg@n, the run's step 0);
 #  4. OPSD: TP=2 on two CPU processes, vLLM rollouts, teacher = the warm start shown the reference solution,
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/demo}
-WARMSTART=${WARMSTART:-opsd_megatron/assets/warmstart}
+WARMSTART=${WARMSTART:-opsd_megatron/demo/assets/warmstart}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -24,7 +24,7 @@ fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
 echo "== synthetic task: $OUT/task/{train,heldout}.jsonl"
-$PY -c "from opsd_megatron.warmstart import write_task; write_task('$OUT/task')"
+$PY -c "from opsd_megatron.demo.warmstart import write_task; write_task('$OUT/task')"
 cp -r "$WARMSTART" "$OUT/warmstart"
 eval_args=(--benchmark "$OUT/task/heldout.jsonl" --n 4 --temperature 1.0 --top-p 0.95 --max-new-tokens 48
   --no-thinking --seed 0 --max-model-len 256 --dtype float32)
@@ -50,11 +50,11 @@ if [ "${CONTROL:-0}" = 1 ]; then
 fi
 echo
 echo "== did it learn? (held-out = problems never trained on)"
-$PY -m opsd_megatron.learning "${runs[@]}"
+$PY -m opsd_megatron.observe.learning "${runs[@]}"
 if [ "${CONTROL:-0}" = 1 ]; then
-  $PY -m opsd_megatron.plots "$OUT/control" --title "control (teacher.privileged=false)"
-  $PY -m opsd_megatron.plots "$OUT/opsd" --title OPSD --compare "control (teacher.privileged=false)=$OUT/control"
+  $PY -m opsd_megatron.observe.plots "$OUT/control" --title "control (teacher.privileged=false)"
+  $PY -m opsd_megatron.observe.plots "$OUT/opsd" --title OPSD --compare "control (teacher.privileged=false)=$OUT/control"
 else
-  $PY -m opsd_megatron.plots "$OUT/opsd" --title OPSD
+  $PY -m opsd_megatron.observe.plots "$OUT/opsd" --title OPSD
 fi
 echo "HF checkpoint: $OUT/opsd/hf   (load with transformers.AutoModelForCausalLM.from_pretrained)"

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
-    from opsd_megatron.tiny import build_tiny_tokenizer
+    from opsd_megatron.demo.tiny import build_tiny_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_tokenizer")
     build_tiny_tokenizer(d)
@@ -27,7 +27,7 @@ def tiny_tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_tokenizer_dir):
     """`tiny_models(arch)` -> directory of a tiny random HF model (fp32) of that arch, built once."""
-    from opsd_megatron.tiny import make_tiny_hf_model
+    from opsd_megatron.demo.tiny import make_tiny_hf_model
 
     cache: dict[str, object] = {}
 

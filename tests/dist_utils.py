@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple, env: dict,
             lifeline: tuple[int, bool]) -> None:  # fmt: skip
-    from opsd_megatron.lifeline import die_with_parent
+    from opsd_megatron.run.lifeline import die_with_parent
 
     # A killed pytest leaves no rank behind (e.g. ranks blocked in a collective after another one failed).
     die_with_parent(*lifeline)
@@ -70,7 +70,7 @@ def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
     """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; return per-rank results."""
-    from opsd_megatron.lifeline import parent_lifeline
+    from opsd_megatron.run.lifeline import parent_lifeline
 
     ctx = mp.get_context("spawn")
     port = free_port()

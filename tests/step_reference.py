@@ -10,8 +10,8 @@ from functools import partial
 
 import torch
 
-from opsd_megatron.batch import Sample, gather_positions
-from opsd_megatron.opsd_step import SUM_KEYS, LossSpec, run_schedule
+from opsd_megatron.step.batch import Sample, gather_positions
+from opsd_megatron.step.opsd import SUM_KEYS, LossSpec, run_schedule
 
 
 def fixed_samples(vocab: int, n: int = 4, seed: int = 0, resp=(5, 9), s_prompt=(4, 8), t_prompt=(9, 15)):
@@ -49,7 +49,7 @@ def old_teacher_logits(chunks: list, mbs: list, micro_batch_size: int) -> list:
 
 def _old_loss(mb, t_logits, spec: LossSpec, scale: float, output):
     from opsd_megatron.losses import divergence_metrics, vocab_parallel_divergence
-    from opsd_megatron.weight_sync.drift import vocab_parallel_token_logprobs
+    from opsd_megatron.rollout.refresh.drift import vocab_parallel_token_logprobs
 
     kw = dict(kind=spec.kind, beta=spec.beta, temperature=spec.temperature, clip=spec.clip,
               loss_mask=mb.loss_mask, tp_group=spec.tp_group, vocab_size=spec.vocab_size, top_k=spec.top_k,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opsd_megatron.batch import Sample, gather_positions, pack_microbatch, pack_step
+from opsd_megatron.step.batch import Sample, gather_positions, pack_microbatch, pack_step
 
 PAD = 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoint_tools import cli
+from opsd_megatron.cli import convert as cli
 
 
 def test_help_mentions_torchrun_and_subcommands(capsys):

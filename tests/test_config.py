@@ -55,7 +55,7 @@ def test_moe_recipe_fits_qwen3_30b_a3b_on_one_node():
     """examples/qwen3_30b_a3b_opsd.yaml against Qwen3-30B-A3B's config.json fields (tiny.QWEN3_30B_A3B_SHAPE)
     at its launch size: EP8 divides the 128 experts, TP2 with sequence parallelism, engine TP 2 divides the
     heads, and 8 ranks give DP 4 (EP8 x expert-TP 1 spans the node); 4 ranks cannot hold EP8."""
-    from opsd_megatron.tiny import QWEN3_30B_A3B_SHAPE
+    from opsd_megatron.demo.tiny import QWEN3_30B_A3B_SHAPE
 
     cfg = load_config(EXAMPLES / "qwen3_30b_a3b_opsd.yaml")
     hf = dict(QWEN3_30B_A3B_SHAPE, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")

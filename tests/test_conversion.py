@@ -30,7 +30,7 @@ def _megatron_grads(chunks, x, labels):
     """One forward/backward with Megatron's schedule; returns full HF-named grads on every rank."""
     from megatron_utils import lm_forward_backward
 
-    from opsd_megatron.conversion import export_hf_weights
+    from opsd_megatron.mcore.conversion import export_hf_weights
 
     for p in chunks[0].parameters():
         p.grad = None
@@ -46,9 +46,9 @@ def _bundle(rank, world, dirs, refs, x, labels, work, bad_dirs):
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from checkpoint_tools import cli
-    from opsd_megatron import cpu, parallel
-    from opsd_megatron.conversion import (
+    from opsd_megatron.cli import convert as cli
+    from opsd_megatron.mcore import cpu, parallel
+    from opsd_megatron.mcore.conversion import (
         export_hf_weights,
         load_hf_weights,
         load_megatron_checkpoint,
@@ -56,7 +56,7 @@ def _bundle(rank, world, dirs, refs, x, labels, work, bad_dirs):
         save_hf_checkpoint,
         save_megatron_checkpoint,
     )
-    from opsd_megatron.models import build_model, forward_logits
+    from opsd_megatron.mcore.models import build_model, forward_logits
 
     t0 = time.time()
     res: dict = {"logits": {}, "export": {}, "grads": {}, "errors": {}, "timing": {}}

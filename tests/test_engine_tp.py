@@ -56,7 +56,7 @@ HELD = (
 # ------------------------------------------------------------------ no processes
 def test_request_seeds_are_a_pure_function_and_distinct():
     from opsd_megatron.rollout.placement import request_seed
-    from opsd_megatron.trainer import step_seed
+    from opsd_megatron.run.trainer import step_seed
 
     seeds = {request_seed(7, step, i) for step in range(50) for i in range(64)}
     assert len(seeds) == 50 * 64  # no two requests of a run share a seed
@@ -112,7 +112,7 @@ def test_bad_engine_tp_and_pipeline_layers_are_config_errors(tiny_qwen3_dir):
 
 
 def test_convert_cli_refuses_bad_pipeline_layers(tiny_qwen3_dir, tmp_path, capsys):
-    from checkpoint_tools.cli import main
+    from opsd_megatron.cli.convert import main
 
     rc = main(
         ["hf-to-megatron", "--hf", str(tiny_qwen3_dir), "--out", str(tmp_path), "--pipeline-layers", "3"]
@@ -127,11 +127,11 @@ def _tp2pp2_bundle(rank, world, cfg_dict, conv_dir):
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from checkpoint_tools.cli import main as convert
+    from opsd_megatron.cli.convert import main as convert
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.models import unwrap
+    from opsd_megatron.mcore.models import unwrap
     from opsd_megatron.rollout import SamplingConfig
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     trainer = OPSDTrainer(config_from_dict(cfg_dict))
     try:
@@ -175,7 +175,7 @@ def _expected_shard(name: str, full: dict, rank: int, tp: int, heads: int, kv_he
 @pytest.fixture(scope="module")
 def tp2pp2(tiny_tokenizer_dir, tmp_path_factory):
     pytest.importorskip("vllm")
-    from opsd_megatron.tiny import make_tiny_hf_model
+    from opsd_megatron.demo.tiny import make_tiny_hf_model
 
     root = tmp_path_factory.mktemp("tp2pp2")
     model = make_tiny_hf_model(
@@ -197,7 +197,7 @@ def test_tp2pp2_uneven_pipeline_with_two_tp2_engines(tp2pp2):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from opsd_megatron.metrics import deterministic_view
+    from opsd_megatron.observe.metrics import deterministic_view
 
     res, model_dir, root = tp2pp2
     assert [r["placement"] for r in res] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -265,7 +265,7 @@ def _run_or_kill(rank, world, cfg_dict, kill_after):
 
     logging.basicConfig(level=logging.WARNING)
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     def on_step_end(trainer, step):
         if kill_after is not None and step == kill_after:
@@ -280,8 +280,8 @@ def _run_or_kill(rank, world, cfg_dict, kill_after):
 
 @pytest.mark.vllm
 def test_dp4_with_tp2_engines_kill_resume_identical(tiny_qwen3_dir, tmp_path):
-    from opsd_megatron.checkpointing import latest_checkpoint
-    from opsd_megatron.metrics import deterministic_view, read_metrics
+    from opsd_megatron.observe.metrics import deterministic_view, read_metrics
+    from opsd_megatron.run.checkpointing import latest_checkpoint
 
     out = tmp_path / "dp4"
     cfg = tiny_config(
@@ -311,8 +311,8 @@ def test_qwen3_8b_uneven_pp8_split_reaches_megatron():
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from opsd_megatron.models.builder import transformer_config
-    from opsd_megatron.models.hf_config import parse_hf_config
+    from opsd_megatron.mcore.models.builder import transformer_config
+    from opsd_megatron.mcore.models.hf_config import parse_hf_config
 
     hf = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
               intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,

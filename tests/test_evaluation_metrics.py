@@ -8,7 +8,7 @@ from itertools import combinations
 import pytest
 
 from opsd_megatron.evaluation import benchmark_metrics, flat_metrics, format_table, pass_at_k
-from opsd_megatron.evaluation.metrics import SampleVerdict, majority_correct, overall_metrics
+from opsd_megatron.evaluation.scores import SampleVerdict, majority_correct, overall_metrics
 
 V = SampleVerdict
 

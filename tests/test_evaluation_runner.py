@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from opsd_megatron.evaluation import benchmark_metrics, default_pool, extract_answer, load_benchmark
-from opsd_megatron.evaluation.metrics import SampleVerdict
 from opsd_megatron.evaluation.runner import evaluate, render_prompt_ids
+from opsd_megatron.evaluation.scores import SampleVerdict
 from opsd_megatron.rollout.base import RolloutOutput, SamplingConfig
 
 DATA = Path(__file__).parent / "data"

@@ -137,7 +137,7 @@ def single_rank_env():
 
 def _trainer(model_dir, out, dtype, tokenizer_dir=None):
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     cfg = config_from_dict({
         "output_dir": str(out), "model": {"path": str(model_dir), "dtype": dtype},
@@ -167,16 +167,16 @@ def test_bf16_distributed_optimizer_step_matches_fp32(single_rank_env, tiny_qwen
 
 
 def test_te_layer_spec_logits_match_transformers(single_rank_env, tiny_qwen3_dir):
-    from opsd_megatron.models import builder
+    from opsd_megatron.mcore.models import builder
 
     why = builder.te_import_error()
     if why is not None:
         pytest.skip(f"Transformer Engine does not import here: {why}")
     from transformers import AutoModelForCausalLM
 
-    from opsd_megatron import parallel
-    from opsd_megatron.conversion import load_hf_weights
-    from opsd_megatron.models import build_model, forward_logits
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import load_hf_weights
+    from opsd_megatron.mcore.models import build_model, forward_logits
 
     parallel.initialize(1, 1)
     chunks = build_model(str(tiny_qwen3_dir), dtype=torch.float32, use_te=True, perform_initialization=False)
@@ -195,9 +195,9 @@ def test_moe_on_cuda_logits_and_bf16_step(single_rank_env, tiny_models, tmp_path
     the same rollouts, router load-balancing loss included."""
     from transformers import AutoModelForCausalLM
 
-    from opsd_megatron import parallel
-    from opsd_megatron.conversion import load_hf_weights
-    from opsd_megatron.models import build_model, builder, forward_logits
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import load_hf_weights
+    from opsd_megatron.mcore.models import build_model, builder, forward_logits
 
     moe_dir = str(tiny_models("qwen3_moe"))
     parallel.initialize(1, 1)
@@ -211,7 +211,7 @@ def test_moe_on_cuda_logits_and_bf16_step(single_rank_env, tiny_models, tmp_path
     te = builder.te_import_error() is None  # TE: TF32 / fused kernels, bf16-class tolerance; else fp32
     assert _rel(got, ref) < (2e-2 if te else 1e-4), _rel(got, ref)
     del chunks
-    from opsd_megatron.models.moe import router_loss_metrics
+    from opsd_megatron.mcore.models.moe import router_loss_metrics
 
     tr32 = _trainer(moe_dir, tmp_path / "fp32", "float32")
     samples, _ = tr32.rollout(0)
@@ -229,7 +229,7 @@ def test_moe_on_cuda_logits_and_bf16_step(single_rank_env, tiny_models, tmp_path
 
 
 def test_checkpoint_save_load_with_distributed_optimizer(single_rank_env, tiny_qwen3_dir, tmp_path):
-    from opsd_megatron.checkpointing import load_checkpoint
+    from opsd_megatron.run.checkpointing import load_checkpoint
 
     tr = _trainer(tiny_qwen3_dir, tmp_path / "run", "bfloat16")
     samples, _ = tr.rollout(0)

@@ -16,7 +16,7 @@ from proc_utils import marked_processes, run_marker, wait_gone
 _CHILD = textwrap.dedent(
     """
     import multiprocessing as mp, sys
-    from opsd_megatron.checkpointing import _start_writer_manager_shielded
+    from opsd_megatron.run.checkpointing import _start_writer_manager_shielded
     from opsd_megatron.evaluation.grader import GraderPool
 
     _start_writer_manager_shielded()            # Megatron's writer Manager, SIGTERM ignored

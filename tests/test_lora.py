@@ -33,7 +33,7 @@ def build(hf_dir, full_state=None, **overrides):
     """One model chunk (fp32); with `full_state` {name: full tensor}, this rank's shards are loaded."""
     from megatron.core import parallel_state as mps
 
-    from opsd_megatron.models import build_model
+    from opsd_megatron.mcore.models import build_model
 
     chunks = build_model(hf_dir, torch.float32, **overrides)
     if full_state is not None:
@@ -73,7 +73,7 @@ def full_logits(local: torch.Tensor) -> torch.Tensor:
 
 def set_random_lora(chunks, scale: float = 0.05):
     """Give every adapter deterministic nonzero full A and B (B starts at zero otherwise)."""
-    from opsd_megatron.lora import global_module_name, iter_adapters
+    from opsd_megatron.mcore.lora import global_module_name, iter_adapters
 
     for name, _, ad in iter_adapters(chunks):
         gname = global_module_name(chunks[0], name.split(".", 1)[1])
@@ -89,8 +89,8 @@ def _lora_tp_checks(rank: int, world: int, hf_dir: str, ckpt_dir: str) -> dict:
     from megatron.core import parallel_state as mps
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from opsd_megatron import parallel
-    from opsd_megatron.lora import (
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.lora import (
         LoRASettings,
         adapters_disabled,
         apply_lora,
@@ -171,7 +171,7 @@ def _lora_tp_checks(rank: int, world: int, hf_dir: str, ckpt_dir: str) -> dict:
     out["merged_vs_lora"] = (mlog - logits2.detach()).abs().max().item()
     assert out["merged_vs_lora"] < 1e-4, out
     # the export hook: HF tensors streamed from the LoRA model == those of the merged plain model
-    from opsd_megatron.conversion import export_hf_weights
+    from opsd_megatron.mcore.conversion import export_hf_weights
 
     hf_lora = dict(export_hf_weights(chunks, shard_hook=lora_shard_hook))
     hf_plain = dict(export_hf_weights(plain))
@@ -250,7 +250,7 @@ def _cpu_device_mode():
 def _sequence_parallel_checks(tp_rank: int) -> dict:
     from megatron.core import parallel_state as mps
 
-    from opsd_megatron.lora import LoRASettings, adapters_disabled, apply_lora
+    from opsd_megatron.mcore.lora import LoRASettings, adapters_disabled, apply_lora
 
     g = torch.Generator().manual_seed(3)
     w1, w2 = torch.randn(96, 64, generator=g) * 0.1, torch.randn(64, 96, generator=g) * 0.1
@@ -325,7 +325,7 @@ def test_lora_tp2_and_teacher_modes(tiny_qwen3_dir, tmp_path):
 
 
 def test_resolve_targets_and_errors():
-    from opsd_megatron.lora import resolve_targets
+    from opsd_megatron.mcore.lora import resolve_targets
 
     assert resolve_targets(["q_proj", "k_proj", "v_proj", "o_proj"]) == {"linear_qkv", "linear_proj"}
     assert resolve_targets(["gate", "up", "down"]) == {"linear_fc1", "linear_fc2"}

@@ -47,16 +47,16 @@ def _config(model_dir, out_dir, ep: int) -> dict:
 
 
 def _merged(chunks) -> dict:
-    from opsd_megatron.conversion import export_hf_weights
-    from opsd_megatron.lora import lora_shard_hook
+    from opsd_megatron.mcore.conversion import export_hf_weights
+    from opsd_megatron.mcore.lora import lora_shard_hook
 
     return dict(export_hf_weights(chunks, shard_hook=lora_shard_hook))
 
 
 def _fresh(model_dir, lora_cfg=None, **build):
-    from opsd_megatron.conversion import load_hf_weights
-    from opsd_megatron.lora import apply_lora
-    from opsd_megatron.models import build_model
+    from opsd_megatron.mcore.conversion import load_hf_weights
+    from opsd_megatron.mcore.lora import apply_lora
+    from opsd_megatron.mcore.models import build_model
 
     chunks = build_model(model_dir, torch.float32, perform_initialization=False, **build)
     load_hf_weights(chunks, model_dir)
@@ -69,12 +69,12 @@ def _trainer_checks(model_dir, out_dir) -> dict:
     import contextlib
     import io
 
-    from checkpoint_tools import cli
+    from opsd_megatron.cli import convert as cli
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.conversion import export_hf_weights
-    from opsd_megatron.lora import adapters_disabled, is_lora_param_name
-    from opsd_megatron.models import forward_logits, unwrap
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.mcore.conversion import export_hf_weights
+    from opsd_megatron.mcore.lora import adapters_disabled, is_lora_param_name
+    from opsd_megatron.mcore.models import forward_logits, unwrap
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     res: dict = {}
     ckpts = {}
@@ -121,10 +121,10 @@ def _expert_tp_checks(rank, model_dir) -> dict:
     Megatron's DDP does (dense and ETP1 experts: over DP; ETP2 experts: expert-DP is 1, no reduction)."""
     import torch.distributed as dist
 
-    from opsd_megatron import parallel
-    from opsd_megatron.lora import LoRASettings, iter_adapters
-    from opsd_megatron.lora.peft_export import peft_adapter_tensors
-    from opsd_megatron.models import forward_logits
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.lora import LoRASettings, iter_adapters
+    from opsd_megatron.mcore.lora.peft_export import peft_adapter_tensors
+    from opsd_megatron.mcore.models import forward_logits
     from tests.test_lora import set_random_lora
 
     cfg = LoRASettings(rank=RANK, alpha=ALPHA, target_modules=["all-linear"], target_experts=True)
@@ -150,11 +150,11 @@ def _expert_tp_checks(rank, model_dir) -> dict:
 
 def _peft_writes(model_dir, out_dir) -> dict:
     """At EP2: merged HF export + PEFT adapter + Megatron logits, fused and per_projection (no up_proj)."""
-    from opsd_megatron import parallel
-    from opsd_megatron.conversion import save_hf_checkpoint
-    from opsd_megatron.lora import LoRASettings, lora_shard_hook
-    from opsd_megatron.lora.peft_export import save_peft_adapter
-    from opsd_megatron.models import forward_logits
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import save_hf_checkpoint
+    from opsd_megatron.mcore.lora import LoRASettings, lora_shard_hook
+    from opsd_megatron.mcore.lora.peft_export import save_peft_adapter
+    from opsd_megatron.mcore.models import forward_logits
     from tests.test_lora import set_random_lora
 
     parallel.initialize(1, 1, ep=2)
@@ -195,7 +195,7 @@ def _hf_logits(model_dir, adapter=None) -> torch.Tensor:
 def test_lora_moe_ep2_equals_ep1_expert_tp_and_exports(tiny_models, tiny_tokenizer_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from opsd_megatron.tiny import make_tiny_hf_model
+    from opsd_megatron.demo.tiny import make_tiny_hf_model
 
     moe_dir = tiny_models("qwen3_moe")
     all_moe = make_tiny_hf_model(tmp_path / "all_moe", "qwen3_moe", tokenizer_dir=tiny_tokenizer_dir,
@@ -316,7 +316,7 @@ class _GroupedExperts(torch.nn.Module):
 
 
 def test_lora_moe_apply_errors():
-    from opsd_megatron.lora import LoRASettings, apply_lora
+    from opsd_megatron.mcore.lora import LoRASettings, apply_lora
 
     chunk = torch.nn.Module()
     chunk.mlp = torch.nn.Module()

@@ -42,11 +42,11 @@ def per_projection_checks(hf_dir: str, out_dir: str, tps: tuple[int, ...] = (1, 
     """Run inside a 2-rank spawn after tests/test_lora.py's checks (both ranks)."""
     from megatron.core import parallel_state as mps
 
-    from opsd_megatron import parallel
-    from opsd_megatron.conversion import load_hf_weights, save_hf_checkpoint
-    from opsd_megatron.lora import LoRASettings, apply_lora, iter_adapters, lora_shard_hook
-    from opsd_megatron.lora.peft_export import peft_adapter_tensors, save_peft_adapter
-    from opsd_megatron.models import build_model
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import load_hf_weights, save_hf_checkpoint
+    from opsd_megatron.mcore.lora import LoRASettings, apply_lora, iter_adapters, lora_shard_hook
+    from opsd_megatron.mcore.lora.peft_export import peft_adapter_tensors, save_peft_adapter
+    from opsd_megatron.mcore.models import build_model
     from tests.test_lora import batch, full_logits, run_logits, set_random_lora
 
     out: dict = {}
@@ -98,8 +98,8 @@ def _export_lora_cli(chunks, hf_dir: str, run_dir: str, tp: int) -> None:
     import yaml
     from megatron.core import dist_checkpointing
 
-    from checkpoint_tools.cli import main as cli_main
-    from opsd_megatron.checkpointing import STATE_FILE
+    from opsd_megatron.cli.convert import main as cli_main
+    from opsd_megatron.run.checkpointing import STATE_FILE
 
     step = f"{run_dir}/checkpoints/step_000001"
     if torch.distributed.get_rank() == 0:
@@ -162,7 +162,7 @@ def peft_logits_vs_merged(hf_dir: str, layout_dir: str) -> float:
 
 
 def _train_then_export(rank: int, world: int, cfg_dict: dict, cli_out: str) -> int:
-    from checkpoint_tools.cli import main as cli_main
+    from opsd_megatron.cli.convert import main as cli_main
     from tests.test_trainer import run_opsd
 
     step = run_opsd(rank, world, cfg_dict)["step"]

@@ -10,7 +10,7 @@ import torch
 
 from opsd_megatron.losses import divergence_metrics, fused_linear_divergence, vocab_parallel_divergence
 from opsd_megatron.rollout.base import SamplingConfig
-from opsd_megatron.weight_sync.drift import vocab_parallel_token_logprobs
+from opsd_megatron.rollout.refresh.drift import vocab_parallel_token_logprobs
 
 V, V_PAD, T, H = 301, 320, 13, 16
 SAMPLING = SamplingConfig(temperature=1.1, top_p=0.9, top_k=20)

@@ -1,4 +1,4 @@
-"""Config-level checks of opsd_megatron.models (in-process, no Megatron, no process groups): HF config
+"""Config-level checks of opsd_megatron.mcore.models (in-process, no Megatron, no process groups): HF config
 parsing for the three architectures, vocab padding, llama3 RoPE frequencies vs transformers, and the
 user-facing error messages for unsupported architectures and TP/PP sizes that do not divide the model."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opsd_megatron.models import builder
-from opsd_megatron.models.hf_config import parse_hf_config, rope_inv_freq
+from opsd_megatron.mcore.models import builder
+from opsd_megatron.mcore.models.hf_config import parse_hf_config, rope_inv_freq
 
 
 def test_parse_three_architectures(tiny_models):

@@ -34,7 +34,7 @@ def _perturb(chunks) -> None:
     """Deterministic noise per Megatron parameter, identical on replicas (keyed by name and split rank)."""
     from megatron.core import parallel_state as mps
 
-    from opsd_megatron.conversion.mapping import EXPERT_TRANSFORMS, TP_DIM, param_maps
+    from opsd_megatron.mcore.conversion.mapping import EXPERT_TRANSFORMS, TP_DIM, param_maps
 
     params = dict(chunks[0].named_parameters())
     with torch.no_grad():
@@ -71,12 +71,12 @@ def _router_losses_ignore_padding(moe_dir) -> dict:
     """TP2 x PP2 x EP2 (expert-TP 1) with sequence parallelism, layers [1, 3]: one training forward/backward
     of the same 2 rows (lengths 9 and 13) padded to 16 and to 32 positions, with and without the rows'
     lengths. Returns the router losses (`moe.router_loss_metrics`) of each run."""
-    from opsd_megatron import parallel
-    from opsd_megatron.conversion import load_hf_weights
-    from opsd_megatron.models import build_model
-    from opsd_megatron.models.forward import hidden_states_forward
-    from opsd_megatron.models.moe import router_loss_metrics
-    from opsd_megatron.opsd_step import run_schedule
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import load_hf_weights
+    from opsd_megatron.mcore.models import build_model
+    from opsd_megatron.mcore.models.forward import hidden_states_forward
+    from opsd_megatron.mcore.models.moe import router_loss_metrics
+    from opsd_megatron.step.opsd import run_schedule
 
     parallel.initialize(2, 2, ep=2, etp=1, pipeline_layers=[1, 3])
     chunks = build_model(moe_dir, perform_initialization=False, sequence_parallel=True, moe_z_loss_coeff=1e-3)
@@ -108,11 +108,11 @@ def _bundle(rank, world, moe_dir, ref_logits, x, work, bad_dir):
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from checkpoint_tools import cli
-    from opsd_megatron import parallel
-    from opsd_megatron.conversion import export_hf_weights, load_hf_weights, save_hf_checkpoint
-    from opsd_megatron.models import build_model, forward_logits
-    from opsd_megatron.weight_sync import push_weights
+    from opsd_megatron.cli import convert as cli
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import export_hf_weights, load_hf_weights, save_hf_checkpoint
+    from opsd_megatron.mcore.models import build_model, forward_logits
+    from opsd_megatron.rollout.refresh import push_weights
 
     res: dict = {"logits": {}, "export": {}, "errors": {}}
     work = Path(work)
@@ -308,8 +308,8 @@ def test_moe_config_keys(tiny_models):
 
 
 def test_moe_spec_from_hf_config(tiny_models):
-    from opsd_megatron.models import parse_hf_config
-    from opsd_megatron.models.moe import default_aux_loss_coeff, moe_config_kwargs
+    from opsd_megatron.mcore.models import parse_hf_config
+    from opsd_megatron.mcore.models.moe import default_aux_loss_coeff, moe_config_kwargs
 
     spec, _ = parse_hf_config(tiny_models("qwen3_moe"))
     assert (spec.num_experts, spec.moe_topk, spec.moe_ffn_hidden_size) == (8, 2, 32)

@@ -46,15 +46,15 @@ def _grads(chunks) -> dict[str, torch.Tensor]:
 def _layout(model_dir, tp, pp, sp, skip):
     from step_reference import fixed_samples, old_student_step, old_teacher_logits
 
-    from opsd_megatron import parallel
-    from opsd_megatron.batch import pack_step, skip_first_tokens
-    from opsd_megatron.conversion import load_hf_weights
-    from opsd_megatron.models import build_model, model_info
-    from opsd_megatron.models.forward import output_weight
-    from opsd_megatron.opsd_step import SUM_KEYS, LossSpec, student_step, teacher_hidden
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import load_hf_weights
+    from opsd_megatron.mcore.models import build_model, model_info
+    from opsd_megatron.mcore.models.forward import output_weight
     from opsd_megatron.rollout.base import SamplingConfig
-    from opsd_megatron.schedule import install_schedule_hooks, wrap_ddp
-    from opsd_megatron.teacher import make_teacher
+    from opsd_megatron.step.batch import pack_step, skip_first_tokens
+    from opsd_megatron.step.opsd import SUM_KEYS, LossSpec, student_step, teacher_hidden
+    from opsd_megatron.step.optim import install_schedule_hooks, wrap_ddp
+    from opsd_megatron.step.teacher import make_teacher
 
     ps = parallel.initialize(tp, pp, seed=0)
 
@@ -113,7 +113,7 @@ def _layout(model_dir, tp, pp, sp, skip):
 
 
 def _worker(rank, world_size, dirs):
-    from opsd_megatron import cpu
+    from opsd_megatron.mcore import cpu
 
     cpu.install()
     res = {}

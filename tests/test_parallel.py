@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opsd_megatron import cpu
+from opsd_megatron.mcore import cpu
 
 
 def test_cpu_rng_tracker_fork_is_isolated_and_reproducible():

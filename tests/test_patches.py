@@ -1,5 +1,6 @@
-"""The private-API patch registry (opsd_megatron.patches), the scoped CPU shim (cpu.megatron_on_cpu) and the
-supported-version check (opsd_megatron.versions)."""
+"""The private-API patch registry (opsd_megatron.mcore.patches), the scoped CPU shim (cpu.megatron_on_cpu)
+and the
+supported-version check (opsd_megatron.mcore.versions)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd_megatron import patches, versions
+from opsd_megatron.mcore import patches, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +21,8 @@ def test_registered_targets_exist_on_the_installed_stack():
     """Every torch / megatron-core target resolves (vLLM's are resolved when an engine starts)."""
     assert patches.check_all(libraries=("torch", "megatron-core")) == []
     assert {p.used_by for p in patches.PATCHES.values()} >= {
-        "opsd_megatron.cpu",
-        "opsd_megatron.checkpointing",
+        "opsd_megatron.mcore.cpu",
+        "opsd_megatron.run.checkpointing",
         "opsd_megatron.rollout.vllm_engine",
     }
 
@@ -33,7 +34,7 @@ def test_moved_target_is_loud(monkeypatch, caplog):
     monkeypatch.setitem(patches.PATCHES, optional.name, optional)
     monkeypatch.setitem(patches.PATCHES, required.name, required)
     monkeypatch.setattr(patches, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="opsd_megatron.patches"):
+    with caplog.at_level(logging.WARNING, logger="opsd_megatron.mcore.patches"):
         assert patches.target("test.optional") is None
         assert patches.target("test.optional") is None
     warnings = [r.getMessage() for r in caplog.records]
@@ -53,7 +54,7 @@ _SCOPE_SCRIPT = """
 import torch
 from megatron.core.optimizer import clip_grads
 from megatron.core.tensor_parallel import random as mrandom
-from opsd_megatron import cpu
+from opsd_megatron.mcore import cpu
 
 def state():
     return (torch.cuda.current_device, torch.cuda.synchronize, mrandom.CudaRNGStatesTracker,
@@ -108,7 +109,7 @@ def test_version_check(caplog):
     assert "vllm 0.11.0 (need vllm>=0.32,<0.34)" in msg and "megatron-core 0.20.1 (need" in msg
     with pytest.raises(versions.VersionError, match="transformers is not installed"):
         versions.check_versions(versions={"transformers": None})
-    with caplog.at_level(logging.WARNING, logger="opsd_megatron.versions"):
+    with caplog.at_level(logging.WARNING, logger="opsd_megatron.mcore.versions"):
         untested = versions.check_versions(vllm=True, versions={"vllm": "0.33.1", "megatron-core": "0.19.0"})
     assert untested == ["megatron-core 0.19.0 (tested: 0.16.1)", "vllm 0.33.1 (tested: 0.32.0)"]
     assert "untested" in caplog.text

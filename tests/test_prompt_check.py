@@ -28,7 +28,7 @@ def _problems():
 
 
 def test_lengths_match_render_pair_and_limit_is_inclusive(tokenizer):
-    from opsd_megatron.prompts import render_pair
+    from opsd_megatron.data.prompts import render_pair
 
     problems = _problems()
     lens = [max(map(len, render_pair(tokenizer, p.problem, p.solution, PromptConfig()))) for p in problems]

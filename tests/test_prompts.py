@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from opsd_megatron.config import PromptConfig
-from opsd_megatron.prompts import (
+from opsd_megatron.data.prompts import (
     STUDENT_TEMPLATE,
     TEACHER_TEMPLATE,
     fill_template,

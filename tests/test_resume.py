@@ -18,8 +18,8 @@ pytestmark = pytest.mark.vllm
 
 
 def test_tp2_kill_resume_identical_and_sigterm_checkpoint(tiny_qwen3_dir, tmp_path):
-    from opsd_megatron.checkpointing import latest_checkpoint
-    from opsd_megatron.metrics import deterministic_view, read_metrics
+    from opsd_megatron.observe.metrics import deterministic_view, read_metrics
+    from opsd_megatron.run.checkpointing import latest_checkpoint
 
     engine_tp2 = {"tensor_parallel_size": 2}
     ref_cfg = tiny_config(
@@ -40,7 +40,7 @@ def test_tp2_kill_resume_identical_and_sigterm_checkpoint(tiny_qwen3_dir, tmp_pa
     env = {**ENV, **run_marker()}
     with removing_leaked_shm(), pytest.raises(AssertionError, match="exited abnormally|failed"):
         run_distributed(run_opsd, 2, cfg, 3, timeout=300, env=env)  # SIGKILL right after step 3
-    # No process of the killed run remains (checkpoint Manager, grader workers: opsd_megatron.lifeline).
+    # No process of the killed run remains (checkpoint Manager, grader workers: opsd_megatron.run.lifeline).
     assert wait_gone(env, 30.0) == []
     assert latest_checkpoint(out / "checkpoints").name == "step_000002"
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from opsd_megatron.rollout import SamplingConfig, make_engine
-from opsd_megatron.rollout.sampling import process_logits
-from opsd_megatron.weight_sync import (
+from opsd_megatron.rollout.refresh import (
     DriftError,
     DriftGuard,
     compute_drift,
     push_weights,
     vocab_parallel_token_logprobs,
 )
+from opsd_megatron.rollout.sampling import process_logits
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [100, 200, 300, 400, 500, 600, 7]]
 

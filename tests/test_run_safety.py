@@ -105,7 +105,7 @@ def test_checkpoint_is_saved_before_the_evaluation_of_the_same_step(finished_run
 def test_rollouts_jsonl_shows_what_was_sampled(finished_run):
     from opsd_megatron.config import DataConfig
     from opsd_megatron.data import load_problems
-    from opsd_megatron.metrics import read_metrics
+    from opsd_megatron.observe.metrics import read_metrics
 
     recs = [json.loads(ln) for ln in (finished_run.out / "rollouts.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 1, 2, 2, 3, 3]
@@ -131,8 +131,8 @@ def _damaged_copy(finished_run, dest: Path) -> Path:
 
 
 def test_resume_skips_damaged_checkpoints_keeps_history_and_ctrl_c_saves(finished_run, tmp_path):
-    from opsd_megatron.checkpoint_index import choose_resume, read_state
-    from opsd_megatron.metrics import deterministic_view, read_metrics
+    from opsd_megatron.observe.metrics import deterministic_view, read_metrics
+    from opsd_megatron.run.checkpoint_index import choose_resume, read_state
 
     run = _damaged_copy(finished_run, tmp_path / "run")
     before = read_metrics(run)
@@ -164,9 +164,9 @@ def test_resume_skips_damaged_checkpoints_keeps_history_and_ctrl_c_saves(finishe
 
 
 def test_explicit_load_of_a_corrupt_checkpoint_stops_clearly(finished_run, tmp_path):
-    from opsd_megatron.checkpoint_index import checkpoint_problem
     from opsd_megatron.config import ConfigError, config_from_dict
-    from opsd_megatron.preflight import preflight
+    from opsd_megatron.run.checkpoint_index import checkpoint_problem
+    from opsd_megatron.run.preflight import preflight
 
     run = _damaged_copy(finished_run, tmp_path / "run")
     bad = run / "checkpoints" / "step_000002"

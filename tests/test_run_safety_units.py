@@ -17,14 +17,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from opsd_megatron.checkpoint_index import (
+from opsd_megatron.config import ConfigError, config_from_dict
+from opsd_megatron.run.checkpoint_index import (
     CheckpointError,
     checkpoint_problem,
     choose_resume,
     file_manifest,
     verify_checkpoint,
 )
-from opsd_megatron.config import ConfigError, config_from_dict
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def test_resume_picks_newest_complete_checkpoint_and_says_why(tmp_path):
 
 
 def test_metrics_history_is_replaced_step_by_step_never_truncated(tmp_path):
-    from opsd_megatron.metrics import MetricsLogger, read_metrics
+    from opsd_megatron.observe.metrics import MetricsLogger, read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3)) + '{"st')
@@ -91,7 +91,7 @@ def test_metrics_history_is_replaced_step_by_step_never_truncated(tmp_path):
 def test_wandb_run_id_is_stored_and_reused(tmp_path):
     # W&B cannot reach a server here and is not installed: the stored-id logic MetricsLogger passes to
     # wandb.init(id=..., resume="allow") is tested directly.
-    from opsd_megatron.metrics import wandb_run_id
+    from opsd_megatron.observe.metrics import wandb_run_id
 
     ids = iter(["abc123", "zzz999"])
     first = wandb_run_id(tmp_path, lambda: next(ids))
@@ -113,7 +113,7 @@ def _tiny_cfg(model_dir, out, **extra) -> dict:
 def test_config_change_on_resume_is_listed_or_refused(tiny_qwen3_dir, tmp_path, caplog):
     import yaml
 
-    from opsd_megatron.preflight import check_config_change, preflight, record_config
+    from opsd_megatron.run.preflight import check_config_change, preflight, record_config
 
     out = tmp_path / "run"
     d = _fake_step(out / "checkpoints", 4)
@@ -151,7 +151,7 @@ def _safetensors(path: Path, n_bytes: int) -> None:
 def test_startup_path_checks_name_the_key(tiny_qwen3_dir, tmp_path, monkeypatch):
     import shutil
 
-    from opsd_megatron.preflight import preflight
+    from opsd_megatron.run.preflight import preflight
 
     def check(match, **extra):
         with pytest.raises(ConfigError, match=match):
@@ -207,7 +207,7 @@ def test_train_cli_layout_error_is_one_line_rc2(tiny_qwen3_dir, tmp_path, capsys
 
 
 def test_gpu_memory_utilization_bounded_on_cpu(monkeypatch):
-    from opsd_megatron.preflight import CPU_KV_CACHE_MAX_GIB, bound_cpu_kv_cache
+    from opsd_megatron.run.preflight import CPU_KV_CACHE_MAX_GIB, bound_cpu_kv_cache
 
     with pytest.raises(ConfigError, match="'rollout.gpu_memory_utilization': must be in \\(0, 1\\]"):
         config_from_dict(
@@ -225,7 +225,7 @@ def test_gpu_memory_utilization_bounded_on_cpu(monkeypatch):
 
 _SIGNAL_SCRIPT = """
 import os, signal, sys, time
-from opsd_megatron.stop_signals import StopSignals
+from opsd_megatron.run.signals import StopSignals
 stop = StopSignals(grace_s=60).install()
 os.kill(os.getpid(), signal.SIGINT)      # Ctrl-C: no KeyboardInterrupt, a stop request
 time.sleep(0.1)
@@ -248,7 +248,7 @@ def test_ctrl_c_is_a_stop_request_and_a_second_one_exits_now():
 
 
 def test_reexport_replaces_old_shards_and_refuses_foreign_files(tmp_path):
-    from opsd_megatron.conversion.hf_checkpoint import _swap_in, check_export_dir
+    from opsd_megatron.mcore.conversion.hf_checkpoint import _swap_in, check_export_dir
 
     out = tmp_path / "hf"
     out.mkdir()
@@ -268,7 +268,7 @@ def test_reexport_replaces_old_shards_and_refuses_foreign_files(tmp_path):
 
 
 def test_convert_errors_are_one_line_rc2(tmp_path, capsys, monkeypatch):
-    from checkpoint_tools.cli import main
+    from opsd_megatron.cli.convert import main
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cases = [

@@ -36,7 +36,7 @@ def run_sft_tp2(rank, world_size, good: dict):
     """Worker: SFT's first loss vs transformers' CE; TP-replicated parameters stay equal."""
     import torch
 
-    from opsd_megatron.sft import SFTTrainer
+    from opsd_megatron.step.sft import SFTTrainer
 
     trainer = SFTTrainer(config_from_dict(good))
     try:
@@ -69,8 +69,8 @@ def run_sft_tp2(rank, world_size, good: dict):
 
 
 def test_sft_tp2_loss_matches_transformers_and_bad_rows_error(tmp_path):
-    from opsd_megatron.data.synthetic import write_splits
-    from opsd_megatron.task_model import make_task_model
+    from opsd_megatron.demo.synthetic import write_splits
+    from opsd_megatron.demo.task_model import make_task_model
 
     model = make_task_model(tmp_path / "model", hidden_size=64, intermediate_size=96, num_hidden_layers=2)
     paths = write_splits(tmp_path / "task", "addition", n_train=16, n_heldout=4)
@@ -99,8 +99,8 @@ def test_warmstart_command_small_scale_sft_decreases_loss(tmp_path):
     """`make warmstart` at small scale: task + init model + SFT via opsd-train (one process) + install."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opsd_megatron.metrics import read_metrics
-    from opsd_megatron.warmstart import build, install
+    from opsd_megatron.demo.warmstart import build, install
+    from opsd_megatron.observe.metrics import read_metrics
 
     hf = build(tmp_path / "ws", steps=8, n_train=64, n_heldout=8,
                overrides=["train.global_batch_size=16", "train.micro_batch_size=16",

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from opsd_megatron.batch import Sample, pack_step, skip_first_tokens
 from opsd_megatron.config import ConfigError, config_from_dict
-from opsd_megatron.prompts import render_pair
+from opsd_megatron.data.prompts import render_pair
+from opsd_megatron.step.batch import Sample, pack_step, skip_first_tokens
 
 BASE = {"model": {"path": "m"}, "data": {"path": "d"}, "rollout": {"max_new_tokens": 16}}
 
@@ -32,7 +32,7 @@ def test_loss_config_errors_name_the_key(loss, parallel, key):
 
 
 def test_every_loss_kind_is_selectable():
-    from opsd_megatron.opsd_step import LossSpec
+    from opsd_megatron.step.opsd import LossSpec
 
     for loss, want in [({"kind": "forward_kl"}, "forward_kl"), ({"kind": "reverse_kl"}, "reverse_kl"),
                        ({"kind": "jsd", "beta": 0.5}, "jsd"), ({"kind": "top_k", "top_k": 8}, "topk"),

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from opsd_megatron.data.synthetic import (
+from opsd_megatron.demo.synthetic import (
     SyntheticTaskError,
     addition_solution,
     generate,
@@ -80,7 +80,7 @@ def test_control_teacher_prompt_is_the_student_prompt(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     from opsd_megatron.config import PromptConfig
-    from opsd_megatron.prompts import render_pair
+    from opsd_megatron.data.prompts import render_pair
 
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     s, t = render_pair(tok, "What is 1 + 2?", "1+2=3\n\\boxed{3}", PromptConfig())
@@ -98,7 +98,7 @@ def _write_eval(d, scores):
 
 def test_paired_difference_and_plots(tmp_path):
     from opsd_megatron.evaluation.paired import accuracy_ci, paired_difference
-    from opsd_megatron.plots import plot_run
+    from opsd_megatron.observe.plots import plot_run
 
     run = tmp_path / "run"
     before = [[0, 0]] * 10 + [[1, 0]] * 10

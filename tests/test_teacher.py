@@ -18,9 +18,9 @@ def teacher_checks(hf_dir: str) -> dict:
     """Runs inside the TP=2 processes of tests/test_lora.py::test_lora_tp2_and_teacher_modes."""
     from megatron.core import parallel_state as mps
 
-    from opsd_megatron import parallel
-    from opsd_megatron.lora import LoRASettings, apply_lora, merged_local_weight
-    from opsd_megatron.teacher import AdaptersOffTeacher, make_teacher
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.lora import LoRASettings, apply_lora, merged_local_weight
+    from opsd_megatron.step.teacher import AdaptersOffTeacher, make_teacher
 
     parallel.initialize(tp=2, pp=1, seed=5)
     tp_rank = mps.get_tensor_model_parallel_rank()
@@ -114,7 +114,7 @@ def test_ema_fp32_shadow_and_errors():
     """Non-distributed: the EMA shadow is fp32 for a bf16 model; bad modes/arguments are clear errors."""
     from torch import nn
 
-    from opsd_megatron.teacher import make_teacher
+    from opsd_megatron.step.teacher import make_teacher
 
     class Tiny(nn.Module):  # stands in for a GPTModel chunk (EMA math needs only named parameters)
         def __init__(self):

@@ -47,7 +47,7 @@ def run_opsd(rank, world_size, cfg_dict, kill_after=None, term_at=None, fixed_ba
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     logging.getLogger("opsd_megatron").setLevel(logging.INFO)
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     def on_step_end(trainer, step):
         if kill_after is not None and step == kill_after:
@@ -103,7 +103,7 @@ def test_pp2_multi_microbatch_and_fixed_batch_divergence_falls(tiny_qwen3_dir, t
     assert (tmp_path / "pp2" / "eval" / "step_000003").is_dir()
     fixed = res[0]["fixed"]
     assert fixed[-1] < fixed[0] * 0.9, fixed
-    from opsd_megatron.metrics import read_metrics
+    from opsd_megatron.observe.metrics import read_metrics
 
     assert [r["step"] for r in read_metrics(tmp_path / "pp2")] == [1, 2, 3]
     assert (tmp_path / "pp2" / "hf" / "config.json").is_file()
@@ -116,7 +116,7 @@ def run_unequal_replicas(rank, world_size, cfg_dict, keep_tokens):
     from dataclasses import replace
 
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     trainer = OPSDTrainer(config_from_dict(cfg_dict))
     try:

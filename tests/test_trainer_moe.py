@@ -45,7 +45,7 @@ def _config(model_dir, out_dir, ep: int) -> dict:
 
 def _run_both(rank, world, model_dir, out_dir):
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     rows = {}
     for ep in (1, 2, "vllm"):
@@ -137,11 +137,11 @@ def _run_layouts(rank, world, model_dir, out_dir):
     import contextlib
     import io
 
-    from checkpoint_tools import cli
-    from opsd_megatron import parallel
+    from opsd_megatron.cli import convert as cli
     from opsd_megatron.config import config_from_dict
+    from opsd_megatron.mcore import parallel
     from opsd_megatron.rollout import SamplingConfig
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     res: dict = {"rows": {}, "layout": {}}
     for name, par in LAYOUTS4.items():

@@ -79,7 +79,7 @@ def run_recipe(rank, world_size, cfg_dict, fail_rank=None, fail_step=None, break
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import OPSDTrainer
 
     out = Path(cfg_dict["output_dir"])
     events: list = []
@@ -128,9 +128,9 @@ def _dedup(events):
 
 
 def test_tp2_lora_sleep_order_eval_length_bad_row_and_failure_ends_job(tiny_qwen3_dir, tmp_path, capfd):
-    from opsd_megatron.checkpointing import latest_checkpoint
     from opsd_megatron.data.loading import BUILTIN
-    from opsd_megatron.metrics import read_metrics
+    from opsd_megatron.observe.metrics import read_metrics
+    from opsd_megatron.run.checkpointing import latest_checkpoint
 
     rows = [json.loads(line) for line in BUILTIN["builtin:tiny_math"].read_text().splitlines()]
     bad = {"problem": "What is 1 + 1? " * 100, "solution": "2", "answer": "2"}  # teacher prompt: 1000 tokens
@@ -185,7 +185,7 @@ def test_tp2_lora_sleep_order_eval_length_bad_row_and_failure_ends_job(tiny_qwen
 
 
 def test_tp2_pp2_lora_drift_guard_stops_a_broken_refresh(tiny_qwen3_dir, tmp_path):
-    from opsd_megatron.metrics import read_metrics
+    from opsd_megatron.observe.metrics import read_metrics
 
     out = tmp_path / "run"
     cfg = tiny_config(

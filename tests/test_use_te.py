@@ -10,7 +10,7 @@ import pytest
 
 def test_use_te_auto_logs_why_once_and_true_fails_loudly(monkeypatch, caplog):
     """model.use_te: auto -> local spec with the import error logged once; true -> RuntimeError naming it."""
-    from opsd_megatron.models import builder
+    from opsd_megatron.mcore.models import builder
 
     monkeypatch.setattr(builder, "_TE_STATUS", ["ImportError: No module named 'transformer_engine'"])
     with caplog.at_level(logging.WARNING, logger=builder.__name__):

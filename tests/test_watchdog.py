@@ -1,4 +1,5 @@
-"""One rank's exception ends every rank of the job (opsd_megatron.watchdog), over a real gloo world: rank 1
+"""One rank's exception ends every rank of the job (opsd_megatron.run.watchdog), over a real gloo world: rank
+1
 raises while rank 0 waits in a barrier that would otherwise block for gloo's 30-minute timeout."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dist_utils import run_distributed
 def _raise_on_rank1(rank, world_size):
     import torch.distributed as dist
 
-    from opsd_megatron.watchdog import JobWatchdog, ends_job_on_error
+    from opsd_megatron.run.watchdog import JobWatchdog, ends_job_on_error
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     wd = JobWatchdog.start(rank, world_size)

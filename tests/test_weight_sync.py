@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from opsd_megatron.rollout import SamplingConfig, make_engine
-from opsd_megatron.rollout.sampling import process_logits
-from opsd_megatron.weight_sync import (
+from opsd_megatron.rollout.refresh import (
     DriftError,
     DriftGuard,
     WeightSyncer,
@@ -21,6 +20,7 @@ from opsd_megatron.weight_sync import (
     layer_group,
     vocab_parallel_token_logprobs,
 )
+from opsd_megatron.rollout.sampling import process_logits
 
 
 def _named(n_layers=4, width=64):

@@ -33,9 +33,9 @@ def _trainer_logprobs(chunks, prompt, response, sampling):
     """Megatron's own logprobs of `response` (vocab-parallel helper on the last stage; None elsewhere)."""
     from megatron.core import parallel_state as mps
 
-    from opsd_megatron.models.builder import model_info
-    from opsd_megatron.models.forward import forward_logits
-    from opsd_megatron.weight_sync import vocab_parallel_token_logprobs
+    from opsd_megatron.mcore.models.builder import model_info
+    from opsd_megatron.mcore.models.forward import forward_logits
+    from opsd_megatron.rollout.refresh import vocab_parallel_token_logprobs
 
     ids = torch.tensor([list(prompt) + list(response)])
     logits = forward_logits(chunks, ids, gather_vocab=False)  # last stage: [1, s, v_pad/tp]
@@ -58,7 +58,7 @@ def _drift_round(chunks, engine, sampling):
     import torch.distributed as dist
     from megatron.core import parallel_state as mps
 
-    from opsd_megatron.weight_sync import compute_drift
+    from opsd_megatron.rollout.refresh import compute_drift
 
     outs = engine.generate(PROMPTS, sampling)
     box = [[(s.token_ids, s.logprobs) for s in o] for o in outs]
@@ -86,7 +86,7 @@ def _tp_logprobs(rank):
     from megatron.core import parallel_state as mps
     from test_weight_sync import SAMPLINGS, logprob_case
 
-    from opsd_megatron.weight_sync import vocab_parallel_token_logprobs
+    from opsd_megatron.rollout.refresh import vocab_parallel_token_logprobs
 
     logits, ids, vocab, _ = logprob_case()
     part = logits.shape[-1] // 2
@@ -106,11 +106,11 @@ def _colocated_bundle(rank, world, model_dir):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from opsd_megatron import parallel
-    from opsd_megatron.conversion import export_hf_weights, load_hf_weights
-    from opsd_megatron.models.builder import build_model
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import export_hf_weights, load_hf_weights
+    from opsd_megatron.mcore.models.builder import build_model
     from opsd_megatron.rollout import SamplingConfig, make_engine
-    from opsd_megatron.weight_sync import DriftError, DriftGuard, WeightSyncer
+    from opsd_megatron.rollout.refresh import DriftError, DriftGuard, WeightSyncer
 
     res: dict = {"steps": []}
     parallel.initialize(tp=2, pp=1, seed=1234)  # the trainer's world exists before the engines

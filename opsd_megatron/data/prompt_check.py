@@ -2,7 +2,7 @@
 
     problems, dropped = drop_overlong_rows(problems, tokenizer, cfg.prompts, cfg.data.on_bad_row)
 
-A row whose student or teacher prompt (chat-rendered, as `opsd_megatron.prompts.render_pair` makes it) is
+A row whose student or teacher prompt (chat-rendered, as `opsd_megatron.data.prompts.render_pair` makes it) is
 longer than `prompts.max_prompt_tokens`, or fails to render, is handled here, before any heavy work, per
 `data.on_bad_row`: `error` raises one `DataError` naming the row, the prompt and both lengths; `skip` drops it
 and returns the count. Without this check such a row raised mid-run on the one rank that sampled it while the
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def _render_texts(tokenizer: Any, p: Problem, prompts_cfg: Any) -> tuple[str, str]:
-    from opsd_megatron.prompts import fill_template, render_chat
+    from opsd_megatron.data.prompts import fill_template, render_chat
 
     student = render_chat(
         tokenizer,

@@ -14,9 +14,9 @@ from opsd_megatron.evaluation.benchmarks import PRESETS, Benchmark, load_benchma
 from opsd_megatron.evaluation.extract import extract_answer, extract_boxed, normalize_answer, strip_units
 from opsd_megatron.evaluation.grader import GradeResult, GraderPool, default_pool, grade
 from opsd_megatron.evaluation.hook import periodic_eval
-from opsd_megatron.evaluation.metrics import benchmark_metrics, pass_at_k
 from opsd_megatron.evaluation.report import flat_metrics, format_table
 from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate
+from opsd_megatron.evaluation.scores import benchmark_metrics, pass_at_k
 
 __all__ = [
     "EVAL_TEMPLATE",

@@ -14,7 +14,7 @@ per-item wall-clock limit itself: a worker that overruns (sympy on `9^{9^{9^{9}}
 C-level big-integer power cannot even be interrupted by a signal) is killed and replaced, and its item is
 graded wrong with status "timeout". Workers are spawned (not forked: the parent may hold vLLM/torch
 threads), start once and are reused; grading runs in parallel over `num_workers` processes. A worker exits
-when its parent process dies, however it dies (`opsd_megatron.lifeline`).
+when its parent process dies, however it dies (`opsd_megatron.run.lifeline`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from opsd_megatron.evaluation.extract import extract_answer, strings_match, strip_units
-from opsd_megatron.lifeline import parent_lifeline
+from opsd_megatron.run.lifeline import parent_lifeline
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,10 @@ def math_verify_equal(answer: str, reference: str) -> bool:
 def _worker_main(conn, parent_pid: int, started_by_main_thread: bool) -> None:
     """Worker loop: receive (task_id, answer, reference), send (task_id, correct, status).
 
-    Exits with its parent (`opsd_megatron.lifeline`), even while stuck in a computation that never returns.
+    Exits with its parent (`opsd_megatron.run.lifeline`), even while stuck in a computation that never
+    returns.
     """
-    from opsd_megatron.lifeline import die_with_parent
+    from opsd_megatron.run.lifeline import die_with_parent
 
     die_with_parent(parent_pid, started_by_main_thread)
     import signal

@@ -5,7 +5,7 @@
 * An HF directory (has `config.json`) or a hub name is returned unchanged.
 * A Megatron checkpoint written by `opsd-convert hf-to-megatron` / `save_megatron_checkpoint` (has
   `opsd_meta.json`, any TP x PP) is exported on the fly to `work_dir/hf_export` by running
-  `python -m checkpoint_tools.cli megatron-to-hf` in a child process (one rank, its own torch.distributed
+  `python -m opsd_megatron.cli.convert megatron-to-hf` in a child process (one rank, its own torch.distributed
   world, so the evaluator's process and its vLLM engine stay clean). The export is reused on a resumed run
   as long as the checkpoint's metadata file is unchanged.
 * A training run's checkpoint (`RUN`, `RUN/checkpoints` or one `RUN/checkpoints/step_*`; the newest
@@ -44,7 +44,7 @@ def resolve_model_dir(model: str, work_dir: str | Path) -> str:
     if is_hf_dir(path):
         return str(path)
     if path.is_dir() and not (path / META_FILE).is_file():
-        from opsd_megatron.conversion.training_checkpoint import (
+        from opsd_megatron.mcore.conversion.training_checkpoint import (
             is_training_checkpoint,
             resolve_training_checkpoint,
         )
@@ -54,7 +54,7 @@ def resolve_model_dir(model: str, work_dir: str | Path) -> str:
             return str(_export_megatron(step, Path(work_dir) / "hf_export", stamp="opsd_state.json"))
     if (path / META_FILE).is_file():
         return str(_export_megatron(path, Path(work_dir) / "hf_export"))
-    from opsd_megatron.preflight import looks_like_hub_name
+    from opsd_megatron.run.preflight import looks_like_hub_name
 
     if path.exists() or not looks_like_hub_name(model):
         raise ValueError(
@@ -74,7 +74,7 @@ def _export_megatron(ckpt: Path, out: Path, stamp: str = META_FILE) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    cmd = [sys.executable, "-m", "checkpoint_tools.cli", "megatron-to-hf", "--megatron", str(ckpt)]
+    cmd = [sys.executable, "-m", "opsd_megatron.cli.convert", "megatron-to-hf", "--megatron", str(ckpt)]
     cmd += ["--out", str(tmp)]
     logger.info("exporting Megatron checkpoint %s to HF: %s", ckpt, " ".join(cmd))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -28,11 +28,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from opsd_megatron.data.prompts import ANSWER_INSTRUCTION, fill_template, render_chat
 from opsd_megatron.evaluation.benchmarks import Benchmark, EvalItem, load_benchmark
 from opsd_megatron.evaluation.grader import DEFAULT_TIMEOUT_S, GraderPool
-from opsd_megatron.evaluation.metrics import SampleVerdict, benchmark_metrics, overall_metrics
 from opsd_megatron.evaluation.report import format_table, write_json_atomic
-from opsd_megatron.prompts import ANSWER_INSTRUCTION, fill_template, render_chat
+from opsd_megatron.evaluation.scores import SampleVerdict, benchmark_metrics, overall_metrics
 from opsd_megatron.rollout.base import RolloutEngine, SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def evaluate(
 
     Returns:
         {"n", "benchmarks": {name: metrics}, "overall": metrics, "num_generated", "num_resumed",
-         "seconds", "out_dir"}; metrics as in `opsd_megatron.evaluation.metrics` plus no_answer_rate,
+         "seconds", "out_dir"}; metrics as in `opsd_megatron.evaluation.scores` plus no_answer_rate,
         truncated_rate, timeout_rate and mean_response_tokens.
     """
     if n < 1:

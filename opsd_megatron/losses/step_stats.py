@@ -59,7 +59,7 @@ class StatsCollector:
         """Drift logprobs of rows [a, b) from the student's logits chunk `[c, v_valid]` (read only)."""
         if self.logprobs is None:
             return
-        from opsd_megatron.weight_sync.drift import vocab_parallel_token_logprobs
+        from opsd_megatron.rollout.refresh.drift import vocab_parallel_token_logprobs
 
         self.logprobs[a:b] = vocab_parallel_token_logprobs(
             ls, self.ids[a:b], self.sampling, tp_group=self.group, vocab_start_index=self.start

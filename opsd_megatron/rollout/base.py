@@ -3,7 +3,7 @@
 A backend (vLLM by default, `transformers.generate` as a fallback) implements `RolloutEngine`; the
 factory `opsd_megatron.rollout.make_engine(kind, ...)` builds one, so callers never branch on backend type.
 Weights arrive as a stream of `(hf_name, full tensor)` pairs in Hugging Face naming (see
-`opsd_megatron.weight_sync`), the same names `opsd_megatron.conversion` exports.
+`opsd_megatron.rollout.refresh`), the same names `opsd_megatron.mcore.conversion` exports.
 """
 
 from __future__ import annotations

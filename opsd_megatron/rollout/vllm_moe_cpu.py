@@ -14,7 +14,7 @@ expects packed ones (or fails to copy them when padding changed the shape).
 `install()` wraps `_setup_kernel` so that on a weight update it also runs the experts backend's
 `process_weights_after_loading(layer)` (pad + prepack into new tensors on the layer being materialised; the
 layerwise reload then copies them into the kernel's original storage). CPU only: on CUDA the method's own
-behaviour is kept. Registered in `opsd_megatron.patches` as "vllm.cpu_moe_reload_prepack" (required: a
+behaviour is kept. Registered in `opsd_megatron.mcore.patches` as "vllm.cpu_moe_reload_prepack" (required: a
 refreshed MoE engine on CPU would silently sample from wrong weights without it); `VLLMEngine` installs it
 for MoE models only.
 """
@@ -30,14 +30,15 @@ _MARK = "_opsd_cpu_moe_reload_prepack"
 def install() -> bool:
     """Wrap vLLM's fused-MoE `_setup_kernel` once per process (idempotent). Returns whether it is installed.
 
-    Raises `opsd_megatron.patches.PatchTargetMissing` when this vLLM has no such method (then the refresh of
+    Raises `opsd_megatron.mcore.patches.PatchTargetMissing` when this vLLM has no such method (then the
+    refresh of
     a MoE model on CPU cannot be trusted; the message names the target and versions).
     """
     import torch
 
     if torch.cuda.is_available():
         return False
-    from opsd_megatron import patches
+    from opsd_megatron.mcore import patches
 
     owner, attr = patches.target("vllm.cpu_moe_reload_prepack")
     original = getattr(owner, attr)

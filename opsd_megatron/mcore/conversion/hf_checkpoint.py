@@ -1,0 +1,144 @@
+"""Write a Megatron model as an HF checkpoint: sharded safetensors + index + config + tokenizer files.
+
+    save_hf_checkpoint(model_chunks, out_dir, tokenizer_dir=hf_dir)   # collective; rank 0 writes
+
+The result loads with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`. Tensors stream from
+`export_hf_weights` one at a time; rank 0 buffers at most `max_shard_bytes` before writing a shard.
+
+Re-exporting never leaves stale files: the export is written to a temporary sibling directory and swapped in
+for `out_dir` (whose old shards, index and config go with the old directory). A directory that holds files an
+export does not write (anything but weights, index, config and tokenizer files) is refused before the export
+starts (`check_export_dir`), so a wrong `--out` cannot delete a user's files.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from opsd_megatron.mcore.conversion.export import export_hf_weights
+from opsd_megatron.mcore.models.builder import model_info
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+    "added_tokens.json",
+)
+
+EXPORT_OWNED = (
+    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+    "config.json", ".opsd_export_source.json", *TOKENIZER_FILES,
+)  # fmt: skip
+"""File names an HF export writes or replaces; anything else in an export directory is refused."""
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def check_export_dir(out: Path) -> None:
+    """Raise ValueError naming a file in `out` that an HF export does not own (a subdirectory, a run's
+    files, sources); a missing or empty directory, or one holding an earlier export, is fine."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"export directory {str(out)!r} is a file.")
+    for p in sorted(out.iterdir()):
+        if p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in EXPORT_OWNED):
+            raise ValueError(
+                f"export directory {str(out)!r} holds {p.name!r}, which an HF export does not write; "
+                "refusing to replace it (choose an empty or new directory)."
+            )
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace `out` by the finished export `tmp` (old files leave with the old directory)."""
+    if out.exists():
+        check_export_dir(out)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def save_hf_checkpoint(
+    model_chunks: list,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    shard_hook=None,
+) -> Path:
+    """Export the model to `out_dir` in HF format (collective over the model's ranks; rank 0 writes).
+
+    `dtype` casts the tensors (default: the model's dtype); `tokenizer_dir` (usually the source HF
+    directory) supplies tokenizer and generation-config files; `shard_hook` is passed to export_hf_weights.
+    """
+    from safetensors.torch import save_file
+
+    info = model_info(model_chunks)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    final = Path(out_dir)
+    check_export_dir(final)  # every rank: fail before the collective export, not after it
+    out = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    if rank0:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+    dtype = dtype or info.dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    weight_map: dict[str, int] = {}
+    for name, tensor in export_hf_weights(model_chunks, shard_hook=shard_hook):
+        if not rank0:
+            continue
+        t = tensor.to(device="cpu", dtype=dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        weight_map[name] = len(shards) - 1
+        size += nbytes
+    if rank0:
+        n = len(shards)
+        files = (
+            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            if n > 1
+            else ["model.safetensors"]
+        )
+        total = 0
+        for i, shard in enumerate(shards):
+            save_file(shard, str(out / files[i]), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        if n > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {k: files[v] for k, v in weight_map.items()},
+            }
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = dict(info.hf_config)
+        config["dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+        config.pop("torch_dtype", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copy(src, out / fname)
+        _swap_in(out, final)
+    if dist.is_initialized():
+        dist.barrier()
+    return final

@@ -1,0 +1,35 @@
+"""Megatron → rollout-engine weight refresh (bucketed) and the rollout-vs-trainer drift check.
+
+    from opsd_megatron.rollout.refresh import WeightSyncer, compute_drift, DriftGuard
+    syncer = WeightSyncer(engine, bucket_bytes=256 << 20, dtype=torch.bfloat16)
+    stats = syncer.sync(model_chunks)          # collective; RefreshStats(seconds, bytes, buckets, ...)
+
+Submodules: `buckets` (stream → buckets → `engine.update_weights`), `drift` (metrics, guard, and the
+vocab-parallel sampled-token logprob helper for the trainer side).
+"""
+
+from opsd_megatron.rollout.refresh.buckets import (
+    RefreshStats,
+    WeightSyncer,
+    iter_buckets,
+    layer_group,
+    push_weights,
+)
+from opsd_megatron.rollout.refresh.drift import (
+    DriftError,
+    DriftGuard,
+    compute_drift,
+    vocab_parallel_token_logprobs,
+)
+
+__all__ = [
+    "DriftError",
+    "DriftGuard",
+    "RefreshStats",
+    "WeightSyncer",
+    "compute_drift",
+    "iter_buckets",
+    "layer_group",
+    "push_weights",
+    "vocab_parallel_token_logprobs",
+]

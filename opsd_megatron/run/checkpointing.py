@@ -1,0 +1,256 @@
+"""Megatron distributed checkpoints of a training run: model, optimizer, LR schedule, RNG, data position.
+
+    save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, reason="interval")
+    step = load_checkpoint(path, chunks, optimizer, scheduler)       # path from latest_checkpoint(ckpt_root)
+
+Layout: `<ckpt_root>/step_000006/` is a Megatron `dist_checkpointing` directory (reshardable model and
+optimizer tensors, per-rank RNG states as ShardedObjects) plus `opsd_state.json` (step, reason, time);
+`<ckpt_root>/latest` names the newest COMPLETE checkpoint and is written by rank 0 after a barrier that
+follows every rank's save: a run killed mid-save leaves `latest` pointing at the previous one. The data
+position is the step itself (the prompt order is a pure function of (seed, step), see `data.sampler`).
+Collectives: the ones of `dist_checkpointing.save/load` over the world group, plus barriers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from opsd_megatron.mcore.models.builder import unwrap
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+STATE_FILE = "opsd_state.json"
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:06d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete (verified) checkpoint under `root`, or None; see `checkpoint_index`."""
+    from opsd_megatron.run.checkpoint_index import choose_resume
+
+    return choose_resume(root).path
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _teacher_state(teacher: Any) -> dict | None:
+    """Per-rank teacher state worth saving: only an EMA teacher changes during training (θ₀ is rebuilt)."""
+    if teacher is None or getattr(teacher, "mode", "") != "ema":
+        return None
+    return teacher.state_dict()
+
+
+def _sharded_state_dict(
+    chunks: list, optimizer: Any, *, is_loading: bool, rng: dict | None, teacher: dict | None = None
+) -> dict:
+    from megatron.core import parallel_state as mps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd: dict = {}
+    for i, chunk in enumerate(chunks):
+        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = unwrap(chunk).sharded_state_dict()
+    flat_model = {}
+    for v in model_sd.values():
+        flat_model.update(v)
+    sd: dict = dict(model_sd)
+    sd["optimizer"] = optimizer.sharded_state_dict(flat_model, is_loading=is_loading)
+    pp, tp, dp = (
+        mps.get_pipeline_model_parallel_world_size(),
+        mps.get_tensor_model_parallel_world_size(),
+        mps.get_data_parallel_world_size(),
+    )
+    ranks = (
+        mps.get_pipeline_model_parallel_rank(),
+        mps.get_tensor_model_parallel_rank(),
+        mps.get_data_parallel_rank(),
+    )
+    sd["rng_state"] = ShardedObject("rng_state", rng, (pp, tp, dp), ranks, replica_id=0)
+    if teacher is not None or is_loading:
+        sd["teacher_state"] = ShardedObject("teacher_state", teacher, (pp, tp, dp), ranks, replica_id=0)
+    return sd
+
+
+def _start_writer_manager_shielded() -> None:
+    """Start Megatron's checkpoint-writer manager process with SIGTERM/SIGUSR1 ignored.
+
+    `dist_checkpointing.save` lazily starts a multiprocessing Manager that inherits the default SIGTERM
+    action. On preemption SLURM signals the whole process tree, the Manager dies, and the save-on-signal
+    fails with BrokenPipeError/EOFError, losing the step. Started here with both signals ignored, it outlives
+    the signal long enough for the trainer's grace-period save, and it dies with its trainer process
+    (`opsd_megatron.run.lifeline`). When Megatron's internals moved, the patch registry
+    (`opsd_megatron.mcore.patches`)
+    warns once and this is a no-op.
+    """
+    from opsd_megatron.mcore import patches
+
+    found = patches.target("megatron.checkpoint_writer_queue")
+    if found is None or patches.target("megatron.checkpoint_writer_queue_state") is None:
+        return
+    fa = found[0]
+    if fa._results_queue is not None:
+        return
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None]
+    try:
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    except ValueError:  # not the main thread: nothing to shield
+        return
+    try:
+        # Megatron's `_get_write_results_queue` with one change: the Manager dies with this process
+        # (`opsd_megatron.run.lifeline`), so a SIGKILLed trainer leaves no orphan that ignores SIGTERM.
+        from multiprocessing.managers import SyncManager
+
+        from opsd_megatron.run.lifeline import die_with_parent, parent_lifeline
+
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=parent_lifeline())
+        fa._results_queue = manager.Queue()  # the queue proxy keeps the manager alive
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    chunks: list,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    teacher: Any = None,
+    reason: str = "interval",
+    config: dict | None = None,
+) -> Path:
+    """Save everything needed to resume after `step` completed optimizer steps; returns the directory.
+
+    `config` (the run's config as a dict) is stored as `config.yaml` in the directory, so a resumed run can
+    list what changed and `opsd-convert`/`opsd-eval` can rebuild the model from the checkpoint alone.
+    `opsd_state.json`, written last, records every file's size (checked by `checkpoint_index`)."""
+    from megatron.core import dist_checkpointing
+
+    t0 = time.perf_counter()
+    _start_writer_manager_shielded()
+    path = step_dir(root, step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / STATE_FILE).unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    sd = _sharded_state_dict(
+        chunks, optimizer, is_loading=False, rng=_rng_state(), teacher=_teacher_state(teacher)
+    )
+    sd["scheduler"] = scheduler.state_dict()
+    sd["step"] = step
+    dist_checkpointing.save(sd, str(path))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        from opsd_megatron.run.checkpoint_index import CONFIG_FILE, file_manifest
+
+        if config is not None:
+            import yaml
+
+            (path / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        state = {"step": step, "reason": reason, "time": time.time(), "save_s": time.perf_counter() - t0}
+        state["files"] = file_manifest(path)
+        tmp_state = path / (STATE_FILE + ".tmp")
+        tmp_state.write_text(json.dumps(state))
+        tmp_state.replace(path / STATE_FILE)
+        tmp = Path(root) / (LATEST + ".tmp")
+        tmp.write_text(path.name)
+        tmp.replace(Path(root) / LATEST)
+    if dist.is_initialized():
+        dist.barrier()
+    level = logging.DEBUG if reason == "interval" else logging.INFO  # one console line per step
+    log.log(level, "saved checkpoint %s (%s) in %.1f s", path, reason, time.perf_counter() - t0)
+    return path
+
+
+def mark_reason(path: str | Path, reason: str) -> None:
+    """Rewrite the `reason` recorded in a complete checkpoint's opsd_state.json (rank 0; atomic)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    p = Path(path) / STATE_FILE
+    state = json.loads(p.read_text())
+    state["reason"] = reason
+    tmp = p.with_name(STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(p)
+    log.info("checkpoint %s (%s): the stop request came after this step's save", path, reason)
+
+
+def load_checkpoint(
+    path: str | Path, chunks: list, optimizer: Any, scheduler: Any, *, teacher: Any = None
+) -> int:
+    """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step."""
+    from megatron.core import dist_checkpointing
+
+    from opsd_megatron.run.checkpoint_index import CheckpointError, checkpoint_problem
+
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {problem}.")
+    sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None)
+    if _teacher_state(teacher) is None:
+        sd.pop("teacher_state")
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        state = dist_checkpointing.load(sd, str(path))
+    except Exception as e:  # a damage the size checks cannot see (garbled bytes, mismatched shapes)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: {e}); remove it to resume from "
+            "the previous one, or name another with checkpoint.load."
+        ) from e
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(state[f"model{i}" if len(chunks) > 1 else "model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    _set_rng_state(state["rng_state"])
+    if "teacher_state" in state:
+        teacher.load_state_dict(state["teacher_state"])
+    return int(common["step"])

@@ -1,0 +1,184 @@
+"""One rank's exception ends the whole job within seconds, with that exception in every rank's log.
+
+    wd = JobWatchdog.start(rank, world_size)     # after torch.distributed is up (the trainer does this)
+
+    @ends_job_on_error                           # the trainer's __init__ and train()
+    def train(self): ...
+
+    wd.stop()                                    # at the end of a run (trainer.close)
+
+Without this, an exception on one rank (a bad row, a full disk, a drift error raised on one rank only) leaves
+the other ranks blocked in their next collective: gloo waits for its 30-minute default timeout, NCCL may wait
+forever, and the job holds its nodes doing nothing. Collectives cannot be interrupted from Python, and
+shortening the process-group timeout would also cut legitimate long waits (rank 0 evaluating while the others
+wait at a barrier). So the failure travels on a side channel instead:
+
+* Every rank opens a client of the job's rendezvous TCPStore (MASTER_ADDR:MASTER_PORT: torchrun's agent
+  store, or rank 0's store under plain `srun`) and a daemon thread polls one key every `poll_s` seconds.
+* The failing rank (`fail`, called by `ends_job_on_error`) logs the full traceback, sets the key to a one-line
+  description, waits up to `ack_wait_s` until every other rank has seen it (so the store outlives the message
+  when this rank hosts it), arms a timer that ends this process after `exit_grace_s` whatever its clean-up
+  does, and lets the exception propagate (the launcher sees it; `opsd-train` exits non-zero).
+* Every other rank's thread sees the key, logs "rank R failed: <exception>", acknowledges, flushes its log
+  handlers and leaves with `os._exit(1)` (its main thread is blocked inside a collective and cannot unwind).
+
+A rank that dies without an exception (SIGKILL, a lost node) is the launcher's business: torchrun stops the
+other workers of a failed group, SLURM ends the job step. Writes of a checkpoint cut short leave `latest`
+pointing at the previous complete one (see `opsd_megatron.run.checkpointing`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_ACTIVE: JobWatchdog | None = None
+
+
+def active() -> JobWatchdog | None:
+    """The watchdog of this process, if one is running."""
+    return _ACTIVE
+
+
+def _flush_logs() -> None:
+    for stream in [*logging.getLogger().handlers, sys.stdout, sys.stderr]:
+        with contextlib.suppress(Exception):  # a broken handler must not keep the process alive
+            stream.flush()
+
+
+class JobWatchdog:
+    """Ends every rank of the job when one rank reports an exception (see the module docstring).
+
+    Args:
+        store: a `torch.distributed.Store` every rank of the job reaches (keys are namespaced here).
+        rank, world_size: this process's global rank and the number of ranks.
+        poll_s: how often the watch thread looks for a failure.
+        ack_wait_s: how long a failing rank waits for the others to see its message.
+        exit_grace_s: a failing rank ends its process this long after reporting, if still alive.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        world_size: int,
+        *,
+        poll_s: float = 0.5,
+        ack_wait_s: float = 5.0,
+        exit_grace_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.rank, self.world_size = rank, world_size
+        self.poll_s, self.ack_wait_s, self.exit_grace_s = poll_s, ack_wait_s, exit_grace_s
+        # torchrun's agent store lives across elastic restarts: a failure of an earlier attempt must not
+        # end the next one.
+        prefix = f"opsd_watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self._key, self._acks = prefix + "failed", prefix + "acks"
+        self._failing = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="opsd-job-watchdog", daemon=True)
+
+    @classmethod
+    def start(cls, rank: int, world_size: int, **kwargs: Any) -> JobWatchdog | None:
+        """Connect to the job's rendezvous store (MASTER_ADDR/MASTER_PORT) and start watching.
+
+        Returns None for a one-rank job or when the store cannot be reached (logged once: the job then
+        relies on the collectives' own timeouts).
+        """
+        global _ACTIVE
+        if world_size <= 1:
+            return None
+        import torch.distributed as dist
+
+        try:
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                timeout=timedelta(seconds=30), wait_for_workers=False,
+            )  # fmt: skip
+        except Exception as e:  # no env rendezvous (e.g. file:// init): no side channel
+            log.warning("job watchdog off: cannot reach the rendezvous store (%s: %s); an exception on one "
+                        "rank may leave the others waiting in a collective", type(e).__name__, e)  # fmt: skip
+            return None
+        wd = cls(store, rank, world_size, **kwargs)
+        wd._thread.start()
+        _ACTIVE = wd
+        return wd
+
+    # -------------------------------------------------------------- failing rank
+    def fail(self, exc: BaseException) -> None:
+        """Report `exc` to every rank (they leave), then bound this process's remaining life."""
+        if self._failing:
+            return
+        self._failing = True
+        log.error("rank %d failed; ending all %d ranks of the job", self.rank, self.world_size, exc_info=exc)
+        message = f"rank {self.rank}: {type(exc).__name__}: {exc}".splitlines()[0][:2000]
+        try:
+            self.store.compare_set(self._key, "", message)  # the first failure wins
+            self.store.add(self._acks, 1)
+            deadline = time.monotonic() + self.ack_wait_s
+            while self.store.add(self._acks, 0) < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.1)
+        except Exception as e:  # the store is gone: the others learn it from their launcher
+            log.warning("job watchdog could not report the failure (%s: %s)", type(e).__name__, e)
+        timer = threading.Timer(self.exit_grace_s, self._exit, args=(1,))
+        timer.daemon = True
+        timer.start()
+        _flush_logs()
+
+    # ---------------------------------------------------------- the other ranks
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.poll_s):
+            try:
+                if not self.store.check([self._key]):
+                    continue
+                message = self.store.get(self._key).decode(errors="replace")
+                if self._failing:  # this rank reported (and acknowledged) the failure itself
+                    return
+                log.error("rank %d: ending because %s", self.rank, message)
+                self.store.add(self._acks, 1)
+            except Exception:  # the store went away (normal at the end of a run): stop watching
+                return
+            self._exit(1)
+
+    @staticmethod
+    def _exit(code: int) -> None:
+        _flush_logs()
+        os._exit(code)
+
+    def stop(self) -> None:
+        """Stop watching (a finished run); idempotent."""
+        global _ACTIVE
+        self._stopped.set()
+        if _ACTIVE is self:
+            _ACTIVE = None
+
+
+def ends_job_on_error(fn: F) -> F:
+    """Decorator: an exception escaping `fn` is reported to the job's watchdog (all ranks end), then raised.
+
+    `SystemExit(0)` is a normal exit, not a failure; without a running watchdog this does nothing.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            wd = _ACTIVE
+            if wd is not None and not (isinstance(e, SystemExit) and not e.code):
+                wd.fail(e)
+            raise
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,225 @@
+"""The OPSD step's two passes on hidden states, and its metrics: what `OPSDTrainer` runs between the
+rollout and the optimizer step, callable without a rollout engine (tests, benchmarks).
+
+    with teacher.forward_context() as t_chunks:
+        t_hidden, t_weight = teacher_hidden(t_chunks, mbs, micro_batch_size=2)     # [b, R, h] per mb
+    sums = student_step(chunks, mbs, t_hidden, t_weight, spec, scale=dp * M / G, micro_batch_size=2)
+    metrics = step_metrics(sums, rollout_stats, n_samples, reporter=is_last_stage and tp_rank == 0)
+
+Memory: the last pipeline stage stops before the LM head (`models.forward.hidden_states_forward`) and
+keeps only the response positions' final hidden states: the teacher stores `[b, R, h]` (model dtype) per
+micro-batch, the student's loss function gets `[b, S, h]`, selects `[b, R, h]` and calls
+`losses.fused_linear_divergence` with the vocabulary-parallel LM-head shards (student's; the teacher's own
+for frozen/EMA teachers, the same weight for adapters_off/current), which walks the valid response tokens
+in chunks. No `[*, T, v/tp]` tensor for all positions exists; prompt positions never reach the LM head.
+
+One pass: the same chunk loop returns the loss, the step statistics (clipped fraction, entropies) and the
+student's log-probabilities of the sampled tokens under the engine's sampling distribution (drift check).
+
+Loss normalisation: each micro-batch returns sum_loss · scale with scale = DP · M / G (G = global number of
+response tokens in the loss, all micro-batches and DP replicas); Megatron divides by M, DDP averages over
+DP, so the gradient is that of Σ/G.
+
+Metrics, one reduction path: each data-parallel replica reports its sums once, from its last-stage TP-rank-0
+rank (`reporter`); every other rank passes zeros; one all-reduce SUM over the world, then ratios.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from opsd_megatron.step.batch import MicroBatch, gather_positions
+
+SUM_KEYS = ("loss_sum", "tokens", "clipped_fraction", "student_entropy", "teacher_entropy",
+            "drift_abs", "drift_mult")  # fmt: skip
+"""Per-micro-batch sums returned by the loss function (last stage), reduced over micro-batches and DP."""
+
+KINDS = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl", "jsd": "jsd", "top_k": "topk",
+         "sampled_token": "sampled_token"}  # fmt: skip
+"""`loss.kind` (config) -> `losses` kind; top_k becomes "topk_renorm" with loss.top_k_tail=false."""
+
+
+@dataclass
+class LossSpec:
+    """Everything the loss function needs besides the batch (built once per run)."""
+
+    kind: str  # a `losses` kind (forward_kl | reverse_kl | jsd | topk | topk_renorm | sampled_token)
+    beta: float
+    temperature: float
+    clip: float | None
+    top_k: int | None
+    vocab_size: int  # real (HF) vocabulary size; padded entries are ignored
+    tp_group: object = None
+    sampling: object = None  # SamplingConfig of the rollouts (drift logprobs); None: no drift
+    chunk_tokens: int | None = None  # tokens per LM-head chunk; None: losses' default
+    sequence_parallel: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, *, vocab_size: int, tp_group, sampling) -> LossSpec:
+        """From an `OPSDConfig` (loss.* and rollout.temperature)."""
+        lc = cfg.loss
+        kind = KINDS[lc.kind]
+        if kind == "topk" and not lc.top_k_tail:
+            kind = "topk_renorm"
+        return cls(
+            kind=kind, beta=lc.beta, temperature=lc.temperature or cfg.rollout.temperature, clip=lc.clip,
+            top_k=lc.top_k, vocab_size=vocab_size, tp_group=tp_group, sampling=sampling,
+            chunk_tokens=lc.chunk_tokens, sequence_parallel=cfg.parallel.sequence_parallel,
+        )  # fmt: skip
+
+
+_CPU_CHUNK_BYTES = 1 << 25
+"""CPU default of `loss.chunk_tokens`: 32 MiB per fp32 `[c, v/tp]` temporary of the eager loss math (it keeps
+about ten of them per chunk), so the loss's peak stays a few hundred MiB whatever the vocabulary."""
+
+
+def chunk_tokens(spec: LossSpec, weight: torch.Tensor) -> int | None:
+    """Tokens per LM-head chunk: `spec.chunk_tokens`; else on CPU `_CPU_CHUNK_BYTES` per fp32 `[c, v/tp]`
+    buffer (the same on every TP rank: Megatron's shards are equal); else None (the losses' CUDA default,
+    ~1 GB of bf16 logits per chunk, sized for GEMM efficiency)."""
+    if spec.chunk_tokens:
+        return spec.chunk_tokens
+    if weight.is_cuda:
+        return None
+    return max(64, _CPU_CHUNK_BYTES // (4 * max(weight.shape[0], 1)))
+
+
+def run_schedule(
+    step_fn, data: list, chunks: list, seq_length: int, micro_batch_size: int, forward_only: bool
+):
+    """Megatron's forward(-backward) schedule for this PP layout over `data` (one item per micro-batch)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=step_fn, data_iterator=iter(data), model=chunks, num_microbatches=len(data),
+        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only,
+    )  # fmt: skip
+
+
+def _is_last_stage() -> bool:
+    from megatron.core import parallel_state as mps
+
+    return mps.is_pipeline_last_stage()
+
+
+def teacher_hidden(chunks: list, mbs: list[MicroBatch], *, micro_batch_size: int):
+    """Teacher forward (call inside `teacher.forward_context()`): per micro-batch the final hidden states
+    at the response positions `[b, R, h]` (model dtype) and the teacher's LM-head shard `[v/tp, h]`
+    (detached) on the last stage; `([None] * M, None)` elsewhere. Collectives: those of the schedule."""
+    from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
+
+    def step_fn(data_iterator, model):
+        mb = next(data_iterator)
+        out = hidden_states_forward(model, mb.teacher_tokens, mb.teacher_position_ids, None,
+                                    lengths=mb.teacher_lengths)  # fmt: skip
+
+        def keep(output):  # [b, T, h] on the last stage
+            return output.new_zeros(()), {"h": gather_positions(output, mb.teacher_index).detach()}
+
+        return out, keep
+
+    store = run_schedule(step_fn, mbs, chunks, mbs[0].teacher_tokens.shape[1], micro_batch_size, True)
+    if not _is_last_stage():
+        return [None] * len(mbs), None
+    # detach(): a tensor of its own, so an offloaded teacher moving its parameters away keeps this one
+    return [d["h"] for d in store], output_weight(chunks[-1]).detach()
+
+
+def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, spec: LossSpec, scale: float,
+              s_weight: torch.Tensor, capture: list | None, output: torch.Tensor):  # fmt: skip
+    """Last-stage loss of one micro-batch from the student's final hidden states `[b, S, h]`.
+
+    `capture`: when a list, this micro-batch's per-token losses `[b, R]` and loss mask are appended to it
+    (`rollouts.jsonl` shows them).
+
+    Returns (sum of per-token losses · scale, sums of `SUM_KEYS` for the metrics, float64 0-dim tensors).
+    """
+    from opsd_megatron.losses import fused_linear_divergence
+
+    h = output.shape[-1]
+    # the head's dtype: a Float16Module-style wrapper would hand the last stage's output back in fp32
+    hs = gather_positions(output, mb.student_index).reshape(-1, h).to(s_weight.dtype)  # [b·R, h]
+    ht = t_hidden.reshape(-1, h).to(s_weight.dtype)  # [b·R, h]
+    mask = mb.loss_mask.reshape(-1)  # [b·R]
+    ids = mb.response_ids.reshape(-1)  # [b·R]
+    per_tok, st = fused_linear_divergence(
+        hs, s_weight, ht, t_weight.to(s_weight.dtype), kind=spec.kind, beta=spec.beta,
+        temperature=spec.temperature, clip=spec.clip, loss_mask=mask, tp_group=spec.tp_group,
+        top_k=spec.top_k, target_ids=ids, vocab_size=spec.vocab_size, chunk_size=chunk_tokens(spec, s_weight),
+        reduce_hidden_grad=not spec.sequence_parallel, with_stats=True, sampling=spec.sampling,
+    )  # fmt: skip
+    loss_sum = per_tok.sum()
+    if capture is not None:
+        capture.append((per_tok.detach().reshape(mb.loss_mask.shape), mb.loss_mask))
+    with torch.no_grad():
+        keep = mask != 0
+        sums = {"loss_sum": loss_sum.detach().double(), "tokens": keep.sum().double(),
+                "clipped_fraction": st.clipped_fraction.double().sum(),
+                "student_entropy": st.student_entropy.double().sum(),
+                "teacher_entropy": st.teacher_entropy.double().sum()}  # fmt: skip
+        if st.token_logprobs is not None:  # drift: the engine sampled with exactly these weights
+            engine = mb.rollout_logprobs.reshape(-1).double()
+            delta = torch.where(keep, (engine - st.token_logprobs.double()).abs().clamp(max=30.0), 0.0)
+            sums["drift_abs"], sums["drift_mult"] = delta.sum(), torch.expm1(delta).sum()
+        else:
+            sums["drift_abs"] = sums["drift_mult"] = torch.zeros((), dtype=torch.float64)
+    return loss_sum * scale, sums
+
+
+def student_step(
+    chunks: list, mbs: list[MicroBatch], t_hidden: list, t_weight, spec: LossSpec, *, scale: float,
+    micro_batch_size: int, capture: list | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Student forward + backward over all micro-batches (gradients accumulate in the chunks); returns this
+    rank's `SUM_KEYS` sums (zeros off the last stage). Collectives: the schedule's and the loss's.
+    `capture`: see `loss_func`."""
+    from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
+
+    s_weight = output_weight(chunks[-1]) if _is_last_stage() else None
+
+    def step_fn(data_iterator, model):
+        mb, th = next(data_iterator)
+        out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None,
+                                    lengths=mb.student_lengths)  # fmt: skip
+        return out, partial(loss_func, mb, th, t_weight, spec, scale, s_weight, capture)
+
+    data = list(zip(mbs, t_hidden))
+    store = run_schedule(step_fn, data, chunks, mbs[0].student_tokens.shape[1], micro_batch_size, False)
+    sums = dict.fromkeys(SUM_KEYS, 0.0)
+    for d in store if _is_last_stage() else []:
+        for k in SUM_KEYS:
+            sums[k] += float(d[k])
+    return sums
+
+
+def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: bool) -> dict[str, float]:
+    """Global step metrics from this rank's loss sums and its replica's rollout stats (means over the
+    replica's `n_samples` samples). Only `reporter` ranks (one per DP replica) contribute; collective:
+    one all-reduce SUM over the world."""
+    from opsd_megatron.observe.metrics import reduce_sums
+
+    w = 1.0 if reporter else 0.0
+    vec = {k: w * sums[k] for k in SUM_KEYS}
+    acc = rollout_stats["rollout/accuracy"]
+    graded = w * n_samples if acc == acc else 0.0
+    vec.update(acc_sum=graded * (acc if acc == acc else 0.0), acc_n=graded, samples=w * n_samples)
+    for k in ("rollout/response_length", "rollout/truncation_rate"):
+        vec[k] = w * n_samples * rollout_stats[k]
+    g = reduce_sums(vec)
+    n = max(g["tokens"], 1.0)
+    s = max(g["samples"], 1.0)
+    return {
+        "loss": g["loss_sum"] / n,
+        "clipped_fraction": g["clipped_fraction"] / n,
+        "entropy/student": g["student_entropy"] / n,
+        "entropy/teacher": g["teacher_entropy"] / n,
+        "response_tokens": g["tokens"],
+        "rollout/accuracy": g["acc_sum"] / g["acc_n"] if g["acc_n"] > 0 else float("nan"),
+        "rollout/response_length": g["rollout/response_length"] / s,
+        "rollout/truncation_rate": g["rollout/truncation_rate"] / s,
+        "drift/mean_abs_logprob": g["drift_abs"] / n,
+        "drift/mult_prob_err": g["drift_mult"] / n,
+    }
