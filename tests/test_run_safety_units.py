@@ -191,7 +191,7 @@ def test_startup_path_checks_name_the_key(tiny_qwen3_dir, tmp_path, monkeypatch)
 
 
 def test_train_cli_layout_error_is_one_line_rc2(tiny_qwen3_dir, tmp_path, capsys, monkeypatch):
-    from opsd_megatron.train import main
+    from opsd_megatron.cli.train import main
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = tmp_path / "c.yaml"
@@ -287,7 +287,7 @@ def test_convert_errors_are_one_line_rc2(tmp_path, capsys, monkeypatch):
 
 
 def test_eval_argument_errors_name_the_flag_before_start_up(tmp_path, capsys):
-    from opsd_megatron.eval import main
+    from opsd_megatron.cli.eval import main
 
     bench = str(DATA / "eval_tiny.jsonl")
     for argv, needle in [
@@ -305,7 +305,7 @@ def test_eval_argument_errors_name_the_flag_before_start_up(tmp_path, capsys):
 def test_eval_model_files_checked_before_start_up(tiny_qwen3_dir, tmp_path, capsys):
     import shutil
 
-    from opsd_megatron.eval import main
+    from opsd_megatron.cli.eval import main
 
     m = tmp_path / "m"
     shutil.copytree(tiny_qwen3_dir, m)
