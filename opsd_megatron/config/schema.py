@@ -43,6 +43,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """`model.*`: the HF model trained (student) and scored against (teacher), its dtype and layer spec."""
+
     path: str = ""
     """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense, Qwen3-MoE)."""
     tokenizer: str | None = None
@@ -57,6 +59,8 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
+    """`parallel.*`: the Megatron layout (TP, PP with an optional uneven split, SP, EP, expert-TP)."""
+
     tp: int = 1
     """Tensor-parallel size (must divide attention heads and query groups)."""
     pp: int = 1
@@ -76,6 +80,8 @@ class ParallelConfig:
 
 @dataclass
 class MoeConfig:
+    """`moe.*`: mixture-of-experts router losses (ignored for dense models)."""
+
     aux_loss_coeff: float | None = None
     """Router load-balancing loss coefficient; null = the HF config's router_aux_loss_coef (0.001 for
     Qwen3-MoE: what the model was trained with, keeps routing stable while distilling)."""
@@ -88,6 +94,8 @@ class MoeConfig:
 
 @dataclass
 class DataConfig:
+    """`data.*`: where the problems with worked solutions come from and which columns hold what."""
+
     path: str = ""
     """Local .jsonl/.json/.parquet file, a directory of them, `builtin:tiny_math`, or a hub dataset name."""
     split: str = "train"
@@ -111,6 +119,8 @@ class DataConfig:
 
 @dataclass
 class PromptConfig:
+    """`prompts.*`: the student/teacher templates, thinking switches and the prompt-length limit."""
+
     student_template: str = STUDENT_TEMPLATE
     """Student user turn; `{problem}` is substituted."""
     teacher_template: str = TEACHER_TEMPLATE
@@ -126,6 +136,8 @@ class PromptConfig:
 
 @dataclass
 class RolloutConfig:
+    """`rollout.*`: the generation engine, its sampling, memory share and weight refresh."""
+
     engine: EngineKind = "vllm"
     """Generation backend (hf: transformers generate, for tests and tiny models)."""
     temperature: float = 1.1
@@ -156,6 +168,8 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
+    """`loss.*`: the divergence between teacher and student and how it is computed."""
+
     kind: LossKind = "forward_kl"
     """Divergence between teacher and student (docs/algorithm.md): top_k = the teacher's top-k ids (see
     top_k_tail); sampled_token = advantage stop-grad(log p_T - log p_S) at the sampled token, loss =
@@ -182,6 +196,8 @@ class LossConfig:
 
 @dataclass
 class TeacherConfig:
+    """`teacher.*`: which weights play the teacher and what it is shown."""
+
     mode: TeacherMode = "frozen"
     """frozen: initial weights (adapters off when LoRA is on); adapters_off: LoRA only; ema; current."""
     ema_decay: float = 0.999
@@ -194,6 +210,8 @@ class TeacherConfig:
 
 @dataclass
 class LoraConfig:
+    """`lora.*`: parameter-efficient training (adapters instead of all weights)."""
+
     enabled: bool = False
     """Train LoRA adapters instead of all weights."""
     rank: int = 64
@@ -219,6 +237,8 @@ class LoraConfig:
 
 @dataclass
 class OptimizerConfig:
+    """`optimizer.*`: AdamW, gradient clipping and the learning-rate schedule."""
+
     lr: float = 5e-6
     """Peak learning rate (AdamW)."""
     min_lr: float = 0.0
@@ -241,6 +261,8 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
+    """`train.*`: steps, batch sizes, seed."""
+
     steps: int = 100
     """Number of optimizer steps."""
     global_batch_size: int = 32
@@ -255,6 +277,8 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """`checkpoint.*`: saving, resuming and the HF export."""
+
     save_interval: int = 50
     """Save a Megatron distributed checkpoint every N steps (0: only at the end and on signals)."""
     resume: bool = True
@@ -275,6 +299,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """`logging.*`: console, TensorBoard, W&B and the sampled-rollout log."""
+
     log_interval: int = 1
     """Log to the console every N steps (metrics.jsonl and TensorBoard get every step)."""
     wandb_project: str | None = None
@@ -295,6 +321,8 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
+    """`eval.*`: periodic evaluation during training."""
+
     interval: int = 0
     """Evaluate every N steps (0 disables)."""
     path: str | None = None
@@ -319,6 +347,8 @@ class EvalConfig:
 
 @dataclass
 class SFTConfig:
+    """`sft.*`: supervised fine-tuning on the reference solutions (algorithm=sft)."""
+
     formats: list[SftFormat] = field(default_factory=lambda: list(typing.get_args(SftFormat)))
     """algorithm=sft: the prompt formats each problem is trained in (student: problem -> solution;
     teacher: problem + reference solution -> solution); one sequence per problem and format."""
@@ -326,6 +356,8 @@ class SFTConfig:
 
 @dataclass
 class OPSDConfig:
+    """The whole run configuration: one section per subsystem (`load_config` builds and checks it)."""
+
     output_dir: str = "runs/opsd"
     """Checkpoints, metrics.jsonl, TensorBoard logs and the final HF export go here."""
     algorithm: Algorithm = "opsd"

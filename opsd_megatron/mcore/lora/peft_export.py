@@ -22,7 +22,7 @@ become one block-diagonal adapter of rank 2r with alpha 2*alpha, so alpha/r is k
 reproduced). Two limits of that conversion: it needs both gate_proj and up_proj (per_projection with only
 one adapted: the other is written as a zero adapter, exact), and it maps EVERY gate/up/down_proj name of a
 MoE model to the experts, so adapters on dense-layer MLPs of a MoE model (`mlp_only_layers`) cannot be
-loaded by PEFT: ValueError naming `lora.export_peft` (config_checks refuses it at start-up).
+loaded by PEFT: ValueError naming `lora.export_peft` (`config.checks` refuses it at start-up).
 """
 
 from __future__ import annotations
