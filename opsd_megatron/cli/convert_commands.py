@@ -48,7 +48,7 @@ def _pipeline_layers(args, num_layers: int | None) -> list[int] | None:
     try:
         check_pipeline_layers(pl, args.pp, num_layers, pp_key="--pp")
     except LayoutError as e:
-        raise ValueError(f"--pipeline-layers: {e.problem}") from None
+        raise ValueError(f"--pipeline-layers: pipeline_layers {e.problem}") from None
     return pl
 
 

@@ -85,7 +85,7 @@ def te_import_error() -> str | None:
     """None when `transformer_engine.pytorch` imports, else why not ("ExceptionType: message"); cached."""
     if not _TE_STATUS:
         try:
-            import transformer_engine.pytorch  # noqa: F401
+            import transformer_engine.pytorch  # noqa: F401 (optional heavy dependency: Transformer Engine)
 
             _TE_STATUS.append(None)
         except Exception as e:  # noqa: BLE001 - ImportError, but also CUDA/ABI errors raised at import
