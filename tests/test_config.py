@@ -168,14 +168,16 @@ def test_choices_and_defaults_shared_with_the_rollout_factory():
         make_engine("sglang", "x")
 
 
-def test_use_te_reads_yaml_booleans(tmp_path):
-    """model.use_te is one typed choice (auto/true/false); YAML's true/false are read as "true"/"false"."""
+def test_use_te_is_one_typed_choice(tmp_path):
+    """model.use_te is one typed choice (auto, true, false): YAML booleans, a quoted "true" read as one."""
     assert _load(tmp_path, BASE).model.use_te == "auto"
     text = "model:\n  path: /m\n  use_te: true\ndata:\n  path: builtin:tiny_math\n"
-    assert _load(tmp_path, text).model.use_te == "true"
-    assert _load(tmp_path, text.replace("true", "false")).model.use_te == "false"
+    assert _load(tmp_path, text).model.use_te is True
+    assert _load(tmp_path, text.replace("true", "'false'")).model.use_te is False
     with pytest.raises(ConfigError, match="'model.use_te': must be one of auto, true, false, got 'maybe'"):
         _load(tmp_path, text.replace("true", "maybe"))
+    with pytest.raises(ConfigError, match="'model.use_te': must be one of auto, true, false, got 1"):
+        _load(tmp_path, text.replace("true", "1"))
 
 
 def test_layout_rules_are_declared_once():

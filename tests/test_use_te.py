@@ -28,6 +28,6 @@ def test_use_te_config_key_is_checked():
     from opsd_megatron.config import ConfigError, config_from_dict
 
     base = {"model": {"path": "x"}, "data": {"path": "y"}}
-    assert config_from_dict({**base, "model": {"path": "x", "use_te": False}}).model.use_te == "false"
+    assert config_from_dict({**base, "model": {"path": "x", "use_te": False}}).model.use_te is False
     with pytest.raises(ConfigError, match="model.use_te"):
         config_from_dict({**base, "model": {"path": "x", "use_te": "maybe"}})

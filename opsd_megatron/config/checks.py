@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from opsd_megatron.config.lora_targets import names_mlp
-from opsd_megatron.config.schema import ConfigError, OPSDConfig, SftFormat, literal_fields
+from opsd_megatron.config.schema import (
+    ConfigError,
+    OPSDConfig,
+    SftFormat,
+    choice_text,
+    is_choice,
+    literal_fields,
+)
 from opsd_megatron.mcore.layout import (
     LayoutError,
     check_model_layout,
@@ -48,7 +55,7 @@ def _layout(rule: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 # ---- validate: one function per section --------------------------------------------------------------------
 def _check_choices_and_paths(cfg: OPSDConfig) -> None:
     for key, val, allowed in literal_fields(cfg):  # also values set in code, not only loaded ones
-        _check(val in allowed, key, f"must be one of {', '.join(allowed)}, got {val!r}.")
+        _check(is_choice(val, allowed), key, f"must be one of {choice_text(allowed)}, got {val!r}.")
     _check(bool(cfg.model.path), "model.path", "is required (an HF model directory or hub name).")
     _check(bool(cfg.data.path), "data.path", "is required (a jsonl/parquet file or a hub dataset name).")
 

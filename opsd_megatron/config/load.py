@@ -5,7 +5,7 @@
 
 Strict: an unknown key or a value of the wrong type raises `ConfigError`, one sentence naming the key. Values
 are checked against the dataclass annotations of `config.schema` (int accepted for float, YAML 1.1's "5e-6"
-string read as a float, YAML's true/false for a "true"/"false" choice); `config_from_dict` then runs
+string read as a float, a quoted "true"/"false" for a boolean choice); `config_from_dict` then runs
 `checks.validate`, `load_config` also `checks.validate_model` (the model's local config.json, if any).
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from opsd_megatron.config.checks import validate, validate_model
-from opsd_megatron.config.schema import ConfigError, OPSDConfig
+from opsd_megatron.config.schema import ConfigError, OPSDConfig, choice_text, is_choice
 
 __all__ = ["apply_overrides", "config_from_dict", "load_config"]
 
@@ -32,12 +32,10 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce_literal(key: str, value: Any, allowed: tuple) -> Any:
-    if (
-        isinstance(value, bool) and str(value).lower() in allowed
-    ):  # YAML true/false for a "true"/"false" choice
-        return str(value).lower()
-    if value not in allowed:
-        raise ConfigError(f"config key '{key}': must be one of {', '.join(allowed)}, got {value!r}.")
+    if isinstance(value, str) and True in allowed and value.lower() in ("true", "false"):
+        value = value.lower() == "true"  # a quoted "true" for a choice that includes the booleans
+    if not is_choice(value, allowed):
+        raise ConfigError(f"config key '{key}': must be one of {choice_text(allowed)}, got {value!r}.")
     return value
 
 

@@ -22,7 +22,7 @@ from opsd_megatron.data.prompts import STUDENT_TEMPLATE, TEACHER_TEMPLATE
 # ---- the choices, each declared once ---------------------------------------------------------------------
 Algorithm = Literal["opsd", "sft"]
 DType = Literal["float32", "bfloat16", "float16"]
-UseTE = Literal["auto", "true", "false"]
+UseTE = Literal["auto", True, False]
 OnBadRow = Literal["error", "skip"]
 EngineKind = Literal["vllm", "hf"]
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"]
@@ -53,8 +53,8 @@ class ModelConfig:
     """Training dtype of the Megatron model (CPU: float32 only)."""
     use_te: UseTE = "auto"
     """Transformer Engine layer spec: auto (used when it imports; why not is logged once), true (start-up
-    fails with the import error when it does not import) or false (Megatron's local spec); YAML's true/false
-    are read as "true"/"false"."""
+    fails with the import error when it does not import) or false (Megatron's local spec); the strings
+    "true"/"false" are read as the booleans."""
 
 
 @dataclass
@@ -401,6 +401,16 @@ class OPSDConfig:
 def choices(cls: type, name: str) -> tuple[str, ...]:
     """The allowed values of a `Literal` field, e.g. choices(LossConfig, "kind") (declared once: the type)."""
     return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def is_choice(value: Any, allowed: tuple) -> bool:
+    """`value` is one of a Literal's `allowed` values, type included (1 is not True, True is not 1)."""
+    return any(value == a and type(value) is type(a) for a in allowed)
+
+
+def choice_text(allowed: tuple) -> str:
+    """A Literal's values as the YAML a user writes them: "auto, true, false"."""
+    return ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
 
 
 def literal_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, tuple]]:

@@ -39,7 +39,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from opsd_megatron.config.schema import UseTE
+from opsd_megatron.config.schema import UseTE, choice_text, is_choice
 from opsd_megatron.mcore import parallel
 from opsd_megatron.mcore.layout import check_pipeline_layers
 from opsd_megatron.mcore.models.hf_config import ModelSpec, parse_hf_config, rope_inv_freq
@@ -100,18 +100,20 @@ def have_te() -> bool:
     return te_import_error() is None
 
 
-def resolve_use_te(setting: UseTE | bool | None = "auto") -> bool:
-    """`model.use_te` (`config.UseTE`; a bool or None is read as "true"/"false"/"auto") -> whether to build
-    the TE layer spec. "auto": TE when it imports, else Megatron's local spec, and the reason TE did not
-    import is logged once; "true": TE, or a RuntimeError saying why it cannot be imported; "false": the
-    local spec."""
-    choice = "auto" if setting is None else str(setting).lower() if isinstance(setting, bool) else setting
-    if choice not in typing.get_args(UseTE):
-        raise ValueError(f"model.use_te must be {', '.join(typing.get_args(UseTE))}, got {setting!r}.")
-    if choice == "false":
+def resolve_use_te(setting: UseTE | str | None = "auto") -> bool:
+    """`model.use_te` (`config.UseTE`: "auto", True or False; None and the strings "true"/"false" are read
+    as those) -> whether to build the TE layer spec. "auto": TE when it imports, else Megatron's local
+    spec, and the reason TE did not import is logged once; True: TE, or a RuntimeError saying why it cannot
+    be imported; False: the local spec."""
+    choice = "auto" if setting is None else setting
+    if isinstance(choice, str) and choice.lower() in ("true", "false"):
+        choice = choice.lower() == "true"
+    if not is_choice(choice, typing.get_args(UseTE)):
+        raise ValueError(f"model.use_te must be {choice_text(typing.get_args(UseTE))}, got {setting!r}.")
+    if choice is False:
         return False
     why = te_import_error()
-    if choice == "true" and why is not None:
+    if choice is True and why is not None:
         raise RuntimeError(f"model.use_te=true but transformer_engine.pytorch does not import: {why}")
     if why is not None and not _TE_STATUS[1:]:
         _TE_STATUS.append("logged")
