@@ -137,3 +137,63 @@ def test_model_and_world_checks(tmp_path):
     with pytest.raises(ConfigError, match=r"'parallel.pp' = 2 x 1 = 2 do not divide the 3 process"):
         validate_world(cfg, 3)
     validate_model(cfg, {"num_attention_heads": 4})
+
+
+def test_config_package_imports_without_torch():
+    """The CLIs check a config before anything heavy loads: `opsd_megatron.config` must not pull in torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, opsd_megatron.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_choices_and_defaults_shared_with_the_rollout_factory():
+    """Engine kinds and the vLLM memory share are declared once (config.schema) and used by the factory."""
+    import inspect
+    import typing
+
+    from opsd_megatron.config import GPU_MEMORY_UTILIZATION, EngineKind, RolloutConfig
+    from opsd_megatron.rollout import ENGINE_KINDS, make_engine
+    from opsd_megatron.rollout.vllm_engine import VLLMEngine
+
+    assert ENGINE_KINDS == typing.get_args(EngineKind) == ("vllm", "hf")
+    defaults = [
+        RolloutConfig().gpu_memory_utilization,
+        inspect.signature(make_engine).parameters["gpu_memory_utilization"].default,
+        inspect.signature(VLLMEngine.__init__).parameters["gpu_memory_utilization"].default,
+    ]
+    assert defaults == [GPU_MEMORY_UTILIZATION] * 3 and GPU_MEMORY_UTILIZATION == 0.3
+    with pytest.raises(ValueError, match="'sglang' is not one of"):
+        make_engine("sglang", "x")
+
+
+def test_use_te_is_one_typed_choice(tmp_path):
+    """model.use_te is one typed choice (auto, true, false): YAML booleans, a quoted "true" read as one."""
+    assert _load(tmp_path, BASE).model.use_te == "auto"
+    text = "model:\n  path: /m\n  use_te: true\ndata:\n  path: builtin:tiny_math\n"
+    assert _load(tmp_path, text).model.use_te is True
+    assert _load(tmp_path, text.replace("true", "'false'")).model.use_te is False
+    with pytest.raises(ConfigError, match="'model.use_te': must be one of auto, true, false, got 'maybe'"):
+        _load(tmp_path, text.replace("true", "maybe"))
+    with pytest.raises(ConfigError, match="'model.use_te': must be one of auto, true, false, got 1"):
+        _load(tmp_path, text.replace("true", "1"))
+
+
+def test_layout_rules_are_declared_once():
+    """The config checks and Megatron's start-up (`mcore.layout`) raise the same sentence for one rule."""
+    from opsd_megatron.config import config_from_dict
+    from opsd_megatron.mcore.layout import LayoutError, check_pipeline_layers, check_world
+
+    base = {"model": {"path": "m"}, "data": {"path": "builtin:tiny_math"}}
+    with pytest.raises(LayoutError) as mc:
+        check_pipeline_layers([2, 0], 2)
+    with pytest.raises(ConfigError) as cf:
+        config_from_dict({**base, "parallel": {"pp": 2, "pipeline_layers": [2, 0]}})
+    assert str(mc.value) == str(cf.value)
+    assert "'parallel.pipeline_layers': has a stage without layers" in str(cf.value)
+    with pytest.raises(LayoutError) as mc:
+        check_world(3, 2, 1)
+    with pytest.raises(ConfigError) as cf:
+        validate_world(config_from_dict({**base, "parallel": {"tp": 2}}), 3)
+    assert str(mc.value) == str(cf.value)

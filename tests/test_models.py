@@ -76,7 +76,7 @@ def test_tp_pp_divisibility_messages(tiny_models):
     ):
         builder._check_divisibility(spec, 1, 3, None)
     with pytest.raises(
-        ValueError, match=r"pipeline_layers \[1, 2\] must have 2 entries summing to num_hidden_layers \(4\)"
+        ValueError, match=r"'parallel.pipeline_layers': \[1, 2\] sums to 3, but the model has 4 layers"
     ):
         builder._check_divisibility(spec, 1, 2, [1, 2])
     builder._check_divisibility(spec, 2, 2, None)

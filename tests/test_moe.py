@@ -111,6 +111,7 @@ def _bundle(rank, world, moe_dir, ref_logits, x, work, bad_dir):
     from opsd_megatron.cli import convert as cli
     from opsd_megatron.mcore import parallel
     from opsd_megatron.mcore.conversion import export_hf_weights, load_hf_weights, save_hf_checkpoint
+    from opsd_megatron.mcore.layout import check_world
     from opsd_megatron.mcore.models import build_model, forward_logits
     from opsd_megatron.rollout.refresh import push_weights
 
@@ -141,7 +142,7 @@ def _bundle(rank, world, moe_dir, ref_logits, x, work, bad_dir):
     res["cli"] = (rcs, buf.getvalue())
 
     # --- bad input --------------------------------------------------------------------------------------
-    res["errors"]["layout"] = error_text(lambda: parallel.check_layout(4, 1, 1, ep=3))
+    res["errors"]["layout"] = error_text(lambda: check_world(4, 1, 1, ep=3))
     parallel.initialize(1, 1, ep=4)
     cfg6 = dict(build_model(moe_dir, perform_initialization=False)[0].opsd_info.hf_config, num_experts=6)
     res["errors"]["ep_divides"] = error_text(lambda: build_model(cfg6, perform_initialization=False))
@@ -276,7 +277,8 @@ def test_moe_router_losses_leave_padding_out(bundle):
 
 def test_moe_bad_input_errors(bundle):
     errs = bundle["results"][0]["errors"]
-    assert "parallel.ep=3" in errs["layout"] and "world size (4)" in errs["layout"], errs["layout"]
+    assert "'parallel.ep'" in errs["layout"] and "= 3 x 1 x 1" in errs["layout"], errs["layout"]
+    assert "world size 4" in errs["layout"], errs["layout"]
     assert "parallel.ep" in errs["ep_divides"] and "'num_experts' (6)" in errs["ep_divides"], errs
     # At EP4 each rank reads only its own 2 experts: exactly the rank holding expert 5 misses the tensor.
     missing = [r["errors"]["missing_expert"] for r in bundle["results"]]

@@ -7,7 +7,8 @@ PEFT adapter directory (`adapter_model.safetensors` + `adapter_config.json`, see
 CKPT is a training checkpoint (`step_NNNNNN/` with opsd_state.json) of a run with `lora.enabled`; the run's
 config (model path, lora.*) is read from `--config`, by default `<run output_dir>/config.yaml`
 (= CKPT/../../config.yaml). Only the adapter tensors are read from the checkpoint (the base weights are not
-needed); the checkpoint reshards, so any TP x PP that divides the model works.
+needed); the checkpoint reshards, so any TP x PP that divides the model works. The command line is parsed in
+`opsd_megatron.cli.convert`.
 """
 
 from __future__ import annotations
@@ -15,28 +16,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron.core import dist_checkpointing
 
-def add_parser(sub, **common) -> None:
-    p = sub.add_parser("export-lora", help="LoRA adapters of a training checkpoint -> PEFT dir", **common)
-    p.add_argument("--megatron", required=True, help="training checkpoint directory (step_NNNNNN)")
-    p.add_argument("--out", required=True, help="output PEFT adapter directory")
-    p.add_argument("--config", default=None, help="the run's config.yaml (default: CKPT/../../config.yaml)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+from opsd_megatron.config import load_config
+from opsd_megatron.mcore import parallel
+from opsd_megatron.mcore.dtypes import torch_dtype
+from opsd_megatron.mcore.lora import apply_lora
+from opsd_megatron.mcore.lora.peft_export import save_peft_adapter
+from opsd_megatron.mcore.models import build_model
+from opsd_megatron.mcore.models.builder import unwrap
+from opsd_megatron.run.checkpointing import STATE_FILE
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from megatron.core import dist_checkpointing
-
-    from opsd_megatron.config import load_config
-    from opsd_megatron.mcore import parallel
-    from opsd_megatron.mcore.lora import apply_lora
-    from opsd_megatron.mcore.lora.peft_export import save_peft_adapter
-    from opsd_megatron.mcore.models import build_model
-    from opsd_megatron.mcore.models.builder import unwrap
-    from opsd_megatron.run.checkpointing import STATE_FILE
-
+    """Write the PEFT adapter of `args.megatron` to `args.out` (arguments: `opsd-convert export-lora`)."""
     ckpt = Path(args.megatron)
     if not (ckpt / STATE_FILE).is_file():
         raise SystemExit(
@@ -50,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.lora.enabled:
         raise SystemExit(f"opsd-convert export-lora: {cfg_path} has lora.enabled=false: no adapters.")
     parallel.initialize(args.tp, args.pp)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype, torch.float32)
-    chunks = build_model(cfg.model.path, dtype, perform_initialization=False)
+    chunks = build_model(cfg.model.path, torch_dtype(cfg.model.dtype), perform_initialization=False)
     apply_lora(chunks, cfg.lora)
     n = len(chunks)
     sd = {}

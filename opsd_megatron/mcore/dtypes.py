@@ -1,6 +1,7 @@
-"""The one table from a config's dtype name to a torch dtype (`model.dtype`, `opsd-convert --dtype`).
+"""The one table from a config's dtype name to a torch dtype (`model.dtype`, `opsd-convert --dtype`); the
+names are `config.DType`, "bf16" / "fp32" / "fp16" are accepted aliases:
 
-    torch_dtype("bfloat16")   # torch.bfloat16; "bf16" / "fp32" / "fp16" are accepted aliases
+    torch_dtype("bfloat16")   # torch.bfloat16
 """
 
 from __future__ import annotations

@@ -18,10 +18,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as mps
+from megatron.core import tensor_parallel
+
+from opsd_megatron.mcore import cpu
+from opsd_megatron.mcore.layout import check_pipeline_layers, check_world
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,6 @@ def _first_slurm_host() -> str | None:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
         return None
-    import subprocess
 
     try:
         out = subprocess.run(
@@ -135,35 +140,6 @@ def _init_process_group(backend: str | None) -> None:
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
 
 
-def check_layout(world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
-    """ValueError naming the sizes when TP x PP (dense) or ETP x EP x PP (experts) cannot tile the world."""
-    etp = tp if etp is None else etp
-    if tp < 1 or pp < 1 or world % (tp * pp) != 0:
-        raise ValueError(
-            f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp}) must divide the "
-            f"world size ({world})."
-        )
-    if ep < 1 or etp < 1 or world % (etp * ep * pp) != 0:
-        raise ValueError(
-            f"expert parallel size (parallel.ep={ep}) x expert tensor parallel size ({etp}) x pipeline "
-            f"parallel size ({pp}) must divide the world size ({world}): EP x ETP x PP x expert-DP = world."
-        )
-
-
-def check_pipeline_layers(pipeline_layers: list[int] | None, pp: int, num_layers: int | None = None) -> None:
-    """Raise ValueError unless `pipeline_layers` is a valid uneven split: `pp` entries, each >= 1, equal
-    middle stages (Megatron sizes first, last and the rest), summing to `num_layers` when given."""
-    if pipeline_layers is None:
-        return
-    pl = list(pipeline_layers)
-    if len(pl) != pp or min(pl, default=0) < 1 or len(set(pl[1:-1])) > 1:
-        raise ValueError(
-            f"pipeline_layers {pl} must hold pp={pp} layer counts, each >= 1, the middle stages equal."
-        )
-    if num_layers is not None and sum(pl) != num_layers:
-        raise ValueError(f"pipeline_layers {pl} sums to {sum(pl)}, but the model has {num_layers} layers.")
-
-
 def initialize(
     tp: int = 1,
     pp: int = 1,
@@ -184,11 +160,8 @@ def initialize(
     """
     etp = tp if etp is None else etp
     global _STATE
-    from megatron.core import parallel_state as mps
 
-    from opsd_megatron.mcore import cpu
-
-    check_pipeline_layers(pipeline_layers, pp)
+    check_pipeline_layers(pipeline_layers, pp)  # mcore.layout: the rules declared once
     pl = list(pipeline_layers) if pipeline_layers is not None else None
     same = _STATE is not None and (_STATE.tp, _STATE.pp, _STATE.ep, _STATE.etp) == (tp, pp, ep, etp)
     same = same and _STATE is not None and _STATE.pipeline_layers == pl
@@ -197,7 +170,7 @@ def initialize(
     cpu_mode = cpu.install()  # no-op with CUDA
     _init_process_group(backend)
     world = dist.get_world_size()
-    check_layout(world, tp, pp, ep, etp)
+    check_world(world, tp, pp, ep, etp)
     if mps.model_parallel_is_initialized():
         mps.destroy_model_parallel()
     # With a gloo world every Megatron group is already a gloo group: the extra gloo twins Megatron makes for
@@ -215,8 +188,6 @@ def initialize(
         cpu.cpu_model_parallel_manual_seed(seed, tp_rank, ep_rank, etp_rank)
         device = torch.device("cpu")
     else:
-        from megatron.core import tensor_parallel
-
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         device = torch.device("cuda", torch.cuda.current_device())
@@ -262,7 +233,6 @@ def is_initialized() -> bool:
 def destroy() -> None:
     """Tear down Megatron's parallel_state and the default process group."""
     global _STATE
-    from megatron.core import parallel_state as mps
 
     if mps.model_parallel_is_initialized():
         mps.destroy_model_parallel()

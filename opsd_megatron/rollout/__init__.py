@@ -11,23 +11,25 @@ semantics and logprobs). Backends are imported lazily, so this package imports w
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
+from opsd_megatron.config.schema import GPU_MEMORY_UTILIZATION, EngineKind
 from opsd_megatron.rollout.base import RolloutEngine, RolloutOutput, SamplingConfig
 
 __all__ = ["ENGINE_KINDS", "RolloutEngine", "RolloutOutput", "SamplingConfig", "make_engine"]
 
-ENGINE_KINDS = ("vllm", "hf")
+ENGINE_KINDS: tuple[str, ...] = typing.get_args(EngineKind)  # declared once: config.EngineKind
 
 
 def make_engine(
-    kind: str = "vllm",
+    kind: EngineKind = "vllm",
     model_dir: str | Path = "",
     *,
     dtype: str = "auto",
     seed: int = 0,
-    gpu_memory_utilization: float = 0.5,
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
     tensor_parallel_size: int = 1,
     enable_sleep_mode: bool = False,
     max_model_len: int | None = None,
@@ -39,6 +41,8 @@ def make_engine(
     `load_format`, `enforce_eager`, any other `vllm.LLM` kwarg) are ignored by the HF engine; HF-only knobs
     (`device`, `batch_size`) are passed through `kwargs`.
     """
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"rollout engine kind {kind!r} is not one of {list(ENGINE_KINDS)}.")
     if kind == "vllm":
         from opsd_megatron.rollout.vllm_engine import VLLMEngine
 
@@ -52,9 +56,7 @@ def make_engine(
             max_model_len=max_model_len,
             **kwargs,
         )
-    if kind == "hf":
-        from opsd_megatron.rollout.hf_engine import HFEngine
+    from opsd_megatron.rollout.hf_engine import HFEngine  # transformers: only the hf engine needs it
 
-        hf_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "batch_size")}
-        return HFEngine(model_dir, dtype=dtype, seed=seed, **hf_kwargs)
-    raise ValueError(f"rollout engine kind {kind!r} is not one of {list(ENGINE_KINDS)}.")
+    hf_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "batch_size")}
+    return HFEngine(model_dir, dtype=dtype, seed=seed, **hf_kwargs)

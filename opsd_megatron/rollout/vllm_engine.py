@@ -58,6 +58,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opsd_megatron.config.schema import GPU_MEMORY_UTILIZATION
 from opsd_megatron.rollout.base import RolloutOutput, SamplingConfig
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ class VLLMEngine:
         *,
         dtype: str = "auto",
         seed: int = 0,
-        gpu_memory_utilization: float = 0.5,
+        gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
         tensor_parallel_size: int = 1,
         enable_sleep_mode: bool = False,
         max_model_len: int | None = None,

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.config import ConfigError, OPSDConfig, validate_model, validate_world
+from opsd_megatron.mcore.lora.moe_checks import check_lora_backend
 from opsd_megatron.run.watchdog import JobWatchdog, ends_job_on_error
 from opsd_megatron.step.batch import MicroBatch, Sample, pack_step, skip_first_tokens
 
@@ -86,6 +87,7 @@ class OPSDTrainer:
         self.watchdog = JobWatchdog.start(self.ps.rank, self.ps.world_size)  # one rank's error ends the job
         self.dp = validate_world(cfg, self.ps.world_size)
         validate_model(cfg)
+        check_lora_backend(cfg)  # expert adapters vs grouped-GEMM experts (CUDA + TE)
         self.dtype = _DTYPES[cfg.model.dtype]
         if self.dtype != torch.float32 and not torch.cuda.is_available():
             raise ConfigError(

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as mps
 
 from opsd_megatron.mcore.conversion.mapping import (
     EXPERT_TRANSFORMS,
@@ -58,7 +59,6 @@ def export_hf_weights(
     a tied output layer is not exported twice. All ranks of the TP x PP model must consume the iterator
     to the end (it contains collectives).
     """
-    from megatron.core import parallel_state as mps
 
     info = model_info(model_chunks)
     spec = info.spec

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from opsd_megatron.mcore.conversion.export import export_hf_weights
 from opsd_megatron.mcore.models.builder import model_info
@@ -87,7 +88,6 @@ def save_hf_checkpoint(
     `dtype` casts the tensors (default: the model's dtype); `tokenizer_dir` (usually the source HF
     directory) supplies tokenizer and generation-config files; `shard_hook` is passed to export_hf_weights.
     """
-    from safetensors.torch import save_file
 
     info = model_info(model_chunks)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state as mps
+from safetensors import safe_open
 
 from opsd_megatron.mcore.conversion.mapping import EXPERT_TRANSFORMS, hf_shape, param_maps
 from opsd_megatron.mcore.conversion.transforms import hf_to_shard
@@ -35,8 +37,6 @@ class SafetensorsReader:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: self.hf_dir / f for name, f in weight_map.items()}
         elif single.is_file():
-            from safetensors import safe_open
-
             with safe_open(str(single), framework="pt") as f:
                 self.files = {name: single for name in f.keys()}  # noqa: SIM118
         else:
@@ -55,8 +55,6 @@ class SafetensorsReader:
 
     def _handle(self, path: Path):
         if path not in self._handles:
-            from safetensors import safe_open
-
             self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
         return self._handles[path]
 
@@ -85,7 +83,6 @@ def load_hf_weights(model_chunks: list, hf_dir: str | Path, *, strict: bool = Tr
     expected and found shapes); a missing tensor raises KeyError naming it. Tensors are cast to each
     parameter's dtype. With strict=False, parameters without an HF tensor are left as they are.
     """
-    from megatron.core import parallel_state as mps
 
     info = model_info(model_chunks)
     spec = info.spec

@@ -28,6 +28,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from megatron.core import parallel_state as mps
+
 from opsd_megatron.mcore.models.builder import model_info, unwrap
 from opsd_megatron.mcore.models.hf_config import SUPPORTED_ARCHITECTURES, ModelSpec
 
@@ -161,8 +163,6 @@ def param_maps(model_chunks: list) -> list[ParamMap]:
     spec = info.spec
     ep_rank = 0
     if spec.is_moe and info.ep > 1:
-        from megatron.core import parallel_state as mps
-
         ep_rank = mps.get_expert_model_parallel_rank()
     out = []
     for ci, chunk in enumerate(model_chunks):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
 
 from opsd_megatron.mcore.models.builder import model_info, unwrap
 
@@ -81,7 +82,6 @@ def save_megatron_checkpoint(
     extra_metadata: dict | None = None,
 ) -> Path:
     """Save model (+ extra sharded state) as a dist checkpoint and write metadata. Collective (all ranks)."""
-    from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -145,7 +145,6 @@ def load_megatron_checkpoint(
     Returns the loaded entries of `extra_sharded_state` (e.g. {"optimizer": ...}); the model is loaded
     in place. Raises ValueError if the checkpoint's metadata does not match the model.
     """
-    from megatron.core import dist_checkpointing
 
     meta = read_checkpoint_metadata(ckpt_dir)
     check_compatible(meta, model_chunks, ckpt_dir, strict_layout=strict_layout)

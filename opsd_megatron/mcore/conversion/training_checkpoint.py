@@ -17,6 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+from megatron.core import dist_checkpointing
+
+from opsd_megatron.config import config_from_dict
+from opsd_megatron.mcore import parallel
+from opsd_megatron.mcore.conversion.megatron_checkpoint import model_sharded_state_dict
+from opsd_megatron.mcore.dtypes import torch_dtype
+from opsd_megatron.mcore.lora import apply_lora, lora_shard_hook
+from opsd_megatron.mcore.models import build_model
+from opsd_megatron.mcore.models.builder import unwrap
 from opsd_megatron.run.checkpoint_index import (
     CONFIG_FILE,
     STATE_FILE,
@@ -50,10 +60,6 @@ def resolve_training_checkpoint(path: str | Path, *, arg: str = "--megatron") ->
 
 def training_config(step: Path) -> Any:
     """The OPSDConfig the checkpoint was saved with."""
-    import yaml
-
-    from opsd_megatron.config import config_from_dict
-
     for f in (step / CONFIG_FILE, step.parent.parent / "config.yaml"):
         if f.is_file():
             return config_from_dict(yaml.safe_load(f.read_text()) or {})
@@ -75,14 +81,6 @@ def load_training_model(
 
     `pipeline_layers` (decoder layers per stage, `pp` entries; None: even split) is this load's split, which
     need not be the run's: checkpoint tensors are addressed by global layer number."""
-    import torch
-    from megatron.core import dist_checkpointing
-
-    from opsd_megatron.mcore import parallel
-    from opsd_megatron.mcore.conversion.megatron_checkpoint import model_sharded_state_dict
-    from opsd_megatron.mcore.models import build_model
-    from opsd_megatron.mcore.models.builder import unwrap
-
     cfg = training_config(step)
     model_dir = Path(cfg.model.path)
     if not (model_dir / "config.json").is_file() and (model_dir.is_absolute() or model_dir.exists()):
@@ -90,12 +88,9 @@ def load_training_model(
             f"training checkpoint {str(step)!r}: its model.path {cfg.model.path!r} (needed for the "
             "architecture) has no config.json."
         )
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     parallel.initialize(tp, pp, ep=ep, pipeline_layers=pipeline_layers)
-    chunks = build_model(cfg.model.path, dtype or names[cfg.model.dtype], perform_initialization=False)
+    chunks = build_model(cfg.model.path, dtype or torch_dtype(cfg.model.dtype), perform_initialization=False)
     if cfg.lora.enabled:
-        from opsd_megatron.mcore.lora import apply_lora
-
         apply_lora(chunks, cfg.lora)
     sd = model_sharded_state_dict(chunks)
     state = dist_checkpointing.load(sd, str(step))
@@ -108,6 +103,4 @@ def training_shard_hook(cfg: Any):
     """The export hook that merges LoRA adapters into their base weights (None without LoRA)."""
     if not cfg.lora.enabled:
         return None
-    from opsd_megatron.mcore.lora import lora_shard_hook
-
     return lora_shard_hook

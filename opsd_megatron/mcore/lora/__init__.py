@@ -8,14 +8,15 @@
 `cfg.lora.layout`: "per_projection" (PEFT's: q, k, v, gate, up each their own rank-r adapter) or "fused"
 (one adapter per fused Megatron layer); see `api.py` and `adapter.py`. Mixture-of-experts models: attention
 and dense-layer MLPs by default, never the router; `cfg.lora.target_experts` adds one adapter per expert
-(api.py "Mixture of experts"; start-up checks in `moe_checks.py`).
+(api.py "Mixture of experts"; start-up checks in `opsd_megatron.config.checks`, the
+machine-dependent one in `moe_checks.py`).
 
 Importing this package needs neither CUDA nor Transformer Engine nor vLLM.
 """
 
+from opsd_megatron.config.lora_targets import HF_TO_MEGATRON, resolve_parts, resolve_targets
 from opsd_megatron.mcore.lora.adapter import LoRAAdapter
 from opsd_megatron.mcore.lora.api import (
-    HF_TO_MEGATRON,
     LAYOUTS,
     LoRASettings,
     adapters_disabled,
@@ -29,8 +30,6 @@ from opsd_megatron.mcore.lora.api import (
     lora_state_dict,
     merged_local_weight,
     merged_named_parameters,
-    resolve_parts,
-    resolve_targets,
     trainable_named_parameters,
 )
 from opsd_megatron.mcore.lora.peft_export import peft_adapter_tensors, save_peft_adapter

@@ -56,6 +56,8 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core import tensor_parallel as mtp
 from torch import nn
 
 COLUMN = "column"
@@ -202,7 +204,6 @@ class LoRAAdapter(nn.Module):
             return contextlib.nullcontext()
         if self.parallel_mode == COLUMN and not self.sequence_parallel:
             return contextlib.nullcontext()
-        from megatron.core import tensor_parallel
 
         return tensor_parallel.get_cuda_rng_tracker().fork()
 
@@ -212,7 +213,6 @@ class LoRAAdapter(nn.Module):
         Column: x [s, b, in] (SP: [s/tp, b, in]) -> [s, b, out/tp].  Row: x [s, b, in/tp] -> [s, b, out]
         (SP: [s/tp, b, out]). Collectives: see the module docstring (all on the rank-r activation).
         """
-        from megatron.core import tensor_parallel as mtp
 
         with self._dropout_ctx():
             x = self.dropout(x)
@@ -235,7 +235,6 @@ class LoRAAdapter(nn.Module):
         """MoE expert: x [tokens, in] (column) / [tokens, in/etp] (row) -> [tokens, out/etp] (column) /
         partial [tokens, out] (row). No activation collective; backward all-reduces the replicated factor's
         gradient over expert-TP (see the module docstring)."""
-        from megatron.core import tensor_parallel as mtp
 
         a, b = self.lora_a, self.lora_b
         if self.tp_size > 1 and self.parallel_mode == COLUMN:

@@ -41,29 +41,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from torch import nn
 
-from opsd_megatron.config import LoraConfig, choices
+from opsd_megatron.config.lora_targets import HF_TO_MEGATRON, resolve_parts
+from opsd_megatron.config.schema import LoraConfig, choices
+from opsd_megatron.mcore import patches
 from opsd_megatron.mcore.lora.adapter import COLUMN, ROW, LoRAAdapter
+from opsd_megatron.mcore.models.builder import unwrap
 
 log = logging.getLogger(__name__)
 
-# HF projection name -> the Megatron layer that holds it
-HF_TO_MEGATRON = {
-    "q_proj": "linear_qkv",
-    "k_proj": "linear_qkv",
-    "v_proj": "linear_qkv",
-    "o_proj": "linear_proj",
-    "gate_proj": "linear_fc1",
-    "up_proj": "linear_fc1",
-    "down_proj": "linear_fc2",
-}
-FUSED_PARTS = {"linear_qkv": {"q_proj", "k_proj", "v_proj"}, "linear_fc1": {"gate_proj", "up_proj"}}
-MEGATRON_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 LAYOUTS = choices(LoraConfig, "layout")
 _LORA_SUFFIXES = (".lora.lora_a", ".lora.lora_b")
 
@@ -88,51 +82,8 @@ class LoRASettings:
     """MoE: also adapt every expert's gate/up/down_proj named in target_modules (default: experts frozen)."""
 
 
-def resolve_targets(target_modules: Iterable[str]) -> set[str]:
-    """HF / Megatron names -> the set of Megatron layer names that get an adapter (see module docstring)."""
-    return set(resolve_parts(target_modules, warn=True))
-
-
-def resolve_parts(target_modules: Iterable[str], warn: bool = False) -> dict[str, set[str]]:
-    """HF / Megatron names -> {Megatron layer: the HF projections of it that were named}."""
-    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    if not names:
-        raise ValueError("lora.target_modules is empty: name at least one layer (e.g. q_proj, v_proj).")
-    hf_parts: set[str] = set()
-    out: set[str] = set()
-    for raw in names:
-        n = str(raw).strip()
-        if n in ("all-linear", "all_linear", "all"):
-            out.update(MEGATRON_TARGETS)
-            hf_parts.update(HF_TO_MEGATRON)
-            continue
-        if n in MEGATRON_TARGETS:
-            out.add(n)
-            hf_parts.update(p for p, m in HF_TO_MEGATRON.items() if m == n)
-            continue
-        hf = n if n.endswith("_proj") else f"{n}_proj"
-        if hf not in HF_TO_MEGATRON:
-            raise ValueError(
-                f"lora.target_modules: unknown layer {raw!r}; expected one of "
-                f"{sorted(HF_TO_MEGATRON)}, {list(MEGATRON_TARGETS)} or 'all-linear'."
-            )
-        hf_parts.add(hf)
-        out.add(HF_TO_MEGATRON[hf])
-    for fused, parts in FUSED_PARTS.items():
-        if warn and fused in out and not parts <= hf_parts:
-            log.warning(
-                "lora.target_modules names %s but not %s: Megatron fuses them in %s, which gets one adapter "
-                "over the whole fused layer (layout: fused).",
-                sorted(parts & hf_parts),
-                sorted(parts - hf_parts),
-                fused,
-            )
-    return {m: {p for p in hf_parts if HF_TO_MEGATRON[p] == m} for m in out}
-
-
 def _parallel_mode(module: nn.Module) -> str | None:
     """'column' / 'row' for Megatron's (local or TE) tensor-parallel linear layers, else None."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     if isinstance(module, ColumnParallelLinear):
         return COLUMN
@@ -151,7 +102,6 @@ def global_module_name(chunk: nn.Module, name: str) -> str:
     m = re.match(r"^(.*?layers\.)(\d+)(\..*)?$", name)
     if not m:
         return name
-    from opsd_megatron.mcore.models.builder import unwrap
 
     layer = unwrap(chunk).get_submodule(f"{m.group(1)}{m.group(2)}")
     idx = getattr(layer, "layer_number", int(m.group(2)) + 1) - 1
@@ -174,7 +124,6 @@ def _expert_kind(name: str, module: nn.Module) -> str | None:
     # Transformer Engine's expert linears (TEGroupedLinear, TELinear) keep no `is_expert`: the name decides
     if not (getattr(module, "is_expert", False) or ".experts." in f".{name}"):
         return None
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     local = isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and ".local_experts." in name
     return "local" if local else "unsupported"
@@ -311,8 +260,6 @@ def _fc1_stride(module: nn.Module, leaf: str) -> int:
 def _tp_group(module: nn.Module):
     group = getattr(module, "tp_group", None)
     if group is None:
-        from megatron.core import parallel_state
-
         group = parallel_state.get_tensor_model_parallel_group()
     return group
 
@@ -423,7 +370,6 @@ def lora_shard_hook(megatron_name: str, module: nn.Module, shard: torch.Tensor) 
 def _sharded_state_dict_with_lora(self, prefix: str = "", sharded_offsets=(), metadata=None):
     """The base layer's sharded state dict with the adapter re-wrapped with its own TP sharding
     (column: `lora.lora_b` on axis 0, SwiGLU halves as for fc1's weight; row: `lora.lora_a` on axis 1)."""
-    from opsd_megatron.mcore import patches
 
     owner, attr = patches.target("megatron.make_sharded_tensors")
     make_sharded_tensors_for_checkpoint = getattr(owner, attr)
@@ -441,8 +387,6 @@ def _sharded_state_dict_with_lora(self, prefix: str = "", sharded_offsets=(), me
     except TypeError:  # older/newer signature without the group arguments
         lsd = make_sharded_tensors_for_checkpoint(local, f"{prefix}lora.", axis, sharded_offsets)
     if ad.parallel_mode == COLUMN and getattr(ad.lora_b, "partition_stride", 1) == 2:
-        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
         key = f"{prefix}lora.lora_b"
         lsd[key] = apply_swiglu_sharded_factory(lsd[key], sharded_offsets)
     sd.update(lsd)

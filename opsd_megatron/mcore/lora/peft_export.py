@@ -22,7 +22,7 @@ become one block-diagonal adapter of rank 2r with alpha 2*alpha, so alpha/r is k
 reproduced). Two limits of that conversion: it needs both gate_proj and up_proj (per_projection with only
 one adapted: the other is written as a zero adapter, exact), and it maps EVERY gate/up/down_proj name of a
 MoE model to the experts, so adapters on dense-layer MLPs of a MoE model (`mlp_only_layers`) cannot be
-loaded by PEFT: ValueError naming `lora.export_peft` (config_checks refuses it at start-up).
+loaded by PEFT: ValueError naming `lora.export_peft` (`config.checks` refuses it at start-up).
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as mps
+from safetensors.torch import save_file
 
+from opsd_megatron.mcore.conversion.mapping import map_name
+from opsd_megatron.mcore.conversion.transforms import shards_to_hf
 from opsd_megatron.mcore.lora.adapter import COLUMN, LoRAAdapter
+from opsd_megatron.mcore.lora.api import global_module_name
+from opsd_megatron.mcore.models.builder import model_info, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +73,6 @@ def peft_adapter_tensors(model_chunks: list, which: str = "weight") -> dict[str,
     all-gather over TP of the sharded factor (column: B [out/tp, r]; row: A [r, in/tp]); with PP > 1 one
     all_gather_object over the PP group at the end. Every rank of the model must call it.
     """
-    from megatron.core import parallel_state as mps
-
-    from opsd_megatron.mcore.conversion.mapping import map_name
-    from opsd_megatron.mcore.conversion.transforms import shards_to_hf
-    from opsd_megatron.mcore.lora.api import global_module_name
-    from opsd_megatron.mcore.models.builder import model_info, unwrap
 
     info = model_info(model_chunks)
     spec = info.spec
@@ -161,9 +161,6 @@ def adapter_config(lora_cfg, tensors: dict[str, torch.Tensor], base_model: str |
 def save_peft_adapter(model_chunks: list, out_dir: str | Path, lora_cfg, *, base_model: str | None) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` to `out_dir` (global rank 0 writes).
     Collective: every rank of the model must call it (see `peft_adapter_tensors`)."""
-    from safetensors.torch import save_file
-
-    from opsd_megatron.mcore.models.builder import model_info
 
     tensors = peft_adapter_tensors(model_chunks)
     dense_mlp = sorted(k for k in tensors if ".mlp." in k and ".mlp.experts." not in k)

@@ -26,13 +26,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as mps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import gpt_layer_specs as gls
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 
+from opsd_megatron.config.schema import UseTE, choice_text, is_choice
+from opsd_megatron.mcore import parallel
+from opsd_megatron.mcore.layout import check_pipeline_layers
 from opsd_megatron.mcore.models.hf_config import ModelSpec, parse_hf_config, rope_inv_freq
+from opsd_megatron.mcore.models.moe import check_moe_divisibility, moe_config_kwargs
+from opsd_megatron.mcore.models.norm import SequenceParallelRMSNorm, replace_norms
+from opsd_megatron.mcore.models.tp_attributes import mark_tensor_parallel_weights
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +85,7 @@ def te_import_error() -> str | None:
     """None when `transformer_engine.pytorch` imports, else why not ("ExceptionType: message"); cached."""
     if not _TE_STATUS:
         try:
-            import transformer_engine.pytorch  # noqa: F401
+            import transformer_engine.pytorch  # noqa: F401 (optional heavy dependency: Transformer Engine)
 
             _TE_STATUS.append(None)
         except Exception as e:  # noqa: BLE001 - ImportError, but also CUDA/ABI errors raised at import
@@ -87,25 +100,26 @@ def have_te() -> bool:
     return te_import_error() is None
 
 
-def resolve_use_te(setting: bool | str | None = "auto") -> bool:
-    """`model.use_te` -> whether to build the TE layer spec. "auto"/None: TE when it imports, else Megatron's
-    local spec, and the reason TE did not import is logged once; True: TE, or a RuntimeError saying why it
-    cannot be imported; False: the local spec."""
-    if setting in (None, "auto"):
-        why = te_import_error()
-        if why is not None and not _TE_STATUS[1:]:
-            _TE_STATUS.append("logged")
-            log.warning("Transformer Engine not used (model.use_te=auto): import failed with %s; "
-                           "building Megatron's local layer spec.", why)  # fmt: skip
-        return why is None
-    if setting in (True, "true"):
-        why = te_import_error()
-        if why is not None:
-            raise RuntimeError(f"model.use_te=true but transformer_engine.pytorch does not import: {why}")
-        return True
-    if setting in (False, "false"):
+def resolve_use_te(setting: UseTE | str | None = "auto") -> bool:
+    """`model.use_te` (`config.UseTE`: "auto", True or False; None and the strings "true"/"false" are read
+    as those) -> whether to build the TE layer spec. "auto": TE when it imports, else Megatron's local
+    spec, and the reason TE did not import is logged once; True: TE, or a RuntimeError saying why it cannot
+    be imported; False: the local spec."""
+    choice = "auto" if setting is None else setting
+    if isinstance(choice, str) and choice.lower() in ("true", "false"):
+        choice = choice.lower() == "true"
+    if not is_choice(choice, typing.get_args(UseTE)):
+        raise ValueError(f"model.use_te must be {choice_text(typing.get_args(UseTE))}, got {setting!r}.")
+    if choice is False:
         return False
-    raise ValueError(f"model.use_te must be auto, true or false, got {setting!r}.")
+    why = te_import_error()
+    if choice is True and why is not None:
+        raise RuntimeError(f"model.use_te=true but transformer_engine.pytorch does not import: {why}")
+    if why is not None and not _TE_STATUS[1:]:
+        _TE_STATUS.append("logged")
+        log.warning("Transformer Engine not used (model.use_te=auto): import failed with %s; "
+                    "building Megatron's local layer spec.", why)  # fmt: skip
+    return why is None
 
 
 def _pad_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -128,24 +142,13 @@ def _check_divisibility(
         if value % tp != 0:
             raise ValueError(f"tensor parallel size {tp} does not divide HF config '{name}' ({value}).")
     if spec.is_moe:
-        from opsd_megatron.mcore.models.moe import check_moe_divisibility
-
         check_moe_divisibility(spec, ep, etp)
     elif ep > 1:
         raise ValueError(
             f"expert parallel size {ep} > 1 needs a mixture-of-experts model; {spec.architecture} has none."
         )
     if pipeline_layers is not None:
-        if len(pipeline_layers) != pp or sum(pipeline_layers) != spec.num_layers:
-            raise ValueError(
-                f"pipeline_layers {pipeline_layers} must have {pp} entries summing to num_hidden_layers "
-                f"({spec.num_layers})."
-            )
-        middle = pipeline_layers[1:-1]
-        if pp > 2 and len(set(middle)) != 1:
-            raise ValueError(
-                f"pipeline_layers {pipeline_layers}: the middle stages must hold equal layer counts."
-            )
+        check_pipeline_layers(pipeline_layers, pp, spec.num_layers)
     elif spec.num_layers % pp != 0:
         raise ValueError(
             f"pipeline parallel size {pp} does not divide HF config 'num_hidden_layers' ({spec.num_layers}); "
@@ -168,7 +171,6 @@ def transformer_config(
 ):
     """Megatron `TransformerConfig` for `spec` at TP x PP (x EP x expert-TP for MoE; dropout off, no fusions
     that need CUDA kernels). MoE keys (`moe_aux_loss_coeff`, ...) may be overridden like any other."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     etp = tp if etp is None else etp
     _check_divisibility(spec, tp, pp, pipeline_layers, ep, etp)
@@ -207,8 +209,6 @@ def transformer_config(
         init_method_std=0.02,
     )
     if spec.is_moe:
-        from opsd_megatron.mcore.models.moe import moe_config_kwargs
-
         kw.update(moe_config_kwargs(spec, ep=ep, etp=etp, grouped_gemm=on_cuda and have_te()))
     if pipeline_layers is not None and pp > 1:
         kw["num_layers_in_first_pipeline_stage"] = pipeline_layers[0]
@@ -227,7 +227,6 @@ def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
 
     MoE models need `config` (the `TransformerConfig`): they get a per-layer block spec for this PP stage
     (MoE layers where `config.moe_layer_freq` says, dense ones elsewhere)."""
-    from megatron.core.models.gpt import gpt_layer_specs as gls
 
     if spec.is_moe:
         if config is None:
@@ -235,9 +234,6 @@ def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
         block = gls.get_gpt_decoder_block_spec(config, resolve_use_te(use_te), normalization="RMSNorm")
         if resolve_use_te(use_te) or not config.sequence_parallel:
             return block
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        from opsd_megatron.mcore.models.norm import SequenceParallelRMSNorm, replace_norms
 
         return replace_norms(block, WrappedTorchNorm, SequenceParallelRMSNorm)
     if resolve_use_te(use_te):
@@ -245,13 +241,6 @@ def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
     local = gls.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
     if config is None or not config.sequence_parallel:
         return local
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
-
-    from opsd_megatron.mcore.models.norm import SequenceParallelRMSNorm, replace_norms
 
     layer = replace_norms(local, WrappedTorchNorm, SequenceParallelRMSNorm)
     n = get_num_layers_to_build(config)
@@ -286,16 +275,11 @@ def build_model(
     Wrapping in Megatron DDP (needed for finalize_model_grads: tied-embedding and q/k-norm grad
     all-reduces) is the trainer's job.
     """
-    from megatron.core import parallel_state as mps
-    from megatron.core.models.gpt import GPTModel
 
     if not mps.model_parallel_is_initialized():
         raise RuntimeError("call opsd_megatron.mcore.parallel.initialize(tp, pp) before build_model().")
-    if pipeline_layers is None:
-        from opsd_megatron.mcore import parallel
-
-        if parallel.is_initialized():  # the run's uneven split (parallel.initialize(pipeline_layers=...))
-            pipeline_layers = parallel.get_state().pipeline_layers
+    if pipeline_layers is None and parallel.is_initialized():  # the run's split (parallel.initialize)
+        pipeline_layers = parallel.get_state().pipeline_layers
     spec, raw = parse_hf_config(hf_config_or_dir)
     tp = mps.get_tensor_model_parallel_world_size()
     pp = mps.get_pipeline_model_parallel_world_size()
@@ -333,8 +317,6 @@ def build_model(
         rotary_base=int(spec.rope_theta),
     )
     if not perform_initialization:  # Megatron marks TP-split weights only when it initialises them
-        from opsd_megatron.mcore.models.tp_attributes import mark_tensor_parallel_weights
-
         mark_tensor_parallel_weights(model)
     # Megatron hard-codes llama3's low/high frequency factors and original context: use HF's exact values.
     if getattr(model, "rotary_pos_emb", None) is not None:

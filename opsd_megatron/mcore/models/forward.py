@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as mps
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from opsd_megatron.mcore.models.builder import model_info, unwrap
 from opsd_megatron.mcore.models.vocab import gather_true_vocab_logits
+from opsd_megatron.step.batch import padding_mask
 
 
 @torch.no_grad()
@@ -31,7 +34,6 @@ def forward_logits(
     With gather_vocab=False the last stage returns the vocab-parallel padded shard [b, s, v_padded/tp].
     Collectives: PP send/recv of [s, b, h] between neighbouring stages; TP all-gather of the logits.
     """
-    from megatron.core import parallel_state as mps
 
     if len(model_chunks) != 1:
         raise ValueError(f"forward_logits supports one model chunk per rank, got {len(model_chunks)}.")
@@ -76,7 +78,6 @@ def output_weight(chunk) -> torch.Tensor:
 def _gather_sequence(h: torch.Tensor, group) -> torch.Tensor:
     """[s/tp, b, h] sequence-parallel shards -> [s, b, h]; backward: reduce-scatter (sums the TP ranks'
     partial gradients, as Megatron's output layer does with sequence parallelism)."""
-    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
     return gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=group)
 
@@ -90,12 +91,9 @@ def _moe_padding_kwargs(model, lengths: torch.Tensor | None, seq_len: int) -> di
     `scatter_to_sequence_parallel_region` makes)."""
     if lengths is None or not getattr(model.config, "num_moe_experts", None):
         return {}
-    from opsd_megatron.step.batch import padding_mask
 
     mask = padding_mask(lengths, seq_len)  # [b, s]
     if model.config.sequence_parallel and not model.pre_process:
-        from megatron.core import parallel_state as mps
-
         tp, rank = mps.get_tensor_model_parallel_world_size(), mps.get_tensor_model_parallel_rank()
         part = seq_len // tp
         mask = mask[:, rank * part : (rank + 1) * part].contiguous()

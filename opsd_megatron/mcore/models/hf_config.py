@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from opsd_megatron.mcore.layout import hf_dense_mlp_layers, hf_num_experts
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
@@ -134,15 +136,8 @@ def parse_hf_config(hf_config_or_dir: Any) -> tuple[ModelSpec, dict]:
     return spec, cfg
 
 
-def hf_num_experts(cfg: dict) -> int | None:
-    """Experts per MoE layer of an HF config dict (`num_experts`, alias `num_local_experts`); None or 0 for a
-    dense model."""
-    return cfg.get("num_experts", cfg.get("num_local_experts"))
-
-
 def _moe_fields(cfg: dict) -> dict:
-    """MoE facts of a Qwen3-MoE config (HF semantics: layer i is sparse iff i not in mlp_only_layers and
-    (i + 1) % decoder_sparse_step == 0)."""
+    """MoE facts of a Qwen3-MoE config (which layers are sparse: `layout.hf_dense_mlp_layers`)."""
     experts = hf_num_experts(cfg)
     if not experts or int(experts) <= 0:
         raise ValueError("HF config 'num_experts' must be a positive integer for Qwen3MoeForCausalLM.")
@@ -154,15 +149,14 @@ def _moe_fields(cfg: dict) -> dict:
         raise ValueError(
             "HF config 'shared_expert_intermediate_size' is set: shared experts are not supported."
         )
-    step = int(cfg.get("decoder_sparse_step", 1) or 1)
-    dense = set(cfg.get("mlp_only_layers") or [])
+    dense = set(hf_dense_mlp_layers(cfg))
     layers = int(cfg["num_hidden_layers"])
     return dict(
         num_experts=experts,
         moe_topk=topk,
         moe_ffn_hidden_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-        moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+        moe_layers=tuple(i for i in range(layers) if i not in dense),
         router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0),
     )
 

@@ -27,7 +27,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mps
+from megatron.core.tensor_parallel import mappings
+from megatron.core.transformer.moe import moe_utils
+
+from opsd_megatron.mcore import cpu, patches
 from opsd_megatron.mcore.models.hf_config import ModelSpec
+from opsd_megatron.step.batch import pack_microbatch, round_up, sequence_lengths
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +69,9 @@ def patch_megatron_moe() -> None:
     reads the module global `te_general_gemm`, which is only defined when Transformer Engine imports, so
     every MoE router forward without TE raises NameError. Defining it as None selects the library's own
     torch.mm path. Idempotent; a no-op where the global exists (TE present, or a fixed release)."""
-    from opsd_megatron.mcore import patches
 
     if patches.target("megatron.moe_router_te_gemm") is None:  # registry: megatron-core 0.16.1
         return
-    from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
@@ -86,13 +92,9 @@ def patch_mappings_for_cpu_backward() -> None:
     `device=torch.cuda.current_device()` (0 under the CPU shim). In a backward pass the autograd engine does
     not carry the shim's cuda->cpu TorchFunctionMode, so `device=0` there raises "Cannot access accelerator
     device". The helpers are wrapped to run inside the shim's mode when it is not active. Idempotent."""
-    import torch
-
-    from opsd_megatron.mcore import cpu, patches
 
     if torch.cuda.is_available() or patches.target("megatron.mappings_gather_cpu_backward") is None:
         return
-    from megatron.core.tensor_parallel import mappings
 
     def wrap(fn):
         def run(*args, **kwargs):
@@ -143,7 +145,6 @@ def token_dispatcher() -> str:
     `torch.cuda.Stream` in its constructor (token_dispatcher.py:445), which cannot exist without CUDA. Both
     dispatchers compute the same expert outputs; allgather all-gathers every token over the EP x ETP group."""
     global _LOGGED_DISPATCHER
-    import torch
 
     if torch.cuda.is_available():
         return "alltoall"
@@ -180,7 +181,7 @@ each TP rank routes only its slice of the tokens: its load-balancing value is a 
 equal slices). MoE training at TP > 1 needs sequence parallelism (megatron-core refuses it otherwise)."""
 
 
-def router_loss_metrics(num_layers: int, num_microbatches: int = 1, reset: bool = True) -> dict[str, float]:
+def router_loss_metrics(num_layers: int, num_microbatches: int = 1) -> dict[str, float]:
     """Router losses of the step just done, mean over micro-batches and MoE layers:
     {"moe/load_balancing_loss": .., ...}.
 
@@ -191,12 +192,8 @@ def router_loss_metrics(num_layers: int, num_microbatches: int = 1, reset: bool 
     data-parallel group (then / DP). The value is thus the mean over all the step's micro-batches, whatever
     the layout. Megatron's own `reduce_aux_losses_tracker_across_ranks` is not used: it all-reduces with
     `ReduceOp.AVG`, which gloo (CPU) does not implement. A loss no MoE layer recorded (e.g. z-loss off)
-    is left out.
+    is left out. Clears the tracker for the next step.
     """
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mps
-    from megatron.core.transformer.moe import moe_utils
 
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     out = {}
@@ -218,8 +215,7 @@ def router_loss_metrics(num_layers: int, num_microbatches: int = 1, reset: bool 
         used = values[values != 0]
         if used.numel() or entry is not None:
             out[f"moe/{name}"] = float(used.mean().item()) if used.numel() else 0.0
-    if reset:
-        moe_utils.clear_aux_losses_tracker()
+    moe_utils.clear_aux_losses_tracker()
     return out
 
 
@@ -230,11 +226,6 @@ def pack_step_uniform(samples, *, micro_batch_size: int, pad_id: int, pad_to_mul
     which are data-parallel replicas with their own samples; the all-gather needs equal token counts, so
     every replica pads to the longest replica's lengths. Collective: all-reduce MAX of 2 ints over DP.
     """
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mps
-
-    from opsd_megatron.step.batch import pack_microbatch, round_up, sequence_lengths
 
     if len(samples) % micro_batch_size:
         raise ValueError(f"{len(samples)} samples are not divisible by micro_batch_size={micro_batch_size}.")

@@ -10,7 +10,10 @@ is on without Transformer Engine (the CPU path), for dense layer specs and MoE b
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 
 class SequenceParallelRMSNorm:
@@ -28,9 +31,6 @@ class SequenceParallelRMSNorm:
 
 def replace_norms(spec, old, new):
     """Return a copy of a Megatron `ModuleSpec` tree with every `old` module class replaced by `new`."""
-    import dataclasses
-
-    from megatron.core.transformer.spec_utils import ModuleSpec
 
     if isinstance(spec, ModuleSpec):
         return dataclasses.replace(spec, module=new if spec.module is old else spec.module,

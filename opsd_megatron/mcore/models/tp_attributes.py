@@ -13,6 +13,7 @@ weight that already has them is left alone). No collectives.
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import layers
 
 
 def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:
@@ -20,7 +21,6 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:
     for column-parallel layers and the vocabulary-parallel embedding, 1 for row-parallel layers; stride 2
     for a gated `linear_fc1`, whose rank shard is [gate shard | up shard], as Megatron's MLP builds it, else
     1). Returns how many weights were marked."""
-    from megatron.core.tensor_parallel import layers
 
     dims = (
         (layers.ColumnParallelLinear, 0),

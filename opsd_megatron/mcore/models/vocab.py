@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as mps
 
 from opsd_megatron.mcore.models.builder import ModelInfo, model_info
 
@@ -45,8 +46,6 @@ def gather_true_vocab_logits(
     """[..., v_padded/tp] -> [..., vocab_size]: all-gather over `tp_group` (forward only), drop padding."""
     info = _info(info_or_chunks)
     if tp_group is None:
-        from megatron.core import parallel_state as mps
-
         tp_group = mps.get_tensor_model_parallel_group()
     world = dist.get_world_size(tp_group) if dist.is_initialized() else 1
     if world == 1:
