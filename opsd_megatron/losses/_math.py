@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 DENSE_KINDS = ("forward_kl", "reverse_kl", "jsd")
-ALL_KINDS = (*DENSE_KINDS, "topk", "topk_renorm", "sampled_token")
+ALL_KINDS = (*DENSE_KINDS, "top_k", "top_k_renorm", "sampled_token")
+"""The config's `loss.kind` names; "top_k_renorm" is `loss.kind=top_k` with `loss.top_k_tail=false`."""
+TOP_K_KINDS = ("top_k", "top_k_renorm")
 
 
 def resolve_group(tp_group):

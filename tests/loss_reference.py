@@ -1,4 +1,8 @@
-"""Per-step diagnostics of the divergence, separate from the loss (no gradient).
+"""Test reference: per-step diagnostics of the divergence on materialised logits, separate from the loss.
+
+The training step gets these statistics from the fused loss's chunk loop (`losses.step_stats`,
+`fused_linear_divergence(with_stats=True)`); this materialising version (formerly
+`opsd_megatron.losses.metrics`) is kept only as the reference the tests compare that path with.
 
 `divergence_metrics` returns 0-dim fp32 tensors, each a mean over this call's valid positions (weight them by
 `num_tokens` to combine micro-batches or data-parallel ranks):
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from opsd_megatron.losses import vocab_parallel_divergence
 from opsd_megatron.losses._math import (
     DENSE_KINDS,
     all_reduce,
@@ -24,7 +29,6 @@ from opsd_megatron.losses._math import (
     scaled_fp32,
     shard_layout,
 )
-from opsd_megatron.losses.vocab_parallel import vocab_parallel_divergence
 
 
 @torch.no_grad()
