@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd_megatron.eval import build_parser, main
+from opsd_megatron.cli.eval import build_parser, main
 from opsd_megatron.evaluation.model import resolve_model_dir
 
 DATA = Path(__file__).parent / "data"

@@ -196,7 +196,7 @@ def vllm_engine(tiny_qwen3_dir):
 
 @pytest.mark.vllm
 def test_vllm_cli_end_to_end(vllm_engine, tokenizer, pool, tiny_qwen3_dir, tmp_path):
-    from opsd_megatron.eval import build_parser, run
+    from opsd_megatron.cli.eval import build_parser, run
 
     out = tmp_path / "eval"
     args = build_parser().parse_args(
