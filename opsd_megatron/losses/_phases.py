@@ -85,7 +85,7 @@ def _triton_kernels(ls: torch.Tensor, lt: torch.Tensor, kind: str):
     if not _have_triton():
         _log_once("Triton is not installed: the loss phases use torch.compile / eager PyTorch instead.")
         return None
-    from opsd_megatron.losses import triton_phases
+    from opsd_megatron.losses import triton_phases  # optional: imports triton
 
     why = triton_phases.supported(ls, lt, kind)
     if why is not None:
@@ -126,7 +126,7 @@ def _run(fn, kind: str, ls: torch.Tensor, lt: torch.Tensor, *args):
 
 def _compiled(fn):
     if fn not in _COMPILED:
-        import torch._dynamo
+        import torch._dynamo  # heavy (the compiler stack): only when compiling, on CUDA
 
         # one graph per (kind, clip on/off, dtype, ...) combination: allow more than the default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
