@@ -96,9 +96,7 @@ def _dense_forward_eager(ctx, student, teacher, mask, kind, beta, temperature, c
     z_s = scaled_fp32(student.detach(), n_valid, temperature)  # (N, v) fp32
     z_t = scaled_fp32(teacher.detach(), n_valid, temperature)  # (N, v) fp32
     need_grad = ctx.needs_input_grad[0]
-    loss, grad, _, _ = dense_forward(
-        z_s, z_t, kind=kind, beta=beta, clip=clip, group=group, need_grad=need_grad
-    )
+    loss, grad, _ = dense_forward(z_s, z_t, kind=kind, beta=beta, clip=clip, group=group, need_grad=need_grad)
     if mask is not None:
         loss = loss * mask
     if need_grad:
