@@ -48,8 +48,10 @@ def old_teacher_logits(chunks: list, mbs: list, micro_batch_size: int) -> list:
 
 
 def _old_loss(mb, t_logits, spec: LossSpec, scale: float, output):
-    from opsd_megatron.losses import divergence_metrics, vocab_parallel_divergence
-    from opsd_megatron.rollout.refresh.drift import vocab_parallel_token_logprobs
+    from loss_reference import divergence_metrics
+
+    from opsd_megatron.losses import vocab_parallel_divergence
+    from opsd_megatron.losses.token_logprobs import vocab_parallel_token_logprobs
 
     kw = dict(kind=spec.kind, beta=spec.beta, temperature=spec.temperature, clip=spec.clip,
               loss_mask=mb.loss_mask, tp_group=spec.tp_group, vocab_size=spec.vocab_size, top_k=spec.top_k,

@@ -76,7 +76,7 @@ def test_fused_loss_bf16_matches_float64(kind):
 
 def test_fused_loss_bf16_per_vocab_shard_matches_float64():
     """Two vocabulary shards, their statistics combined as `global_shift` / the all-reduce do at TP = 2."""
-    from opsd_megatron.losses import _phases
+    from opsd_megatron.losses import _phase_math, _phases
 
     t, h, v = 512, 256, 4096
     hs, ws, ht, wt = _inputs(t, h, v, torch.bfloat16, seed=1)
@@ -86,12 +86,14 @@ def test_fused_loss_bf16_per_vocab_shard_matches_float64():
     ls = [hs @ ws[s].t() for s in shards]  # [t, v/2] bf16 each
     lt = [ht @ wt[s].t() for s in shards]
     stats = torch.stack(
-        [_phases._run(_phases.phase_stats, "forward_kl", a, b, 1 / TEMP) for a, b in zip(ls, lt)]
+        [_phases._run(_phase_math.phase_stats, "forward_kl", a, b, 1 / TEMP) for a, b in zip(ls, lt)]
     )
     m = stats[:, :, 0].amax(0)
     shift = m + torch.log((stats[:, :, 1] * torch.exp(stats[:, :, 0] - m)).sum(0))  # the all-gather's result
     args = (1 / TEMP, "forward_kl", 0.5, CLIP, False)
-    parts = sum(_phases._run(_phases.phase_terms, "forward_kl", a, b, shift, *args) for a, b in zip(ls, lt))
+    parts = sum(
+        _phases._run(_phase_math.phase_terms, "forward_kl", a, b, shift, *args) for a, b in zip(ls, lt)
+    )
     assert _rel(parts[0], ref_loss) < 1e-2
     saved = torch.cat([shift, parts[1:2]])
     dh = torch.zeros(t, h, device="cuda", dtype=torch.float64)

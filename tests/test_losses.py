@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 from dist_utils import run_distributed
+from loss_reference import divergence_metrics
 
-from opsd_megatron.losses import divergence_metrics, vocab_parallel_divergence
+from opsd_megatron.losses import vocab_parallel_divergence
 from opsd_megatron.losses.sparse import _VocabParallelLogProbAt
 
 
@@ -30,7 +31,7 @@ CASES = (
     [dict(kind="forward_kl", clip=c) for c in (None, 0.05)]
     + [dict(kind="reverse_kl", clip=c) for c in (None, 0.05)]
     + [dict(kind="jsd", beta=b, clip=c) for b in (0.0, 0.1, 0.5, 0.9, 1.0) for c in (None, 0.02)]
-    + [dict(kind="topk", top_k=k, clip=c) for k in (1, 7) for c in (None, 0.05)]
+    + [dict(kind="top_k", top_k=k, clip=c) for k in (1, 7) for c in (None, 0.05)]
     + [dict(kind="sampled_token")]
 )
 DTYPES = (torch.float32, torch.bfloat16)
@@ -68,7 +69,7 @@ def reference(s, t, mask, ids, *, kind, beta=0.5, temperature=1.0, clip=None, to
     elif kind == "jsd":
         m = beta * pt + (1 - beta) * ps
         terms = beta * pt * torch.log(pt / m) + (1 - beta) * ps * torch.log(ps / m)
-    elif kind == "topk":
+    elif kind == "top_k":
         idx = t.double().topk(top_k, -1).indices
         pt_k, ps_k = pt.gather(-1, idx), ps.gather(-1, idx)
         tt, ts = 1 - pt_k.sum(-1, keepdim=True), 1 - ps_k.sum(-1, keepdim=True)
@@ -145,7 +146,7 @@ def check_against_reference(results_per_rank, bounds, dtypes=DTYPES):
             scale = ref_grad.abs().max()
             torch.testing.assert_close(grad.double(), ref_grad, atol=tol_grad * scale, rtol=0, msg=where)
             assert torch.all(losses[0][~mask] == 0) and torch.all(grad[~mask] == 0)
-            if frac is not None and case["kind"] != "topk":
+            if frac is not None and case["kind"] != "top_k":
                 assert 0 < frac < 0.5, f"clip {case} should clamp some but not most entries (got {frac})"
     # metrics: forward KL, clip 0.05, temperature 1.1, fp32
     s, t, mask, ids, _ = make_inputs(torch.float32)
@@ -212,7 +213,7 @@ def test_tp4_megatron_padded_vocab():
         dict(kind="reverse_kl", clip=0.03),
         dict(kind="jsd", beta=0.3, clip=None),
         dict(kind="jsd", beta=0.7, clip=0.01),
-        dict(kind="topk", top_k=3, clip=0.05),
+        dict(kind="top_k", top_k=3, clip=0.05),
         dict(kind="log_prob_at"),  # the primitive under sampled_token (whose value is not its gradient's)
     ],
     ids=lambda c: "-".join(f"{v}" for v in c.values()),
@@ -238,7 +239,7 @@ def test_user_errors_are_one_sentence():
     with pytest.raises(ValueError, match="kind must be one of"):
         vocab_parallel_divergence(s, s, kind="kl")
     with pytest.raises(ValueError, match="needs top_k"):
-        vocab_parallel_divergence(s, s, kind="topk")
+        vocab_parallel_divergence(s, s, kind="top_k")
     with pytest.raises(ValueError, match="needs target_ids"):
         vocab_parallel_divergence(s, s, kind="sampled_token")
     with pytest.raises(ValueError, match="loss_mask must have shape"):

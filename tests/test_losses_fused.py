@@ -27,7 +27,7 @@ FUSED_CASES = [
     dict(kind="forward_kl", clip=0.05),
     dict(kind="reverse_kl", clip=0.05),
     dict(kind="jsd", beta=0.5, clip=0.02),
-    dict(kind="topk", top_k=4, clip=None),
+    dict(kind="top_k", top_k=4, clip=None),
     dict(kind="sampled_token"),
 ]
 MODES = ("uniform", "weighted")

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loss_reference import divergence_metrics
 
-from opsd_megatron.losses import divergence_metrics, fused_linear_divergence, vocab_parallel_divergence
+from opsd_megatron.losses import fused_linear_divergence, vocab_parallel_divergence
+from opsd_megatron.losses.token_logprobs import vocab_parallel_token_logprobs
 from opsd_megatron.rollout.base import SamplingConfig
-from opsd_megatron.rollout.refresh.drift import vocab_parallel_token_logprobs
 
 V, V_PAD, T, H = 301, 320, 13, 16
 SAMPLING = SamplingConfig(temperature=1.1, top_p=0.9, top_k=20)
@@ -32,7 +33,7 @@ def _inputs():
     "case",
     [dict(kind="forward_kl", clip=0.02), dict(kind="jsd", beta=0.3, clip=None),
      dict(kind="reverse_kl", clip=0.05),
-     dict(kind="topk", top_k=5, clip=0.05), dict(kind="topk_renorm", top_k=5, clip=None),
+     dict(kind="top_k", top_k=5, clip=0.05), dict(kind="top_k_renorm", top_k=5, clip=None),
      dict(kind="sampled_token")],
     ids=lambda c: c["kind"],
 )  # fmt: skip
@@ -62,7 +63,7 @@ def test_stats_equal_the_materialised_metrics(case):
 def test_renormalised_topk_formula():
     g = torch.Generator().manual_seed(1)
     ls, lt = torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g)
-    got = vocab_parallel_divergence(ls, lt, kind="topk_renorm", top_k=7, temperature=1.3)
+    got = vocab_parallel_divergence(ls, lt, kind="top_k_renorm", top_k=7, temperature=1.3)
     idx = lt.topk(7, dim=-1).indices
     q_s = torch.log_softmax(ls.gather(1, idx) / 1.3, -1)
     q_t = torch.log_softmax(lt.gather(1, idx) / 1.3, -1)

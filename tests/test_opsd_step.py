@@ -22,7 +22,7 @@ from dist_utils import run_distributed
 KINDS = [
     dict(kind="forward_kl", clip=0.05), dict(kind="reverse_kl", clip=0.05),
     dict(kind="jsd", beta=0.5, clip=None),
-    dict(kind="topk", top_k=5, clip=0.05), dict(kind="topk_renorm", top_k=5, clip=None),
+    dict(kind="top_k", top_k=5, clip=0.05), dict(kind="top_k_renorm", top_k=5, clip=None),
     dict(kind="sampled_token", clip=None),
 ]  # fmt: skip
 LAYOUTS = [  # (name, model, tp, pp, sequence_parallel, skip_first_tokens)

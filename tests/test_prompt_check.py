@@ -61,8 +61,8 @@ def test_eval_benchmarks_checked_at_start_up(tokenizer, tmp_path):
     import json
 
     from opsd_megatron.config import ConfigError, EvalConfig
-    from opsd_megatron.evaluation.prompt_check import check_eval_prompts
     from opsd_megatron.evaluation.runner import render_prompt_ids
+    from opsd_megatron.evaluation.startup import check_eval_prompts
 
     bench = tmp_path / "bench.jsonl"
     rows = [{"id": "a", "problem": "What is 2 + 3?", "answer": "5"},

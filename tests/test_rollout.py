@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opsd_megatron.losses.token_logprobs import vocab_parallel_token_logprobs
 from opsd_megatron.rollout import SamplingConfig, make_engine
 from opsd_megatron.rollout.refresh import (
     DriftError,
     DriftGuard,
     compute_drift,
     push_weights,
-    vocab_parallel_token_logprobs,
 )
 from opsd_megatron.rollout.sampling import process_logits
 

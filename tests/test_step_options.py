@@ -35,8 +35,8 @@ def test_every_loss_kind_is_selectable():
     from opsd_megatron.step.opsd import LossSpec
 
     for loss, want in [({"kind": "forward_kl"}, "forward_kl"), ({"kind": "reverse_kl"}, "reverse_kl"),
-                       ({"kind": "jsd", "beta": 0.5}, "jsd"), ({"kind": "top_k", "top_k": 8}, "topk"),
-                       ({"kind": "top_k", "top_k": 8, "top_k_tail": False}, "topk_renorm"),
+                       ({"kind": "jsd", "beta": 0.5}, "jsd"), ({"kind": "top_k", "top_k": 8}, "top_k"),
+                       ({"kind": "top_k", "top_k": 8, "top_k_tail": False}, "top_k_renorm"),
                        ({"kind": "sampled_token"}, "sampled_token")]:  # fmt: skip
         spec = LossSpec.from_config(_cfg(loss), vocab_size=10, tp_group=None, sampling=None)
         assert spec.kind == want and spec.temperature == 1.1

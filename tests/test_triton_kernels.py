@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opsd_megatron.losses import _phases, fused_linear_divergence, vocab_parallel_divergence
+from opsd_megatron.losses import _phase_math, _phases, fused_linear_divergence, vocab_parallel_divergence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,12 +103,12 @@ def test_failing_kernel_logs_and_falls_back_for_that_shape_only(monkeypatch, cap
     monkeypatch.setattr(_phases, "_FAILED", set())
     ls, lt = torch.randn(3, 50), torch.randn(3, 50)
     with caplog.at_level(logging.ERROR, logger=_phases.__name__):
-        st = _phases._run(_phases.phase_stats, "forward_kl", ls, lt, 1.0)
-        _phases._run(_phases.phase_stats, "forward_kl", ls, lt, 1.0)  # same shape: not retried
-    torch.testing.assert_close(st, _phases.phase_stats(ls, lt, 1.0))
+        st = _phases._run(_phase_math.phase_stats, "forward_kl", ls, lt, 1.0)
+        _phases._run(_phase_math.phase_stats, "forward_kl", ls, lt, 1.0)  # same shape: not retried
+    torch.testing.assert_close(st, _phase_math.phase_stats(ls, lt, 1.0))
     assert broken.calls == 1
     assert "ptxas error: simulated" in caplog.text and "falling back for this shape" in caplog.text
-    _phases._run(_phases.phase_stats, "forward_kl", torch.randn(3, 60), torch.randn(3, 60), 1.0)
+    _phases._run(_phase_math.phase_stats, "forward_kl", torch.randn(3, 60), torch.randn(3, 60), 1.0)
     assert broken.calls == 2  # another shard width tries the kernel again
 
 
@@ -118,7 +118,7 @@ def test_out_of_memory_in_a_kernel_is_reraised(monkeypatch):
     )
     monkeypatch.setattr(_phases, "_FAILED", set())
     with pytest.raises(torch.OutOfMemoryError):
-        _phases._run(_phases.phase_stats, "forward_kl", torch.randn(2, 8), torch.randn(2, 8), 1.0)
+        _phases._run(_phase_math.phase_stats, "forward_kl", torch.randn(2, 8), torch.randn(2, 8), 1.0)
 
 
 @pytest.mark.parametrize("clip", [0.05, None])

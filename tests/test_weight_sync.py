@@ -10,6 +10,7 @@ import weakref
 import pytest
 import torch
 
+from opsd_megatron.losses.token_logprobs import vocab_parallel_token_logprobs
 from opsd_megatron.rollout import SamplingConfig, make_engine
 from opsd_megatron.rollout.refresh import (
     DriftError,
@@ -18,7 +19,6 @@ from opsd_megatron.rollout.refresh import (
     compute_drift,
     iter_buckets,
     layer_group,
-    vocab_parallel_token_logprobs,
 )
 from opsd_megatron.rollout.sampling import process_logits
 

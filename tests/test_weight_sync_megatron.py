@@ -33,9 +33,9 @@ def _trainer_logprobs(chunks, prompt, response, sampling):
     """Megatron's own logprobs of `response` (vocab-parallel helper on the last stage; None elsewhere)."""
     from megatron.core import parallel_state as mps
 
+    from opsd_megatron.losses.token_logprobs import vocab_parallel_token_logprobs
     from opsd_megatron.mcore.models.builder import model_info
     from opsd_megatron.mcore.models.forward import forward_logits
-    from opsd_megatron.rollout.refresh import vocab_parallel_token_logprobs
 
     ids = torch.tensor([list(prompt) + list(response)])
     logits = forward_logits(chunks, ids, gather_vocab=False)  # last stage: [1, s, v_pad/tp]
@@ -86,7 +86,7 @@ def _tp_logprobs(rank):
     from megatron.core import parallel_state as mps
     from test_weight_sync import SAMPLINGS, logprob_case
 
-    from opsd_megatron.rollout.refresh import vocab_parallel_token_logprobs
+    from opsd_megatron.losses.token_logprobs import vocab_parallel_token_logprobs
 
     logits, ids, vocab, _ = logprob_case()
     part = logits.shape[-1] // 2

@@ -19,7 +19,12 @@ os.environ.setdefault("OPSD_LOSS_TRITON", "interpret")
 
 import torch  # noqa: E402
 
-from opsd_megatron.losses import _phases, fused_linear_divergence, triton_phases, vocab_parallel_divergence  # noqa: E402
+from opsd_megatron.losses import (  # noqa: E402
+    _phase_math,
+    fused_linear_divergence,
+    triton_phases,
+    vocab_parallel_divergence,
+)
 
 triton_phases.BLOCK = 64
 FAILS: list[str] = []
@@ -45,24 +50,24 @@ def kernels(dtype, tol) -> None:
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         for clip in (None, 0.05):
             name = f"{str(dtype)[6:]} {kind} clip={clip}"
-            st_ref = _phases.phase_stats(l64, t64, inv_t)
+            st_ref = _phase_math.phase_stats(l64, t64, inv_t)
             shift_ref = st_ref[:, 0] + torch.log(st_ref[:, 1])
             st = triton_phases.stats(ls, lt, inv_t)
             report(f"{name}: stats -> log-sum-exp", [st[:, 0] + torch.log(st[:, 1])], [shift_ref], 1e-5)
             shift = shift_ref.float()
-            ref = _phases.phase_terms(l64, t64, shift_ref, inv_t, kind, 0.3, clip, True)
+            ref = _phase_math.phase_terms(l64, t64, shift_ref, inv_t, kind, 0.3, clip, True)
             got = triton_phases.terms(ls, lt, shift, inv_t, kind, 0.3, clip, True)
             report(f"{name}: terms (loss, sum m h, clipped, H_S, H_T)", list(got), list(ref), tol)
             saved_ref = torch.cat([shift_ref, ref[1:2]])
             g_ref = torch.empty_like(l64)
-            _phases.phase_grad_(l64, t64, saved_ref, scale, inv_t, kind, 0.3, clip, g_ref)
+            _phase_math.phase_grad_(l64, t64, saved_ref, scale, inv_t, kind, 0.3, clip, g_ref)
             out = torch.empty(c, v + 7, dtype=dtype)[:, :v]  # a strided output, as vocab_parallel's
             triton_phases.grad_(ls, lt, saved_ref.float(), scale.float(), inv_t, kind, 0.3, clip, out)
             report(f"{name}: grad from saved", [out], [g_ref], tol)
             own = ls.clone()
             parts = triton_phases.terms_grad_(own, lt, shift, inv_t, kind, 0.3, clip)
             g1 = torch.empty_like(l64)
-            _phases.phase_grad_(
+            _phase_math.phase_grad_(
                 l64, t64, saved_ref, torch.ones(c, dtype=torch.float64), inv_t, kind, 0.3, clip, g1
             )
             got, want = [parts[0], parts[1], own], [ref[0], ref[1], g1]
@@ -86,13 +91,13 @@ def shards() -> None:
         shift = m + torch.log((st[:, :, 1] * torch.exp(st[:, :, 0] - m)).sum(0))
         parts = sum(triton_phases.terms(ls[:, a:b].contiguous(), lt[:, a:b].contiguous(), shift, inv_t, kind,
                                         0.3, clip, False) for a, b in bounds)  # fmt: skip
-        st64 = _phases.phase_stats(l64, t64, inv_t)
+        st64 = _phase_math.phase_stats(l64, t64, inv_t)
         shift64 = st64[:, 0] + torch.log(st64[:, 1])
-        ref = _phases.phase_terms(l64, t64, shift64, inv_t, kind, 0.3, clip, False)
+        ref = _phase_math.phase_terms(l64, t64, shift64, inv_t, kind, 0.3, clip, False)
         saved = torch.cat([shift, parts[1:2]])
         g_ref = torch.empty_like(l64)
         ones = torch.ones(c, dtype=torch.float64)
-        _phases.phase_grad_(l64, t64, torch.cat([shift64, ref[1:2]]), ones, inv_t, kind, 0.3, clip, g_ref)
+        _phase_math.phase_grad_(l64, t64, torch.cat([shift64, ref[1:2]]), ones, inv_t, kind, 0.3, clip, g_ref)
         grads = []
         for a, b in bounds:
             out = torch.empty(c, b - a)

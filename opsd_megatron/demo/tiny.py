@@ -18,6 +18,10 @@ import json
 import random
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 # Qwen3's behaviour in a small template: thinking off inserts an empty think block after the
@@ -35,27 +39,34 @@ CHAT_TEMPLATE = (
 TOKENIZER_VOCAB = 700  # target BPE size (byte alphabet + merges + specials)
 MODEL_VOCAB = 731  # model vocab_size: >= tokenizer size, not divisible by 8 (nor by 2)
 
+_COMMON = dict(
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+)
+"""Shared by every tiny architecture (GQA 4/2, 4 layers); each entry below overrides what it changes."""
+
 ARCH_CONFIGS: dict[str, dict] = {
     # Qwen3 dense: q/k RMSNorm, head_dim (32) != hidden / heads (64 / 4 = 16), GQA 4/2, tied embeddings.
     "qwen3": dict(
+        _COMMON,
         architectures=["Qwen3ForCausalLM"],
         model_type="qwen3",
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=32,
-        max_position_embeddings=1024,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         attention_bias=False,
-        hidden_act="silu",
     ),
     # Qwen3-MoE: 8 experts, top-2 (renormalised), q/k norm, head_dim 32; layer 0 dense (mlp_only_layers),
     # so both the dense and the expert MLP paths are exercised. Untied embeddings, like Qwen3-30B-A3B.
     "qwen3_moe": dict(
+        _COMMON,
         architectures=["Qwen3MoeForCausalLM"],
         model_type="qwen3_moe",
         hidden_size=64,
@@ -66,43 +77,25 @@ ARCH_CONFIGS: dict[str, dict] = {
         norm_topk_prob=True,
         decoder_sparse_step=1,
         mlp_only_layers=[0],
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=32,
-        max_position_embeddings=1024,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
         attention_bias=False,
-        hidden_act="silu",
         router_aux_loss_coef=0.001,
     ),
     # Qwen2 / Qwen2.5: qkv bias, head_dim = hidden / heads, untied embeddings.
     "qwen2": dict(
+        _COMMON,
         architectures=["Qwen2ForCausalLM"],
         model_type="qwen2",
         hidden_size=128,
         intermediate_size=160,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        hidden_act="silu",
     ),
     # Llama 3.x: rope_scaling type llama3, untied embeddings, GQA.
     "llama": dict(
+        _COMMON,
         architectures=["LlamaForCausalLM"],
         model_type="llama",
         hidden_size=128,
         intermediate_size=192,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
         rope_theta=500_000.0,
         rope_scaling=dict(
             rope_type="llama3",
@@ -112,10 +105,8 @@ ARCH_CONFIGS: dict[str, dict] = {
             original_max_position_embeddings=256,
         ),
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,
-        hidden_act="silu",
     ),
 }
 
@@ -188,9 +179,6 @@ def train_bpe_tokenizer(out_dir: str | Path, corpus, vocab_size: int, *, individ
     """Train a byte-level BPE tokenizer on `corpus` (an iterable of texts) with the chat template and the
     special tokens of the tiny models, save it (HF format) to `out_dir`, return the
     `transformers.PreTrainedTokenizerFast`. `individual_digits`: split digits into one token each first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
@@ -218,8 +206,6 @@ def train_bpe_tokenizer(out_dir: str | Path, corpus, vocab_size: int, *, individ
 
 def tiny_hf_config(arch: str = "qwen3", vocab_size: int = MODEL_VOCAB, **overrides):
     """A `transformers` config for a tiny model of `arch` in {"qwen3", "qwen3_moe", "qwen2", "llama"}."""
-    from transformers import AutoConfig
-
     if arch not in ARCH_CONFIGS:
         raise ValueError(f"tiny arch {arch!r} is not one of {sorted(ARCH_CONFIGS)}")
     fields = dict(ARCH_CONFIGS[arch])
@@ -245,9 +231,6 @@ def make_tiny_hf_model(
     uniform, which would let wrong weight mappings pass logit comparisons.
     Norm weights are randomised too (around 1) so that a swapped norm cannot hide.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None:

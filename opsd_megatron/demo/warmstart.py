@@ -22,6 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from opsd_megatron.demo.synthetic import write_splits
+from opsd_megatron.demo.task_model import make_task_model
+from opsd_megatron.observe.metrics import read_metrics
+
 TASK = dict(task="addition", seed=0, min_digits=3, max_digits=4)
 """The demo's task: the demo and `benchmarks/learning.py` regenerate the same splits from it."""
 N_TRAIN, N_HELDOUT = 4000, 200
@@ -33,8 +37,6 @@ _EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "
 
 def write_task(out_dir: str | Path, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT) -> dict[str, Path]:
     """The demo task's train/held-out splits in `out_dir` (deterministic)."""
-    from opsd_megatron.demo.synthetic import write_splits
-
     t = TASK
     return write_splits(out_dir, t["task"], n_train=n_train, n_heldout=n_heldout, seed=t["seed"],
                         min_digits=t["min_digits"], max_digits=t["max_digits"])  # fmt: skip
@@ -70,8 +72,6 @@ def build(
     overrides: list[str] | None = None,
 ) -> Path:
     """Run steps (1)-(3) of the module docstring; returns the warm start's HF directory `OUT/sft/hf`."""
-    from opsd_megatron.demo.task_model import make_task_model
-
     out = Path(out_dir)
     repo_config = Path(__file__).resolve().parents[2] / config
     if not Path(config).is_file() and repo_config.is_file():
@@ -110,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warmstart: SFT failed (exit {e.returncode}); see its output above.", file=sys.stderr)
         return 1
     if a.install:
-        from opsd_megatron.observe.metrics import read_metrics
-
         rows = read_metrics(Path(a.out_dir) / "sft")
         meta = {"built_by": "python -m opsd_megatron.demo.warmstart " + " ".join(argv or sys.argv[1:]),
                 "config": a.config, "task": TASK, "n_train": a.n_train, "sft_steps": rows[-1]["step"],

@@ -17,6 +17,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from opsd_megatron.data.loading import read_rows
+
 PROBLEM_FALLBACKS = ("problem", "question", "Problem", "Question", "prompt")
 ANSWER_FALLBACKS = ("answer", "Answer", "final_answer", "expected_answer", "solution_answer")
 
@@ -106,8 +108,6 @@ def load_benchmark(
 
     Raises ValueError naming the benchmark, row and field when a row lacks a problem or an answer.
     """
-    from opsd_megatron.data.loading import read_rows
-
     strict_problem, strict_answer = problem_field is not None, answer_field is not None  # user-given
     name, sep, path = spec.partition("=")
     preset = PRESETS.get(name.lower())

@@ -24,6 +24,7 @@ import functools
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from opsd_megatron.evaluation.extract import extract_answer, strings_match, strip_units
-from opsd_megatron.run.lifeline import parent_lifeline
+from opsd_megatron.run.lifeline import die_with_parent, parent_lifeline
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def _as_latex(s: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def _parse(latex: str) -> tuple:
     """math-verify's parse of one answer string (cached: the reference repeats n times per problem)."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse  # heavy (sympy): workers only
 
     cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
     return tuple(parse(latex, extraction_config=cfg, parsing_timeout=None))
@@ -74,7 +75,7 @@ def _parse(latex: str) -> tuple:
 
 def math_verify_equal(answer: str, reference: str) -> bool:
     """math-verify's verdict on two answer strings (no timeout: call it in a worker or accept the risk)."""
-    from math_verify import verify
+    from math_verify import verify  # heavy (sympy): workers only
 
     gold, pred = _parse(_as_latex(reference)), _parse(_as_latex(answer))
     if not gold or not pred:
@@ -88,14 +89,10 @@ def _worker_main(conn, parent_pid: int, started_by_main_thread: bool) -> None:
     Exits with its parent (`opsd_megatron.run.lifeline`), even while stuck in a computation that never
     returns.
     """
-    from opsd_megatron.run.lifeline import die_with_parent
-
     die_with_parent(parent_pid, started_by_main_thread)
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pool
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  (pay the sympy import before reporting ready)
+    import math_verify  # noqa: F401  (heavy, workers only: pay the sympy import before reporting ready)
 
     conn.send(("ready", None, None))
     while True:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from opsd_megatron.mcore.conversion.training_checkpoint import (
+    is_training_checkpoint,
+    resolve_training_checkpoint,
+)
+from opsd_megatron.run.preflight import looks_like_hub_name
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +50,11 @@ def resolve_model_dir(model: str, work_dir: str | Path) -> str:
     path = Path(model).expanduser()
     if is_hf_dir(path):
         return str(path)
-    if path.is_dir() and not (path / META_FILE).is_file():
-        from opsd_megatron.mcore.conversion.training_checkpoint import (
-            is_training_checkpoint,
-            resolve_training_checkpoint,
-        )
-
-        if is_training_checkpoint(path):
-            step = resolve_training_checkpoint(path, arg="--model")
-            return str(_export_megatron(step, Path(work_dir) / "hf_export", stamp="opsd_state.json"))
+    if path.is_dir() and not (path / META_FILE).is_file() and is_training_checkpoint(path):
+        step = resolve_training_checkpoint(path, arg="--model")
+        return str(_export_megatron(step, Path(work_dir) / "hf_export", stamp="opsd_state.json"))
     if (path / META_FILE).is_file():
         return str(_export_megatron(path, Path(work_dir) / "hf_export"))
-    from opsd_megatron.run.preflight import looks_like_hub_name
-
     if path.exists() or not looks_like_hub_name(model):
         raise ValueError(
             f"--model {model!r} is neither a Hugging Face directory (no config.json) nor a Megatron "
@@ -93,8 +92,6 @@ _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json", "config.json")
 def model_fingerprint(model: str) -> str:
     """A short hash of what `model` holds: for a directory the names, sizes and mtimes of its weight, index
     and config files (changed weights give a new hash); for a hub name the name itself."""
-    import hashlib
-
     path = Path(model)
     if not path.is_dir():
         return f"hub:{model}"

@@ -179,38 +179,16 @@ def evaluate(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     t0 = time.monotonic()
-    benches = [b if isinstance(b, Benchmark) else load_benchmark(b) for b in benchmarks]
-    names = [b.name for b in benches]
-    if len(set(names)) != len(names):
-        raise ValueError(f"benchmark names must be distinct, got {names}.")
+    benches = _load_benchmarks(benchmarks)
     sampling = replace(sampling, n=n)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = {
-        "model": model_name,
-        "model_hash": model_hash,
-        "n": n,
-        "sampling": {k: v for k, v in asdict(sampling).items() if k != "n"},
-        "template": template,
-        "thinking": thinking,
-        "chat": chat,
-    }
-    fingerprint = json.loads(
-        json.dumps(fingerprint)
-    )  # compare in the form it is stored in (lists, not tuples)
+    fingerprint = _fingerprint(model_name, model_hash, sampling, template, thinking, chat)
     _check_run_config(out, fingerprint, overwrite)
     gen_path = out / GENERATIONS
     done = _load_finished(gen_path, n)
-    todo: list[tuple[Benchmark, EvalItem]] = [
-        (b, it) for b in benches for it in b.items if (b.name, it.key) not in done
-    ]
-    total = sum(len(b.items) for b in benches)
-    if total - len(todo):
-        logger.warning(
-            "resuming: %d of %d problems already done in %s (same model files and sampling settings); "
-            "--overwrite starts over", total - len(todo), total, out,
-        )  # fmt: skip
-    logger.info("evaluation: %d problems x %d samples, %d to generate", total, n, len(todo))
+    todo = _pending(benches, done, n, out)
+    render = dict(template=template, thinking=thinking, chat=chat)
 
     if todo and not hasattr(engine, "generate"):
         engine = engine()
@@ -219,36 +197,9 @@ def evaluate(
     try:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
-            prompts = [
-                render_prompt_ids(tokenizer, it.problem, template=template, thinking=thinking, chat=chat)
-                for _, it in chunk
-            ]
-            outs = engine.generate(prompts, sampling)
-            if len(outs) != len(chunk) or any(len(o) != n for o in outs):
-                raise RuntimeError(
-                    f"rollout engine returned {[len(o) for o in outs]} samples for {len(chunk)} prompts; "
-                    f"expected {n} per prompt."
-                )
-            texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for o in outs for s in o]
-            refs = [it.answer for _, it in chunk for _ in range(n)]
-            grades = pool.grade_many(list(zip(texts, refs)), timeout_s=grader_timeout_s)
-            lines = []
-            for j, (b, it) in enumerate(chunk):
-                recs = []
-                for s in range(n):
-                    g, sample = grades[j * n + s], outs[j][s]
-                    recs.append({
-                        "benchmark": b.name, "key": it.key, "sample": s, "problem": it.problem,
-                        "reference": it.answer, "response": texts[j * n + s], "answer": g.answer,
-                        "correct": g.correct, "status": g.status, "finish_reason": sample.finish_reason,
-                        "num_tokens": len(sample.token_ids),
-                    })  # fmt: skip
-                done[(b.name, it.key)] = recs
-                lines += [json.dumps(r, ensure_ascii=False) + "\n" for r in recs]
-            with gen_path.open("a", encoding="utf-8") as f:
-                f.write("".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
+            records = _generate_and_grade(engine, tokenizer, chunk, sampling, pool, grader_timeout_s, render)
+            done.update(records)
+            _append_records(gen_path, [r for recs in records.values() for r in recs])
             logger.info(
                 "evaluation: %d / %d problems generated (%.0f s)",
                 start + len(chunk), len(todo), time.monotonic() - t0,
@@ -256,11 +207,102 @@ def evaluate(
     finally:
         if own_pool:
             pool.close()
+    total = sum(len(b.items) for b in benches)
+    return _write_summary(
+        benches, done, n, out, num_generated=len(todo), num_resumed=total - len(todo), t0=t0
+    )
 
+
+def _load_benchmarks(benchmarks: Sequence[Benchmark | str]) -> list[Benchmark]:
+    """The `Benchmark`s (specs loaded with `load_benchmark`); their names must be distinct."""
+    benches = [b if isinstance(b, Benchmark) else load_benchmark(b) for b in benchmarks]
+    names = [b.name for b in benches]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark names must be distinct, got {names}.")
+    return benches
+
+
+def _fingerprint(model_name, model_hash, sampling: SamplingConfig, template: str, thinking: bool, chat: bool):
+    """The settings that change results (kept in run_config.json), in the JSON form they are stored in
+    (lists, not tuples), so that a resume compares like with like."""
+    fingerprint = {
+        "model": model_name,
+        "model_hash": model_hash,
+        "n": sampling.n,
+        "sampling": {k: v for k, v in asdict(sampling).items() if k != "n"},
+        "template": template,
+        "thinking": thinking,
+        "chat": chat,
+    }
+    return json.loads(json.dumps(fingerprint))
+
+
+def _pending(benches: list[Benchmark], done: dict, n: int, out: Path) -> list[tuple[Benchmark, EvalItem]]:
+    """The problems still without their n samples, in benchmark order (a resume is announced)."""
+    todo = [(b, it) for b in benches for it in b.items if (b.name, it.key) not in done]
+    total = sum(len(b.items) for b in benches)
+    if total - len(todo):
+        logger.warning(
+            "resuming: %d of %d problems already done in %s (same model files and sampling settings); "
+            "--overwrite starts over", total - len(todo), total, out,
+        )  # fmt: skip
+    logger.info("evaluation: %d problems x %d samples, %d to generate", total, n, len(todo))
+    return todo
+
+
+def _generate_and_grade(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    chunk: list[tuple[Benchmark, EvalItem]],
+    sampling: SamplingConfig,
+    pool: GraderPool,
+    timeout_s: float,
+    render: dict,
+) -> dict[tuple[str, str], list[dict]]:
+    """Generate `sampling.n` samples for each problem of `chunk` and grade them:
+    (benchmark, key) -> the problem's n records (the lines of generations.jsonl)."""
+    n = sampling.n
+    prompts = [render_prompt_ids(tokenizer, it.problem, **render) for _, it in chunk]
+    outs = engine.generate(prompts, sampling)
+    if len(outs) != len(chunk) or any(len(o) != n for o in outs):
+        raise RuntimeError(
+            f"rollout engine returned {[len(o) for o in outs]} samples for {len(chunk)} prompts; "
+            f"expected {n} per prompt."
+        )
+    texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for o in outs for s in o]
+    refs = [it.answer for _, it in chunk for _ in range(n)]
+    grades = pool.grade_many(list(zip(texts, refs)), timeout_s=timeout_s)
+    records = {}
+    for j, (b, it) in enumerate(chunk):
+        recs = []
+        for s in range(n):
+            g, sample = grades[j * n + s], outs[j][s]
+            recs.append({
+                "benchmark": b.name, "key": it.key, "sample": s, "problem": it.problem,
+                "reference": it.answer, "response": texts[j * n + s], "answer": g.answer,
+                "correct": g.correct, "status": g.status, "finish_reason": sample.finish_reason,
+                "num_tokens": len(sample.token_ids),
+            })  # fmt: skip
+        records[(b.name, it.key)] = recs
+    return records
+
+
+def _append_records(path: Path, records: list[dict]) -> None:
+    """Append one JSON line per record to `path`, flushed and fsynced (the resume point)."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_summary(
+    benches, done: dict, n: int, out: Path, *, num_generated: int, num_resumed: int, t0: float
+):
+    """Summarise, write `out/summary.json`, log the per-benchmark Avg@n; returns the summary."""
     summary = _summarise(benches, done, n)
     summary.update(
-        num_generated=len(todo),
-        num_resumed=total - len(todo),
+        num_generated=num_generated,
+        num_resumed=num_resumed,
         seconds=time.monotonic() - t0,
         out_dir=str(out),
     )

@@ -3,21 +3,21 @@
     vocab_parallel_divergence(student_logits, teacher_logits, *, kind, ...)   -> [...] per-position loss
     fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind, ...)
                                                                              -> [tokens] per-token loss
-    divergence_metrics(student_logits, teacher_logits, *, kind, ...)         -> dict of 0-dim tensors
-    token_mean(per_token, mask, num_valid_tokens) / sequence_mean(per_token, mask, num_sequences)
+    token_mean(per_token, mask, num_valid_tokens)                            -> 0-dim loss to back-propagate
+    vocab_parallel_token_logprobs(logits, token_ids, sampling, ...)          -> [...] sampled-token logprobs
 
-Importing this package needs only torch.
+`kind` takes the config's `loss.kind` names (forward_kl, reverse_kl, jsd, top_k, sampled_token) and
+"top_k_renorm" (`loss.top_k_tail=false`). Importing this package needs only torch.
 """
 
 from opsd_megatron.losses.fused_linear import fused_linear_divergence
-from opsd_megatron.losses.metrics import divergence_metrics
-from opsd_megatron.losses.reductions import sequence_mean, token_mean
+from opsd_megatron.losses.reductions import token_mean
+from opsd_megatron.losses.token_logprobs import vocab_parallel_token_logprobs
 from opsd_megatron.losses.vocab_parallel import vocab_parallel_divergence
 
 __all__ = [
-    "divergence_metrics",
     "fused_linear_divergence",
-    "sequence_mean",
     "token_mean",
     "vocab_parallel_divergence",
+    "vocab_parallel_token_logprobs",
 ]

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 DENSE_KINDS = ("forward_kl", "reverse_kl", "jsd")
-ALL_KINDS = (*DENSE_KINDS, "topk", "topk_renorm", "sampled_token")
+ALL_KINDS = (*DENSE_KINDS, "top_k", "top_k_renorm", "sampled_token")
+"""The config's `loss.kind` names; "top_k_renorm" is `loss.kind=top_k` with `loss.top_k_tail=false`."""
+TOP_K_KINDS = ("top_k", "top_k_renorm")
 
 
 def resolve_group(tp_group):
@@ -108,7 +110,6 @@ def dense_forward(
     clip: float | None,
     group,
     need_grad: bool,
-    extra_stats: bool = False,
 ):
     """Dense divergence on one vocabulary shard.
 
@@ -116,9 +117,8 @@ def dense_forward(
         z_s, z_t: `[N, v]` fp32 scaled logits (logits / temperature), owned (overwritten in place).
     Returns:
         loss `[N]` (identical on all ranks); grad `[N, v]` fp32 = dloss/dz_s (None unless need_grad);
-        stats `[3, N]` (clipped-entry count, student entropy, teacher entropy) when extra_stats, else None;
         saved `[3, N]` (student and teacher log-sum-exp, sum_v m_v h_v) when need_grad, else None.
-    Collectives (forward only): MAX [2, N], SUM [2, N], SUM [k, N] with k = 1 + need_grad (+3 if extra_stats).
+    Collectives (forward only): MAX [2, N], SUM [2, N], SUM [k, N] with k = 1 + need_grad.
     """
     (logp_s, logp_t), shift = global_log_softmax_([z_s, z_t], group)
     f, h, p_s = dense_terms(logp_s, logp_t, kind, beta)
@@ -130,19 +130,13 @@ def dense_forward(
     parts.append(f.sum(-1))
     if need_grad:
         parts.append(h.sum(-1))
-    if extra_stats:
-        clipped = (~keep).sum(-1).to(f.dtype) if clip is not None else torch.zeros_like(parts[0])
-        ent_s = -(p_s * logp_s).sum(-1)
-        ent_t = -(torch.exp(logp_t) * logp_t).sum(-1)
-        parts += [clipped, ent_s, ent_t]
     red = all_reduce(torch.stack(parts), dist.ReduceOp.SUM, group)  # (k, N)
     loss = red[0]
     grad = None
     if need_grad:
         grad = h.sub_(p_s.mul_(red[1].unsqueeze(-1)))  # (N, v): m_j h_j - p_S(j) sum_v m_v h_v
-    stats = red[-3:] if extra_stats else None
     saved = torch.cat([shift, red[1:2]]) if need_grad else None  # (3, N)
-    return loss, grad, stats, saved
+    return loss, grad, saved
 
 
 def scaled_fp32(logits: torch.Tensor, n_valid: int, temperature: float, owned: bool = False) -> torch.Tensor:

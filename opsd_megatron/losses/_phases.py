@@ -1,4 +1,5 @@
-"""The dense divergence of one chunk of logits in three fusable phases, for the fused LM-head path.
+"""The dense divergence of one chunk of logits in three fusable phases, for the fused LM-head path: dispatch
+and collectives (the phase math itself is `_phase_math.py`).
 
 Each phase reads the raw logit shards `[c, v]` (input dtype, e.g. bf16) and recomputes log p from per-row
 scalars. On CUDA each phase is a hand-written Triton kernel (`triton_phases.py`; OPSD_LOSS_TRITON=0 disables),
@@ -24,7 +25,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.losses._math import all_reduce, dense_terms, group_size
+from opsd_megatron.losses._math import all_reduce, group_size
+from opsd_megatron.losses._phase_math import phase_grad_, phase_stats, phase_terms, phase_terms_grad_
 from opsd_megatron.losses._rowblock import dense_chunk_rows_, grad_rows_
 
 logger = logging.getLogger(__name__)
@@ -43,10 +45,6 @@ def default_chunk_size(local_vocab: int, n_tokens: int, cuda: bool) -> int:
     return max(1, -(-n_tokens // n_chunks))
 
 
-def _z(x: torch.Tensor, inv_t: float) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32)) * inv_t  # (c, v) fp32 (fp64 kept)
-
-
 def agreed_chunk_size(local_vocab: int, n_tokens: int, cuda: bool, group) -> int:
     """`default_chunk_size`, made equal on every rank of `group` (shards may differ in size, and every chunk
     runs the same collectives): one all-reduce MIN of one number when the group has several ranks."""
@@ -55,59 +53,6 @@ def agreed_chunk_size(local_vocab: int, n_tokens: int, cuda: bool, group) -> int
         t = torch.tensor([c], dtype=torch.int64, device="cuda" if cuda else "cpu")
         c = int(all_reduce(t, dist.ReduceOp.MIN, group).item())
     return c
-
-
-def phase_stats(ls: torch.Tensor, lt: torch.Tensor, inv_t: float) -> torch.Tensor:
-    """Local max and sum-exp relative to it, `[2 (student, teacher), 2 (max, sumexp), c]`."""
-    out = []
-    for x in (ls, lt):
-        z = _z(x, inv_t)  # (c, v)
-        m = z.amax(-1)  # (c,)
-        out.append(torch.stack([m, torch.exp(z - m.unsqueeze(-1)).sum(-1)]))
-    return torch.stack(out)
-
-
-def phase_terms(ls, lt, shift, inv_t: float, kind: str, beta: float, clip, extra: bool) -> torch.Tensor:
-    """Partial (this shard's) sums `[k, c]`: loss, sum_v m_v h_v (+ clipped count, H(p_S), H(p_T))."""
-    logp_s = _z(ls, inv_t) - shift[0].unsqueeze(-1)  # (c, v)
-    logp_t = _z(lt, inv_t) - shift[1].unsqueeze(-1)  # (c, v)
-    f, h, p_s = dense_terms(logp_s, logp_t, kind, beta)
-    parts = []
-    if clip is not None:
-        keep = f < clip
-        f = f.clamp(max=clip)
-        h = h * keep
-    parts += [f.sum(-1), h.sum(-1)]
-    if extra:
-        clipped = (~keep).sum(-1).to(f.dtype) if clip is not None else torch.zeros_like(parts[0])
-        parts += [clipped, -(p_s * logp_s).sum(-1), -(torch.exp(logp_t) * logp_t).sum(-1)]
-    return torch.stack(parts)
-
-
-def phase_grad_(ls, lt, saved, scale, inv_t: float, kind: str, beta: float, clip, out) -> None:
-    """Write dloss/dlogits = scale * inv_t * (m h - p_S sum m h), scale `[c]`, into `out` `[c, v]`;
-    `out` may be `ls` itself (the fused path: the gradient then needs no buffer of its own)."""
-    logp_s = _z(ls, inv_t) - saved[0].unsqueeze(-1)  # (c, v)
-    logp_t = _z(lt, inv_t) - saved[1].unsqueeze(-1)  # (c, v)
-    f, h, p_s = dense_terms(logp_s, logp_t, kind, beta)
-    if clip is not None:
-        h = h * (f < clip)
-    g = (h - p_s * saved[2].unsqueeze(-1)) * (scale * inv_t).unsqueeze(-1)
-    out.copy_(g)
-
-
-def phase_terms_grad_(ls, lt, shift, inv_t: float, kind: str, beta: float, clip) -> torch.Tensor:
-    """Single-rank shortcut: `phase_terms` and `phase_grad_` in one call (the sums are already global)."""
-    logp_s = _z(ls, inv_t) - shift[0].unsqueeze(-1)  # (c, v)
-    logp_t = _z(lt, inv_t) - shift[1].unsqueeze(-1)  # (c, v)
-    f, h, p_s = dense_terms(logp_s, logp_t, kind, beta)
-    if clip is not None:
-        keep = f < clip
-        f = f.clamp(max=clip)
-        h = h * keep
-    parts = torch.stack([f.sum(-1), h.sum(-1)])  # (2, c)
-    ls.copy_((h - p_s * parts[1].unsqueeze(-1)) * inv_t)
-    return parts
 
 
 _COMPILED: dict = {}  # phase function -> torch.compile(phase)
@@ -140,7 +85,7 @@ def _triton_kernels(ls: torch.Tensor, lt: torch.Tensor, kind: str):
     if not _have_triton():
         _log_once("Triton is not installed: the loss phases use torch.compile / eager PyTorch instead.")
         return None
-    from opsd_megatron.losses import triton_phases
+    from opsd_megatron.losses import triton_phases  # optional: imports triton
 
     why = triton_phases.supported(ls, lt, kind)
     if why is not None:
@@ -181,7 +126,7 @@ def _run(fn, kind: str, ls: torch.Tensor, lt: torch.Tensor, *args):
 
 def _compiled(fn):
     if fn not in _COMPILED:
-        import torch._dynamo
+        import torch._dynamo  # heavy (the compiler stack): only when compiling, on CUDA
 
         # one graph per (kind, clip on/off, dtype, ...) combination: allow more than the default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

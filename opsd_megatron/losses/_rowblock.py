@@ -7,7 +7,7 @@ softmax statistics, loss and logit gradient are computed while its `[ROWS, v]` r
 gradient overwrites the student rows in place (no extra `[c, v]` buffer). Forward KL (the default loss;
 fp32 math on fp32 logits or on fp32 copies of a bf16/fp16 block) has a hand-scheduled path: 2 exponentials
 per entry and ~24 in-place passes over a `[ROWS, v]` block (3 more for the extra statistics); the other
-kinds and dtypes go through the generic phases of `_phases.py` on each block.
+kinds and dtypes go through the generic phases of `_phase_math.py` on each block.
 
 No collective: with several TP ranks the softmax statistics of a chunk must be combined across ranks before
 the loss, so `_phases.dense_chunk` handles those (whole-chunk phases with their collectives).
@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from opsd_megatron.losses._phase_math import phase_grad_, phase_stats, phase_terms
 
 ROWS = 16  # rows per block: [16, 32768] fp32 = 2 MiB per temporary
 
@@ -108,8 +110,6 @@ def dense_chunk_rows_(ls, lt, *, kind, beta, temperature, clip, need_grad, extra
 
 
 def _rows_loop(ls, lt, kind, beta, inv_t, clip, need_grad, extra, fast, loss, saved, ex, work) -> None:
-    from opsd_megatron.losses._phases import phase_grad_, phase_stats, phase_terms
-
     c = ls.shape[0]
     for a in range(0, c, ROWS):
         b = min(a + ROWS, c)
@@ -140,9 +140,7 @@ def _rows_loop(ls, lt, kind, beta, inv_t, clip, need_grad, extra, fast, loss, sa
 
 
 def grad_rows_(ls, lt, saved, scale, *, kind, beta, temperature, clip, out) -> None:
-    """`_phases.phase_grad_` over row blocks (CPU): dloss/dlogits `[c, v]` weighted by `scale` `[c]`."""
-    from opsd_megatron.losses._phases import phase_grad_
-
+    """`_phase_math.phase_grad_` over row blocks (CPU): dloss/dlogits `[c, v]` weighted by `scale` `[c]`."""
     with one_thread():
         for a in range(0, ls.shape[0], ROWS):
             b = min(a + ROWS, ls.shape[0])

@@ -14,7 +14,7 @@ two logit chunks live in two reused buffers; the elementwise phases (`_phases.py
 CUDA (`triton_phases.py`) and on cache-sized row blocks of one thread on CPU (`_rowblock.py`), and the
 gradient overwrites the student chunk (no fp32 `[c, v]` copy).
 Backward scales them by the incoming per-token gradient when it is the same for every valid token (token-mean
-reductions, `token_mean`); otherwise (e.g. `sequence_mean`) it recomputes the logits chunk by chunk from the
+reductions, `token_mean`); otherwise (per-token weights) it recomputes the logits chunk by chunk from the
 saved per-token log-sum-exps (6 GEMMs, still no collective). Masked tokens are skipped entirely.
 
 Tensor parallelism: hidden states are replicated over the TP group and the weight is this rank's vocabulary
@@ -26,7 +26,7 @@ Step statistics (`with_stats=True`, `step_stats.py`): the clipped fraction and b
 dense phases' extra sums of the same chunk, the drift log-probabilities from the student chunk before it is
 overwritten by its gradient; no second pass over the vocabulary.
 
-Sparse kinds (topk / topk_renorm / sampled_token) run `vocab_parallel_divergence` per chunk, recomputed in
+Sparse kinds (top_k / top_k_renorm / sampled_token) run `vocab_parallel_divergence` per chunk, recomputed in
 backward (`_RecomputedSparseChunk`; their forward collectives rerun in backward).
 """
 

@@ -6,7 +6,7 @@
 
 The per-token divergence is the loss itself (clip applied, as optimised); it is not repeated here.
 `token_logprobs` are the student's log-probabilities of `target_ids` under the rollout engine's sampling
-distribution (temperature, min-p, top-k, top-p: `weight_sync.drift.vocab_parallel_token_logprobs`, which
+distribution (temperature, min-p, top-k, top-p: `token_logprobs.vocab_parallel_token_logprobs`, which
 reproduces vLLM's `logprobs_mode="processed_logprobs"`), computed from the same student logits chunk as the
 loss, before the chunk buffer is overwritten by its gradient. No extra pass over the vocabulary for the
 whole batch: each statistic is one more read of a chunk that is already there.
@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from opsd_megatron.losses.token_logprobs import vocab_parallel_token_logprobs
 
 
 @dataclass
@@ -59,8 +61,6 @@ class StatsCollector:
         """Drift logprobs of rows [a, b) from the student's logits chunk `[c, v_valid]` (read only)."""
         if self.logprobs is None:
             return
-        from opsd_megatron.rollout.refresh.drift import vocab_parallel_token_logprobs
-
         self.logprobs[a:b] = vocab_parallel_token_logprobs(
             ls, self.ids[a:b], self.sampling, tp_group=self.group, vocab_start_index=self.start
         )

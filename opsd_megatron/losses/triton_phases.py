@@ -57,6 +57,20 @@ def _terms(xs, xt, lse_s, lse_t, inv_t, lb, l1, beta, clip, KIND: tl.constexpr, 
 
 
 @triton.jit
+def _block_terms(
+    ls_ptr, lt_ptr, row, stride, start, v, lse_s, lse_t, inv_t, lb, l1, beta, clip,
+    KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The `[BLOCK]` entries of `row` from `start`: offsets, in-range mask, and their `_terms` (fp32)."""
+    offs = start + tl.arange(0, BLOCK)
+    msk = offs < v
+    xs = tl.load(ls_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
+    xt = tl.load(lt_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
+    f, h, lps, ps, lpt, pt = _terms(xs, xt, lse_s, lse_t, inv_t, lb, l1, beta, clip, KIND, HAS_CLIP)
+    return offs, msk, f, h, lps, ps, lpt, pt
+
+
+@triton.jit
 def stats_kernel(ls_ptr, lt_ptr, out_ptr, c, v, stride, inv_t, BLOCK: tl.constexpr):
     """out `[2, 2, c]` fp32: (max, sum exp(z - max)) of z = logits * inv_t, student then teacher."""
     row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 on big chunks
@@ -100,11 +114,10 @@ def terms_kernel(
     acc_es = tl.zeros([BLOCK], dtype=tl.float32)
     acc_et = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, v, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        msk = offs < v
-        xs = tl.load(ls_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
-        xt = tl.load(lt_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
-        f, h, lps, ps, lpt, pt = _terms(xs, xt, lse_s, lse_t, inv_t, lb, l1, beta, clip, KIND, HAS_CLIP)
+        offs, msk, f, h, lps, ps, lpt, pt = _block_terms(
+            ls_ptr, lt_ptr, row, stride, start, v, lse_s, lse_t, inv_t, lb, l1, beta, clip,
+            KIND, HAS_CLIP, BLOCK,
+        )  # fmt: skip
         acc_f += tl.where(msk, f, 0.0)
         acc_h += tl.where(msk, h, 0.0)
         if EXTRA:
@@ -132,11 +145,10 @@ def grad_kernel(
     smh = tl.load(saved_ptr + 2 * c + row)
     sc = tl.load(scale_ptr + row) * inv_t
     for start in range(0, v, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        msk = offs < v
-        xs = tl.load(ls_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
-        xt = tl.load(lt_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
-        f, h, lps, ps, lpt, pt = _terms(xs, xt, lse_s, lse_t, inv_t, lb, l1, beta, clip, KIND, HAS_CLIP)
+        offs, msk, f, h, lps, ps, lpt, pt = _block_terms(
+            ls_ptr, lt_ptr, row, stride, start, v, lse_s, lse_t, inv_t, lb, l1, beta, clip,
+            KIND, HAS_CLIP, BLOCK,
+        )  # fmt: skip
         g = (h - ps * smh) * sc
         tl.store(out_ptr + row * out_stride + offs, g.to(out_ptr.dtype.element_ty), mask=msk)
 
@@ -153,22 +165,20 @@ def terms_grad_kernel(
     acc_f = tl.zeros([BLOCK], dtype=tl.float32)
     acc_h = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, v, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        msk = offs < v
-        xs = tl.load(ls_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
-        xt = tl.load(lt_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
-        f, h, lps, ps, lpt, pt = _terms(xs, xt, lse_s, lse_t, inv_t, lb, l1, beta, clip, KIND, HAS_CLIP)
+        offs, msk, f, h, lps, ps, lpt, pt = _block_terms(
+            ls_ptr, lt_ptr, row, stride, start, v, lse_s, lse_t, inv_t, lb, l1, beta, clip,
+            KIND, HAS_CLIP, BLOCK,
+        )  # fmt: skip
         acc_f += tl.where(msk, f, 0.0)
         acc_h += tl.where(msk, h, 0.0)
     smh = tl.sum(acc_h, 0)
     tl.store(out_ptr + row, tl.sum(acc_f, 0))
     tl.store(out_ptr + c + row, smh)
     for start in range(0, v, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        msk = offs < v
-        xs = tl.load(ls_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
-        xt = tl.load(lt_ptr + row * stride + offs, mask=msk, other=0.0).to(tl.float32)
-        f, h, lps, ps, lpt, pt = _terms(xs, xt, lse_s, lse_t, inv_t, lb, l1, beta, clip, KIND, HAS_CLIP)
+        offs, msk, f, h, lps, ps, lpt, pt = _block_terms(
+            ls_ptr, lt_ptr, row, stride, start, v, lse_s, lse_t, inv_t, lb, l1, beta, clip,
+            KIND, HAS_CLIP, BLOCK,
+        )  # fmt: skip
         g = (h - ps * smh) * inv_t
         tl.store(ls_ptr + row * stride + offs, g.to(ls_ptr.dtype.element_ty), mask=msk)
 

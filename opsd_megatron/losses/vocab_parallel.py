@@ -29,6 +29,7 @@ import torch
 from opsd_megatron.losses._math import (
     ALL_KINDS,
     DENSE_KINDS,
+    TOP_K_KINDS,
     dense_forward,
     effective_dense_kind,
     resolve_group,
@@ -95,9 +96,7 @@ def _dense_forward_eager(ctx, student, teacher, mask, kind, beta, temperature, c
     z_s = scaled_fp32(student.detach(), n_valid, temperature)  # (N, v) fp32
     z_t = scaled_fp32(teacher.detach(), n_valid, temperature)  # (N, v) fp32
     need_grad = ctx.needs_input_grad[0]
-    loss, grad, _, _ = dense_forward(
-        z_s, z_t, kind=kind, beta=beta, clip=clip, group=group, need_grad=need_grad
-    )
+    loss, grad, _ = dense_forward(z_s, z_t, kind=kind, beta=beta, clip=clip, group=group, need_grad=need_grad)
     if mask is not None:
         loss = loss * mask
     if need_grad:
@@ -120,7 +119,7 @@ def validate_args(
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     if clip is not None and not float(clip) > 0.0:
         raise ValueError(f"clip must be None or > 0 (the pointwise clamp tau), got {clip}.")
-    if kind in ("topk", "topk_renorm") and (top_k is None or int(top_k) < 1):
+    if kind in TOP_K_KINDS and (top_k is None or int(top_k) < 1):
         raise ValueError(f"kind={kind!r} needs top_k >= 1, got top_k={top_k}.")
     if kind == "sampled_token":
         if target_ids is None:
@@ -163,8 +162,8 @@ def vocab_parallel_divergence(
         teacher_logits: `[..., v/tp]`, same shape; treated as a constant (no gradient flows to it).
         kind: "forward_kl" KL(p_T||p_S) | "reverse_kl" KL(p_S||p_T) | "jsd" generalised JSD(beta) with
             M = beta p_T + (1-beta) p_S (beta = 0 is exactly forward KL, beta = 1 exactly reverse KL) |
-            "topk" forward KL over the teacher's global top-`top_k` ids + a tail bucket |
-            "topk_renorm" forward KL between p_T and p_S restricted to those ids and renormalised |
+            "top_k" forward KL over the teacher's global top-`top_k` ids + a tail bucket |
+            "top_k_renorm" forward KL between p_T and p_S restricted to those ids and renormalised |
             "sampled_token" -stop_grad(log p_T(y) - log p_S(y)) * log p_S(y) at `target_ids` y.
         beta: JSD mixture weight (kind="jsd" only).
         temperature: both logits are divided by it before the softmax (gradient w.r.t. the raw logits).
@@ -174,7 +173,7 @@ def vocab_parallel_divergence(
         loss_mask: `[...]`, nonzero = position counts; loss and gradient are 0 elsewhere.
         tp_group: the tensor-parallel group over which the vocabulary is sharded; None = the default group if
             torch.distributed is initialised, else a single rank.
-        top_k: number of teacher entries for kind="topk".
+        top_k: number of teacher entries for kind="top_k" / "top_k_renorm".
         target_ids: `[...]` global token ids for kind="sampled_token" (ignored where loss_mask is 0).
         vocab_size: real global vocabulary size; padded entries (global id >= vocab_size) are ignored.
         vocab_start_index: global id of this shard's first entry (default rank * v_local).
@@ -200,10 +199,10 @@ def vocab_parallel_divergence(
         return _VocabParallelDenseDivergence.apply(
             student_logits, teacher_logits, mask, kind, float(beta), float(temperature), clip, n_valid, group
         )
-    if kind in ("topk", "topk_renorm"):
+    if kind in TOP_K_KINDS:
         loss = topk_divergence(
             student_logits, teacher_logits, k=int(top_k), temperature=float(temperature), clip=clip,
-            start=start, n_valid=n_valid, group=group, tail=kind == "topk",
+            start=start, n_valid=n_valid, group=group, tail=kind == "top_k",
         )  # fmt: skip
     else:
         ids = target_ids.reshape(-1)

@@ -11,8 +11,12 @@ averaged over the first and the last `window` steps, and the mean trainer-vs-eng
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
+
+from opsd_megatron.evaluation.paired import paired_difference
+from opsd_megatron.observe.metrics import read_metrics
 
 
 def _eval_dirs(run: Path) -> list[tuple[int, Path]]:
@@ -31,9 +35,6 @@ def _mean(rows: list[dict], key: str) -> float:
 
 def learning_summary(run_dir: str | Path, window: int = 3) -> dict[str, float]:
     """Before/after held-out accuracy and training signals of one run (see the module docstring)."""
-    from opsd_megatron.evaluation.paired import paired_difference
-    from opsd_megatron.observe.metrics import read_metrics
-
     run = Path(run_dir)
     evals = _eval_dirs(run)
     if len(evals) < 2:
@@ -78,8 +79,6 @@ def format_learning_table(runs: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(
         prog="python -m opsd_megatron.observe.learning", description=__doc__.split("\n")[0]
     )

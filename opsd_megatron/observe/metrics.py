@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger("opsd_megatron")
 
@@ -76,8 +77,8 @@ def run_summary(rows: list[dict], *, output_dir: str | Path, seconds: float, sta
     return "\n".join(lines)
 
 
-def reduce_sums(sums: dict[str, float], group=None, divide_by: float = 1.0) -> dict[str, float]:
-    """All-reduce a dict of float sums (SUM, float64, fixed key order) over `group`; divide by `divide_by`.
+def reduce_sums(sums: dict[str, float], group=None) -> dict[str, float]:
+    """All-reduce a dict of float sums (SUM, float64, fixed key order) over `group`.
 
     Every rank must pass the same keys (zeros where it has nothing). Collective: one all-reduce.
     """
@@ -85,7 +86,7 @@ def reduce_sums(sums: dict[str, float], group=None, divide_by: float = 1.0) -> d
     t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
-    return {k: float(v) / divide_by for k, v in zip(keys, t.tolist())}
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
 class MetricsLogger:
@@ -111,11 +112,9 @@ class MetricsLogger:
         self.total_steps, self.start_step = total_steps, start_step
         self._stale = self._earlier_steps(start_step)
         self._t0 = time.monotonic()
-        from torch.utils.tensorboard import SummaryWriter
-
         self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
         if logging_cfg.wandb_project:
-            import wandb
+            import wandb  # optional: only with logging.wandb_project
 
             run_id = wandb_run_id(output_dir, wandb.util.generate_id)
             self.wandb = wandb.init(
@@ -210,17 +209,3 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
 def deterministic_view(row: dict) -> dict:
     """A metrics row without wall-time entries (what must be bit-identical across a resume)."""
     return {k: v for k, v in row.items() if not k.startswith(TIME_KEYS) and "per_s" not in k}
-
-
-def summary_table(rows: list[dict], keys: list[str]) -> str:
-    """A small fixed-width table of `keys` per step (for the demo's final print)."""
-    head = ["step"] + [k.split("/")[-1] for k in keys]
-    widths = [max(6, len(h)) for h in head]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    for r in rows:
-        cells = [str(r["step"])] + [
-            "-" if r.get(k) is None else (f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]))
-            for k in keys
-        ]
-        lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
-    return "\n".join(lines)

@@ -18,6 +18,9 @@ import math
 import re
 from pathlib import Path
 
+from opsd_megatron.evaluation.paired import accuracy_ci
+from opsd_megatron.observe.metrics import read_metrics
+
 log = logging.getLogger(__name__)
 
 PANELS = (("loss", "loss"), ("divergence", "divergence"), ("rollout/accuracy", "rollout accuracy"))
@@ -40,8 +43,6 @@ def _same(a: tuple, b: tuple) -> bool:
 
 def heldout_points(run_dir: str | Path) -> list[tuple[int, float, float]]:
     """(step, Avg@n, 95 % CI half-width) of every held-out evaluation of the run, sorted by step."""
-    from opsd_megatron.evaluation.paired import accuracy_ci
-
     run = Path(run_dir)
     pts: dict[int, tuple[float, float]] = {}
     for d in sorted((run / "eval").glob("step_*")):
@@ -50,8 +51,6 @@ def heldout_points(run_dir: str | Path) -> list[tuple[int, float, float]]:
             mean, half = accuracy_ci(d)
             pts[int(m.group(1))] = (mean, half)
     if not pts:
-        from opsd_megatron.observe.metrics import read_metrics
-
         for r in read_metrics(run) if (run / "metrics.jsonl").is_file() else []:
             keys = [k for k in r if re.fullmatch(r"eval/overall/avg@\d+", k)]
             if keys:
@@ -67,12 +66,10 @@ def plot_run(
 ) -> Path:
     """Write the run's plots to `out` (default RUN_DIR/plots.png); returns the path. `compare` ({label: run
     dir}) overlays other runs' held-out accuracy (e.g. the control run) on the held-out panel."""
-    import matplotlib
+    import matplotlib  # heavy: only when plotting
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from opsd_megatron.observe.metrics import read_metrics
 
     run = Path(run_dir)
     if not (run / "metrics.jsonl").is_file():

@@ -17,6 +17,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch.distributed as dist
+
 from opsd_megatron.rollout.base import RolloutOutput, SamplingConfig
 
 
@@ -32,8 +34,6 @@ class _MirroredEngine:
         sampling: SamplingConfig,
         seeds: Sequence[int] | None = None,
     ) -> list[list[RolloutOutput]]:
-        import torch.distributed as dist
-
         call = ([list(p) for p in prompt_token_ids], sampling, None if seeds is None else list(seeds))
         dist.broadcast_object_list([call], src=self._src, group=self._group)
         return self._engine.generate(*call)
@@ -45,8 +45,6 @@ class _MirroredEngine:
 @contextlib.contextmanager
 def leading(engine: Any, group: Any, src: int) -> Iterator[Any]:
     """Yield `engine` with mirrored `generate`; on exit (even by exception) release the followers."""
-    import torch.distributed as dist
-
     try:
         yield _MirroredEngine(engine, group, src)
     finally:
@@ -55,8 +53,6 @@ def leading(engine: Any, group: Any, src: int) -> Iterator[Any]:
 
 def follow(engine: Any, group: Any, src: int) -> int:
     """Replay the leader's `generate` calls on this rank's part of the engine; returns how many."""
-    import torch.distributed as dist
-
     calls = 0
     while True:
         box: list[Any] = [None]

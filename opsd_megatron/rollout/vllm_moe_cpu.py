@@ -24,6 +24,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
+
+from opsd_megatron.mcore import patches
+
 _MARK = "_opsd_cpu_moe_reload_prepack"
 
 
@@ -34,12 +38,8 @@ def install() -> bool:
     refresh of
     a MoE model on CPU cannot be trusted; the message names the target and versions).
     """
-    import torch
-
     if torch.cuda.is_available():
         return False
-    from opsd_megatron.mcore import patches
-
     owner, attr = patches.target("vllm.cpu_moe_reload_prepack")
     original = getattr(owner, attr)
     if getattr(original, _MARK, False):

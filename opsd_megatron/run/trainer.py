@@ -141,7 +141,7 @@ class OPSDTrainer:
         )  # every row's rendered prompts fit, checked once here (not mid-run on one rank)
         self.data_stats["skipped"] += too_long
         if cfg.eval.interval:  # benchmarks load and their prompts fit the engine: known now, not at step N
-            from opsd_megatron.evaluation.prompt_check import check_eval_prompts
+            from opsd_megatron.evaluation.startup import check_eval_prompts
 
             check_eval_prompts(cfg.eval, self.tokenizer, cfg.prompts.max_prompt_tokens)
         if self.data_stats["skipped"] and self.ps.rank == 0:

@@ -37,16 +37,12 @@ SUM_KEYS = ("loss_sum", "tokens", "clipped_fraction", "student_entropy", "teache
             "drift_abs", "drift_mult")  # fmt: skip
 """Per-micro-batch sums returned by the loss function (last stage), reduced over micro-batches and DP."""
 
-KINDS = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl", "jsd": "jsd", "top_k": "topk",
-         "sampled_token": "sampled_token"}  # fmt: skip
-"""`loss.kind` (config) -> `losses` kind; top_k becomes "topk_renorm" with loss.top_k_tail=false."""
-
 
 @dataclass
 class LossSpec:
     """Everything the loss function needs besides the batch (built once per run)."""
 
-    kind: str  # a `losses` kind (forward_kl | reverse_kl | jsd | topk | topk_renorm | sampled_token)
+    kind: str  # `loss.kind` (forward_kl | reverse_kl | jsd | top_k | sampled_token), or top_k_renorm
     beta: float
     temperature: float
     clip: float | None
@@ -61,9 +57,7 @@ class LossSpec:
     def from_config(cls, cfg, *, vocab_size: int, tp_group, sampling) -> LossSpec:
         """From an `OPSDConfig` (loss.* and rollout.temperature)."""
         lc = cfg.loss
-        kind = KINDS[lc.kind]
-        if kind == "topk" and not lc.top_k_tail:
-            kind = "topk_renorm"
+        kind = "top_k_renorm" if lc.kind == "top_k" and not lc.top_k_tail else lc.kind  # no tail bucket
         return cls(
             kind=kind, beta=lc.beta, temperature=lc.temperature or cfg.rollout.temperature, clip=lc.clip,
             top_k=lc.top_k, vocab_size=vocab_size, tp_group=tp_group, sampling=sampling,

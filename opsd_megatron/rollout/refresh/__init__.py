@@ -4,8 +4,8 @@
     syncer = WeightSyncer(engine, bucket_bytes=256 << 20, dtype=torch.bfloat16)
     stats = syncer.sync(model_chunks)          # collective; RefreshStats(seconds, bytes, buckets, ...)
 
-Submodules: `buckets` (stream → buckets → `engine.update_weights`), `drift` (metrics, guard, and the
-vocab-parallel sampled-token logprob helper for the trainer side).
+Submodules: `buckets` (stream → buckets → `engine.update_weights`), `drift` (metrics and guard; the
+trainer side's sampled-token logprobs: `opsd_megatron.losses.vocab_parallel_token_logprobs`).
 """
 
 from opsd_megatron.rollout.refresh.buckets import (
@@ -19,7 +19,6 @@ from opsd_megatron.rollout.refresh.drift import (
     DriftError,
     DriftGuard,
     compute_drift,
-    vocab_parallel_token_logprobs,
 )
 
 __all__ = [
@@ -31,5 +30,4 @@ __all__ = [
     "iter_buckets",
     "layer_group",
     "push_weights",
-    "vocab_parallel_token_logprobs",
 ]

@@ -27,14 +27,14 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
-    from opsd_megatron.rollout.base import RolloutEngine
+from opsd_megatron.mcore.conversion import export_hf_weights
+from opsd_megatron.rollout.base import RolloutEngine
 
-NamedTensors = Iterable[tuple[str, "torch.Tensor"]]
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 _LAYER_RE = re.compile(r"^(.*?layers\.\d+)\.")
 
@@ -189,9 +189,7 @@ class WeightSyncer:
         self.last_stats: RefreshStats | None = None
 
     def _export(self, model_chunks: Any) -> NamedTensors:
-        fn = self.export_fn
-        if fn is None:
-            from opsd_megatron.mcore.conversion import export_hf_weights as fn  # collective over TP/PP
+        fn = self.export_fn or export_hf_weights  # collective over TP/PP
         return fn(model_chunks, **self.export_kwargs)
 
     def sync(self, model_chunks: Any, engine: RolloutEngine | None = None) -> RefreshStats:

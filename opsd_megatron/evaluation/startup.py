@@ -9,11 +9,17 @@ is missing or malformed would fail there too. Both are found here, before any he
 `ConfigError` naming the key, the benchmark, the problem and the lengths. The prompts are rendered exactly as
 `opsd_megatron.evaluation.hook.periodic_eval` renders them (`evaluation.runner.render_prompt_ids`, the eval
 template, `eval.thinking`). No collective: every rank checks the same (small) benchmarks.
+The training rows' prompts have their own check, `opsd_megatron.data.prompt_check` (per row, split over the
+ranks, skip or raise per `data.on_bad_row`); the two share only the idea.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from opsd_megatron.config import ConfigError
+from opsd_megatron.evaluation.benchmarks import load_benchmark
+from opsd_megatron.evaluation.runner import render_prompt_ids
 
 
 def check_eval_prompts(eval_cfg: Any, tokenizer: Any, max_prompt_tokens: int) -> int:
@@ -22,10 +28,6 @@ def check_eval_prompts(eval_cfg: Any, tokenizer: Any, max_prompt_tokens: int) ->
     Raises `opsd_megatron.config.ConfigError` naming `eval.path` / `eval.benchmarks` when a benchmark cannot
     be loaded or a prompt has more than `max_prompt_tokens` tokens.
     """
-    from opsd_megatron.config import ConfigError
-    from opsd_megatron.evaluation.benchmarks import load_benchmark
-    from opsd_megatron.evaluation.runner import render_prompt_ids
-
     key = "eval.benchmarks" if getattr(eval_cfg, "benchmarks", None) else "eval.path"
     specs = list(getattr(eval_cfg, "benchmarks", None) or [eval_cfg.path])
     thinking = getattr(eval_cfg, "thinking", True)

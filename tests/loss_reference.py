@@ -1,4 +1,8 @@
-"""Per-step diagnostics of the divergence, separate from the loss (no gradient).
+"""Test reference: per-step diagnostics of the divergence on materialised logits, separate from the loss.
+
+The training step gets these statistics from the fused loss's chunk loop (`losses.step_stats`,
+`fused_linear_divergence(with_stats=True)`); this materialising version (formerly
+`opsd_megatron.losses.metrics`) is kept only as the reference the tests compare that path with.
 
 `divergence_metrics` returns 0-dim fp32 tensors, each a mean over this call's valid positions (weight them by
 `num_tokens` to combine micro-batches or data-parallel ranks):
@@ -15,16 +19,29 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from opsd_megatron.losses import vocab_parallel_divergence
 from opsd_megatron.losses._math import (
     DENSE_KINDS,
     all_reduce,
-    dense_forward,
+    dense_terms,
     effective_dense_kind,
+    global_log_softmax_,
     resolve_group,
     scaled_fp32,
     shard_layout,
 )
-from opsd_megatron.losses.vocab_parallel import vocab_parallel_divergence
+
+
+def _dense_stats(z_s, z_t, kind: str, beta: float, clip, group):
+    """Per-position loss (clip applied), clipped-entry count, H(p_S), H(p_T), each `[N]`, from scaled logit
+    shards `[N, v]` (owned). Collectives: those of `global_log_softmax_`, one all-reduce SUM `[4, N]`."""
+    (logp_s, logp_t), _ = global_log_softmax_([z_s, z_t], group)
+    f, _, p_s = dense_terms(logp_s, logp_t, kind, beta)  # (N, v) each
+    clipped = (f >= clip).sum(-1).to(f.dtype) if clip is not None else f.new_zeros(f.shape[0])
+    loss = (f if clip is None else f.clamp(max=clip)).sum(-1)
+    ent_s = -(p_s * logp_s).sum(-1)
+    ent_t = -(torch.exp(logp_t) * logp_t).sum(-1)
+    return all_reduce(torch.stack([loss, clipped, ent_s, ent_t]), dist.ReduceOp.SUM, group)  # (4, N)
 
 
 @torch.no_grad()
@@ -57,11 +74,9 @@ def divergence_metrics(
     dense_kind = effective_dense_kind(kind, float(beta)) if kind in DENSE_KINDS else "forward_kl"
     z_s = scaled_fp32(student_logits.detach(), n_valid, temperature)  # (N, v)
     z_t = scaled_fp32(teacher_logits.detach(), n_valid, temperature)  # (N, v)
-    loss, _, stats, _ = dense_forward(
-        z_s, z_t, kind=dense_kind, beta=float(beta), clip=None if clip is None else float(clip),
-        group=group, need_grad=False, extra_stats=True,
-    )  # fmt: skip
-    clipped, ent_s, ent_t = stats  # (N,) each
+    loss, clipped, ent_s, ent_t = _dense_stats(
+        z_s, z_t, dense_kind, float(beta), None if clip is None else float(clip), group
+    )  # (N,) each
     if kind not in DENSE_KINDS:
         loss = vocab_parallel_divergence(
             student_logits.detach(), teacher_logits.detach(), kind=kind, beta=beta, temperature=temperature,
