@@ -68,7 +68,11 @@ def finished_run(tiny_qwen3_dir, tmp_path_factory):
     }
     path = base / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    rc, text = _train(path)
+    old_umask = os.umask(0o022)  # inherited by the run: its files must come out 0644
+    try:
+        rc, text = _train(path)
+    finally:
+        os.umask(old_umask)
     return SimpleNamespace(out=base / "run", cfg=path, rc=rc, text=text)
 
 
@@ -120,6 +124,50 @@ def test_rollouts_jsonl_shows_what_was_sampled(finished_run):
     assert all(0 < rec["divergence"] < 10 * div[rec["step"]] for rec in recs)
 
 
+def test_exported_files_honour_the_umask(finished_run):
+    out = finished_run.out
+    exported = [p for d in ("hf", "hf_step_000002", "adapter") for p in sorted((out / d).iterdir())]
+    names = {p.name for p in exported}
+    assert {"model.safetensors", "adapter_model.safetensors", "config.json", "tokenizer.json"} <= names
+    modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in exported if p.is_file()}
+    assert set(modes.values()) == {oct(0o644)}, modes  # safetensors' temp files were 0600
+
+
+def test_checkpoint_with_changed_bytes_is_skipped_naming_the_file(finished_run, tmp_path):
+    from opsd_megatron.run.checkpoint_index import (
+        CHECKSUMS,
+        CheckpointError,
+        checkpoint_problem,
+        choose_resume,
+        read_state,
+        verify_checkpoint,
+    )
+
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(finished_run.out / "checkpoints", ck)
+    newest = ck / "step_000003"
+    state = read_state(newest)
+    assert set(state[CHECKSUMS]) == set(state["files"]) >= {"__0_0.distcp", ".metadata", "config.yaml"}
+    assert state["checksum_s"] < state["save_s"]
+    shard = newest / "__0_0.distcp"
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:  # bit rot in the middle of the shard: same size, other bytes
+        f.seek(size // 2)
+        chunk = f.read(16)
+        f.seek(size // 2)
+        f.write(bytes(255 - b for b in chunk))
+    assert shard.stat().st_size == size
+    choice = choose_resume(ck)
+    assert choice.path == ck / "step_000002"
+    assert [n for n, _ in choice.skipped] == ["step_000003"]
+    assert choice.skipped[0][1].startswith("file __0_0.distcp has changed since it was saved"), choice.skipped
+    with pytest.raises(CheckpointError, match=r"'checkpoint.load'.*step_000003.*__0_0\.distcp has changed"):
+        verify_checkpoint(newest)
+    state.pop(CHECKSUMS)  # saved by an older version (sizes only): still accepted, as before
+    (newest / "opsd_state.json").write_text(json.dumps(state))
+    assert checkpoint_problem(newest) is None
+
+
 def _damaged_copy(finished_run, dest: Path) -> Path:
     shutil.copytree(finished_run.out, dest)
     ck = dest / "checkpoints"
@@ -143,7 +191,8 @@ def test_resume_skips_damaged_checkpoints_keeps_history_and_ctrl_c_saves(finishe
             seen["lines_at_step2"] = len(read_metrics(run))
             proc.send_signal(__import__("signal").SIGINT)  # Ctrl-C
 
-    rc, text = _train(finished_run.cfg, f"output_dir={run}", "train.steps=6", on_line=on_line)
+    overrides = (f"output_dir={run}", "train.steps=6", "checkpoint.keep_last=1")
+    rc, text = _train(finished_run.cfg, *overrides, on_line=on_line)
     assert rc == 0, text
     assert "not resuming from step_000003: no opsd_state.json" in text, text
     assert re.search(r"not resuming from step_000002: file __0_0\.distcp has \d+ bytes", text), text
@@ -160,6 +209,10 @@ def test_resume_skips_damaged_checkpoints_keeps_history_and_ctrl_c_saves(finishe
     ck = choose_resume(run / "checkpoints").path
     assert ck is not None and ck.name in ("step_000002", "step_000003")
     assert read_state(ck)["reason"] == "signal"
+    # checkpoint.keep_last=1: the step 1 checkpoint resumed from is gone, the newest complete one stays.
+    assert not (run / "checkpoints" / "step_000001").exists()
+    complete = [p.name for p in (run / "checkpoints").glob("step_*") if read_state(p).get("files")]
+    assert complete == [ck.name]
     assert len(list((run / "config_history").glob("*.yaml"))) == 2
 
 

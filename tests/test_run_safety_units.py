@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -18,11 +19,15 @@ from types import SimpleNamespace
 import pytest
 
 from opsd_megatron.config import ConfigError, config_from_dict
+from opsd_megatron.mcore.files import save_safetensors
 from opsd_megatron.run.checkpoint_index import (
+    CHECKSUMS,
     CheckpointError,
     checkpoint_problem,
     choose_resume,
+    file_checksums,
     file_manifest,
+    prune_checkpoints,
     verify_checkpoint,
 )
 
@@ -30,17 +35,29 @@ DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _fake_step(root: Path, step: int, *, complete: bool = True) -> Path:
-    """A step directory with the files a save leaves (contents are not Megatron's; sizes are checked)."""
+def _fake_step(root: Path, step: int, *, complete: bool = True, checksums: bool = True) -> Path:
+    """A step directory with the files a save leaves (contents are not Megatron's; sizes and checksums are
+    checked). `checksums=False`: the opsd_state.json of a version that recorded sizes only."""
     d = root / f"step_{step:06d}"
     d.mkdir(parents=True)
-    (d / "__0_0.distcp").write_bytes(b"x" * 100)
+    (d / "__0_0.distcp").write_bytes(bytes(range(100)))
     (d / "common.pt").write_bytes(b"c" * 10)
     (d / "metadata.json").write_text("{}")
     if complete:
         state = {"step": step, "reason": "interval", "files": file_manifest(d)}
+        if checksums:
+            state[CHECKSUMS] = file_checksums(d)
         (d / "opsd_state.json").write_text(json.dumps(state))
     return d
+
+
+def _flip_bytes(path: Path, at: int, n: int = 4) -> None:
+    """Overwrite `n` bytes at offset `at` in place with their complement: same size, other content."""
+    with path.open("r+b") as f:
+        f.seek(at)
+        old = f.read(n)
+        f.seek(at)
+        f.write(bytes(255 - b for b in old))
 
 
 def test_resume_picks_newest_complete_checkpoint_and_says_why(tmp_path):
@@ -62,6 +79,70 @@ def test_resume_picks_newest_complete_checkpoint_and_says_why(tmp_path):
     with pytest.raises(CheckpointError, match="'checkpoint.load'.*step_000002.*__0_0.distcp is missing"):
         verify_checkpoint(s2)
     assert choose_resume(tmp_path / "none").path is None
+
+
+def test_changed_bytes_of_the_same_size_are_found_by_checksum_and_old_checkpoints_still_load(tmp_path):
+    root = tmp_path / "checkpoints"
+    _fake_step(root, 1)
+    s2 = _fake_step(root, 2)
+    old = _fake_step(root, 3, checksums=False)  # saved before checksums were recorded
+    _flip_bytes(s2 / "__0_0.distcp", 50)  # bit rot / an in-place rewrite: the size is unchanged
+    _flip_bytes(old / "__0_0.distcp", 50)
+    assert (s2 / "__0_0.distcp").stat().st_size == 100
+    assert checkpoint_problem(old) is None  # sizes only: still loadable, as before
+    assert checkpoint_problem(s2, checksums=False) is None  # sizes alone cannot see it
+    why = checkpoint_problem(s2)
+    assert why.startswith("file __0_0.distcp has changed since it was saved (CRC-32 "), why
+    shutil.rmtree(old)
+    choice = choose_resume(root)
+    assert choice.path == root / "step_000001"
+    assert choice.skipped == [("step_000002", why)]
+    with pytest.raises(CheckpointError, match=r"'checkpoint.load'.*step_000002.*__0_0\.distcp has changed"):
+        verify_checkpoint(s2)
+    _flip_bytes(s2 / "__0_0.distcp", 50)  # flipped back: the recorded checksum matches again
+    assert checkpoint_problem(s2) is None
+    (s2 / "metadata.json").write_text("{ }")  # every file is covered: a changed size is named first
+    assert "metadata.json has 3 bytes, 2 when it was saved" in checkpoint_problem(s2)
+    (s2 / "metadata.json").write_text("[]")  # same size, other bytes
+    assert checkpoint_problem(s2).startswith("file metadata.json has changed since it was saved")
+
+
+def test_keep_last_prunes_old_and_broken_checkpoints_never_the_newest_complete(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    for step in (1, 3, 4, 5):
+        _fake_step(root, step)
+    _fake_step(root, 2, complete=False)  # an unfinished save older than the newest complete one
+    (root / "step_000004" / "common.pt").write_bytes(b"c")  # a damaged one (size changed)
+    newer = _fake_step(root, 7, complete=False)  # newer than the one just saved: left for the run to redo
+    with caplog.at_level("INFO", logger="opsd_megatron"):
+        removed = prune_checkpoints(root, 2, root / "step_000005")
+    assert [p.name for p in removed] == ["step_000004", "step_000002", "step_000001"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000005", "step_000007"]
+    assert "checkpoint.keep_last=2: removed step_000004, step_000002, step_000001" in caplog.text
+    assert newer.is_dir() and choose_resume(root).path == root / "step_000005"
+    assert prune_checkpoints(root, 1, root / "step_000005") == [root / "step_000003"]
+    assert prune_checkpoints(root, 1, root / "step_000005") == []
+    # The directory passed as the new one is not complete: nothing is removed (the newest complete stays).
+    _fake_step(root, 6, complete=False)
+    assert prune_checkpoints(root, 1, root / "step_000006") == []
+    assert (root / "step_000005" / "opsd_state.json").is_file()
+    with pytest.raises(ConfigError, match="'checkpoint.keep_last': must be >= 1"):
+        config_from_dict(_tiny_cfg("m", tmp_path / "out", checkpoint={"keep_last": 0}))
+    assert config_from_dict(_tiny_cfg("m", tmp_path / "out")).checkpoint.keep_last is None  # keep all
+
+
+def test_safetensors_files_get_the_umask_mode_not_0600(tmp_path):
+    import torch
+
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"w": torch.zeros(3)}, tmp_path / "a.safetensors", {"format": "pt"})
+        os.umask(0o027)
+        save_safetensors({"w": torch.zeros(3)}, tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "a.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "b.safetensors").stat().st_mode & 0o777) == oct(0o640)
 
 
 def test_metrics_history_is_replaced_step_by_step_never_truncated(tmp_path):

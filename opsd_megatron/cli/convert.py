@@ -23,6 +23,7 @@ from pathlib import Path
 
 from opsd_megatron.config import ConfigError
 from opsd_megatron.observe.console import setup_logging
+from opsd_megatron.run.lifeline import follow_launcher
 
 EPILOG = """\
 multi-rank runs go through torchrun (world size = TP x PP x DP), e.g.
@@ -122,6 +123,7 @@ def check_args(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`opsd-convert ...`: parse, check the arguments, run the subcommand; a user error is one line on stderr
     and exit code 2."""
+    follow_launcher()  # a torchrun rank dies with torchrun's agent (no orphan after a SIGKILLed launcher)
     args = build_parser().parse_args(argv)
     setup_logging("info", verbose=args.verbose)
     try:

@@ -76,7 +76,7 @@ def hf_to_megatron(args) -> int:
         tok.mkdir(exist_ok=True)
         for f in TOKENIZER_FILES:
             if (Path(args.hf) / f).is_file():
-                shutil.copy(Path(args.hf) / f, tok / f)
+                shutil.copyfile(Path(args.hf) / f, tok / f)
         print(f"wrote Megatron checkpoint {out} (TP={args.tp} x PP={args.pp}, {args.dtype})")
     return 0
 

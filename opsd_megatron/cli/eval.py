@@ -26,6 +26,7 @@ from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate
 from opsd_megatron.observe.console import setup_logging
 from opsd_megatron.rollout import make_engine
 from opsd_megatron.rollout.base import SamplingConfig
+from opsd_megatron.run.lifeline import follow_launcher
 from opsd_megatron.run.preflight import (
     bound_cpu_kv_cache,
     check_model_dir,
@@ -174,6 +175,7 @@ def _load_benchmarks(args: argparse.Namespace) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
+    follow_launcher()  # a torchrun rank dies with torchrun's agent (no orphan after a SIGKILLed launcher)
     args = build_parser().parse_args(argv)
     setup_logging("info", verbose=args.verbose)
     try:

@@ -26,9 +26,11 @@ from opsd_megatron.config import ConfigError, load_config
 from opsd_megatron.data import DataError
 from opsd_megatron.observe.console import env_rank, setup_logging
 from opsd_megatron.run.checkpoint_index import choose_resume
+from opsd_megatron.run.lifeline import follow_launcher
 
 
 def main(argv: list[str] | None = None) -> int:
+    follow_launcher()  # a torchrun rank dies with torchrun's agent (no orphan after a SIGKILLed launcher)
     ap = argparse.ArgumentParser(prog="opsd-train", description=__doc__.split("\n")[0])
     ap.add_argument("config", help="YAML config (see examples/)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied in order")
@@ -72,7 +74,7 @@ def _summary(trainer, rows: list[dict], seconds: float) -> str:
     stopped = None if sig is None else ("Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name)
     return run_summary(
         rows, output_dir=trainer.out, seconds=seconds, start_step=trainer.start_step,
-        total_steps=cfg.train.steps, checkpoint=choose_resume(trainer.ckpt_root).path,
+        total_steps=cfg.train.steps, checkpoint=choose_resume(trainer.ckpt_root, checksums=False).path,
         hf_dir=hf if cfg.checkpoint.export_hf and sig is None and (hf / "config.json").is_file() else None,
         stopped_by=stopped,
     )  # fmt: skip

@@ -201,6 +201,11 @@ def _check_checkpoint(cfg: OPSDConfig) -> None:
     _check(c.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {c.save_interval}.")
     _check(c.exit_signal_grace_s > 0, "checkpoint.exit_signal_grace_s", "must be > 0.")
     _check(c.export_hf_interval >= 0, "checkpoint.export_hf_interval", "must be >= 0.")
+    _check(
+        c.keep_last is None or c.keep_last >= 1,
+        "checkpoint.keep_last",
+        f"must be >= 1 (or null to keep every checkpoint), got {c.keep_last}.",
+    )
 
 
 def _check_eval_and_sft(cfg: OPSDConfig) -> None:

@@ -292,6 +292,10 @@ class CheckpointConfig:
     export_hf_interval: int = 0
     """Also write an HF export of the current weights to output_dir/hf_step_NNNNNN every N steps (0: off);
     any training checkpoint can be exported later with `opsd-convert megatron-to-hf --megatron` as well."""
+    keep_last: int | None = None
+    """Keep only the newest N complete checkpoints in output_dir/checkpoints (null: keep all). After each
+    save rank 0 removes older complete ones beyond N and unfinished or damaged leftovers older than the new
+    one; the newest complete checkpoint is never removed."""
     allow_config_change: bool = False
     """Resume even when keys a resumed run cannot honour (model, parallel layout, data, LoRA, teacher mode,
     seed, global batch) differ from the checkpoint's config; other changes are always listed in a warning."""

@@ -4,11 +4,15 @@
     choice.path, choice.skipped                         # [(step_000007, "no opsd_state.json ..."), ...]
     problem = checkpoint_problem(path)                   # None when `path` is complete, else why not
 
+    prune_checkpoints(root, keep_last=2, newest=path)    # after a save (rank 0): the removed directories
+
 A step directory is complete when `opsd_state.json` exists (written by rank 0 after every rank's save) and
-every file it lists in `files` has the size recorded at save time, and every `.distcp` file named by the
-Megatron/torch `.metadata` index holds the bytes that index points at. So a crash mid-save, a deleted
-newest step, a truncated or missing `.distcp` are all found before any rank starts loading, and the file
-is named. The `latest` marker is only a hint: the newest complete directory wins.
+every file it lists in `files` has the size recorded at save time, every `.distcp` file named by the
+Megatron/torch `.metadata` index holds the bytes that index points at, and every file has the CRC-32
+recorded in `crc32` at save time. So a crash mid-save, a deleted newest step, a truncated or missing
+`.distcp`, and bytes changed in place (bit rot, a partial rewrite of the same size) are all found before
+any rank starts loading, and the file is named. Checkpoints saved before `crc32` was recorded are checked
+by size only. The `latest` marker is only a hint: the newest complete directory wins.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "opsd_state.json"
 CONFIG_FILE = "config.yaml"
+CHECKSUMS = "crc32"
+"""opsd_state.json key: {file name: CRC-32 as 8 hex digits} of every file of the step directory."""
+_CHUNK = 1 << 20
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -44,6 +53,24 @@ def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
 def file_manifest(path: str | Path) -> dict[str, int]:
     """{file name: size} of the regular files directly in `path` (recorded in opsd_state.json at save)."""
     return {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
+
+
+def file_checksum(path: str | Path) -> str:
+    """CRC-32 of the file at `path` (8 hex digits), read once in 1 MiB chunks.
+
+    Cost, measured on the 2-core AMD EPYC dev machine: 43-66 ms for a 100 MB file (1.5-2.3 GB/s, page cache
+    warm), i.e. ~0.5 s per GB of checkpoint; blake2b took 125 ms for the same file. CRC-32 finds bit rot and
+    in-place rewrites; it is not meant to resist deliberate tampering."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def file_checksums(path: str | Path) -> dict[str, str]:
+    """{file name: CRC-32} of the regular files directly in `path` (recorded in opsd_state.json at save)."""
+    return {p.name: file_checksum(p) for p in sorted(Path(path).iterdir()) if p.is_file()}
 
 
 def _storage_problem(path: Path) -> str | None:
@@ -71,8 +98,25 @@ def _storage_problem(path: Path) -> str | None:
     return None
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why the checkpoint directory `path` cannot be resumed from, or None when it is complete."""
+def _checksum_problem(path: Path, recorded: dict[str, str]) -> str | None:
+    """The first file whose CRC-32 differs from the one recorded at save time (every file is read once)."""
+    for name, want in sorted(recorded.items()):
+        if not (path / name).is_file():
+            return f"file {name} is missing"
+        have = file_checksum(path / name)
+        if have != want:
+            return (
+                f"file {name} has changed since it was saved (CRC-32 {have}, {want} when saved: bit rot or "
+                "an in-place overwrite)"
+            )
+    return None
+
+
+def checkpoint_problem(path: str | Path, *, checksums: bool = True) -> str | None:
+    """Why the checkpoint directory `path` cannot be resumed from, or None when it is complete.
+
+    `checksums=False` skips re-reading every file for its CRC-32 (sizes and the index only): for a
+    directory verified with checksums moments ago, or one this process has just written."""
     path = Path(path)
     if not path.is_dir():
         return "the directory does not exist"
@@ -92,7 +136,10 @@ def checkpoint_problem(path: str | Path) -> str | None:
             return f"file {name} has {have} bytes, {size} when it was saved (truncated or overwritten)"
     if not (path / "metadata.json").is_file():
         return "file metadata.json is missing (not a Megatron distributed checkpoint)"
-    return _storage_problem(path)
+    problem = _storage_problem(path)
+    if problem is None and checksums:
+        problem = _checksum_problem(path, state.get(CHECKSUMS) or {})
+    return problem
 
 
 def read_state(path: str | Path) -> dict:
@@ -115,11 +162,12 @@ class ResumeChoice:
         return head
 
 
-def choose_resume(root: str | Path) -> ResumeChoice:
-    """The newest complete checkpoint under `root` (verified), and the newer ones skipped with reasons."""
+def choose_resume(root: str | Path, *, checksums: bool = True) -> ResumeChoice:
+    """The newest complete checkpoint under `root` (verified), and the newer ones skipped with reasons.
+    Reads every file of the chosen checkpoint once for its checksum unless `checksums=False`."""
     skipped: list[tuple[str, str]] = []
     for _, path in step_dirs(root):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, checksums=checksums)
         if problem is None:
             return ResumeChoice(path, skipped)
         skipped.append((path.name, problem))
@@ -132,3 +180,41 @@ def verify_checkpoint(path: str | Path, *, key: str = "checkpoint.load") -> Path
     if problem is not None:
         raise CheckpointError(f"config key '{key}': checkpoint {str(path)!r} cannot be loaded: {problem}.")
     return Path(path)
+
+
+def prune_checkpoints(root: str | Path, keep_last: int, newest: str | Path) -> list[Path]:
+    """Remove step directories under `root` that `checkpoint.keep_last` does not keep; returns them.
+
+    `newest` is the checkpoint just saved (complete: rank 0 has just written its opsd_state.json). It and
+    every directory of a later step are kept (a run resumed from an older checkpoint rewrites those when it
+    gets there). Of the older ones, the newest `keep_last - 1` complete ones are kept; older complete ones
+    and unfinished or damaged ones (nothing can resume from them) are removed. Completeness is judged by
+    the recorded sizes and the index, not the checksums: re-reading every kept checkpoint at each save
+    would cost ~0.5 s per GB each; a kept one that rotted is still found (and skipped) at resume. Each
+    directory loses its opsd_state.json first, so one whose removal is interrupted reads as unfinished.
+    A removal that fails is logged and skipped: pruning never stops a run."""
+    newest = Path(newest)
+    m = _STEP_RE.match(newest.name)
+    problem = checkpoint_problem(newest, checksums=False)
+    if m is None or problem is not None:  # nothing to anchor on: keep everything
+        log.warning(
+            "checkpoint.keep_last: not pruning, %s is not a complete checkpoint (%s)", newest, problem
+        )
+        return []
+    kept, removed = 1, []
+    for step, path in step_dirs(root):
+        if step >= int(m.group(1)):
+            continue
+        if kept < keep_last and checkpoint_problem(path, checksums=False) is None:
+            kept += 1
+            continue
+        try:
+            (path / STATE_FILE).unlink(missing_ok=True)
+            shutil.rmtree(path)
+        except OSError as e:
+            log.warning("checkpoint.keep_last: could not remove %s (%s)", path, e)
+            continue
+        removed.append(path)
+    if removed:
+        log.info("checkpoint.keep_last=%d: removed %s", keep_last, ", ".join(p.name for p in removed))
+    return removed

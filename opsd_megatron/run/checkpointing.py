@@ -26,6 +26,16 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.mcore.models.builder import unwrap
+from opsd_megatron.run.checkpoint_index import (
+    CHECKSUMS,
+    CONFIG_FILE,
+    CheckpointError,
+    checkpoint_problem,
+    choose_resume,
+    file_checksums,
+    file_manifest,
+    prune_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +49,6 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete (verified) checkpoint under `root`, or None; see `checkpoint_index`."""
-    from opsd_megatron.run.checkpoint_index import choose_resume
-
     return choose_resume(root).path
 
 
@@ -163,12 +171,18 @@ def save_checkpoint(
     teacher: Any = None,
     reason: str = "interval",
     config: dict | None = None,
+    keep_last: int | None = None,
 ) -> Path:
     """Save everything needed to resume after `step` completed optimizer steps; returns the directory.
 
     `config` (the run's config as a dict) is stored as `config.yaml` in the directory, so a resumed run can
     list what changed and `opsd-convert`/`opsd-eval` can rebuild the model from the checkpoint alone.
-    `opsd_state.json`, written last, records every file's size (checked by `checkpoint_index`)."""
+    `opsd_state.json`, written last, records every file's size and CRC-32 (checked by `checkpoint_index`).
+    The checksums are computed by rank 0 after the barrier that follows every rank's save: Megatron's
+    writer decides which rank writes which `.distcp` file, and rank 0 already lists every file for the
+    sizes, so this needs no extra collective (cost ~0.5 s per GB, see `checkpoint_index.file_checksum`).
+    Then rank 0 removes the checkpoints `keep_last` (default: `checkpoint.keep_last` of `config`; None
+    keeps all) does not keep (`checkpoint_index.prune_checkpoints`)."""
     from megatron.core import dist_checkpointing
 
     t0 = time.perf_counter()
@@ -189,20 +203,25 @@ def save_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        from opsd_megatron.run.checkpoint_index import CONFIG_FILE, file_manifest
-
         if config is not None:
             import yaml
 
             (path / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         state = {"step": step, "reason": reason, "time": time.time(), "save_s": time.perf_counter() - t0}
         state["files"] = file_manifest(path)
+        t1 = time.perf_counter()
+        state[CHECKSUMS] = file_checksums(path)
+        state["checksum_s"] = time.perf_counter() - t1
         tmp_state = path / (STATE_FILE + ".tmp")
         tmp_state.write_text(json.dumps(state))
         tmp_state.replace(path / STATE_FILE)
         tmp = Path(root) / (LATEST + ".tmp")
         tmp.write_text(path.name)
         tmp.replace(Path(root) / LATEST)
+        if keep_last is None:
+            keep_last = ((config or {}).get("checkpoint") or {}).get("keep_last")
+        if keep_last is not None:
+            prune_checkpoints(root, keep_last, path)
     if dist.is_initialized():
         dist.barrier()
     level = logging.DEBUG if reason == "interval" else logging.INFO  # one console line per step
@@ -229,10 +248,8 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step."""
     from megatron.core import dist_checkpointing
 
-    from opsd_megatron.run.checkpoint_index import CheckpointError, checkpoint_problem
-
     path = Path(path)
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, checksums=False)  # preflight chose it with checksums (every rank)
     if problem is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {problem}.")
     sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None)

@@ -2,6 +2,7 @@
 
     ctx.Process(target=worker, args=(parent_lifeline(), ...))     # in the parent, when starting the child
     die_with_parent(*lifeline)                                     # first thing in the child
+    follow_launcher()                                              # first in a command's main (torchrun)
 
 A helper process (Megatron's checkpoint-writer Manager, math-verify grader workers) is a child of a trainer
 rank. When that rank is SIGKILLed (a node dying, `scancel --signal=KILL`) or leaves with `os._exit` (the job
@@ -16,6 +17,9 @@ on as an orphan. `die_with_parent` makes the child follow its parent in two ways
   other threads. A child that holds the GIL in C code for long cannot run it; the prctl path covers that.
 
 Both check right away whether the parent is already gone (it died before the child got here).
+
+The training ranks themselves follow torchrun's agent the same way (`follow_launcher`): a SIGKILLed
+torchrun (an OOM kill, `kill -9` of the launcher) otherwise left its ranks training to the end as orphans.
 """
 
 from __future__ import annotations
@@ -70,3 +74,17 @@ def die_with_parent(parent_pid: int, started_by_main_thread: bool = True) -> Non
     if os.getppid() != parent_pid:  # the parent died before we got here
         os._exit(0)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="opsd-parent-watch", daemon=True).start()
+
+
+def follow_launcher() -> bool:
+    """Under torchrun, make this process (a rank) die with torchrun's agent; returns whether it does.
+
+    torchrun's agent sets `TORCHELASTIC_RUN_ID` for the ranks it starts, and starts each of them directly
+    (`subprocess.Popen`, in a new session) from its main thread (torch 2.x `SubprocessHandler`, called
+    from the agent's run loop), so the parent is `os.getppid()` and the kernel's parent-death signal is
+    safe. Launched otherwise (srun, plain python) nothing changes. Call it first in a command's `main`:
+    an agent that died before that is not noticed."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return False
+    die_with_parent(os.getppid(), started_by_main_thread=True)
+    return True

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from opsd_megatron.mcore.conversion.export import export_hf_weights
+from opsd_megatron.mcore.files import save_safetensors
 from opsd_megatron.mcore.models.builder import model_info
 
 TOKENIZER_FILES = (
@@ -121,7 +121,7 @@ def save_hf_checkpoint(
         )
         total = 0
         for i, shard in enumerate(shards):
-            save_file(shard, str(out / files[i]), metadata={"format": "pt"})
+            save_safetensors(shard, out / files[i], {"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in shard.values())
         if n > 1:
             index = {
@@ -137,7 +137,7 @@ def save_hf_checkpoint(
             for fname in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
-                    shutil.copy(src, out / fname)
+                    shutil.copyfile(src, out / fname)  # a new file: the umask's mode
         _swap_in(out, final)
     if dist.is_initialized():
         dist.barrier()

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mps
-from safetensors.torch import save_file
 
 from opsd_megatron.mcore.conversion.mapping import map_name
 from opsd_megatron.mcore.conversion.transforms import shards_to_hf
+from opsd_megatron.mcore.files import save_safetensors
 from opsd_megatron.mcore.lora.adapter import COLUMN, LoRAAdapter
 from opsd_megatron.mcore.lora.api import global_module_name
 from opsd_megatron.mcore.models.builder import model_info, unwrap
@@ -174,8 +174,8 @@ def save_peft_adapter(model_chunks: list, out_dir: str | Path, lora_cfg, *, base
     out = Path(out_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS), {"format": "pt"}
+        save_safetensors(
+            {k: v.contiguous() for k, v in tensors.items()}, out / ADAPTER_WEIGHTS, {"format": "pt"}
         )
         cfg = adapter_config(lora_cfg, tensors, base_model)
         (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
