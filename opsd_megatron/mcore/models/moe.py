@@ -221,30 +221,3 @@ def router_loss_metrics(num_layers: int, num_microbatches: int = 1, reset: bool 
     if reset:
         moe_utils.clear_aux_losses_tracker()
     return out
-
-
-def pack_step_uniform(samples, *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8) -> list:
-    """`batch.pack_step` with ONE (student, teacher) padded length over the data-parallel group.
-
-    Megatron's MoE token dispatch all-gathers hidden states [tokens, h] over the expert-parallel ranks,
-    which are data-parallel replicas with their own samples; the all-gather needs equal token counts, so
-    every replica pads to the longest replica's lengths. Collective: all-reduce MAX of 2 ints over DP.
-    """
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mps
-
-    from opsd_megatron.step.batch import pack_microbatch, round_up, sequence_lengths
-
-    if len(samples) % micro_batch_size:
-        raise ValueError(f"{len(samples)} samples are not divisible by micro_batch_size={micro_batch_size}.")
-    need_s, need_t = sequence_lengths(samples)
-    lengths = torch.tensor([round_up(need_s, pad_to_multiple), round_up(need_t, pad_to_multiple)])
-    dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=mps.get_data_parallel_group())
-    s_len, t_len = int(lengths[0]), int(lengths[1])
-    return [
-        pack_microbatch(
-            samples[k : k + micro_batch_size], pad_id=pad_id, student_len=s_len, teacher_len=t_len
-        )  # fmt: skip
-        for k in range(0, len(samples), micro_batch_size)
-    ]
