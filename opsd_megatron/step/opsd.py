@@ -184,28 +184,43 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
     return loss_sum * scale, sums
 
 
+def student_forward_backward(
+    chunks: list, mbs: list[MicroBatch], extras: list, loss_fn: Callable, keys: tuple[str, ...], *,
+    micro_batch_size: int,
+) -> dict[str, float]:  # fmt: skip
+    """The student's forward + backward over all micro-batches (gradients accumulate in the chunks), for any
+    loss: the last stage stops before the LM head and calls `loss_fn(mb, extra, hidden)` with the final
+    hidden states [b, S, h] and this micro-batch's entry of `extras`, which returns (loss · scale, sums of
+    `keys` as 0-dim tensors). Returns this rank's sums over the micro-batches (zeros off the last stage).
+    Collectives: the schedule's and the loss's."""
+
+    def step_fn(data_iterator, model):
+        mb, extra = next(data_iterator)
+        out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None,
+                                    lengths=mb.student_lengths)  # fmt: skip
+        return out, partial(loss_fn, mb, extra)
+
+    data = list(zip(mbs, extras))
+    store = run_schedule(step_fn, data, chunks, mbs[0].student_tokens.shape[1], micro_batch_size, False)
+    sums = dict.fromkeys(keys, 0.0)
+    for d in store if _is_last_stage() else []:
+        for k in keys:
+            sums[k] += float(d[k])
+    return sums
+
+
 def student_step(
     chunks: list, mbs: list[MicroBatch], t_hidden: list, t_weight, spec: LossSpec, *, scale: float,
     micro_batch_size: int, capture: list | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """Student forward + backward over all micro-batches (gradients accumulate in the chunks); returns this
-    rank's `SUM_KEYS` sums (zeros off the last stage). Collectives: the schedule's and the loss's.
-    `capture`: see `loss_func`."""
+    """OPSD's student forward + backward over all micro-batches (`student_forward_backward` with `loss_func`);
+    returns this rank's `SUM_KEYS` sums (zeros off the last stage). `capture`: see `loss_func`."""
     s_weight = output_weight(chunks[-1]) if _is_last_stage() else None
 
-    def step_fn(data_iterator, model):
-        mb, th = next(data_iterator)
-        out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None,
-                                    lengths=mb.student_lengths)  # fmt: skip
-        return out, partial(loss_func, mb, th, t_weight, spec, scale, s_weight, capture)
+    def loss(mb: MicroBatch, th: torch.Tensor, output: torch.Tensor):
+        return loss_func(mb, th, t_weight, spec, scale, s_weight, capture, output)
 
-    data = list(zip(mbs, t_hidden))
-    store = run_schedule(step_fn, data, chunks, mbs[0].student_tokens.shape[1], micro_batch_size, False)
-    sums = dict.fromkeys(SUM_KEYS, 0.0)
-    for d in store if _is_last_stage() else []:
-        for k in SUM_KEYS:
-            sums[k] += float(d[k])
-    return sums
+    return student_forward_backward(chunks, mbs, t_hidden, loss, SUM_KEYS, micro_batch_size=micro_batch_size)
 
 
 def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: bool) -> dict[str, float]:

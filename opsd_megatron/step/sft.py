@@ -14,18 +14,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
 from opsd_megatron.config import OPSDConfig
 from opsd_megatron.losses._math import shard_layout
-from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
+from opsd_megatron.mcore.models.forward import output_weight
 from opsd_megatron.observe.metrics import reduce_sums
 from opsd_megatron.step.batch import MicroBatch, Sample, gather_positions
-from opsd_megatron.step.opsd import run_schedule
+from opsd_megatron.step.opsd import student_forward_backward
 from opsd_megatron.step.protocol import StepOutput, global_tokens, optimizer_step, pack, zero_grads
 from opsd_megatron.step.teacher import Teacher, make_teacher
+
+if TYPE_CHECKING:  # annotations only
+    from opsd_megatron.run.setup import RunState
 
 
 def masked_vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, vocab_size: int | None,
@@ -46,7 +50,7 @@ class SFTStep:
 
     needs_engine = False
 
-    def __init__(self, state):
+    def __init__(self, state: RunState):
         self.state = state
 
     @staticmethod
@@ -61,17 +65,15 @@ class SFTStep:
             out += [Sample(s if fmt == "student" else t, [st.pad_id], sol) for fmt in st.cfg.sft.formats]
         return out, {}
 
-    def loss(self, mb: MicroBatch, scale: float, weight: torch.Tensor, hidden: torch.Tensor):
+    def loss(self, scale: float, weight: torch.Tensor, mb: MicroBatch, _, hidden: torch.Tensor):
         """hidden: the last stage's final hidden states [b, S, h]; weight: the LM-head shard [v/tp, h]."""
         st = self.state
         h = gather_positions(hidden, mb.student_index)  # [b, R, h]
         if st.ps.tp > 1 and not st.cfg.parallel.sequence_parallel:
             h = copy_to_tensor_model_parallel_region(h)  # backward: all-reduce the partial grads over TP
+        logits = torch.matmul(h, weight.t())  # [b, R, v/tp]: response positions only
         ce = masked_vocab_parallel_cross_entropy(
-            torch.matmul(h, weight.t()),
-            mb.response_ids,
-            vocab_size=st.info.vocab_size,
-            tp_group=st.ps.tp_group,
+            logits, mb.response_ids, vocab_size=st.info.vocab_size, tp_group=st.ps.tp_group
         )  # [b, R]
         loss_sum = (ce * mb.loss_mask).sum()
         sums = {"loss_sum": loss_sum.detach().double(), "tokens": torch.tensor(float(mb.num_tokens)).double()}
@@ -82,20 +84,11 @@ class SFTStep:
         mbs = [m.to(st.ps.device) for m in pack(st, samples)]
         scale = st.dp * len(mbs) / max(global_tokens(st, mbs), 1)
         weight = output_weight(st.chunks[-1]) if st.ps.is_last_stage else None
-
-        def step_fn(data_iterator, model):
-            mb = next(data_iterator)
-            out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None,
-                                        lengths=mb.student_lengths)  # fmt: skip
-            return out, partial(self.loss, mb, scale, weight)
-
         zero_grads(st)
-        store = run_schedule(step_fn, mbs, st.chunks, mbs[0].student_tokens.shape[1],
-                             st.cfg.train.micro_batch_size, False)  # fmt: skip
+        loss = partial(self.loss, scale, weight)
+        sums = student_forward_backward(st.chunks, mbs, [None] * len(mbs), loss, ("loss_sum", "tokens"),
+                                        micro_batch_size=st.cfg.train.micro_batch_size)  # fmt: skip
         ok, grad_norm = optimizer_step(st)
-        sums = {
-            k: sum(float(d[k]) for d in store) if st.ps.is_last_stage else 0.0 for k in ("loss_sum", "tokens")
-        }
         return StepOutput(sums, grad_norm, ok)
 
     def metrics(self, stats: dict[str, float], out: StepOutput) -> dict[str, float]:
