@@ -59,7 +59,7 @@ class RunState:
     ps: ParallelState
     dp: int  # data-parallel size: world / (TP × PP)
     dtype: torch.dtype  # model.dtype
-    watchdog: JobWatchdog
+    watchdog: JobWatchdog | None  # None for a one-rank job
     resume_path: Path | None  # chosen and verified by preflight (newest complete, or checkpoint.load)
     out: Path  # output_dir
     ckpt_root: Path  # output_dir/checkpoints
@@ -86,7 +86,7 @@ class RunState:
         return lora_shard_hook if self.cfg.lora.enabled else None
 
 
-def start(cfg: OPSDConfig) -> tuple[ParallelState, JobWatchdog, int, torch.dtype, Path | None]:
+def start(cfg: OPSDConfig) -> tuple[ParallelState, JobWatchdog | None, int, torch.dtype, Path | None]:
     """Checks, process groups, watchdog: (ps, watchdog, dp, dtype, resume_path). Collective."""
     check_versions(vllm=cfg.rollout.engine == "vllm")  # one clear message before any heavy work
     # Paths, layout vs world, resume choice, config changes: checked before anything heavy starts.

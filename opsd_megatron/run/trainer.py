@@ -66,9 +66,8 @@ class Trainer:
     def __init__(self, cfg: OPSDConfig, *, on_step_end: Callable[[Trainer, int], None] | None = None):
         step_cls = STEPS[cfg.algorithm]
         self.cfg, self.on_step_end = cfg, on_step_end
-        self.state = st = build_state(
-            cfg, needs_engine=step_cls.needs_engine, make_teacher=step_cls.make_teacher
-        )
+        st = build_state(cfg, needs_engine=step_cls.needs_engine, make_teacher=step_cls.make_teacher)
+        self.state = st
         self.strategy = step_cls(st)
         resumed = resume(st)
         self.step = resumed or 0
@@ -96,15 +95,10 @@ class Trainer:
         while self.step < cfg.train.steps:
             m, samples, divergences = self.train_step()
             stop = any_rank_stopped(self.stop_signals, self.state.ps.world_size)
-            saved = self._save_step(
-                stop
-            )  # before evaluating: an evaluation that fails must not cost the step
-            if (
-                not stop
-                and self.strategy.needs_engine
-                and cfg.eval.interval
-                and self.step % cfg.eval.interval == 0
-            ):
+            # Save before evaluating: an evaluation that fails or is cut must not cost the step.
+            saved = self._save_step(stop)
+            due = cfg.eval.interval and self.step % cfg.eval.interval == 0
+            if not stop and self.strategy.needs_engine and due:
                 m.update(self.evaluate())
             self.metrics.log(self.step, m)
             if self.strategy.needs_engine:
