@@ -6,7 +6,7 @@ exits 1 above the 1.10x goal (benchmarks/thresholds.py, docs/performance.md) or 
     python benchmarks/gpu_step_check.py --tiny        # CPU smoke test of this script (tiny model)
 
 Builds a random Qwen3-1.7B-shaped HF checkpoint (28 layers, hidden 2048, GQA 16/8, head_dim 128, vocab
-151,936, tied embeddings; bf16) in a temp dir, starts the real `OPSDTrainer` on it (TP=PP=1, bf16, frozen
+151,936, tied embeddings; bf16) in a temp dir, starts the real `Trainer` on it (TP=PP=1, bf16, frozen
 teacher copy, forward KL with clip 0.05, temperature 1.1; rollout engine "hf" since vLLM is absent on the
 check machine) and times, with CUDA synchronisation, one step by phase: rollout / teacher forward / student
 forward+backward+loss / loss alone / optimizer / weight refresh. With `--seq N` (default 4096) the
@@ -113,10 +113,10 @@ def main() -> int:
             "logging": {"progress_bar": False},
         }
     )
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
     t0 = time.perf_counter()
-    tr = OPSDTrainer(cfg)
+    tr = Trainer(cfg)
     print(f"[setup] trainer (model, teacher copy, optimizer, HF engine) in {time.perf_counter() - t0:.1f} s")
     try:
         return run_checks(tr, args, gpu)
@@ -132,7 +132,7 @@ def synthetic_samples(tr, samples, seq: int) -> list:
     out = []
     for s in samples:
         n = max(1, seq - len(s.student_prompt))
-        ids = torch.randint(0, tr.info.vocab_size, (n,), generator=g).tolist()
+        ids = torch.randint(0, tr.state.info.vocab_size, (n,), generator=g).tolist()
         out.append(Sample(s.student_prompt, s.teacher_prompt, ids, [0.0] * n, truncated=True))
     return out
 
@@ -143,10 +143,10 @@ def profile_step(tr, mbs, G, rows: int = 25) -> None:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
-        tl = tr.teacher_forward(mbs)
-        for c in tr.chunks:
+        tl = tr.strategy.teacher_forward(mbs)
+        for c in tr.state.chunks:
             c.zero_grad_buffer()
-        tr.forward_backward_step(mbs, tl, G)
+        tr.strategy.forward_backward_step(mbs, tl, G)
         sync()
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(f"\nProfile of one OPSD step (teacher fwd + student fwd/bwd + loss), top {rows} by {key}:")
@@ -158,57 +158,61 @@ def run_checks(tr, args, gpu: str) -> int:
 
     from opsd_megatron.losses import vocab_parallel_divergence
     from opsd_megatron.step.batch import gather_positions, pack_step
+    from opsd_megatron.step.opsd import run_schedule
 
-    dev = tr.ps.device
+    dev = tr.state.ps.device
     sync()
     t0 = time.perf_counter()
-    samples, rstats = tr.rollout(0)
+    samples, rstats = tr.strategy.rollout(0)
     sync()
     t_rollout = time.perf_counter() - t0
     if args.seq:
         samples = synthetic_samples(tr, samples, args.seq)
-    mbs = pack_step(samples, micro_batch_size=args.micro, pad_id=tr.pad_id, pad_to_multiple=64)
+    mbs = pack_step(samples, micro_batch_size=args.micro, pad_id=tr.state.pad_id, pad_to_multiple=64)
     G = sum(m.num_tokens for m in mbs)
     S, T = mbs[0].student_tokens.shape[1], mbs[0].teacher_tokens.shape[1]
     print(f"[data] {len(samples)} samples, {len(mbs)} micro-batches of {args.micro}; student len {S}, "
           f"teacher len {T}, response tokens {G} (mean {rstats['rollout/response_length']:.0f})")  # fmt: skip
 
     def opsd_teacher():
-        return tr.teacher_forward(mbs)
+        return tr.strategy.teacher_forward(mbs)
 
     t_teacher, tlogits = timed(opsd_teacher, args.reps)
 
     def opsd_student():
-        for c in tr.chunks:
+        for c in tr.state.chunks:
             c.zero_grad_buffer()
-        return tr.forward_backward_step(mbs, tlogits, G)
+        return tr.strategy.forward_backward_step(mbs, tlogits, G)
 
     t_student, _ = timed(opsd_student, args.reps)
 
     # The loss alone, on the gathered logits of one micro-batch (x number of micro-batches).
     lc = tr.cfg.loss
     with torch.no_grad():
-        out0 = tr.chunks[0](*(t.to(dev) for t in (mbs[0].student_tokens, mbs[0].student_position_ids)), None)
+        out0 = tr.state.chunks[0](
+            *(t.to(dev) for t in (mbs[0].student_tokens, mbs[0].student_position_ids)), None
+        )
     s_sel = gather_positions(out0, mbs[0].student_index.to(dev)).detach().requires_grad_(True)
 
     def loss_only():
         per = vocab_parallel_divergence(
-            s_sel, tlogits[0], kind=lc.kind, temperature=tr.cfg.rollout.temperature, clip=lc.clip,
-            loss_mask=mbs[0].loss_mask.to(dev), vocab_size=tr.info.vocab_size, tp_group=tr.ps.tp_group,
+            s_sel, tlogits.hidden[0], kind=lc.kind, temperature=tr.cfg.rollout.temperature, clip=lc.clip,
+            loss_mask=mbs[0].loss_mask.to(dev), vocab_size=tr.state.info.vocab_size,
+            tp_group=tr.state.ps.tp_group,
         )  # fmt: skip
         per.sum().backward()
 
     t_loss = timed(loss_only, args.reps)[0] * len(mbs)
 
     def optimizer_step():
-        tr.optimizer.step()
+        tr.state.optimizer.step()
 
     t_opt, _ = timed(optimizer_step, 1)
-    t_refresh, _ = timed(tr.sync_weights, 1)
+    t_refresh, _ = timed(tr.refresh, 1)
 
     # Plain Megatron passes on the same sequences.
     def plain_student():
-        for c in tr.chunks:
+        for c in tr.state.chunks:
             c.zero_grad_buffer()
 
         def step_fn(it, model):
@@ -223,7 +227,9 @@ def run_checks(tr, args, gpu: str) -> int:
 
             return out, ce
 
-        return tr._forward_backward(step_fn, [m.to(dev) for m in mbs], tr.chunks, S, False)
+        return run_schedule(
+            step_fn, [m.to(dev) for m in mbs], tr.state.chunks, S, tr.cfg.train.micro_batch_size, False
+        )
 
     t_plain_s, _ = timed(plain_student, args.reps)
 
@@ -233,8 +239,10 @@ def run_checks(tr, args, gpu: str) -> int:
             out = model(mb.teacher_tokens, mb.teacher_position_ids, None)
             return out, lambda output: (output.new_zeros(()), {})
 
-        with tr.teacher.forward_context() as chunks:
-            return tr._forward_backward(step_fn, [m.to(dev) for m in mbs], chunks, T, True)
+        with tr.state.teacher.forward_context() as chunks:
+            return run_schedule(
+                step_fn, [m.to(dev) for m in mbs], chunks, T, tr.cfg.train.micro_batch_size, True
+            )
 
     t_plain_t, _ = timed(plain_teacher, args.reps)
     opsd = t_teacher + t_student

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opsd_megatron.step.batch import Sample, gather_positions, pack_microbatch, pack_step
+from opsd_megatron.step.batch import Sample, gather_positions, pack_for_step, pack_microbatch, pack_step
 
 PAD = 0
 
@@ -63,3 +63,17 @@ def test_pack_step_uses_one_length_for_all_microbatches():
         pack_step(samples[:3], micro_batch_size=2, pad_id=PAD)
     with pytest.raises(ValueError, match="shorter than the longest"):
         pack_microbatch(samples, pad_id=PAD, student_len=4)
+
+
+def test_pack_for_step_rounds_to_a_multiple_of_tp_under_sequence_parallelism():
+    samples = _samples() + [Sample([1] * 20, [2] * 30, [3] * 4)]  # longest: student 24, teacher 34
+    mbs = pack_for_step(samples, micro_batch_size=2, pad_id=PAD, pad_to_multiple=8, tp=3)
+    assert {m.student_tokens.shape[1] for m in mbs} == {24} and {m.teacher_tokens.shape[1] for m in mbs} == {
+        40
+    }
+    mbs = pack_for_step(
+        samples, micro_batch_size=2, pad_id=PAD, pad_to_multiple=8, tp=3, sequence_parallel=True
+    )
+    assert {m.student_tokens.shape[1] for m in mbs} == {24} and {m.teacher_tokens.shape[1] for m in mbs} == {
+        48
+    }

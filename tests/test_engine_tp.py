@@ -55,13 +55,13 @@ HELD = (
 
 # ------------------------------------------------------------------ no processes
 def test_request_seeds_are_a_pure_function_and_distinct():
+    from opsd_megatron.rollout import collect
     from opsd_megatron.rollout.placement import request_seed
-    from opsd_megatron.run.trainer import step_seed
 
     seeds = {request_seed(7, step, i) for step in range(50) for i in range(64)}
     assert len(seeds) == 50 * 64  # no two requests of a run share a seed
     assert all(0 <= s < 2**31 - 1 for s in seeds)
-    assert request_seed(7, 3, 5) == request_seed(7, 3, 5) == step_seed(7, 3, 5)
+    assert request_seed(7, 3, 5) == request_seed(7, 3, 5) and collect.request_seed is request_seed
     assert request_seed(7, 3, 5) != request_seed(8, 3, 5)
 
 
@@ -131,20 +131,22 @@ def _tp2pp2_bundle(rank, world, cfg_dict, conv_dir):
     from opsd_megatron.config import config_from_dict
     from opsd_megatron.mcore.models import unwrap
     from opsd_megatron.rollout import SamplingConfig
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
-    trainer = OPSDTrainer(config_from_dict(cfg_dict))
+    trainer = Trainer(config_from_dict(cfg_dict))
     try:
         res = {
             "rows": trainer.train(),
-            "placement": (trainer.placement.engine, trainer.placement.engine_rank),
+            "placement": (trainer.state.placement.engine, trainer.state.placement.engine_rank),
         }
-        samples, _ = trainer.rollout(0)  # max_samples=1, batch 4: one problem 4 times, twice per engine
+        samples, _ = trainer.strategy.rollout(
+            0
+        )  # max_samples=1, batch 4: one problem 4 times, twice per engine
         res["samples"] = [(s.student_prompt, s.response) for s in samples]
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
-        res["greedy"] = [o[0].token_ids for o in trainer.engine.generate(PROMPTS, greedy)]
-        res["held"] = trainer.engine.held_weights(HELD)
-        res["layers_here"] = len(unwrap(trainer.chunks[0]).decoder.layers)
+        res["greedy"] = [o[0].token_ids for o in trainer.state.engine.generate(PROMPTS, greedy)]
+        res["held"] = trainer.state.engine.held_weights(HELD)
+        res["layers_here"] = len(unwrap(trainer.state.chunks[0]).decoder.layers)
     finally:
         trainer.close()
     layout = ["--tp", "2", "--pp", "2", "--pipeline-layers", "2,1"]
@@ -265,15 +267,15 @@ def _run_or_kill(rank, world, cfg_dict, kill_after):
 
     logging.basicConfig(level=logging.WARNING)
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
     def on_step_end(trainer, step):
         if kill_after is not None and step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no cleanup, no checkpoint
 
-    trainer = OPSDTrainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
+    trainer = Trainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
     try:
-        return {"rows": trainer.train(), "engine": trainer.placement.engine}
+        return {"rows": trainer.train(), "engine": trainer.state.placement.engine}
     finally:
         trainer.close()
 

@@ -139,7 +139,7 @@ def single_rank_env():
 
 def _trainer(model_dir, out, dtype, tokenizer_dir=None):
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
     cfg = config_from_dict({
         "output_dir": str(out), "model": {"path": str(model_dir), "dtype": dtype},
@@ -150,22 +150,24 @@ def _trainer(model_dir, out, dtype, tokenizer_dir=None):
         "checkpoint": {"save_interval": 0, "export_hf": False, "resume": False},
         "logging": {"progress_bar": False},
     })  # fmt: skip
-    return OPSDTrainer(cfg)
+    return Trainer(cfg)
 
 
 def test_bf16_distributed_optimizer_step_matches_fp32(single_rank_env, tiny_qwen3_dir, tmp_path):
     tr32 = _trainer(tiny_qwen3_dir, tmp_path / "fp32", "float32")
-    samples, _ = tr32.rollout(0)
-    out32 = tr32.train_step(samples)
+    samples, _ = tr32.strategy.rollout(0)
+    out32 = tr32.strategy.train(samples)
     tr32.close()
     tr16 = _trainer(tiny_qwen3_dir, tmp_path / "bf16", "bfloat16")
-    assert tr16.chunks[0].ddp_config.use_distributed_optimizer, "CUDA runs use the distributed optimizer"
-    out16 = tr16.train_step(samples)
+    assert tr16.state.chunks[0].ddp_config.use_distributed_optimizer, (
+        "CUDA runs use the distributed optimizer"
+    )
+    out16 = tr16.strategy.train(samples)
     tr16.close()
-    assert out16["update_ok"] and out32["update_ok"]
-    l32, l16 = (o["sums"]["loss_sum"] / o["sums"]["tokens"] for o in (out32, out16))
+    assert out16.update_ok and out32.update_ok
+    l32, l16 = (o.sums["loss_sum"] / o.sums["tokens"] for o in (out32, out16))
     assert abs(l16 - l32) <= 2e-2 * abs(l32) + 1e-3, (l16, l32)
-    assert abs(out16["grad_norm"] - out32["grad_norm"]) <= 5e-2 * out32["grad_norm"], (out16, out32)
+    assert abs(out16.grad_norm - out32.grad_norm) <= 5e-2 * out32.grad_norm, (out16, out32)
 
 
 def test_te_layer_spec_logits_match_transformers(single_rank_env, tiny_qwen3_dir):
@@ -216,16 +218,16 @@ def test_moe_on_cuda_logits_and_bf16_step(single_rank_env, tiny_models, tmp_path
     from opsd_megatron.mcore.models.moe import router_loss_metrics
 
     tr32 = _trainer(moe_dir, tmp_path / "fp32", "float32")
-    samples, _ = tr32.rollout(0)
-    out32 = tr32.train_step(samples)
+    samples, _ = tr32.strategy.rollout(0)
+    out32 = tr32.strategy.train(samples)
     lb32 = router_loss_metrics(4, 2).get("moe/load_balancing_loss")  # 4 layers, 2 micro-batches
     tr32.close()
     tr16 = _trainer(moe_dir, tmp_path / "bf16", "bfloat16")
-    out16 = tr16.train_step(samples)
+    out16 = tr16.strategy.train(samples)
     lb16 = router_loss_metrics(4, 2).get("moe/load_balancing_loss")
     tr16.close()
-    assert out16["update_ok"] and out32["update_ok"]
-    l32, l16 = (o["sums"]["loss_sum"] / o["sums"]["tokens"] for o in (out32, out16))
+    assert out16.update_ok and out32.update_ok
+    l32, l16 = (o.sums["loss_sum"] / o.sums["tokens"] for o in (out32, out16))
     assert abs(l16 - l32) <= 2e-2 * abs(l32) + 1e-3, (l16, l32)
     assert lb32 and lb16 and abs(lb16 - lb32) <= 2e-2 * lb32, (lb16, lb32)
 
@@ -234,19 +236,19 @@ def test_checkpoint_save_load_with_distributed_optimizer(single_rank_env, tiny_q
     from opsd_megatron.run.checkpointing import load_checkpoint
 
     tr = _trainer(tiny_qwen3_dir, tmp_path / "run", "bfloat16")
-    samples, _ = tr.rollout(0)
-    tr.train_step(samples)
+    samples, _ = tr.strategy.rollout(0)
+    tr.strategy.train(samples)
     path = tr.save("test")
-    params = {n: p.detach().clone() for n, p in tr.chunks[0].named_parameters()}
-    opt = _optimizer_tensors(tr.optimizer)
+    params = {n: p.detach().clone() for n, p in tr.state.chunks[0].named_parameters()}
+    opt = _optimizer_tensors(tr.state.optimizer)
     assert opt, "no fp32 main-parameter shards / Adam moments found in the optimizer"
-    tr.train_step(samples)  # move away from the saved state
-    assert any(not torch.equal(p, params[n]) for n, p in tr.chunks[0].named_parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(_optimizer_tensors(tr.optimizer), opt))
-    load_checkpoint(path, tr.chunks, tr.optimizer, tr.scheduler, teacher=tr.teacher)
-    for n, p in tr.chunks[0].named_parameters():
+    tr.strategy.train(samples)  # move away from the saved state
+    assert any(not torch.equal(p, params[n]) for n, p in tr.state.chunks[0].named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(_optimizer_tensors(tr.state.optimizer), opt))
+    load_checkpoint(path, tr.state.chunks, tr.state.optimizer, tr.state.scheduler, teacher=tr.state.teacher)
+    for n, p in tr.state.chunks[0].named_parameters():
         assert torch.equal(p, params[n]), f"{n} differs after load"
-    after = _optimizer_tensors(tr.optimizer)
+    after = _optimizer_tensors(tr.state.optimizer)
     assert len(after) == len(opt) and all(torch.equal(a, b) for a, b in zip(after, opt))
     tr.close()
 

@@ -74,7 +74,7 @@ def _trainer_checks(model_dir, out_dir) -> dict:
     from opsd_megatron.mcore.conversion import export_hf_weights
     from opsd_megatron.mcore.lora import adapters_disabled, is_lora_param_name
     from opsd_megatron.mcore.models import forward_logits, unwrap
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
     res: dict = {}
     ckpts = {}
@@ -83,15 +83,15 @@ def _trainer_checks(model_dir, out_dir) -> dict:
         if ep == "tp2":  # TP2 = expert-TP 2 (sequence parallel), DP1
             raw["parallel"].update(tp=2, sequence_parallel=True)
         cfg = config_from_dict(raw)
-        trainer = OPSDTrainer(cfg)
+        trainer = Trainer(cfg)
         try:
             res[ep] = trainer.train()
             if ep == "tp2":
                 ckpts["tp2"] = trainer.save("test")
             if ep != 2:
                 continue
-            chunks = [unwrap(c) for c in trainer.chunks]
-            res["layout"] = (trainer.ps.ep, trainer.ps.dp, trainer.ps.ep_rank)
+            chunks = [unwrap(c) for c in trainer.state.chunks]
+            res["layout"] = (trainer.state.ps.ep, trainer.state.ps.dp, trainer.state.ps.ep_rank)
             res["trainable"] = sorted(n for c in chunks for n, p in c.named_parameters() if p.requires_grad)
             res["not_lora"] = [n for n in res["trainable"] if not is_lora_param_name(n)]
             named = [(n, p) for c in chunks for n, p in c.named_parameters() if is_lora_param_name(n)]

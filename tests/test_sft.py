@@ -36,15 +36,15 @@ def run_sft_tp2(rank, world_size, good: dict):
     """Worker: SFT's first loss vs transformers' CE; TP-replicated parameters stay equal."""
     import torch
 
-    from opsd_megatron.step.sft import SFTTrainer
+    from opsd_megatron.run.trainer import make_trainer
 
-    trainer = SFTTrainer(config_from_dict(good))
+    trainer = make_trainer(config_from_dict(good))
     try:
-        samples = trainer.sft_samples(0)
+        samples, _ = trainer.strategy.samples(0)
         rows = trainer.train()
         # A parameter replicated over TP (final norm) must stay identical on both ranks: the hidden-state
         # gradient of the vocab-parallel LM head is all-reduced over TP.
-        norm = next(p for n, p in trainer.chunks[0].named_parameters() if "final_layernorm.weight" in n)
+        norm = next(p for n, p in trainer.state.chunks[0].named_parameters() if "final_layernorm.weight" in n)
         norm_sum = float(norm.detach().double().sum())
     finally:
         trainer.close()

@@ -47,7 +47,7 @@ def run_opsd(rank, world_size, cfg_dict, kill_after=None, term_at=None, fixed_ba
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     logging.getLogger("opsd_megatron").setLevel(logging.INFO)
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
     def on_step_end(trainer, step):
         if kill_after is not None and step == kill_after:
@@ -55,16 +55,16 @@ def run_opsd(rank, world_size, cfg_dict, kill_after=None, term_at=None, fixed_ba
         if term_at is not None and step == term_at:
             os.kill(os.getpid(), signal.SIGTERM)  # as SLURM preemption does
 
-    trainer = OPSDTrainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
+    trainer = Trainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
     try:
         rows = trainer.train()
         fixed = []
         if fixed_batch_steps:
-            samples, _ = trainer.rollout(1000)
+            samples, _ = trainer.strategy.rollout(1000)
             for _ in range(fixed_batch_steps):
-                out = trainer.train_step(samples)
+                out = trainer.strategy.train(samples)
                 fixed.append(
-                    trainer._global_metrics(
+                    trainer.strategy.metrics(
                         {
                             "rollout/accuracy": float("nan"),
                             "rollout/response_length": 0.0,
@@ -73,7 +73,7 @@ def run_opsd(rank, world_size, cfg_dict, kill_after=None, term_at=None, fixed_ba
                         out,
                     )["loss"]
                 )
-        return {"rows": rows, "fixed": fixed, "step": trainer.step, "signal": trainer._signal}
+        return {"rows": rows, "fixed": fixed, "step": trainer.step, "signal": trainer.stop_signal}
     finally:
         trainer.close()
 
@@ -116,21 +116,21 @@ def run_unequal_replicas(rank, world_size, cfg_dict, keep_tokens):
     from dataclasses import replace
 
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
-    trainer = OPSDTrainer(config_from_dict(cfg_dict))
+    trainer = Trainer(config_from_dict(cfg_dict))
     try:
         rows = trainer.train()
-        samples, rstats = trainer.rollout(1000)
-        half = len(samples) * trainer.dp // 2
-        first = trainer.ps.dp_rank * len(samples)
+        samples, rstats = trainer.strategy.rollout(1000)
+        half = len(samples) * trainer.state.dp // 2
+        first = trainer.state.ps.dp_rank * len(samples)
         k = keep_tokens
         cut = [replace(s, response=s.response[:k], rollout_logprobs=s.rollout_logprobs[:k]) for s in samples]
         samples = [s if first + i < half else c for i, (s, c) in enumerate(zip(samples, cut))]
-        out = trainer.train_step(samples)
-        m = trainer._global_metrics(rstats, out)
+        out = trainer.strategy.train(samples)
+        m = trainer.strategy.metrics(rstats, out)
         local = sum(len(s.response) for s in samples)
-        return {"rows": rows, "unequal": {"loss": m["loss"], "grad_norm": out["grad_norm"], "local": local}}
+        return {"rows": rows, "unequal": {"loss": m["loss"], "grad_norm": out.grad_norm, "local": local}}
     finally:
         trainer.close()
 

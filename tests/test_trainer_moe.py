@@ -45,7 +45,7 @@ def _config(model_dir, out_dir, ep: int) -> dict:
 
 def _run_both(rank, world, model_dir, out_dir):
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
     rows = {}
     for ep in (1, 2, "vllm"):
@@ -56,10 +56,10 @@ def _run_both(rank, world, model_dir, out_dir):
             cfg["lora"] = {"enabled": True, "rank": 8, "alpha": 16.0, "target_experts": True}
             cfg["teacher"] = {"mode": "adapters_off"}
             cfg["optimizer"]["lr"] = 1e-2  # merged adapters move the experts visibly after one step
-        trainer = OPSDTrainer(config_from_dict(cfg))
+        trainer = Trainer(config_from_dict(cfg))
         try:
             rows[ep] = trainer.train()
-            rows[f"layout{ep}"] = (trainer.ps.ep, trainer.ps.dp, trainer.ps.ep_rank)
+            rows[f"layout{ep}"] = (trainer.state.ps.ep, trainer.state.ps.dp, trainer.state.ps.ep_rank)
         finally:
             trainer.close()
     return rows
@@ -141,18 +141,18 @@ def _run_layouts(rank, world, model_dir, out_dir):
     from opsd_megatron.config import config_from_dict
     from opsd_megatron.mcore import parallel
     from opsd_megatron.rollout import SamplingConfig
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
     res: dict = {"rows": {}, "layout": {}}
     for name, par in LAYOUTS4.items():
-        trainer = OPSDTrainer(config_from_dict(_config4(model_dir, f"{out_dir}/{name}", par)))
+        trainer = Trainer(config_from_dict(_config4(model_dir, f"{out_dir}/{name}", par)))
         try:
             res["rows"][name] = trainer.train()
-            ps = trainer.ps
+            ps = trainer.state.ps
             res["layout"][name] = (ps.tp, ps.pp, ps.dp, ps.ep, ps.etp)
             if name == "pp2_ep2" and rank in (0, 3):  # refreshed engine after step 2 (stage 0 / stage 1)
                 greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
-                res["greedy"] = [o[0] for o in trainer.engine.generate(PROMPTS, greedy)]
+                res["greedy"] = [o[0] for o in trainer.state.engine.generate(PROMPTS, greedy)]
         finally:
             trainer.close()
     # opsd-convert of the PP2 [1, 3] training checkpoint at another split (--pipeline-layers 3,1), and a

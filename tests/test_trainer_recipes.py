@@ -79,35 +79,38 @@ def run_recipe(rank, world_size, cfg_dict, fail_rank=None, fail_step=None, break
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     from opsd_megatron.config import config_from_dict
-    from opsd_megatron.run.trainer import OPSDTrainer
+    from opsd_megatron.run.trainer import Trainer
 
     out = Path(cfg_dict["output_dir"])
     events: list = []
 
     def on_step_end(trainer, step):
         if step == 1:
-            llm = trainer.engine._engine.llm
-            state = {"events": events, "data_stats": trainer.data_stats, "problems": len(trainer.problems),
+            llm = trainer.state.engine._engine.llm
+            st = trainer.state
+            state = {"events": events, "data_stats": st.data_stats, "problems": len(st.problems),
                      "max_model_len": llm.llm_engine.model_config.max_model_len}  # fmt: skip
             (out / f"state_rank{rank}.json").write_text(json.dumps(state))
 
-    trainer = OPSDTrainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
+    trainer = Trainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
     if break_refresh_after is not None:  # the refresh inside step k runs while trainer.step == k - 1
-        real = trainer.engine.update_weights
+        real = trainer.state.engine.update_weights
 
         def broken(named):
             if trainer.step + 1 >= break_refresh_after:
                 named = [(n, t * 0.5) for n, t in named]
             return real(named)
 
-        trainer.engine.update_weights = broken
-    rec = EngineRecorder(trainer.engine, events)
-    trainer.engine = rec
-    trainer.teacher_forward = _record(events, rec, "teacher", trainer.teacher_forward)
-    trainer.forward_backward_step = _record(events, rec, "student", trainer.forward_backward_step)
-    trainer.optimizer.step = _record(events, rec, "optimizer", trainer.optimizer.step)
+        trainer.state.engine.update_weights = broken
+    rec = EngineRecorder(trainer.state.engine, events)
+    trainer.state.engine = rec
+    trainer.strategy.teacher_forward = _record(events, rec, "teacher", trainer.strategy.teacher_forward)
+    trainer.strategy.forward_backward_step = _record(
+        events, rec, "student", trainer.strategy.forward_backward_step
+    )
+    trainer.state.optimizer.step = _record(events, rec, "optimizer", trainer.state.optimizer.step)
     if rank == fail_rank:
-        rollout = trainer.rollout
+        rollout = trainer.strategy.rollout
 
         def failing_rollout(step):
             if step + 1 == fail_step:
@@ -115,7 +118,7 @@ def run_recipe(rank, world_size, cfg_dict, fail_rank=None, fail_step=None, break
                 raise RuntimeError(f"injected failure on rank {rank} at step {fail_step}")
             return rollout(step)
 
-        trainer.rollout = failing_rollout
+        trainer.strategy.rollout = failing_rollout
     try:
         trainer.train()
     finally:

@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.logging.level, verbose=args.verbose)
     t0 = time.monotonic()
     try:
-        from opsd_megatron.step.sft import make_trainer  # heavy (torch, Megatron): after the config check
+        from opsd_megatron.run.trainer import make_trainer  # heavy (torch, Megatron): after the config check
 
         try:
-            trainer = make_trainer(cfg)  # OPSDTrainer, or SFTTrainer for algorithm: sft
+            trainer = make_trainer(cfg)  # the OPSD or SFT step (cfg.algorithm) in the one loop
         except (ConfigError, DataError) as e:
             print(f"opsd-train: {e}", file=sys.stderr)
             return 2
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             f"opsd-train: interrupted during start-up (rank {env_rank()}); nothing to save", file=sys.stderr
         )
         return 130
-    if trainer.ps.rank == 0:
+    if trainer.state.ps.rank == 0:
         print(_summary(trainer, rows, time.monotonic() - t0), flush=True)
     return 0
 
@@ -69,12 +69,12 @@ def _summary(trainer, rows: list[dict], seconds: float) -> str:
     from opsd_megatron.observe.metrics import run_summary  # torch: kept off the config-error path
 
     cfg = trainer.cfg
-    hf = trainer.out / "hf"
-    sig = trainer._signal
+    hf = trainer.state.out / "hf"
+    sig = trainer.stop_signal
     stopped = None if sig is None else ("Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name)
     return run_summary(
-        rows, output_dir=trainer.out, seconds=seconds, start_step=trainer.start_step,
-        total_steps=cfg.train.steps, checkpoint=choose_resume(trainer.ckpt_root, checksums=False).path,
+        rows, output_dir=trainer.state.out, seconds=seconds, start_step=trainer.start_step,
+        total_steps=cfg.train.steps, checkpoint=choose_resume(trainer.state.ckpt_root, checksums=False).path,
         hf_dir=hf if cfg.checkpoint.export_hf and sig is None and (hf / "config.json").is_file() else None,
         stopped_by=stopped,
     )  # fmt: skip

@@ -4,6 +4,7 @@
     stop = StopSignals(grace_s=120.0, rank=0).install()   # main thread only
     ...
     if stop.signum is not None: save and leave;  stop.cancel()
+    if any_rank_stopped(stop, world_size): ...     # the ranks agree (a signal may reach only some)
 
 A save that cannot finish within `grace_s` after the first signal ends the process (128 + signum) rather
 than be killed mid-write later. A SIGINT that follows the first one within `REPEAT_WINDOW_S` is not a second
@@ -19,6 +20,9 @@ import os
 import signal
 import threading
 import time
+
+import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +68,12 @@ class StopSignals:
         """Stop the grace timer (the save finished)."""
         if self._timer is not None:
             self._timer.cancel()
+
+
+def any_rank_stopped(stop: StopSignals, world_size: int) -> bool:
+    """True on every rank when any rank has received a stop signal. Collective: one all-reduce MAX over the
+    world (skipped at world size 1)."""
+    flag = torch.tensor([1 if stop.signum is not None else 0], dtype=torch.int32)
+    if world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

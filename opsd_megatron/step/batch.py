@@ -18,10 +18,13 @@ never sees.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -123,20 +126,42 @@ def padding_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def pack_step(
-    samples: Sequence[Sample], *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8
-) -> list[MicroBatch]:
+    samples: Sequence[Sample], *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8,
+    uniform_group: Any = None,
+) -> list[MicroBatch]:  # fmt: skip
     """Split a replica's samples into micro-batches that all share one (student, teacher) padded length.
 
     One length per forward_backward call is what pipeline-parallel p2p needs (tensor shapes are fixed).
+    `uniform_group`: a process group over which every rank pads to the longest rank's lengths (collective:
+    all-reduce MAX of 2 ints over it).
     """
     if len(samples) % micro_batch_size:
         raise ValueError(f"{len(samples)} samples are not divisible by micro_batch_size={micro_batch_size}.")
     need_s, need_t = sequence_lengths(samples)
     S, T = round_up(need_s, pad_to_multiple), round_up(need_t, pad_to_multiple)
+    if uniform_group is not None:
+        lengths = torch.tensor([S, T])
+        dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=uniform_group)
+        S, T = int(lengths[0]), int(lengths[1])
     return [
         pack_microbatch(samples[k : k + micro_batch_size], pad_id=pad_id, student_len=S, teacher_len=T)
         for k in range(0, len(samples), micro_batch_size)
     ]
+
+
+def pack_for_step(
+    samples: Sequence[Sample], *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8, tp: int = 1,
+    sequence_parallel: bool = False, uniform_group: Any = None,
+) -> list[MicroBatch]:  # fmt: skip
+    """The one packing of a training step (OPSD and SFT): `pack_step` with lengths a multiple of
+    lcm(`pad_to_multiple`, `tp`) under sequence parallelism (which splits the sequence over the TP ranks),
+    and, with `uniform_group` (MoE at DP > 1: Megatron's token dispatch all-gathers hidden states over the
+    expert-parallel ranks, which are data-parallel replicas, and needs equal token counts), one padded length
+    over that group. Collective over `uniform_group` when given."""
+    if sequence_parallel:
+        pad_to_multiple = math.lcm(pad_to_multiple, tp)
+    return pack_step(samples, micro_batch_size=micro_batch_size, pad_id=pad_id,
+                     pad_to_multiple=pad_to_multiple, uniform_group=uniform_group)  # fmt: skip
 
 
 def gather_positions(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

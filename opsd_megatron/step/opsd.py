@@ -1,5 +1,13 @@
-"""The OPSD step's two passes on hidden states, and its metrics: what `OPSDTrainer` runs between the
-rollout and the optimizer step, callable without a rollout engine (tests, benchmarks).
+"""The OPSD step: `OPSDStep`, the strategy the training loop runs (rollout -> pack -> teacher forward ->
+student forward + backward -> optimizer -> teacher update), built on free functions for its two passes on
+hidden states and its metrics, callable without a rollout engine (tests, benchmarks).
+
+    step = OPSDStep(state)                        # state: run.setup.RunState
+    samples, stats = step.samples(n)              # the step's rollouts (rollout.collect)
+    out = step.train(samples)                     # a step.protocol.StepOutput
+    metrics = step.metrics(stats, out)
+
+The free functions:
 
     with teacher.forward_context() as t_chunks:
         t_hidden, t_weight = teacher_hidden(t_chunks, mbs, micro_batch_size=2)     # [b, R, h] per mb
@@ -26,12 +34,26 @@ rank (`reporter`); every other rank passes zeros; one all-reduce SUM over the wo
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+from megatron.core import parallel_state as mps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from opsd_megatron.step.batch import MicroBatch, gather_positions
+from opsd_megatron.config import OPSDConfig
+from opsd_megatron.losses import fused_linear_divergence
+from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
+from opsd_megatron.observe.metrics import reduce_sums
+from opsd_megatron.step.batch import MicroBatch, Sample, gather_positions, skip_first_tokens
+from opsd_megatron.step.protocol import StepOutput, global_tokens, optimizer_step, pack, zero_grads
+from opsd_megatron.step.teacher import Teacher, make_teacher
+
+if TYPE_CHECKING:  # annotations only
+    from opsd_megatron.run.setup import RunState
 
 SUM_KEYS = ("loss_sum", "tokens", "clipped_fraction", "student_entropy", "teacher_entropy",
             "drift_abs", "drift_mult")  # fmt: skip
@@ -85,8 +107,6 @@ def run_schedule(
     step_fn, data: list, chunks: list, seq_length: int, micro_batch_size: int, forward_only: bool
 ):
     """Megatron's forward(-backward) schedule for this PP layout over `data` (one item per micro-batch)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     return get_forward_backward_func()(
         forward_step_func=step_fn, data_iterator=iter(data), model=chunks, num_microbatches=len(data),
         seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only,
@@ -94,8 +114,6 @@ def run_schedule(
 
 
 def _is_last_stage() -> bool:
-    from megatron.core import parallel_state as mps
-
     return mps.is_pipeline_last_stage()
 
 
@@ -103,7 +121,6 @@ def teacher_hidden(chunks: list, mbs: list[MicroBatch], *, micro_batch_size: int
     """Teacher forward (call inside `teacher.forward_context()`): per micro-batch the final hidden states
     at the response positions `[b, R, h]` (model dtype) and the teacher's LM-head shard `[v/tp, h]`
     (detached) on the last stage; `([None] * M, None)` elsewhere. Collectives: those of the schedule."""
-    from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
 
     def step_fn(data_iterator, model):
         mb = next(data_iterator)
@@ -131,8 +148,6 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
 
     Returns (sum of per-token losses · scale, sums of `SUM_KEYS` for the metrics, float64 0-dim tensors).
     """
-    from opsd_megatron.losses import fused_linear_divergence
-
     h = output.shape[-1]
     # the head's dtype: a Float16Module-style wrapper would hand the last stage's output back in fp32
     hs = gather_positions(output, mb.student_index).reshape(-1, h).to(s_weight.dtype)  # [b·R, h]
@@ -163,38 +178,49 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
     return loss_sum * scale, sums
 
 
+def student_forward_backward(
+    chunks: list, mbs: list[MicroBatch], extras: list, loss_fn: Callable, keys: tuple[str, ...], *,
+    micro_batch_size: int,
+) -> dict[str, float]:  # fmt: skip
+    """The student's forward + backward over all micro-batches (gradients accumulate in the chunks), for any
+    loss: the last stage stops before the LM head and calls `loss_fn(mb, extra, hidden)` with the final
+    hidden states [b, S, h] and this micro-batch's entry of `extras`, which returns (loss · scale, sums of
+    `keys` as 0-dim tensors). Returns this rank's sums over the micro-batches (zeros off the last stage).
+    Collectives: the schedule's and the loss's."""
+
+    def step_fn(data_iterator, model):
+        mb, extra = next(data_iterator)
+        out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None,
+                                    lengths=mb.student_lengths)  # fmt: skip
+        return out, partial(loss_fn, mb, extra)
+
+    data = list(zip(mbs, extras))
+    store = run_schedule(step_fn, data, chunks, mbs[0].student_tokens.shape[1], micro_batch_size, False)
+    sums = dict.fromkeys(keys, 0.0)
+    for d in store if _is_last_stage() else []:
+        for k in keys:
+            sums[k] += float(d[k])
+    return sums
+
+
 def student_step(
     chunks: list, mbs: list[MicroBatch], t_hidden: list, t_weight, spec: LossSpec, *, scale: float,
     micro_batch_size: int, capture: list | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """Student forward + backward over all micro-batches (gradients accumulate in the chunks); returns this
-    rank's `SUM_KEYS` sums (zeros off the last stage). Collectives: the schedule's and the loss's.
-    `capture`: see `loss_func`."""
-    from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
-
+    """OPSD's student forward + backward over all micro-batches (`student_forward_backward` with `loss_func`);
+    returns this rank's `SUM_KEYS` sums (zeros off the last stage). `capture`: see `loss_func`."""
     s_weight = output_weight(chunks[-1]) if _is_last_stage() else None
 
-    def step_fn(data_iterator, model):
-        mb, th = next(data_iterator)
-        out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None,
-                                    lengths=mb.student_lengths)  # fmt: skip
-        return out, partial(loss_func, mb, th, t_weight, spec, scale, s_weight, capture)
+    def loss(mb: MicroBatch, th: torch.Tensor, output: torch.Tensor):
+        return loss_func(mb, th, t_weight, spec, scale, s_weight, capture, output)
 
-    data = list(zip(mbs, t_hidden))
-    store = run_schedule(step_fn, data, chunks, mbs[0].student_tokens.shape[1], micro_batch_size, False)
-    sums = dict.fromkeys(SUM_KEYS, 0.0)
-    for d in store if _is_last_stage() else []:
-        for k in SUM_KEYS:
-            sums[k] += float(d[k])
-    return sums
+    return student_forward_backward(chunks, mbs, t_hidden, loss, SUM_KEYS, micro_batch_size=micro_batch_size)
 
 
 def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: bool) -> dict[str, float]:
     """Global step metrics from this rank's loss sums and its replica's rollout stats (means over the
     replica's `n_samples` samples). Only `reporter` ranks (one per DP replica) contribute; collective:
     one all-reduce SUM over the world."""
-    from opsd_megatron.observe.metrics import reduce_sums
-
     w = 1.0 if reporter else 0.0
     vec = {k: w * sums[k] for k in SUM_KEYS}
     acc = rollout_stats["rollout/accuracy"]
@@ -217,3 +243,83 @@ def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: b
         "drift/mean_abs_logprob": g["drift_abs"] / n,
         "drift/mult_prob_err": g["drift_mult"] / n,
     }
+
+
+class TeacherOutput(NamedTuple):
+    """The teacher pass of one step, handed to the student pass."""
+
+    hidden: list  # per micro-batch: final hidden states at response positions [b, R, h] (None off last stage)
+    weight: torch.Tensor | None  # the teacher's LM-head shard [v/tp, h] (detached; None off the last stage)
+
+
+class OPSDStep:
+    """`algorithm: opsd` (the `step.protocol.Step` strategy): rollouts on the engines, pack, teacher forward,
+    student forward + backward with the fused divergence, optimizer and schedule step, teacher update (EMA).
+
+    `rollout`, `teacher_forward` and `forward_backward_step` are the phases `train` calls through `self`, so
+    a test can wrap them on the instance (event order, injected failures)."""
+
+    needs_engine = True
+
+    def __init__(self, state: RunState):
+        self.state = state
+        self.loss_spec = LossSpec.from_config(
+            state.cfg, vocab_size=state.info.vocab_size, tp_group=state.ps.tp_group,
+            sampling=state.collector.sampling,
+        )  # fmt: skip
+
+    @staticmethod
+    def make_teacher(cfg: OPSDConfig, chunks: list, build_fn: Callable[[], list]) -> Teacher:
+        """The teacher of `teacher.mode`, made from the initial weights θ₀ before any checkpoint loads."""
+        t = cfg.teacher
+        return make_teacher(t.mode, chunks, build_fn, ema_decay=t.ema_decay, offload=t.offload)
+
+    def samples(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        return self.rollout(step)
+
+    def rollout(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        """This replica's rollouts of `step` (`rollout.collect`); collective over the world."""
+        return self.state.collector.collect(self.state.engine, step)
+
+    def teacher_forward(self, mbs: list[MicroBatch]) -> TeacherOutput:
+        """The teacher's hidden states at response positions and its LM-head shard (`teacher_hidden`)."""
+        st = self.state
+        with st.teacher.forward_context() as chunks:
+            hidden, weight = teacher_hidden(chunks, [m.to(st.ps.device) for m in mbs],
+                                            micro_batch_size=st.cfg.train.micro_batch_size)  # fmt: skip
+        return TeacherOutput(hidden, weight)
+
+    def forward_backward_step(self, mbs: list[MicroBatch], teacher: TeacherOutput, global_tokens: int,
+                              capture: list | None = None) -> dict[str, float]:  # fmt: skip
+        """Student forward + backward over all micro-batches, loss normalised by `global_tokens` (scale
+        DP · M / G, see the module docstring); returns this rank's `SUM_KEYS` sums."""
+        st = self.state
+        return student_step(
+            st.chunks, [m.to(st.ps.device) for m in mbs], teacher.hidden, teacher.weight, self.loss_spec,
+            scale=st.dp * len(mbs) / max(global_tokens, 1), micro_batch_size=st.cfg.train.micro_batch_size,
+            capture=capture,
+        )  # fmt: skip
+
+    def train(self, samples: list[Sample], *, capture: bool = False) -> StepOutput:
+        st = self.state
+        t0 = time.perf_counter()
+        mbs = skip_first_tokens(pack(st, samples), st.cfg.loss.skip_first_tokens)
+        g = global_tokens(st, mbs)
+        teacher = self.teacher_forward(mbs)
+        t1 = time.perf_counter()
+        zero_grads(st)
+        divergences = [] if capture else None
+        sums = self.forward_backward_step(mbs, teacher, g, divergences)
+        ok, grad_norm = optimizer_step(st)
+        st.teacher.after_optimizer_step()
+        t2 = time.perf_counter()
+        return StepOutput(
+            sums, grad_norm, ok, {"time/teacher_s": t1 - t0, "time/train_s": t2 - t1}, divergences
+        )
+
+    def metrics(self, stats: dict[str, float], out: StepOutput) -> dict[str, float]:
+        st = self.state
+        reporter = st.ps.is_last_stage and st.ps.tp_rank == 0  # one rank per data-parallel replica
+        m = step_metrics(out.sums, stats, st.cfg.train.global_batch_size // st.dp, reporter=reporter)
+        m["grad_norm"] = out.grad_norm
+        return m

@@ -27,15 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as mps
-from megatron.core.tensor_parallel import mappings
-from megatron.core.transformer.moe import moe_utils
-
-from opsd_megatron.mcore import cpu, patches
 from opsd_megatron.mcore.models.hf_config import ModelSpec
-from opsd_megatron.step.batch import pack_microbatch, round_up, sequence_lengths
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +61,11 @@ def patch_megatron_moe() -> None:
     reads the module global `te_general_gemm`, which is only defined when Transformer Engine imports, so
     every MoE router forward without TE raises NameError. Defining it as None selects the library's own
     torch.mm path. Idempotent; a no-op where the global exists (TE present, or a fixed release)."""
+    from opsd_megatron.mcore import patches
 
     if patches.target("megatron.moe_router_te_gemm") is None:  # registry: megatron-core 0.16.1
         return
+    from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
@@ -92,9 +86,13 @@ def patch_mappings_for_cpu_backward() -> None:
     `device=torch.cuda.current_device()` (0 under the CPU shim). In a backward pass the autograd engine does
     not carry the shim's cuda->cpu TorchFunctionMode, so `device=0` there raises "Cannot access accelerator
     device". The helpers are wrapped to run inside the shim's mode when it is not active. Idempotent."""
+    import torch
+
+    from opsd_megatron.mcore import cpu, patches
 
     if torch.cuda.is_available() or patches.target("megatron.mappings_gather_cpu_backward") is None:
         return
+    from megatron.core.tensor_parallel import mappings
 
     def wrap(fn):
         def run(*args, **kwargs):
@@ -145,6 +143,7 @@ def token_dispatcher() -> str:
     `torch.cuda.Stream` in its constructor (token_dispatcher.py:445), which cannot exist without CUDA. Both
     dispatchers compute the same expert outputs; allgather all-gathers every token over the EP x ETP group."""
     global _LOGGED_DISPATCHER
+    import torch
 
     if torch.cuda.is_available():
         return "alltoall"
@@ -181,7 +180,7 @@ each TP rank routes only its slice of the tokens: its load-balancing value is a 
 equal slices). MoE training at TP > 1 needs sequence parallelism (megatron-core refuses it otherwise)."""
 
 
-def router_loss_metrics(num_layers: int, num_microbatches: int = 1) -> dict[str, float]:
+def router_loss_metrics(num_layers: int, num_microbatches: int = 1, reset: bool = True) -> dict[str, float]:
     """Router losses of the step just done, mean over micro-batches and MoE layers:
     {"moe/load_balancing_loss": .., ...}.
 
@@ -192,8 +191,12 @@ def router_loss_metrics(num_layers: int, num_microbatches: int = 1) -> dict[str,
     data-parallel group (then / DP). The value is thus the mean over all the step's micro-batches, whatever
     the layout. Megatron's own `reduce_aux_losses_tracker_across_ranks` is not used: it all-reduces with
     `ReduceOp.AVG`, which gloo (CPU) does not implement. A loss no MoE layer recorded (e.g. z-loss off)
-    is left out. Clears the tracker for the next step.
+    is left out.
     """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+    from megatron.core.transformer.moe import moe_utils
 
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     out = {}
@@ -215,27 +218,6 @@ def router_loss_metrics(num_layers: int, num_microbatches: int = 1) -> dict[str,
         used = values[values != 0]
         if used.numel() or entry is not None:
             out[f"moe/{name}"] = float(used.mean().item()) if used.numel() else 0.0
-    moe_utils.clear_aux_losses_tracker()
+    if reset:
+        moe_utils.clear_aux_losses_tracker()
     return out
-
-
-def pack_step_uniform(samples, *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8) -> list:
-    """`batch.pack_step` with ONE (student, teacher) padded length over the data-parallel group.
-
-    Megatron's MoE token dispatch all-gathers hidden states [tokens, h] over the expert-parallel ranks,
-    which are data-parallel replicas with their own samples; the all-gather needs equal token counts, so
-    every replica pads to the longest replica's lengths. Collective: all-reduce MAX of 2 ints over DP.
-    """
-
-    if len(samples) % micro_batch_size:
-        raise ValueError(f"{len(samples)} samples are not divisible by micro_batch_size={micro_batch_size}.")
-    need_s, need_t = sequence_lengths(samples)
-    lengths = torch.tensor([round_up(need_s, pad_to_multiple), round_up(need_t, pad_to_multiple)])
-    dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=mps.get_data_parallel_group())
-    s_len, t_len = int(lengths[0]), int(lengths[1])
-    return [
-        pack_microbatch(
-            samples[k : k + micro_batch_size], pad_id=pad_id, student_len=s_len, teacher_len=t_len
-        )  # fmt: skip
-        for k in range(0, len(samples), micro_batch_size)
-    ]
