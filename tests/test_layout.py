@@ -129,3 +129,74 @@ def test_classes_and_functions_stay_small():
         if n > LIMITS.get((kind, folder), DEFAULT_LIMITS[kind])
     ]
     assert not over, "\n".join(over)
+
+
+# What each folder may import (docs/architecture.md, "Folders"): lower layers never reach up. A module of a
+# folder may import its own folder and the folders listed; a (folder, module) pair narrows an allowance to
+# named modules where only those make sense.
+MAY_IMPORT: dict[str, set[str]] = {
+    "config": {"opsd_megatron.mcore.layout", "opsd_megatron.data.prompts"},  # torch-free leaves only
+    "losses": set(),
+    "mcore": {"config"},
+    "data": {"config"},
+    "rollout": {"config", "data", "losses", "mcore", "opsd_megatron.evaluation.grader"},
+    "evaluation": {
+        "config",
+        "data",
+        "mcore",
+        "rollout",
+        "opsd_megatron.run.lifeline",
+        "opsd_megatron.run.preflight",
+        "opsd_megatron.run.training_checkpoint",
+    },  # fmt: skip
+    "observe": {"opsd_megatron.evaluation.paired"},
+    "step": {"config", "losses", "mcore", "rollout", "observe", "opsd_megatron.run.setup"},
+    "run": {"config", "data", "evaluation", "losses", "mcore", "observe", "rollout", "step"},
+    "demo": {"config", "data", "observe"},
+    "cli": {"config", "data", "evaluation", "mcore", "observe", "rollout", "run", "step", "demo"},
+}
+
+
+def _folder(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 2 or (PKG / parts[1]).is_dir() else "(top)"
+
+
+def _allowed(src: str, dst: str) -> bool:
+    f, g = _folder(src), _folder(dst)
+    if f == g or f == "(top)":
+        return True
+    allow = MAY_IMPORT[f]
+    return g in allow or any(dst == a or dst.startswith(a + ".") for a in allow if "." in a)
+
+
+def test_folders_import_only_what_the_architecture_allows():
+    known = _modules()
+    bad = sorted(
+        f"{m} -> {t}" for m, p in known.items() for t, _ in _imports(m, p, known) if not _allowed(m, t)
+    )
+    assert not bad, "imports that reach up a layer (docs/architecture.md, 'Folders'):\n" + "\n".join(bad)
+    assert not _allowed("opsd_megatron.mcore.models.forward", "opsd_megatron.step.batch")  # the check bites
+
+
+# Function-local imports of the package's own modules hide dependencies (and once hid cycles). Allowed only
+# where the target needs an optional dependency, and in the command lines (a user's mistake is reported
+# before torch and Megatron load).
+LAZY_OK = {
+    ("opsd_megatron.losses._phases", "opsd_megatron.losses.triton_phases"),  # triton
+    ("opsd_megatron.rollout", "opsd_megatron.rollout.vllm_engine"),  # vLLM
+    ("opsd_megatron.rollout", "opsd_megatron.rollout.hf_engine"),  # transformers' generate path
+}
+
+
+def test_internal_imports_are_module_level():
+    known = _modules()
+    lazy = sorted(
+        {
+            f"{m} -> {t}"
+            for m, p in known.items()
+            for t, is_local in _imports(m, p, known)
+            if is_local and _folder(m) != "cli" and (m, t) not in LAZY_OK
+        }
+    )
+    assert not lazy, "function-local imports of package modules:\n" + "\n".join(lazy)

@@ -28,16 +28,16 @@ from opsd_megatron.mcore.conversion import (
 )
 from opsd_megatron.mcore.conversion.hf_checkpoint import TOKENIZER_FILES, check_export_dir
 from opsd_megatron.mcore.conversion.megatron_checkpoint import META_FILE, default_dtype
-from opsd_megatron.mcore.conversion.training_checkpoint import (
+from opsd_megatron.mcore.dtypes import torch_dtype
+from opsd_megatron.mcore.layout import LayoutError, check_pipeline_layers
+from opsd_megatron.mcore.models import build_model, forward_logits, model_info
+from opsd_megatron.run.training_checkpoint import (
     is_training_checkpoint,
     load_training_model,
     resolve_training_checkpoint,
     training_config,
     training_shard_hook,
 )
-from opsd_megatron.mcore.dtypes import torch_dtype
-from opsd_megatron.mcore.layout import LayoutError, check_pipeline_layers
-from opsd_megatron.mcore.models import build_model, forward_logits, model_info
 
 TOLERANCES = {"float32": (1e-4, 1e-4), "bfloat16": (5e-2, 2e-2), "float16": (2e-2, 1e-2)}  # (atol, rtol)
 

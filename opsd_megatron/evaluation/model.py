@@ -24,11 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from opsd_megatron.mcore.conversion.training_checkpoint import (
+from opsd_megatron.run.preflight import looks_like_hub_name
+from opsd_megatron.run.training_checkpoint import (
     is_training_checkpoint,
     resolve_training_checkpoint,
 )
-from opsd_megatron.run.preflight import looks_like_hub_name
 
 logger = logging.getLogger(__name__)
 

@@ -38,6 +38,19 @@ class SamplingConfig:
 
 
 @dataclass
+class Sample:
+    """One rollout ready to pack (token ids as plain lists)."""
+
+    student_prompt: list[int]
+    teacher_prompt: list[int]
+    response: list[int]
+    rollout_logprobs: list[float] = field(default_factory=list)
+    """Engine log-probabilities of `response` (for the drift metric); may be empty."""
+    truncated: bool = False
+    """True when generation hit max_new_tokens (the sample is kept)."""
+
+
+@dataclass
 class RolloutOutput:
     """One sample for one prompt."""
 

@@ -25,9 +25,8 @@ from opsd_megatron.data import Problem, PromptSampler
 from opsd_megatron.data.prompts import render_pair
 from opsd_megatron.evaluation.grader import default_pool
 from opsd_megatron.mcore.parallel import ParallelState
-from opsd_megatron.rollout.base import RolloutEngine, SamplingConfig
+from opsd_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
 from opsd_megatron.rollout.placement import EnginePlacement, request_seed
-from opsd_megatron.step.batch import Sample
 
 
 def sampling_config(r: RolloutConfig, seed: int | None = None) -> SamplingConfig:

@@ -19,12 +19,14 @@ import multiprocessing as mp
 import random
 import signal
 import time
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from opsd_megatron.mcore import patches
 from opsd_megatron.mcore.models.builder import unwrap
 from opsd_megatron.run.checkpoint_index import (
     CHECKSUMS,
@@ -36,6 +38,7 @@ from opsd_megatron.run.checkpoint_index import (
     file_manifest,
     prune_checkpoints,
 )
+from opsd_megatron.run.lifeline import die_with_parent, parent_lifeline
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +136,6 @@ def _start_writer_manager_shielded() -> None:
     (`opsd_megatron.mcore.patches`)
     warns once and this is a no-op.
     """
-    from opsd_megatron.mcore import patches
-
     found = patches.target("megatron.checkpoint_writer_queue")
     if found is None or patches.target("megatron.checkpoint_writer_queue_state") is None:
         return
@@ -149,10 +150,6 @@ def _start_writer_manager_shielded() -> None:
     try:
         # Megatron's `_get_write_results_queue` with one change: the Manager dies with this process
         # (`opsd_megatron.run.lifeline`), so a SIGKILLed trainer leaves no orphan that ignores SIGTERM.
-        from multiprocessing.managers import SyncManager
-
-        from opsd_megatron.run.lifeline import die_with_parent, parent_lifeline
-
         manager = SyncManager(ctx=mp.get_context("spawn"))
         manager.start(initializer=die_with_parent, initargs=parent_lifeline())
         fa._results_queue = manager.Queue()  # the queue proxy keeps the manager alive

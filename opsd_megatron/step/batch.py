@@ -20,24 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class Sample:
-    """One rollout ready to pack (token ids as plain lists)."""
-
-    student_prompt: list[int]
-    teacher_prompt: list[int]
-    response: list[int]
-    rollout_logprobs: list[float] = field(default_factory=list)
-    """Engine log-probabilities of `response` (for the drift metric); may be empty."""
-    truncated: bool = False
-    """True when generation hit max_new_tokens (the sample is kept)."""
+from opsd_megatron.rollout.base import Sample
 
 
 @dataclass
@@ -118,11 +107,6 @@ def pack_microbatch(
     t_len = torch.tensor([len(x.teacher_prompt) + len(x.response) for x in samples], dtype=torch.long)
     return MicroBatch(s_tok, pos_s, t_tok, pos_t, s_idx, t_idx, resp, mask, lps, int(mask.sum().item()),
                       s_len, t_len)  # fmt: skip
-
-
-def padding_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
-    """[b] unpadded lengths -> [b, length] bool, True at the end padding (Megatron's MoE `padding_mask`)."""
-    return torch.arange(length, device=lengths.device).unsqueeze(0) >= lengths.unsqueeze(1)
 
 
 def pack_step(

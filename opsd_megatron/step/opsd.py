@@ -48,7 +48,8 @@ from opsd_megatron.config import OPSDConfig
 from opsd_megatron.losses import fused_linear_divergence
 from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
 from opsd_megatron.observe.metrics import reduce_sums
-from opsd_megatron.step.batch import MicroBatch, Sample, gather_positions, skip_first_tokens
+from opsd_megatron.rollout.base import Sample
+from opsd_megatron.step.batch import MicroBatch, gather_positions, skip_first_tokens
 from opsd_megatron.step.protocol import StepOutput, global_tokens, optimizer_step, pack, zero_grads
 from opsd_megatron.step.teacher import Teacher, make_teacher
 

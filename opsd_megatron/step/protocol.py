@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.config import OPSDConfig
-from opsd_megatron.step.batch import MicroBatch, Sample, pack_for_step
+from opsd_megatron.rollout.base import Sample
+from opsd_megatron.step.batch import MicroBatch, pack_for_step
 from opsd_megatron.step.teacher import Teacher
 
 if TYPE_CHECKING:  # annotations only

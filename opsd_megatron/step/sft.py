@@ -23,7 +23,8 @@ from opsd_megatron.config import OPSDConfig
 from opsd_megatron.losses._math import shard_layout
 from opsd_megatron.mcore.models.forward import output_weight
 from opsd_megatron.observe.metrics import reduce_sums
-from opsd_megatron.step.batch import MicroBatch, Sample, gather_positions
+from opsd_megatron.rollout.base import Sample
+from opsd_megatron.step.batch import MicroBatch, gather_positions
 from opsd_megatron.step.opsd import student_forward_backward
 from opsd_megatron.step.protocol import StepOutput, global_tokens, optimizer_step, pack, zero_grads
 from opsd_megatron.step.teacher import Teacher, make_teacher

@@ -18,10 +18,14 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from opsd_megatron.mcore.models.builder import model_info, unwrap
 from opsd_megatron.mcore.models.vocab import gather_true_vocab_logits
-from opsd_megatron.step.batch import padding_mask
 
 
 @torch.no_grad()
+def padding_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """[b] unpadded lengths -> [b, length] bool, True at the end padding (Megatron's MoE `padding_mask`)."""
+    return torch.arange(length, device=lengths.device).unsqueeze(0) >= lengths.unsqueeze(1)
+
+
 def forward_logits(
     model_chunks: list,
     input_ids: torch.Tensor,

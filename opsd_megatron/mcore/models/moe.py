@@ -27,6 +27,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
+from opsd_megatron.mcore import cpu, patches
 from opsd_megatron.mcore.models.hf_config import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -61,8 +64,6 @@ def patch_megatron_moe() -> None:
     reads the module global `te_general_gemm`, which is only defined when Transformer Engine imports, so
     every MoE router forward without TE raises NameError. Defining it as None selects the library's own
     torch.mm path. Idempotent; a no-op where the global exists (TE present, or a fixed release)."""
-    from opsd_megatron.mcore import patches
-
     if patches.target("megatron.moe_router_te_gemm") is None:  # registry: megatron-core 0.16.1
         return
     from megatron.core.transformer.moe import moe_utils
@@ -86,10 +87,6 @@ def patch_mappings_for_cpu_backward() -> None:
     `device=torch.cuda.current_device()` (0 under the CPU shim). In a backward pass the autograd engine does
     not carry the shim's cuda->cpu TorchFunctionMode, so `device=0` there raises "Cannot access accelerator
     device". The helpers are wrapped to run inside the shim's mode when it is not active. Idempotent."""
-    import torch
-
-    from opsd_megatron.mcore import cpu, patches
-
     if torch.cuda.is_available() or patches.target("megatron.mappings_gather_cpu_backward") is None:
         return
     from megatron.core.tensor_parallel import mappings
