@@ -144,7 +144,7 @@ def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path):
     normalisation ((Σ₀/G₀ + Σ₁/G₁)/2, which would give DP=2 a different gradient)."""
     common = dict(
         parallel={"tp": 1, "pp": 1},
-        loss={"kind": "top_k", "top_k": 8},  # a sparse estimator in the trainer (all: test_opsd_step)
+        loss={"kind": "top_k", "top_k": 8},  # a sparse estimator in the trainer (all: test_step_opsd)
         rollout={"top_k": 1},
         train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
     )

@@ -41,8 +41,7 @@ def setup_logging(level: str = "info", *, verbose: bool = False, rank: int | Non
         datefmt="%H:%M:%S",
         force=True,
     )
-    for name in ("opsd_megatron", "checkpoint_tools"):
-        logging.getLogger(name).setLevel(ours)
+    logging.getLogger("opsd_megatron").setLevel(ours)
     if verbose:
         logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO dumps whole configs
         return

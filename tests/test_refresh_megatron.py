@@ -82,9 +82,9 @@ def _drift_round(chunks, engine, sampling):
 
 
 def _tp_logprobs(rank):
-    """vocab_parallel_token_logprobs on a TP=2 vocabulary split (test_weight_sync.logprob_case)."""
+    """vocab_parallel_token_logprobs on a TP=2 vocabulary split (test_refresh.logprob_case)."""
     from megatron.core import parallel_state as mps
-    from test_weight_sync import SAMPLINGS, logprob_case
+    from test_refresh import SAMPLINGS, logprob_case
 
     from opsd_megatron.losses.token_logprobs import vocab_parallel_token_logprobs
 
@@ -229,7 +229,7 @@ def test_refresh_after_each_step_matches_transformers_and_megatron(colocated, la
 
 
 def test_vocab_parallel_token_logprobs_tp2(colocated):
-    from test_weight_sync import logprob_case
+    from test_refresh import logprob_case
 
     refs = logprob_case()[3]
     for res in colocated:

@@ -1,6 +1,6 @@
 """Bucketing, peak memory of a refresh, and the drift metrics/guard/vocab-parallel logprob helper (no vLLM).
 
-The Megatron → vLLM integration (TP2, PP2, two colocated engines) is in test_weight_sync_megatron.py.
+The Megatron → vLLM integration (TP2, PP2, two colocated engines) is in test_refresh_megatron.py.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def logprob_case():
 
 
 def test_vocab_parallel_token_logprobs_tp1():
-    """TP=1 against the reference; the TP=2 case runs inside test_weight_sync_megatron's spawned world."""
+    """TP=1 against the reference; the TP=2 case runs inside test_refresh_megatron's spawned world."""
     logits, ids, vocab, refs = logprob_case()
     for s, ref in zip(SAMPLINGS, refs):
         torch.testing.assert_close(vocab_parallel_token_logprobs(logits, ids, s, vocab_size=vocab), ref)

@@ -3,7 +3,7 @@
 One spawn of two ranks runs four layouts in turn: TP1 (untied Qwen2, DP2), TP2, TP2 + sequence parallel and
 PP2 (tied Qwen3). In each, on fixed rollouts (2 micro-batches), for every loss kind the trainer offers
 (forward_kl with clip, reverse_kl, jsd(0.5), top_k with tail bucket, top_k renormalised, sampled_token; the
-teacher a frozen copy with a perturbed LM head), the new step (`opsd_step.teacher_hidden` +
+teacher a frozen copy with a perturbed LM head), the new step (`step.opsd.teacher_hidden` +
 `student_step`: hidden states, fused LM-head loss, one-pass statistics and drift logprobs) gives the same
 loss, statistics and drift sums to 1e-6 relative (to max(|sum|, tokens)), and the gradient (Megatron DDP
 main_grad after finalize_model_grads) to 1e-6 relative as one vector and 2e-6 per parameter, as the
