@@ -197,6 +197,20 @@ def check_output_dir(value: str) -> None:
         raise ConfigError(f"config key 'output_dir': {value!r} is not writable ({why}).") from None
 
 
+def check_writable_dir(value: str, key: str) -> None:
+    """`value` is, or can become, a writable directory: the path itself or its nearest existing parent
+    accepts new entries. Creates nothing (a later start-up error leaves no empty folder behind)."""
+    p = Path(value).expanduser().absolute()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{_name(key)}: {value!r} cannot be a directory ({str(probe)!r} is a file).")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == p else f" (its parent {str(probe)!r} is not)"
+        raise ConfigError(f"{_name(key)}: {value!r} is not writable{where}.")
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
