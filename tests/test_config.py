@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from opsd_megatron.config import ConfigError, OPSDConfig, load_config, validate_model, validate_world
+from opsd_megatron.config import (
+    ConfigError,
+    OPSDConfig,
+    load_config,
+    validate_context,
+    validate_model,
+    validate_world,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BASE = "model:\n  path: /m\ndata:\n  path: builtin:tiny_math\n"
@@ -60,6 +67,7 @@ def test_moe_recipe_fits_qwen3_30b_a3b_on_one_node():
     cfg = load_config(EXAMPLES / "qwen3_30b_a3b_opsd.yaml")
     hf = dict(QWEN3_30B_A3B_SHAPE, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
     validate_model(cfg, hf)
+    validate_context(cfg, hf)  # 8192 prompt + 32768 evaluation tokens = Qwen3's 40960
     assert validate_world(cfg, 8) == 4
     with pytest.raises(ConfigError, match="'parallel.ep'"):
         validate_world(cfg, 4)
@@ -161,9 +169,9 @@ def test_context_length_is_checked_against_the_model_config(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(hf))
     text = f"model:\n  path: {tmp_path / 'm'}\ndata:\n  path: builtin:tiny_math\n"
     text += "prompts:\n  max_prompt_tokens: 768\n"
-    assert _load(tmp_path, text, ["rollout.max_new_tokens=256"]).rollout.max_new_tokens == 256  # 1024: fits
+    validate_context(_load(tmp_path, text, ["rollout.max_new_tokens=256"]))  # 1024: fits
     with pytest.raises(ConfigError) as e:
-        _load(tmp_path, text, ["rollout.max_new_tokens=257"])
+        validate_context(_load(tmp_path, text, ["rollout.max_new_tokens=257"]))
     assert str(e.value).startswith("config key 'rollout.max_new_tokens': prompts.max_prompt_tokens (768) + ")
     assert "= 1025 tokens, more than the model's context of 1024" in str(e.value)
     eval_on = [
@@ -173,10 +181,9 @@ def test_context_length_is_checked_against_the_model_config(tmp_path):
         "eval.max_new_tokens=4096",
     ]
     with pytest.raises(ConfigError, match=r"^config key 'eval.max_new_tokens': .* = 4864 tokens"):
-        _load(tmp_path, text, eval_on)
+        validate_context(_load(tmp_path, text, eval_on))
     hf["rope_scaling"] = {"rope_type": "yarn", "factor": 8.0}  # a scaled context is the longer one
-    (tmp_path / "m" / "config.json").write_text(json.dumps(hf))
-    assert _load(tmp_path, text, eval_on).eval.max_new_tokens == 4096
+    validate_context(_load(tmp_path, text, eval_on), hf)
 
 
 def test_model_and_world_checks(tmp_path):

@@ -1,8 +1,8 @@
 """The checks of an OPSD run configuration, one function per section; torch-free.
 
     validate(cfg)                  # what the config alone decides (choices, ranges, combinations)
-    validate_model(cfg)            # against the model's config.json (TP/EP dividing heads/experts, layers,
-                                   # prompt + generation budget within the model's context)
+    validate_model(cfg)            # against the model's config.json (TP/EP dividing heads/experts, layers)
+    validate_context(cfg)          # prompt + generation budget within the model's context (run.preflight)
     validate_world(cfg, world)     # against the process count (batch divisibility); returns the DP size
 
 Each failure is one `ConfigError` naming the key. One value is corrected instead: `optimizer.lr_warmup_steps`
@@ -42,7 +42,7 @@ from opsd_megatron.mcore.layout import (
     hf_num_experts,
 )
 
-__all__ = ["engine_max_model_len", "validate", "validate_model", "validate_world"]
+__all__ = ["engine_max_model_len", "validate", "validate_context", "validate_model", "validate_world"]
 
 log = logging.getLogger("opsd_megatron")
 
@@ -310,8 +310,15 @@ def engine_max_model_len(cfg: OPSDConfig) -> int:
     return cfg.prompts.max_prompt_tokens + budget
 
 
-def _check_context(cfg: OPSDConfig, hf_config: dict) -> None:
-    """The engine's sequence (prompt + generation budget) fits the model's context."""
+def validate_context(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
+    """The engine's sequence (prompt + generation budget, `engine_max_model_len`) fits the model's context
+    (config.json read from model.path when it is a local directory). Run by `run.preflight` after the
+    layout and world checks; vLLM would refuse it only once the model is built."""
+    if hf_config is None:
+        p = Path(cfg.model.path) / "config.json"
+        if not p.is_file():
+            return  # hub name
+        hf_config = json.loads(p.read_text())
     context, need = hf_context_len(hf_config), engine_max_model_len(cfg)
     if context is None or need <= context:
         return
@@ -338,7 +345,6 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
             ep=par.ep, sequence_parallel=par.sequence_parallel,
             engine_tp=cfg.rollout.tensor_parallel_size)  # fmt: skip
     _check_lora_model(cfg, hf_config)
-    _check_context(cfg, hf_config)
 
 
 def validate_world(cfg: OPSDConfig, world_size: int) -> int:

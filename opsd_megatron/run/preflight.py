@@ -4,11 +4,12 @@
 
 In order: the TP x PP layout against the world size (from torchrun/SLURM variables); every path the config
 names (model weights incl. truncated safetensors, tokenizer files and chat template, data, evaluation
-benchmarks, output_dir writable); which checkpoint to resume from (`checkpoint_index.choose_resume`, or
-`checkpoint.load` verified), and what changed in the config since that checkpoint was saved: keys that a
-resumed run cannot honour (model, layout, data, LoRA, teacher, seed, batch) are refused unless
-`checkpoint.allow_config_change=true`, the others are listed in a warning. `record_config` keeps every
-start's config in `output_dir/config_history/` (and the current one in `output_dir/config.yaml`).
+benchmarks), the prompt + generation budget against the model's context, output_dir writable; which
+checkpoint to resume from (`checkpoint_index.choose_resume`, or `checkpoint.load` verified), and what changed
+in the config since that checkpoint was saved: keys that a resumed run cannot honour (model, layout, data,
+LoRA, teacher, seed, batch) are refused unless `checkpoint.allow_config_change=true`, the others are listed
+in a warning. `record_config` keeps every start's config in `output_dir/config_history/` (and the current
+one in `output_dir/config.yaml`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opsd_megatron.config import ConfigError, OPSDConfig, validate_world
+from opsd_megatron.config import ConfigError, OPSDConfig, validate_context, validate_world
 
 log = logging.getLogger("opsd_megatron")
 
@@ -315,6 +316,7 @@ def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
         check_tokenizer_dir(tok_dir, tok_key)
     check_data_path(cfg.data.path, "data.path")
     check_eval(cfg)
+    validate_context(cfg)  # prompt + rollout/eval budget vs the model's context (vLLM: after the build)
     check_output_dir(cfg.output_dir)
     if cfg.checkpoint.export_hf:
         from opsd_megatron.mcore.conversion.hf_checkpoint import check_export_dir
