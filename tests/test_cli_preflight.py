@@ -71,3 +71,26 @@ def test_convert_out_checked_before_the_model_loads(tiny_qwen3_dir, tmp_path, ca
     )
     line = _one_line(capsys)
     assert rc == 2 and line.startswith("opsd-convert hf-to-megatron: error: --out: "), line
+
+
+def test_ema_teacher_with_lora_says_what_it_tracks(tiny_qwen3_dir, tmp_path, caplog, monkeypatch):
+    from opsd_megatron.config import config_from_dict
+    from opsd_megatron.run.preflight import preflight
+
+    monkeypatch.delenv("RANK", raising=False)
+    raw = {
+        "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_qwen3_dir), "dtype": "float32"},
+        "data": {"path": "builtin:tiny_math"}, "prompts": {"max_prompt_tokens": 768},
+        "rollout": {"max_new_tokens": 12},
+        "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
+        "lora": {"enabled": True, "rank": 4, "alpha": 8.0}, "teacher": {"mode": "ema", "ema_decay": 0.99},
+    }  # fmt: skip
+    with caplog.at_level("INFO", logger="opsd_megatron"):
+        preflight(config_from_dict(raw), world_size=1)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher.mode=ema with LoRA")]
+    assert len(said) == 1 and "decay 0.99" in said[0] and "LoRA-merged weights" in said[0], said
+    caplog.clear()
+    raw["teacher"] = {"mode": "frozen"}
+    with caplog.at_level("INFO", logger="opsd_megatron"):
+        preflight(config_from_dict(raw), world_size=1)
+    assert not [r for r in caplog.records if "teacher.mode" in r.getMessage()]

@@ -303,6 +303,19 @@ def bound_cpu_kv_cache(gpu_memory_utilization: float, local_world_size: int | No
     return gib
 
 
+def describe_teacher(cfg: OPSDConfig) -> str | None:
+    """What the teacher is, said once at start-up where a mode could be misread (EMA with LoRA)."""
+    t, lo = cfg.teacher, cfg.lora
+    if t.mode != "ema" or not lo.enabled:
+        return None
+    return (
+        f"teacher.mode=ema with LoRA: the teacher is a full copy of the model, after every optimizer step "
+        f"an exponential moving average (decay {t.ema_decay}) of the student's LoRA-merged weights "
+        f"W + (lora.alpha/lora.rank)*B*A (its base weights stay W, so it tracks the adapters' effect); it "
+        "costs one more full model in memory (plus an fp32 copy for bf16), unlike adapters_off."
+    )
+
+
 def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
     """All start-up checks (see the module docstring); returns the checkpoint to resume from, or None."""
     validate_world(cfg, world_size or world_size_from_env())  # before Megatron builds its groups
@@ -328,6 +341,9 @@ def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
     ckpt = choose_checkpoint(cfg)
     if ckpt is not None:
         check_config_change(cfg, ckpt)
+    teacher = describe_teacher(cfg)
+    if teacher and _rank() == 0:
+        log.info("%s", teacher)
     return ckpt
 
 
