@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, report: ErrorReport) -> int:
+    setup_logging("info", verbose=args.verbose)  # the config's own warning (a clamped warm-up), formatted
     cfg = load_config(args.config, args.overrides)
     report.output_dir = cfg.output_dir
     setup_logging(cfg.logging.level, verbose=args.verbose)
