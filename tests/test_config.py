@@ -264,3 +264,15 @@ def test_layout_rules_are_declared_once():
     with pytest.raises(ConfigError) as cf:
         validate_world(config_from_dict({**base, "parallel": {"tp": 2}}), 3)
     assert str(mc.value) == str(cf.value)
+
+
+def test_tiny_demo_lives_outside_the_directory_make_demo_cleans():
+    import re
+
+    script = (EXAMPLES.parent / "scripts" / "demo.sh").read_text()
+    demo_out = Path(re.search(r"^OUT=\$\{OUT:-(\S+)\}$", script, re.M).group(1))
+    removed = re.findall(r"^rm -rf (.+)$", script, re.M)
+    assert removed == ['"$OUT/task" "$OUT/warmstart" "$OUT/opsd" "$OUT/control"'], removed  # never "$OUT"
+    cfg = load_config(EXAMPLES / "tiny_cpu_demo.yaml")
+    for p in (cfg.output_dir, cfg.model.path):
+        assert not Path(p).is_relative_to(demo_out), p

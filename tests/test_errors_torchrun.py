@@ -76,7 +76,7 @@ def test_bad_data_file_under_torchrun_is_one_line_exit_2_with_a_detail_log(tiny_
     rc, lines = _launch(cfg, tmp=tmp_path)
     assert rc == 2, lines
     log = _one_line(lines, "line 2 is not valid JSON")
-    assert log.parent == out / "logs" and log.name in ("rank0.log", "rank1.log")
+    assert log.parent == out.absolute() / "logs" and log.name in ("rank0.log", "rank1.log")
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["rank0.log", "rank1.log"]
 
 

@@ -86,7 +86,7 @@ def detail_path(output_dir: str | os.PathLike | None, rank: int) -> Path:
     """`<output_dir>/logs/rank<rank>.log` when output_dir exists and takes a logs/ folder, else a folder of
     this job (SLURM job, torchrun run or process id) under the temp dir."""
     if output_dir is not None and Path(output_dir).is_dir():
-        logs = Path(output_dir) / "logs"
+        logs = Path(output_dir).absolute() / "logs"
         with contextlib.suppress(OSError):
             logs.mkdir(exist_ok=True)
             if os.access(logs, os.W_OK):
