@@ -52,6 +52,16 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def _draws_a_bar(stream: Any) -> bool:
+    """A terminal with a width (a pseudo-terminal of 0 columns, e.g. under `script`, would show nothing)."""
+    if not stream.isatty():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError):  # no descriptor to ask (a wrapped stream): trust isatty
+        return True
+
+
 def wandb_run_id(output_dir: str | Path, generate: Callable[[], str]) -> str:
     """The W&B run id of the run in `output_dir`: the stored one, or a new one from `generate`, stored."""
     p = Path(output_dir) / WANDB_ID_FILE
@@ -156,7 +166,7 @@ class MetricsLogger:
         self._t0 = time.monotonic()
         self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
         self.bar = None
-        if logging_cfg.progress_bar and sys.stderr.isatty():  # a real bar on a terminal, lines elsewhere
+        if logging_cfg.progress_bar and _draws_a_bar(sys.stderr):  # a real bar on a terminal, lines elsewhere
             self.bar = tqdm(total=total_steps, initial=start_step, desc="step", file=sys.stderr,
                             dynamic_ncols=True, leave=True)  # fmt: skip
         if logging_cfg.wandb_project:
@@ -227,8 +237,8 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:
+            self.bar.set_postfix_str(" ".join(self._fields(metrics)), refresh=False)
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(" ".join(self._fields(metrics)), refresh=True)
         elif self.cfg.log_interval and step % self.cfg.log_interval == 0:
             log.info("%s", self.progress_line(step, metrics))
 
