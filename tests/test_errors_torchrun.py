@@ -25,6 +25,17 @@ ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OF
 _DETAILS = re.compile(r"\(details: (\S+)\)$")
 
 
+@pytest.fixture(autouse=True)
+def _restore_error_report_state(monkeypatch):
+    """An in-process ErrorReport changes module state (the detail logger, ONE_LINE_REPORTS): undo it."""
+    from opsd_megatron.run import errors
+
+    monkeypatch.setattr(errors, "ONE_LINE_REPORTS", [False])
+    handlers, propagate = errors.details.handlers[:], errors.details.propagate
+    yield
+    errors.details.handlers[:], errors.details.propagate = handlers, propagate
+
+
 def _launch(cfg: Path, *overrides: str, tmp: Path) -> tuple[int, list[str]]:
     """`python -m opsd_megatron.cli.train --nproc-per-node 2 CFG ...`: (exit code, stderr lines)."""
     env = {**os.environ, **ENV, **run_marker(), "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
@@ -112,3 +123,30 @@ def test_non_zero_rank_without_a_store_stays_silent(tmp_path, monkeypatch, capsy
     assert report.fail(ValueError("boom")) == 1
     assert capsys.readouterr().err == ""
     assert "ValueError: boom" in report.log_path().read_text()
+
+
+def test_rank_0_prints_else_the_first_rank_that_claims(tmp_path, monkeypatch, capsys):
+    """Through a real TCPStore: rank 1 prints when rank 0 has not claimed the report within claim_wait_s;
+    rank 0, failing later, finds the claim taken and stays silent (it waited for the printed mark)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from opsd_megatron.run import errors
+
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False
+    )
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "7")  # a namespace of its own
+    monkeypatch.setattr(errors, "_JOB_STORE", [None])
+    monkeypatch.setenv("RANK", "1")
+    assert ErrorReport("opsd-train", claim_wait_s=0.3).fail(ConfigError("config key 'x': bad.")) == 2
+    assert capsys.readouterr().err.startswith("opsd-train: config key 'x': bad. (details: ")
+    assert store.get(errors.report_keys()[0]) == b"1" and store.check([errors.report_keys()[1]])
+    monkeypatch.setenv("RANK", "0")
+    assert ErrorReport("opsd-train", print_wait_s=5).fail(ConfigError("config key 'x': bad.")) == 2
+    assert capsys.readouterr().err == ""
