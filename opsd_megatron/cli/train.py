@@ -1,15 +1,20 @@
 """`opsd-train CONFIG.yaml [key.sub=value ...]`: run On-Policy Self-Distillation on Megatron-core.
 
-One process per GPU (or per CPU "device"), started by torchrun or srun:
+One process per GPU (or per CPU "device"), started by opsd-train itself (one node), srun or torchrun:
 
-    torchrun --nproc-per-node 2 -m opsd_megatron.train examples/tiny_cpu_demo.yaml train.steps=5
+    opsd-train --nproc-per-node 2 examples/tiny_cpu_demo.yaml train.steps=5
     srun --ntasks-per-node 8 opsd-train examples/qwen3_1.7b_opsd.yaml parallel.tp=2
+    torchrun --nproc-per-node 2 -m opsd_megatron.train examples/tiny_cpu_demo.yaml train.steps=5
 
 `output_dir` (from the config) receives checkpoints/, metrics.jsonl, tensorboard/, config.yaml and hf/
 (the final Hugging Face export; with LoRA also adapter/, the PEFT adapter). A run resumes from the newest
 complete checkpoint there unless `checkpoint.resume=false`.
 SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C finish the current step, save a checkpoint and exit 0; a
-second Ctrl-C exits at once (130). Exit code 2: a configuration or path error, one line naming the key.
+second Ctrl-C exits at once (130). Exit code 2: a configuration, path or data error, one line naming the
+key, printed by one rank (`opsd_megatron.run.errors`: rank 0, else the first that has it), with the path of
+the per-rank detail log holding the traceback; 1: anything else, also one line. `--nproc-per-node N` runs
+torchrun's standalone launch in this process and exits with the ranks' code (2 when any had a usage
+error); plain torchrun always exits 1 after a failed rank, with its own report.
 `algorithm: sft` in the config runs supervised fine-tuning on the reference solutions instead
 (`opsd_megatron.step.sft`: same data, prompts, checkpoints, metrics and export).
 `--verbose` (or logging.level=debug) shows vLLM / Megatron / transformers messages, hidden by default.
@@ -111,7 +116,9 @@ def launch(nproc: int, child_argv: list[str], *, verbose: bool = False) -> int:
     try:
         torchrun.run(targs)
     except ChildFailedError as e:
-        return launcher_exit_code([f.exitcode for f in e.failures.values()])
+        return launcher_exit_code(
+            [f.exitcode for f in sorted(e.failures.values(), key=lambda f: f.timestamp)]
+        )
     except SignalException as e:  # SIGTERM / SIGINT to the launcher: torchrun ended the ranks
         return 128 + int(e.sigval)
     return 0
