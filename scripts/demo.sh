@@ -21,7 +21,8 @@ if [ ! -f "$WARMSTART/model.safetensors" ]; then
   echo "error: no warm start in $WARMSTART (run \`make warmstart\`, or set WARMSTART=DIR)" >&2
   exit 1
 fi
-rm -rf "$OUT"
+# Only what this script writes (another run under $OUT, e.g. a tiny demo, is left alone).
+rm -rf "$OUT/task" "$OUT/warmstart" "$OUT/opsd" "$OUT/control"
 mkdir -p "$OUT"
 echo "== synthetic task: $OUT/task/{train,heldout}.jsonl"
 $PY -c "from opsd_megatron.demo.warmstart import write_task; write_task('$OUT/task')"

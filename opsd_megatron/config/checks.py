@@ -2,23 +2,28 @@
 
     validate(cfg)                  # what the config alone decides (choices, ranges, combinations)
     validate_model(cfg)            # against the model's config.json (TP/EP dividing heads/experts, layers)
+    validate_context(cfg)          # prompt + generation budget within the model's context (run.preflight)
     validate_world(cfg, world)     # against the process count (batch divisibility); returns the DP size
 
-Each failure is one `ConfigError` naming the key. The parallel-layout rules themselves are declared once in
-`opsd_megatron.mcore.layout` (shared with `mcore.parallel` and the model builder) and re-raised here as
-`ConfigError`; the names `lora.target_modules` accepts are `config.lora_targets`. The one LoRA check that
-depends on the machine (grouped-GEMM experts) is `mcore.lora.moe_checks.check_lora_backend`.
+Each failure is one `ConfigError` naming the key. One value is corrected instead: `optimizer.lr_warmup_steps`
+larger than `train.steps` (a shortened recipe) is clamped to it, with one warning (rank 0). The
+parallel-layout rules themselves are declared once in `opsd_megatron.mcore.layout` (shared with
+`mcore.parallel` and the model builder) and re-raised here as `ConfigError`; the names `lora.target_modules`
+accepts are `config.lora_targets` (checked here). The one LoRA check that depends on the machine
+(grouped-GEMM experts) is `mcore.lora.moe_checks.check_lora_backend`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from opsd_megatron.config.lora_targets import names_mlp
+from opsd_megatron.config.lora_targets import names_mlp, resolve_parts
 from opsd_megatron.config.schema import (
     ConfigError,
     OPSDConfig,
@@ -32,11 +37,19 @@ from opsd_megatron.mcore.layout import (
     check_model_layout,
     check_pipeline_layers,
     check_world,
+    hf_context_len,
     hf_dense_mlp_layers,
     hf_num_experts,
 )
 
-__all__ = ["validate", "validate_model", "validate_world"]
+__all__ = ["engine_max_model_len", "validate", "validate_context", "validate_model", "validate_world"]
+
+log = logging.getLogger("opsd_megatron")
+
+
+def _env_rank() -> int:
+    """The launcher's rank (torchrun / srun): the config's one warning comes from rank 0 only."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -160,9 +173,14 @@ def _check_teacher(cfg: OPSDConfig) -> None:
 
 
 def _check_lora(cfg: OPSDConfig) -> None:
-    """LoRA ranges, and `lora.target_experts` (MoE) against the rest of the config (no model needed)."""
+    """LoRA ranges, target names, and `lora.target_experts` (MoE) against the rest of the config."""
     lo = cfg.lora
     _check(not lo.enabled or lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}.")
+    if lo.enabled:
+        try:
+            resolve_parts(lo.target_modules)
+        except ValueError as e:  # an unknown layer name: now, not after the model is built
+            raise ConfigError(f"config key '{e}".replace(":", "':", 1)) from None
     _check(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}.")
     if not lo.target_experts:
         return
@@ -189,11 +207,12 @@ def _check_optimizer(cfg: OPSDConfig) -> None:
     _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}.")
     _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr], got {o.min_lr}.")
     _check(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {o.clip_grad}.")
-    _check(
-        0 <= o.lr_warmup_steps <= steps,
-        "optimizer.lr_warmup_steps",
-        f"must be in [0, train.steps={steps}], got {o.lr_warmup_steps}.",
-    )
+    _check(o.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", f"must be >= 0, got {o.lr_warmup_steps}.")
+    if o.lr_warmup_steps > steps:  # a shortened run (train.steps=6 on a recipe): warm up over all of it
+        if _env_rank() == 0:
+            log.warning("config key 'optimizer.lr_warmup_steps': %d is more than train.steps=%d; the warm-up "
+                        "is clamped to %d steps.", o.lr_warmup_steps, steps, steps)  # fmt: skip
+        o.lr_warmup_steps = steps
 
 
 def _check_checkpoint(cfg: OPSDConfig) -> None:
@@ -279,6 +298,38 @@ def _check_lora_model(cfg: OPSDConfig, hf_config: dict) -> None:
         "mixture-of-experts model to its experts, so a PEFT adapter cannot hold the dense layers' MLP "
         "adapters. Set lora.export_peft: false (the merged HF export still holds them) or leave "
         "gate_proj/up_proj/down_proj out of lora.target_modules.",
+    )
+
+
+def engine_max_model_len(cfg: OPSDConfig) -> int:
+    """`prompts.max_prompt_tokens` + the largest of `rollout.max_new_tokens` and (evaluation on)
+    `eval.max_new_tokens`: the sequence the rollout engine must hold (`opsd_megatron.rollout.lengths`)."""
+    budget = cfg.rollout.max_new_tokens
+    if cfg.eval.interval:
+        budget = max(budget, cfg.eval.max_new_tokens)
+    return cfg.prompts.max_prompt_tokens + budget
+
+
+def validate_context(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
+    """The engine's sequence (prompt + generation budget, `engine_max_model_len`) fits the model's context
+    (config.json read from model.path when it is a local directory). Run by `run.preflight` after the
+    layout and world checks; vLLM would refuse it only once the model is built."""
+    if hf_config is None:
+        p = Path(cfg.model.path) / "config.json"
+        if not p.is_file():
+            return  # hub name
+        hf_config = json.loads(p.read_text())
+    context, need = hf_context_len(hf_config), engine_max_model_len(cfg)
+    if context is None or need <= context:
+        return
+    r, e = cfg.rollout, cfg.eval
+    key, new = "rollout.max_new_tokens", r.max_new_tokens
+    if e.interval and e.max_new_tokens > r.max_new_tokens:
+        key, new = "eval.max_new_tokens", e.max_new_tokens
+    raise ConfigError(
+        f"config key '{key}': prompts.max_prompt_tokens ({cfg.prompts.max_prompt_tokens}) + {key} ({new}) = "
+        f"{need} tokens, more than the model's context of {context} (max_position_embeddings in "
+        f"{cfg.model.path}/config.json); lower one of them."
     )
 
 

@@ -133,6 +133,19 @@ def config_from_dict(data: dict) -> OPSDConfig:
     return validate(_build(OPSDConfig, data, ""))
 
 
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """` line L, column C` (1-based) of a YAML syntax error, when the parser knows it."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return "" if mark is None else f" line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_why(e: yaml.YAMLError) -> str:
+    problem, context = getattr(e, "problem", None), getattr(e, "context", None)
+    if problem:
+        return f"{problem} ({context})" if context else str(problem)
+    return str(e).splitlines()[0]
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> OPSDConfig:
     """Read YAML `path` (None: defaults only), apply `key.sub=value` overrides, validate."""
     data: dict = {}
@@ -143,7 +156,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(
+                f"config file {str(p)!r}{_yaml_where(e)} is not valid YAML: {_yaml_why(e)}."
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level.")
     apply_overrides(data, list(overrides or []))

@@ -31,6 +31,18 @@ def hf_num_experts(hf_config: dict) -> int | None:
     return hf_config.get("num_experts", hf_config.get("num_local_experts"))
 
 
+def hf_context_len(hf_config: dict) -> int | None:
+    """The longest sequence (prompt + response) the model takes: `max_position_embeddings` (of `text_config`
+    for a multimodal config), times a RoPE scaling `factor` when the config has one (the larger, so a
+    scaled model is never refused); None when the config does not say."""
+    cfg = hf_config.get("text_config") or hf_config
+    n = cfg.get("max_position_embeddings") or hf_config.get("max_position_embeddings")
+    if not n:
+        return None
+    factor = (cfg.get("rope_scaling") or {}).get("factor") or 1.0
+    return int(max(n, n * float(factor)))
+
+
 def hf_dense_mlp_layers(hf_config: dict) -> list[int]:
     """Layers of a Qwen3-MoE config.json with a dense MLP (HF semantics: layer i is sparse iff i is not in
     `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0)."""

@@ -58,6 +58,13 @@ class ParallelState:
     ep_rank: int = 0
     etp_rank: int = 0
 
+    def summary(self) -> str:
+        """One short line: `world 8 = TP2 x PP1 x DP4 (EP4), nccl on cuda:0` (the full state is the repr)."""
+        ep = f" (EP{self.ep}, ETP{self.etp})" if self.ep > 1 else ""
+        stages = f", layers per stage {self.pipeline_layers}" if self.pipeline_layers else ""
+        return (f"world {self.world_size} = TP{self.tp} x PP{self.pp} x DP{self.dp}{ep}{stages}, "
+                f"{self.backend} on {self.device}")  # fmt: skip
+
     @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
@@ -215,7 +222,8 @@ def initialize(
         etp_rank=etp_rank,
     )
     if _STATE.rank == 0:
-        log.info("parallel layout: %s", _STATE)
+        log.info("parallel layout: %s", _STATE.summary())
+        log.debug("parallel state: %s", _STATE)
     return _STATE
 
 

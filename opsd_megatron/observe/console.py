@@ -6,7 +6,9 @@ By default vLLM, Megatron-core, transformers, torch and tokenizers log errors on
 inside installed packages are hidden, and vLLM's, torch's C++ and the hub's chatter is turned down with their
 environment variables (VLLM_LOGGING_LEVEL, TORCH_CPP_LOG_LEVEL, HF_HUB_DISABLE_PROGRESS_BARS; values a user
 set win). `verbose=True` (or level "debug") leaves every library at its own default. Ranks other than 0 show
-warnings and errors only.
+warnings and errors only, and third-party warnings only on rank 0 (vLLM's NUMA / CPU notes, Python warnings
+such as Transformer Engine's): once per job, not once per rank (VLLM_LOGGING_LEVEL is ERROR there even when
+set).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def setup_logging(level: str = "info", *, verbose: bool = False, rank: int | Non
         return
     for k, v in _QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    if rank != 0:  # third-party warnings once per job: rank 0 shows them
+        os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
+        warnings.simplefilter("ignore")
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"(megatron|vllm|transformers|torch|triton|datasets)(\.|$)")

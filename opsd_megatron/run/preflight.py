@@ -4,11 +4,12 @@
 
 In order: the TP x PP layout against the world size (from torchrun/SLURM variables); every path the config
 names (model weights incl. truncated safetensors, tokenizer files and chat template, data, evaluation
-benchmarks, output_dir writable); which checkpoint to resume from (`checkpoint_index.choose_resume`, or
-`checkpoint.load` verified), and what changed in the config since that checkpoint was saved: keys that a
-resumed run cannot honour (model, layout, data, LoRA, teacher, seed, batch) are refused unless
-`checkpoint.allow_config_change=true`, the others are listed in a warning. `record_config` keeps every
-start's config in `output_dir/config_history/` (and the current one in `output_dir/config.yaml`).
+benchmarks), the prompt + generation budget against the model's context, output_dir writable; which
+checkpoint to resume from (`checkpoint_index.choose_resume`, or `checkpoint.load` verified), and what changed
+in the config since that checkpoint was saved: keys that a resumed run cannot honour (model, layout, data,
+LoRA, teacher, seed, batch) are refused unless `checkpoint.allow_config_change=true`, the others are listed
+in a warning. `record_config` keeps every start's config in `output_dir/config_history/` (and the current
+one in `output_dir/config.yaml`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import yaml
 from huggingface_hub import try_to_load_from_cache
 
-from opsd_megatron.config import ConfigError, OPSDConfig, validate_world
+from opsd_megatron.config import ConfigError, OPSDConfig, validate_context, validate_world
 from opsd_megatron.evaluation.benchmarks import PRESETS, load_benchmark
 from opsd_megatron.mcore.conversion.hf_checkpoint import check_export_dir
 from opsd_megatron.run.checkpoint_index import CONFIG_FILE, choose_resume, verify_checkpoint
@@ -200,6 +201,20 @@ def check_output_dir(value: str) -> None:
         raise ConfigError(f"config key 'output_dir': {value!r} is not writable ({why}).") from None
 
 
+def check_writable_dir(value: str, key: str) -> None:
+    """`value` is, or can become, a writable directory: the path itself or its nearest existing parent
+    accepts new entries. Creates nothing (a later start-up error leaves no empty folder behind)."""
+    p = Path(value).expanduser().absolute()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{_name(key)}: {value!r} cannot be a directory ({str(probe)!r} is a file).")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == p else f" (its parent {str(probe)!r} is not)"
+        raise ConfigError(f"{_name(key)}: {value!r} is not writable{where}.")
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -283,6 +298,19 @@ def bound_cpu_kv_cache(gpu_memory_utilization: float, local_world_size: int | No
     return gib
 
 
+def describe_teacher(cfg: OPSDConfig) -> str | None:
+    """What the teacher is, said once at start-up where a mode could be misread (EMA with LoRA)."""
+    t, lo = cfg.teacher, cfg.lora
+    if t.mode != "ema" or not lo.enabled:
+        return None
+    return (
+        f"teacher.mode=ema with LoRA: the teacher is a full copy of the model, after every optimizer step "
+        f"an exponential moving average (decay {t.ema_decay}) of the student's LoRA-merged weights "
+        f"W + (lora.alpha/lora.rank)*B*A (its base weights stay W, so it tracks the adapters' effect); it "
+        "costs one more full model in memory (plus an fp32 copy for bf16), unlike adapters_off."
+    )
+
+
 def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
     """All start-up checks (see the module docstring); returns the checkpoint to resume from, or None."""
     validate_world(cfg, world_size or world_size_from_env())  # before Megatron builds its groups
@@ -296,6 +324,7 @@ def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
         check_tokenizer_dir(tok_dir, tok_key)
     check_data_path(cfg.data.path, "data.path")
     check_eval(cfg)
+    validate_context(cfg)  # prompt + rollout/eval budget vs the model's context (vLLM: after the build)
     check_output_dir(cfg.output_dir)
     if cfg.checkpoint.export_hf:
         try:
@@ -305,6 +334,9 @@ def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
     ckpt = choose_checkpoint(cfg)
     if ckpt is not None:
         check_config_change(cfg, ckpt)
+    teacher = describe_teacher(cfg)
+    if teacher and _rank() == 0:
+        log.info("%s", teacher)
     return ckpt
 
 

@@ -97,6 +97,8 @@ class Trainer:
             stop = any_rank_stopped(self.stop_signals, self.state.ps.world_size)
             # Save before evaluating: an evaluation that fails or is cut must not cost the step.
             saved = self._save_step(stop)
+            if saved is not None:
+                m["checkpoint/saved"] = 1.0  # observe.metrics: "| checkpoint saved" on the step line
             due = cfg.eval.interval and self.step % cfg.eval.interval == 0
             if not stop and self.strategy.needs_engine and due:
                 m.update(self.evaluate())

@@ -15,12 +15,15 @@ wait at a barrier). So the failure travels on a side channel instead:
 
 * Every rank opens a client of the job's rendezvous TCPStore (MASTER_ADDR:MASTER_PORT: torchrun's agent
   store, or rank 0's store under plain `srun`) and a daemon thread polls one key every `poll_s` seconds.
-* The failing rank (`fail`, called by `ends_job_on_error`) logs the full traceback, sets the key to a one-line
+* The failing rank (`fail`, called by `ends_job_on_error`) logs the full traceback (to its detail log under
+  `opsd-train`), sets the key to a one-line
   description, waits up to `ack_wait_s` until every other rank has seen it (so the store outlives the message
   when this rank hosts it), arms a timer that ends this process after `exit_grace_s` whatever its clean-up
   does, and lets the exception propagate (the launcher sees it; `opsd-train` exits non-zero).
-* Every other rank's thread sees the key, logs "rank R failed: <exception>", acknowledges, flushes its log
-  handlers and leaves with `os._exit(1)` (its main thread is blocked inside a collective and cannot unwind).
+* Every other rank's thread sees the key, logs "rank R: ending because <exception>" (to its detail log under
+  `opsd-train`), acknowledges, waits until the failing rank printed its one error line (`report_keys`,
+  `opsd_megatron.run.errors`), flushes its log handlers and leaves quietly with `os._exit` and the failing
+  rank's exit code (its main thread is blocked inside a collective and cannot unwind).
 
 A rank that dies without an exception (SIGKILL, a lost node) is the launcher's business: torchrun stops the
 other workers of a failed group, SLURM ends the job step. Writes of a checkpoint cut short leave `latest`
@@ -39,6 +42,9 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
+
+from opsd_megatron.run import errors
+from opsd_megatron.run.errors import details, report_keys
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ class JobWatchdog:
         poll_s: how often the watch thread looks for a failure.
         ack_wait_s: how long a failing rank waits for the others to see its message.
         exit_grace_s: a failing rank ends its process this long after reporting, if still alive.
+        report_wait_s: how long another rank waits for the failing rank's one error line before leaving.
     """
 
     def __init__(
@@ -78,13 +85,13 @@ class JobWatchdog:
         poll_s: float = 0.5,
         ack_wait_s: float = 5.0,
         exit_grace_s: float = 30.0,
+        report_wait_s: float = 10.0,
     ) -> None:
         self.store = store
         self.rank, self.world_size = rank, world_size
         self.poll_s, self.ack_wait_s, self.exit_grace_s = poll_s, ack_wait_s, exit_grace_s
-        # torchrun's agent store lives across elastic restarts: a failure of an earlier attempt must not
-        # end the next one.
-        prefix = f"opsd_watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self.report_wait_s = report_wait_s
+        prefix = errors._prefix()
         self._key, self._acks = prefix + "failed", prefix + "acks"
         self._failing = False
         self._stopped = threading.Event()
@@ -114,6 +121,7 @@ class JobWatchdog:
         wd = cls(store, rank, world_size, **kwargs)
         wd._thread.start()
         _ACTIVE = wd
+        errors.use_store(store)
         return wd
 
     # -------------------------------------------------------------- failing rank
@@ -122,9 +130,13 @@ class JobWatchdog:
         if self._failing:
             return
         self._failing = True
-        log.error("rank %d failed; ending all %d ranks of the job", self.rank, self.world_size, exc_info=exc)
+        details.error("rank %d failed; ending all %d ranks of the job", self.rank, self.world_size,
+                      exc_info=exc)  # fmt: skip
         message = f"rank {self.rank}: {type(exc).__name__}: {exc}".splitlines()[0][:2000]
         try:
+            if not errors.ONE_LINE_REPORTS[0]:  # nobody prints a line the other ranks should wait for
+                self.store.set(report_keys()[1], "1")
+            self.store.compare_set(report_keys()[2], "", str(errors.exit_code(exc)))  # the others' code
             self.store.compare_set(self._key, "", message)  # the first failure wins
             self.store.add(self._acks, 1)
             deadline = time.monotonic() + self.ack_wait_s
@@ -146,11 +158,22 @@ class JobWatchdog:
                 message = self.store.get(self._key).decode(errors="replace")
                 if self._failing:  # this rank reported (and acknowledged) the failure itself
                     return
-                log.error("rank %d: ending because %s", self.rank, message)
+                details.error("rank %d: ending because %s", self.rank, message)
                 self.store.add(self._acks, 1)
+                self._wait_reported()
+                code = int(self.store.get(report_keys()[2])) if self.store.check([report_keys()[2]]) else 1
             except Exception:  # the store went away (normal at the end of a run): stop watching
                 return
-            self._exit(1)
+            self._exit(
+                code
+            )  # the failing rank's: 2 for a usage error, whichever rank the launcher sees first
+
+    def _wait_reported(self) -> None:
+        """Until the failing rank printed its line (`run.errors`): torchrun ends every rank once one exits."""
+        deadline = time.monotonic() + self.report_wait_s
+        key = report_keys()[1]
+        while not self.store.check([key]) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     @staticmethod
     def _exit(code: int) -> None:
@@ -163,6 +186,7 @@ class JobWatchdog:
         self._stopped.set()
         if _ACTIVE is self:
             _ACTIVE = None
+            errors.use_store(None)
 
 
 def ends_job_on_error(fn: F) -> F:

@@ -117,8 +117,10 @@ def resolve_use_te(setting: UseTE | str | None = "auto") -> bool:
         raise RuntimeError(f"model.use_te=true but transformer_engine.pytorch does not import: {why}")
     if why is not None and not _TE_STATUS[1:]:
         _TE_STATUS.append("logged")
-        log.warning("Transformer Engine not used (model.use_te=auto): import failed with %s; "
-                    "building Megatron's local layer spec.", why)  # fmt: skip
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        say = log.warning if rank == 0 else log.debug  # once per job, not once per rank
+        say("Transformer Engine not used (model.use_te=auto): import failed with %s; "
+            "building Megatron's local layer spec.", why)  # fmt: skip
     return why is None
 
 
