@@ -196,10 +196,9 @@ def tp2pp2(tiny_tokenizer_dir, tmp_path_factory):
 
 @pytest.mark.vllm
 def test_tp2pp2_uneven_pipeline_with_two_tp2_engines(tp2pp2):
+    from run_utils import deterministic_view
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-
-    from opsd_megatron.observe.metrics import deterministic_view
 
     res, model_dir, root = tp2pp2
     assert [r["placement"] for r in res] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -282,7 +281,9 @@ def _run_or_kill(rank, world, cfg_dict, kill_after):
 
 @pytest.mark.vllm
 def test_dp4_with_tp2_engines_kill_resume_identical(tiny_qwen3_dir, tmp_path):
-    from opsd_megatron.observe.metrics import deterministic_view, read_metrics
+    from run_utils import deterministic_view
+
+    from opsd_megatron.observe.metrics import read_metrics
     from opsd_megatron.run.checkpointing import latest_checkpoint
 
     out = tmp_path / "dp4"

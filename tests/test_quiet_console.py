@@ -11,8 +11,10 @@ import sys
 import warnings
 from types import SimpleNamespace
 
+from run_utils import deterministic_view
+
 from opsd_megatron.observe.console import setup_logging
-from opsd_megatron.observe.metrics import MetricsLogger, deterministic_view, run_summary, step_markers
+from opsd_megatron.observe.metrics import MetricsLogger, run_summary, step_markers
 
 ROW = {"loss": 0.5, "time/step_s": 1.0}
 

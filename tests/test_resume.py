@@ -18,7 +18,9 @@ pytestmark = pytest.mark.vllm
 
 
 def test_tp2_kill_resume_identical_and_sigterm_checkpoint(tiny_qwen3_dir, tmp_path):
-    from opsd_megatron.observe.metrics import deterministic_view, read_metrics
+    from run_utils import deterministic_view
+
+    from opsd_megatron.observe.metrics import read_metrics
     from opsd_megatron.run.checkpointing import latest_checkpoint
 
     engine_tp2 = {"tensor_parallel_size": 2}

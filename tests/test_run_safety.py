@@ -134,12 +134,13 @@ def test_exported_files_honour_the_umask(finished_run):
 
 
 def test_checkpoint_with_changed_bytes_is_skipped_naming_the_file(finished_run, tmp_path):
+    from run_utils import read_state
+
     from opsd_megatron.run.checkpoint_index import (
         CHECKSUMS,
         CheckpointError,
         checkpoint_problem,
         choose_resume,
-        read_state,
         verify_checkpoint,
     )
 
@@ -179,8 +180,10 @@ def _damaged_copy(finished_run, dest: Path) -> Path:
 
 
 def test_resume_skips_damaged_checkpoints_keeps_history_and_ctrl_c_saves(finished_run, tmp_path):
-    from opsd_megatron.observe.metrics import deterministic_view, read_metrics
-    from opsd_megatron.run.checkpoint_index import choose_resume, read_state
+    from run_utils import deterministic_view, read_state
+
+    from opsd_megatron.observe.metrics import read_metrics
+    from opsd_megatron.run.checkpoint_index import choose_resume
 
     run = _damaged_copy(finished_run, tmp_path / "run")
     before = read_metrics(run)

@@ -59,7 +59,9 @@ def _train_argv(tiny_dir: Path, out: Path) -> list[str]:
 
 
 def _rows_by_step(out: Path) -> dict[int, dict]:
-    from opsd_megatron.observe.metrics import deterministic_view, read_metrics
+    from run_utils import deterministic_view
+
+    from opsd_megatron.observe.metrics import read_metrics
 
     return {r["step"]: deterministic_view(r) for r in read_metrics(out)}  # later lines win (a resumed run)
 

@@ -271,8 +271,3 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     """The rows of `<output_dir>/metrics.jsonl`, in order."""
     p = Path(output_dir) / "metrics.jsonl"
     return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
-
-
-def deterministic_view(row: dict) -> dict:
-    """A metrics row without wall-time entries (what must be bit-identical across a resume)."""
-    return {k: v for k, v in row.items() if not k.startswith(TIME_KEYS) and "per_s" not in k}

@@ -142,12 +142,6 @@ def checkpoint_problem(path: str | Path, *, checksums: bool = True) -> str | Non
     return problem
 
 
-def read_state(path: str | Path) -> dict:
-    """The `opsd_state.json` of a checkpoint ({} when absent)."""
-    p = Path(path) / STATE_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
 @dataclass
 class ResumeChoice:
     """The checkpoint a run resumes from and the newer step directories it passed over."""
