@@ -184,6 +184,8 @@ def test_context_length_is_checked_against_the_model_config(tmp_path):
         validate_context(_load(tmp_path, text, eval_on))
     hf["rope_scaling"] = {"rope_type": "yarn", "factor": 8.0}  # a scaled context is the longer one
     validate_context(_load(tmp_path, text, eval_on), hf)
+    # SFT generates nothing (no engine): the rollout budget does not count against the context.
+    validate_context(_load(tmp_path, text, ["algorithm=sft", "rollout.max_new_tokens=4096"]))
 
 
 def test_model_and_world_checks(tmp_path):

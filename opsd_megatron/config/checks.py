@@ -313,7 +313,10 @@ def engine_max_model_len(cfg: OPSDConfig) -> int:
 def validate_context(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
     """The engine's sequence (prompt + generation budget, `engine_max_model_len`) fits the model's context
     (config.json read from model.path when it is a local directory). Run by `run.preflight` after the
-    layout and world checks; vLLM would refuse it only once the model is built."""
+    layout and world checks; vLLM would refuse it only once the model is built. `algorithm: sft` builds no
+    engine and generates nothing: no check."""
+    if cfg.algorithm == "sft":
+        return
     if hf_config is None:
         p = Path(cfg.model.path) / "config.json"
         if not p.is_file():
