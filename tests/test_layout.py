@@ -149,7 +149,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "opsd_megatron.run.preflight",
         "opsd_megatron.run.training_checkpoint",
     },  # fmt: skip
-    "observe": {"opsd_megatron.evaluation.paired"},
+    "observe": {"opsd_megatron.evaluation.paired", "opsd_megatron.mcore.layout"},
     "step": {"config", "losses", "mcore", "rollout", "observe", "opsd_megatron.run.setup"},
     "run": {"config", "data", "evaluation", "losses", "mcore", "observe", "rollout", "step"},
     "demo": {"config", "data", "observe"},

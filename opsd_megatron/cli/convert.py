@@ -17,11 +17,11 @@ that does not fit the world) are one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from opsd_megatron.config import ConfigError
+from opsd_megatron.mcore.layout import env_world_size
 from opsd_megatron.observe.console import setup_logging
 from opsd_megatron.run.lifeline import follow_launcher
 from opsd_megatron.run.preflight import check_writable_dir
@@ -107,7 +107,7 @@ def check_args(args) -> None:
     for flag in ("tp", "pp"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    world = env_world_size()
     if world % (args.tp * args.pp):
         raise ValueError(
             f"--tp x --pp = {args.tp} x {args.pp} = {args.tp * args.pp} does not divide the {world} "

@@ -30,7 +30,8 @@ import sys
 import time
 
 from opsd_megatron.config import load_config
-from opsd_megatron.observe.console import env_rank, setup_logging
+from opsd_megatron.mcore.layout import env_rank
+from opsd_megatron.observe.console import setup_logging
 from opsd_megatron.run.checkpoint_index import choose_resume
 from opsd_megatron.run.errors import ErrorReport
 from opsd_megatron.run.lifeline import follow_launcher

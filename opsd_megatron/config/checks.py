@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ from opsd_megatron.mcore.layout import (
     check_model_layout,
     check_pipeline_layers,
     check_world,
+    env_rank,
     hf_context_len,
     hf_dense_mlp_layers,
     hf_num_experts,
@@ -45,11 +45,6 @@ from opsd_megatron.mcore.layout import (
 __all__ = ["engine_max_model_len", "validate", "validate_context", "validate_model", "validate_world"]
 
 log = logging.getLogger("opsd_megatron")
-
-
-def _env_rank() -> int:
-    """The launcher's rank (torchrun / srun): the config's one warning comes from rank 0 only."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -209,7 +204,7 @@ def _check_optimizer(cfg: OPSDConfig) -> None:
     _check(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {o.clip_grad}.")
     _check(o.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", f"must be >= 0, got {o.lr_warmup_steps}.")
     if o.lr_warmup_steps > steps:  # a shortened run (train.steps=6 on a recipe): warm up over all of it
-        if _env_rank() == 0:
+        if env_rank() == 0:  # the config's one warning comes from rank 0 only
             log.warning("config key 'optimizer.lr_warmup_steps': %d is more than train.steps=%d; the warm-up "
                         "is clamped to %d steps.", o.lr_warmup_steps, steps, steps)  # fmt: skip
         o.lr_warmup_steps = steps

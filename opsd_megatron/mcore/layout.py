@@ -8,12 +8,14 @@ split), EP, expert-TP and the rollout engines' TP must satisfy against the proce
 Each failure is one `LayoutError` (a ValueError; `.key` is the config key, `.problem` the sentence after
 it). Used by the config checks (`config.checks`, which re-raise it as `ConfigError`),
 `mcore.parallel.initialize`, `mcore.models.build_model` and `opsd-convert`. Also holds the two config.json
-facts these checks read before any model exists (`hf_num_experts`, `hf_dense_mlp_layers`). Imports nothing
+facts these checks read before any model exists (`hf_num_experts`, `hf_dense_mlp_layers`), and the rank and
+process count the launcher put in the environment (`env_rank`, `env_world_size`). Imports nothing
 from opsd_megatron, so the torch-free config layer can import it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -23,6 +25,17 @@ class LayoutError(ValueError):
     def __init__(self, key: str, problem: str, sentence: str | None = None):
         super().__init__(sentence or f"config key '{key}': {problem}")
         self.key, self.problem = key, problem
+
+
+def env_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun `RANK`, srun `SLURM_PROCID`; 0 for a plain
+    `python`): readable before torch.distributed starts."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+
+
+def env_world_size() -> int:
+    """The process count torchrun / srun started (`WORLD_SIZE`, `SLURM_NTASKS`; 1 for a plain `python`)."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
 def hf_num_experts(hf_config: dict) -> int | None:

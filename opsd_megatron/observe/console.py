@@ -17,6 +17,8 @@ import logging
 import os
 import warnings
 
+from opsd_megatron.mcore.layout import env_rank
+
 THIRD_PARTY = ("vllm", "megatron", "transformers", "torch", "datasets", "huggingface_hub", "urllib3",
                "filelock", "tokenizers", "math_verify", "numexpr")  # fmt: skip
 _QUIET_ENV = {
@@ -26,10 +28,6 @@ _QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
 
 
 def setup_logging(level: str = "info", *, verbose: bool = False, rank: int | None = None) -> None:

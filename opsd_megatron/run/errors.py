@@ -34,6 +34,7 @@ from typing import Any
 
 from opsd_megatron.config import ConfigError
 from opsd_megatron.data import DataError
+from opsd_megatron.mcore.layout import env_rank, env_world_size
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError)
 """Errors the user can fix (a key, a flag, a path, a data row): exit code 2, the message alone."""
@@ -62,14 +63,6 @@ def report_keys() -> tuple[str, str, str]:
     """Store keys of the one error line: (which rank prints, printed, the failing rank's exit code)."""
     p = _prefix()
     return p + "report_claim", p + "report_printed", p + "exit_code"
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
-
-
-def env_world() -> int:
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
 def exit_code(exc: BaseException) -> int:
@@ -121,7 +114,7 @@ class ErrorReport:
 
     def __init__(self, prog: str, *, verbose: bool = False, claim_wait_s: float = 2.0, print_wait_s=10.0):
         self.prog, self.verbose = prog, verbose
-        self.rank, self.world = env_rank(), env_world()
+        self.rank, self.world = env_rank(), env_world_size()
         self.output_dir: str | None = None
         self.claim_wait_s, self.print_wait_s = claim_wait_s, print_wait_s
         self._path: Path | None = None

@@ -31,6 +31,7 @@ from huggingface_hub import try_to_load_from_cache
 from opsd_megatron.config import ConfigError, OPSDConfig, validate_context, validate_world
 from opsd_megatron.evaluation.benchmarks import PRESETS, load_benchmark
 from opsd_megatron.mcore.conversion.hf_checkpoint import check_export_dir
+from opsd_megatron.mcore.layout import env_rank, env_world_size
 from opsd_megatron.run.checkpoint_index import CONFIG_FILE, choose_resume, verify_checkpoint
 
 log = logging.getLogger("opsd_megatron")
@@ -54,15 +55,6 @@ CPU_KV_CACHE_MAX_GIB = 4
 def _name(key: str) -> str:
     """How an error names what the user set: `--flag` for command-line flags, else `config key 'a.b'`."""
     return key if key.startswith("--") else f"config key '{key}'"
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
-
-
-def world_size_from_env() -> int:
-    """The process count torchrun/srun started (1 for a plain `python` process)."""
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
 def looks_like_hub_name(s: str) -> bool:
@@ -258,7 +250,7 @@ def check_config_change(cfg: OPSDConfig, ckpt: Path) -> list[tuple[str, Any, Any
             f"saved ({listing}); a resumed run cannot honour that. Use a new output_dir, or set "
             "checkpoint.allow_config_change=true to resume anyway."
         )
-    if _rank() == 0:
+    if env_rank() == 0:
         log.warning("resuming from %s with a changed config: %s", ckpt, listing)
     return changes
 
@@ -271,7 +263,7 @@ def choose_checkpoint(cfg: OPSDConfig) -> Path | None:
     if not c.resume:
         return None
     choice = choose_resume(Path(cfg.output_dir) / "checkpoints")
-    if _rank() == 0:
+    if env_rank() == 0:
         for name, why in choice.skipped:
             log.warning("not resuming from %s: %s", name, why)
         if choice.path is not None or choice.skipped:
@@ -313,7 +305,7 @@ def describe_teacher(cfg: OPSDConfig) -> str | None:
 
 def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
     """All start-up checks (see the module docstring); returns the checkpoint to resume from, or None."""
-    validate_world(cfg, world_size or world_size_from_env())  # before Megatron builds its groups
+    validate_world(cfg, world_size or env_world_size())  # before Megatron builds its groups
     m = cfg.model
     model_dir = check_model_path(m.path, "model.path")
     if model_dir is not None:
@@ -335,7 +327,7 @@ def preflight(cfg: OPSDConfig, world_size: int | None = None) -> Path | None:
     if ckpt is not None:
         check_config_change(cfg, ckpt)
     teacher = describe_teacher(cfg)
-    if teacher and _rank() == 0:
+    if teacher and env_rank() == 0:
         log.info("%s", teacher)
     return ckpt
 
