@@ -23,7 +23,7 @@ from typing import Any
 from opsd_megatron.evaluation.benchmarks import PRESETS, load_benchmark
 from opsd_megatron.evaluation.model import is_hf_dir, model_fingerprint, resolve_model_dir
 from opsd_megatron.evaluation.report import format_table
-from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate, render_prompt_ids
+from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate, longest_prompt
 from opsd_megatron.mcore.layout import hf_context_len
 from opsd_megatron.observe.console import setup_logging
 from opsd_megatron.rollout import make_engine
@@ -186,10 +186,9 @@ def check_lengths(args: argparse.Namespace, model_dir: Any, tokenizer: Any, benc
     )
     longest, where = 0, ""
     for b in benches:
-        for item in b.items:
-            n = len(render_prompt_ids(tokenizer, item.problem, **render))
-            if n > longest:
-                longest, where = n, f"{b.name} problem {item.key!r}"
+        n, key = longest_prompt(tokenizer, b.items, **render)
+        if n > longest:
+            longest, where = n, f"{b.name} problem {key!r}"
     what = (
         f"--max-model-len {args.max_model_len}" if args.max_model_len else f"the model's context of {context}"
     )

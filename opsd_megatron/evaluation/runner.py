@@ -55,6 +55,17 @@ def render_prompt_ids(
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def longest_prompt(tokenizer: Any, items: Any, **render: Any) -> tuple[int, str | None]:
+    """(token count, key) of the longest rendered prompt among benchmark `items` ((0, None) when empty);
+    `render`: `render_prompt_ids`'s keywords."""
+    best: tuple[int, str | None] = (0, None)
+    for item in items:
+        n = len(render_prompt_ids(tokenizer, item.problem, **render))
+        if n > best[0]:
+            best = (n, item.key)
+    return best
+
+
 def _load_finished(path: Path, n: int) -> dict[tuple[str, str], list[dict]]:
     """Complete problems already in `path`: (benchmark, key) -> its n records sorted by sample index.
 

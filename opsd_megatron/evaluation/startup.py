@@ -19,7 +19,7 @@ from typing import Any
 
 from opsd_megatron.config import ConfigError
 from opsd_megatron.evaluation.benchmarks import load_benchmark
-from opsd_megatron.evaluation.runner import render_prompt_ids
+from opsd_megatron.evaluation.runner import longest_prompt
 
 
 def check_eval_prompts(eval_cfg: Any, tokenizer: Any, max_prompt_tokens: int) -> int:
@@ -37,12 +37,8 @@ def check_eval_prompts(eval_cfg: Any, tokenizer: Any, max_prompt_tokens: int) ->
             bench = load_benchmark(spec)
         except Exception as e:  # missing file, unknown hub name offline, bad rows: one message at start-up
             raise ConfigError(f"config key {key!r}: benchmark {spec!r} cannot be loaded: {e}") from None
-        longest, where = 0, None
-        for item in bench.items:
-            n = len(render_prompt_ids(tokenizer, item.problem, thinking=thinking))
-            count += 1
-            if n > longest:
-                longest, where = n, item.key
+        count += len(bench.items)
+        longest, where = longest_prompt(tokenizer, bench.items, thinking=thinking)
         if longest > max_prompt_tokens:
             raise ConfigError(
                 f"config key {key!r}: benchmark {bench.name!r} problem {where!r} renders to a {longest}-"
