@@ -298,7 +298,9 @@ def _check_lora_model(cfg: OPSDConfig, hf_config: dict) -> None:
 
 def engine_max_model_len(cfg: OPSDConfig) -> int:
     """`prompts.max_prompt_tokens` + the largest of `rollout.max_new_tokens` and (evaluation on)
-    `eval.max_new_tokens`: the sequence the rollout engine must hold (`opsd_megatron.rollout.lengths`)."""
+    `eval.max_new_tokens`: the sequence the colocated rollout engine must hold, every generation it serves
+    (`run.setup.start_engine`). vLLM stops a request that reaches `max_model_len` with finish reason "length"
+    and no error, so an engine sized for rollouts alone would silently cut every long evaluation answer."""
     budget = cfg.rollout.max_new_tokens
     if cfg.eval.interval:
         budget = max(budget, cfg.eval.max_new_tokens)

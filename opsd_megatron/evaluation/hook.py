@@ -13,8 +13,8 @@ the config has them, `temperature` (1.0), `top_p` (0.95), `top_k` (-1), `thinkin
 Engine state: the trainer calls this right after the weight refresh, with the engine awake; `wake_up()` here
 only matters for callers that left it asleep, and the engine is left awake (the next rollout needs it so).
 The engine must hold prompt + `eval.max_new_tokens` tokens (the trainer sizes it so,
-`opsd_megatron.rollout.lengths`); `{prefix}/truncated_fraction` is the share of samples that stopped at the
-length limit (finish reason "length"), warned about when above zero.
+`config.checks.engine_max_model_len`); `{prefix}/truncated_fraction` is the share of samples that stopped at
+the length limit (finish reason "length"), warned about when above zero.
 """
 
 from __future__ import annotations

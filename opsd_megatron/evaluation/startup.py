@@ -3,9 +3,9 @@
     check_eval_prompts(cfg.eval, tokenizer, cfg.prompts.max_prompt_tokens)   # with eval.interval > 0
 
 The trainer's engine is sized for `prompts.max_prompt_tokens` + the generation budget
-(`opsd_megatron.rollout.lengths`). An evaluation prompt longer than `prompts.max_prompt_tokens` would make
-vLLM reject the request at the first evaluation step, possibly hours into the run, and a benchmark file that
-is missing or malformed would fail there too. Both are found here, before any heavy work, with one
+(`config.checks.engine_max_model_len`). An evaluation prompt longer than `prompts.max_prompt_tokens` would
+make vLLM reject the request at the first evaluation step, possibly hours into the run, and a benchmark file
+that is missing or malformed would fail there too. Both are found here, before any heavy work, with one
 `ConfigError` naming the key, the benchmark, the problem and the lengths. The prompts are rendered exactly as
 `opsd_megatron.evaluation.hook.periodic_eval` renders them (`evaluation.runner.render_prompt_ids`, the eval
 template, `eval.thinking`). No collective: every rank checks the same (small) benchmarks.

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from opsd_megatron.config import ConfigError, OPSDConfig, validate_model, validate_world
+from opsd_megatron.config.checks import engine_max_model_len
 from opsd_megatron.data import Problem, PromptSampler, load_problems
 from opsd_megatron.data.prompt_check import drop_overlong_rows
 from opsd_megatron.evaluation.startup import check_eval_prompts
@@ -37,7 +38,6 @@ from opsd_megatron.mcore.parallel import ParallelState
 from opsd_megatron.mcore.versions import check_versions
 from opsd_megatron.rollout import RolloutEngine, make_engine
 from opsd_megatron.rollout.collect import PromptCache, RolloutCollector
-from opsd_megatron.rollout.lengths import engine_max_model_len
 from opsd_megatron.rollout.placement import EnginePlacement
 from opsd_megatron.rollout.refresh.buckets import WeightSyncer
 from opsd_megatron.run.checkpointing import load_checkpoint
