@@ -8,7 +8,7 @@ On resume nothing is truncated up front: a line of step k from the earlier run i
 run logs step k again, so a resumed run that dies early leaves the earlier history in place. The W&B run id
 is kept in `<output_dir>/wandb_run_id`, so a resumed run continues the same W&B run.
 
-Only rank 0 writes; every rank may call `log` (others return immediately). `reduce_metrics` turns per-rank
+Only rank 0 writes; every rank may call `log` (others return immediately). `reduce_sums` turns per-rank
 sums into global means with one all-reduce (see its docstring for the convention).
 """
 
