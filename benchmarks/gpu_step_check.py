@@ -4,6 +4,7 @@ exits 1 above the 1.10x goal (benchmarks/thresholds.py, docs/performance.md) or 
     python benchmarks/gpu_step_check.py [--prompts 8] [--micro 2] [--seq 4096] [--reps 3]
     python benchmarks/gpu_step_check.py --seq 0 --new-tokens 512   # responses sampled by HF generate instead
     python benchmarks/gpu_step_check.py --tiny        # CPU smoke test of this script (tiny model)
+    python benchmarks/gpu_step_check.py --smoke       # --tiny at the smallest shape (make test runs it)
 
 Builds a random Qwen3-1.7B-shaped HF checkpoint (28 layers, hidden 2048, GQA 16/8, head_dim 128, vocab
 151,936, tied embeddings; bf16) in a temp dir, starts the real `Trainer` on it (TP=PP=1, bf16, frozen
@@ -12,9 +13,11 @@ check machine) and times, with CUDA synchronisation, one step by phase: rollout 
 forward+backward+loss / loss alone / optimizer / weight refresh. With `--seq N` (default 4096) the
 responses are random token ids filling each student sequence to N tokens (random weights generate nothing
 meaningful, and a 4096-token HF rollout alone would take minutes); the rollout row then times a short
-generation. Then, on the SAME packed sequences, it
-times a plain Megatron student forward+backward (vocab-parallel cross-entropy on the response tokens) and a
-plain teacher forward (forward-only schedule, no loss), each alone, and prints
+generation. Then, on the SAME packed sequences, it times the plain Megatron passes, each alone and neither
+building full-vocabulary logits (as the OPSD step builds none): a student forward+backward with
+vocab-parallel cross-entropy on the response tokens' hidden states, in LM-head chunks recomputed in backward
+(`plain_student_fn`), and a teacher forward (forward-only schedule, stopping before the LM head, no loss).
+It prints
 
     ratio = (teacher fwd + student fwd/bwd with the OPSD loss) / (plain student fwd/bwd + plain teacher fwd)
 
@@ -50,6 +53,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def timed(fn, reps: int) -> tuple[float, object]:
     """Median seconds of `fn()` over `reps` runs after one warm-up (CUDA-synchronised); last result."""
     out = fn()
@@ -76,13 +87,16 @@ def main() -> int:
     ap.add_argument(
         "--tiny", action="store_true", help="smoke test of this script with the tiny model (CPU ok)"
     )
+    ap.add_argument("--smoke", action="store_true", help="--tiny at the smallest shape (seconds; make test)")
     args = ap.parse_args()
+    if args.smoke:
+        args.tiny, args.seq, args.new_tokens, args.prompts, args.micro, args.reps = True, 0, 4, 1, 1, 1
     if not torch.cuda.is_available() and not args.tiny:
         print("FAIL: no CUDA device; this check needs one GPU (or --tiny for a CPU smoke test).")
         return 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -95,7 +109,7 @@ def main() -> int:
     shape = dict(QWEN3_1_7B, num_hidden_layers=args.layers)
     vocab = shape.pop("vocab_size")
     if args.tiny:
-        shape, vocab = {}, 731
+        shape, vocab = {"max_position_embeddings": 4096}, 731
     model_dir = make_tiny_hf_model(
         tmp / "qwen3-1.7b-random", "qwen3", dtype="bfloat16", vocab_size=vocab, **shape
     )
@@ -143,24 +157,112 @@ def profile_step(tr, mbs, G, rows: int = 25) -> None:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
-        tl = tr.strategy.teacher_forward(mbs)
+        teacher = tr.strategy.teacher_forward(mbs)
         for c in tr.state.chunks:
             c.zero_grad_buffer()
-        tr.strategy.forward_backward_step(mbs, tl, G)
+        tr.strategy.forward_backward_step(mbs, teacher, G)
         sync()
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(f"\nProfile of one OPSD step (teacher fwd + student fwd/bwd + loss), top {rows} by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
-def run_checks(tr, args, gpu: str) -> int:
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+def _loss_only(tr, mbs, teacher, reps: int) -> float:
+    """Seconds of the OPSD loss alone (`step.opsd.loss_func`: fused LM-head divergence forward + backward)
+    on micro-batch 0's student hidden states, times the number of micro-batches."""
+    from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
+    from opsd_megatron.step.opsd import loss_func
 
-    from opsd_megatron.losses import vocab_parallel_divergence
-    from opsd_megatron.step.batch import gather_positions, pack_step
-    from opsd_megatron.step.opsd import run_schedule
+    dev, mb = tr.state.ps.device, mbs[0].to(tr.state.ps.device)
+    with torch.no_grad():
+        hidden = hidden_states_forward(tr.state.chunks[0], mb.student_tokens, mb.student_position_ids, None,
+                                       lengths=mb.student_lengths)  # fmt: skip
+    hidden = hidden.detach().requires_grad_(True)  # [b, S, h]
+    # a leaf of its own (same storage): the weight gradient is computed as in the step, no DDP hooks fire
+    weight = output_weight(tr.state.chunks[-1]).detach().requires_grad_(True)  # [v/tp, h]
+    assert dev == hidden.device
+
+    def run():
+        loss, _ = loss_func(mb, teacher.hidden[0], teacher.weight, tr.strategy.loss_spec, 1.0, weight, None,
+                            hidden)  # fmt: skip
+        loss.backward()
+        hidden.grad = weight.grad = None
+
+    return timed(run, reps)[0] * len(mbs)
+
+
+def plain_student_fn(tr, mbs, G: int, S: int):
+    """A plain Megatron student forward + backward with vocabulary-parallel cross-entropy on the response
+    tokens, WITHOUT full-vocabulary logits: the model stops before the LM head (as the OPSD step does), the
+    response positions' hidden states `[b·R, h]` go through the LM-head shard in chunks of the OPSD loss's
+    chunk size, each chunk's `[c, v/tp]` logits -> `vocab_parallel_cross_entropy`, recomputed in backward
+    (activation checkpointing), so at most one chunk of logits is alive. The same GEMM count as the OPSD
+    loss minus its teacher GEMM."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from torch.utils.checkpoint import checkpoint
+
+    from opsd_megatron.losses._phases import default_chunk_size
+    from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
+    from opsd_megatron.step.batch import gather_positions
+    from opsd_megatron.step.opsd import chunk_tokens, run_schedule
 
     dev = tr.state.ps.device
+    data = [m.to(dev) for m in mbs]
+    weight = output_weight(tr.state.chunks[-1])  # [v/tp, h]
+    c = chunk_tokens(tr.strategy.loss_spec, weight) or default_chunk_size(weight.shape[0], 1 << 20, True)
+
+    def ce_chunk(x, w, ids):  # [c, h], [v/tp, h], [c] -> [c]
+        return vocab_parallel_cross_entropy((x @ w.t()).float(), ids)
+
+    def step_fn(it, model):
+        mb = next(it)
+        out = hidden_states_forward(model, mb.student_tokens, mb.student_position_ids, None,
+                                    lengths=mb.student_lengths)  # fmt: skip
+
+        def ce(output):  # [b, S, h]
+            h = output.shape[-1]
+            hs = gather_positions(output, mb.student_index).reshape(-1, h).to(weight.dtype)  # [b·R, h]
+            ids, mask = mb.response_ids.reshape(-1), mb.loss_mask.reshape(-1)
+            total = hs.new_zeros((), dtype=torch.float32)
+            for i in range(0, hs.shape[0], c):
+                per = checkpoint(ce_chunk, hs[i : i + c], weight, ids[i : i + c], use_reentrant=False)
+                total = total + (per * mask[i : i + c]).sum()
+            return total / G, {}
+
+        return out, ce
+
+    def run():
+        for ch in tr.state.chunks:
+            ch.zero_grad_buffer()
+        return run_schedule(step_fn, data, tr.state.chunks, S, tr.cfg.train.micro_batch_size, False)
+
+    return run
+
+
+def plain_teacher_fn(tr, mbs, T: int):
+    """A plain Megatron teacher forward (forward-only schedule, no loss), stopping before the LM head as the
+    OPSD teacher pass does (its LM-head GEMM is part of the OPSD loss)."""
+    from opsd_megatron.mcore.models.forward import hidden_states_forward
+    from opsd_megatron.step.opsd import run_schedule
+
+    data = [m.to(tr.state.ps.device) for m in mbs]
+
+    def step_fn(it, model):
+        mb = next(it)
+        out = hidden_states_forward(model, mb.teacher_tokens, mb.teacher_position_ids, None,
+                                    lengths=mb.teacher_lengths)  # fmt: skip
+        return out, lambda output: (output.new_zeros(()), {})
+
+    def run():
+        with tr.state.teacher.forward_context() as chunks:
+            return run_schedule(step_fn, data, chunks, T, tr.cfg.train.micro_batch_size, True)
+
+    return run
+
+
+def run_checks(tr, args, gpu: str) -> int:
+    from opsd_megatron.step.batch import pack_step
+
     sync()
     t0 = time.perf_counter()
     samples, rstats = tr.strategy.rollout(0)
@@ -174,81 +276,24 @@ def run_checks(tr, args, gpu: str) -> int:
     print(f"[data] {len(samples)} samples, {len(mbs)} micro-batches of {args.micro}; student len {S}, "
           f"teacher len {T}, response tokens {G} (mean {rstats['rollout/response_length']:.0f})")  # fmt: skip
 
-    def opsd_teacher():
-        return tr.strategy.teacher_forward(mbs)
-
-    t_teacher, tlogits = timed(opsd_teacher, args.reps)
+    t_teacher, teacher = timed(lambda: tr.strategy.teacher_forward(mbs), args.reps)  # a TeacherOutput
 
     def opsd_student():
         for c in tr.state.chunks:
             c.zero_grad_buffer()
-        return tr.strategy.forward_backward_step(mbs, tlogits, G)
+        return tr.strategy.forward_backward_step(mbs, teacher, G)
 
     t_student, _ = timed(opsd_student, args.reps)
-
-    # The loss alone, on the gathered logits of one micro-batch (x number of micro-batches).
-    lc = tr.cfg.loss
-    with torch.no_grad():
-        out0 = tr.state.chunks[0](
-            *(t.to(dev) for t in (mbs[0].student_tokens, mbs[0].student_position_ids)), None
-        )
-    s_sel = gather_positions(out0, mbs[0].student_index.to(dev)).detach().requires_grad_(True)
-
-    def loss_only():
-        per = vocab_parallel_divergence(
-            s_sel, tlogits.hidden[0], kind=lc.kind, temperature=tr.cfg.rollout.temperature, clip=lc.clip,
-            loss_mask=mbs[0].loss_mask.to(dev), vocab_size=tr.state.info.vocab_size,
-            tp_group=tr.state.ps.tp_group,
-        )  # fmt: skip
-        per.sum().backward()
-
-    t_loss = timed(loss_only, args.reps)[0] * len(mbs)
-
-    def optimizer_step():
-        tr.state.optimizer.step()
-
-    t_opt, _ = timed(optimizer_step, 1)
+    t_loss = _loss_only(tr, mbs, teacher, args.reps)
+    t_opt, _ = timed(tr.state.optimizer.step, 1)
     t_refresh, _ = timed(tr.refresh, 1)
-
-    # Plain Megatron passes on the same sequences.
-    def plain_student():
-        for c in tr.state.chunks:
-            c.zero_grad_buffer()
-
-        def step_fn(it, model):
-            mb = next(it)
-            out = model(mb.student_tokens, mb.student_position_ids, None)  # [b, S, v]
-
-            def ce(output):
-                sel = gather_positions(output, mb.student_index)  # [b, R, v]
-                per = vocab_parallel_cross_entropy(sel.float().transpose(0, 1).contiguous(),
-                                                   mb.response_ids.t().contiguous())  # fmt: skip
-                return (per.t() * mb.loss_mask).sum() / G, {}
-
-            return out, ce
-
-        return run_schedule(
-            step_fn, [m.to(dev) for m in mbs], tr.state.chunks, S, tr.cfg.train.micro_batch_size, False
-        )
-
-    t_plain_s, _ = timed(plain_student, args.reps)
-
-    def plain_teacher():
-        def step_fn(it, model):
-            mb = next(it)
-            out = model(mb.teacher_tokens, mb.teacher_position_ids, None)
-            return out, lambda output: (output.new_zeros(()), {})
-
-        with tr.state.teacher.forward_context() as chunks:
-            return run_schedule(
-                step_fn, [m.to(dev) for m in mbs], chunks, T, tr.cfg.train.micro_batch_size, True
-            )
-
-    t_plain_t, _ = timed(plain_teacher, args.reps)
+    t_plain_s, _ = timed(plain_student_fn(tr, mbs, G, S), args.reps)
+    t_plain_t, _ = timed(plain_teacher_fn(tr, mbs, T), args.reps)
     opsd = t_teacher + t_student
     plain = t_plain_s + t_plain_t
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    print(f"\nOPSD step on {gpu} (Qwen3-1.7B shape, bf16, TP=PP=1, median of {args.reps})")
+    shape = "tiny model, fp32" if args.tiny else "Qwen3-1.7B shape, bf16"
+    print(f"\nOPSD step on {gpu} ({shape}, TP=PP=1, median of {args.reps})")
     print(f"{'phase':<44}{'seconds':>10}")
     for name, v in [
         ("rollout (HF generate)", t_rollout),
@@ -257,7 +302,7 @@ def run_checks(tr, args, gpu: str) -> int:
         ("  of which loss fwd+bwd (isolated)", t_loss),
         ("optimizer step", t_opt),
         ("weight refresh (export + engine load)", t_refresh),
-        ("plain Megatron student fwd+bwd (CE)", t_plain_s),
+        ("plain Megatron student fwd+bwd (chunked CE)", t_plain_s),
         ("plain Megatron teacher forward", t_plain_t),
     ]:
         print(f"{name:<44}{v:>10.3f}")
@@ -267,10 +312,12 @@ def run_checks(tr, args, gpu: str) -> int:
     print(f"{'  rest (schedule, gathers, metrics, copies)':<44}{rest - t_loss:>10.3f}")
     failures: list[str] = []
     verdict = check("gpu_step_x_plain", opsd / plain, failures)
+    if args.tiny:  # a tiny CPU model's ratio says nothing about the GPU goal: reported, not enforced
+        verdict, failures = f"not enforced with --tiny ({opsd / plain:.3f})", []
     print(f"\ntrain step (teacher + student + loss) / (plain student + plain teacher) = "
           f"{opsd:.3f} / {plain:.3f} = {opsd / plain:.3f}x   {verdict}")  # fmt: skip
     print(f"peak GPU memory allocated: {peak:.1f} GiB; tokens/s (response) {G / opsd:.0f}")
-    profile_step(tr, mbs, G)
+    profile_step(tr, mbs, G, rows=8 if args.tiny else 25)
     print("FAIL: " + "; ".join(failures) if failures else "PASS")
     return 1 if failures else 0
 

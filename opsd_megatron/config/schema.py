@@ -160,6 +160,9 @@ class RolloutConfig:
     model's attention heads."""
     sleep_between_rollouts: bool = False
     """Put the engine to sleep while training (GPU vLLM only)."""
+    offload_train_state: bool = False
+    """Move Megatron's gradient buffers and optimizer state to host memory while the engine generates, back
+    (exactly) before training (GPU only; on CPU a logged no-op; step/offload.py)."""
     bucket_mb: float = 256.0
     """Weight-refresh bucket size in MiB (peak extra memory of a refresh)."""
     drift_threshold: float | None = None

@@ -14,10 +14,12 @@ its engine, whose loaders keep the rank's shard (`opsd_megatron.rollout.refresh`
 One step (all ranks; `train_step`):
 1. samples: the strategy's `samples` (OPSD: rollouts with per-request seeds, so a resumed run samples what
    the uninterrupted one did; SFT: reference solutions).
+   With `rollout.offload_train_state` (GPU) gradients and optimizer state wait in host memory meanwhile
+   (`opsd_megatron.step.offload`).
 2. with `rollout.sleep_between_rollouts` the engine sleeps (memory for teacher, student, optimizer);
 3. the strategy's `train`: pack, teacher forward, student forward + backward, optimizer and schedule step,
    teacher update (`opsd_megatron.step.opsd`, `opsd_megatron.step.sft`);
-4. the engine wakes and its weights are refreshed (steps with an engine only);
+4. the CUDA cache is emptied, the engine wakes and its weights are refreshed (steps with an engine only);
 5. metrics (router losses for MoE; the drift guard), save (before evaluating: an evaluation that fails or is
    cut must not cost the step), periodic evaluation, rollouts.jsonl, stop signals.
 An exception on any rank ends every rank within seconds (`opsd_megatron.run.watchdog`).
@@ -47,6 +49,7 @@ from opsd_megatron.run.preflight import record_config
 from opsd_megatron.run.setup import build_state, resume
 from opsd_megatron.run.signals import StopSignals, any_rank_stopped
 from opsd_megatron.run.watchdog import ends_job_on_error
+from opsd_megatron.step.offload import TrainStateOffload, free_cached_memory
 from opsd_megatron.step.opsd import OPSDStep
 from opsd_megatron.step.optim import current_lr
 from opsd_megatron.step.sft import SFTStep
@@ -69,6 +72,8 @@ class Trainer:
         st = build_state(cfg, needs_engine=step_cls.needs_engine, make_teacher=step_cls.make_teacher)
         self.state = st
         self.strategy = step_cls(st)
+        offload = cfg.rollout.offload_train_state and step_cls.needs_engine
+        self.offload = TrainStateOffload(st.chunks, st.optimizer, enabled=offload)  # around generation
         resumed = resume(st)
         self.step = resumed or 0
         if resumed is not None:
@@ -120,12 +125,14 @@ class Trainer:
         cfg, st, engine = self.cfg, self.state, self.strategy.needs_engine
         sleep = engine and cfg.rollout.sleep_between_rollouts
         t0 = time.perf_counter()
-        samples, stats = self.strategy.samples(self.step)
+        with self.offload.during_generation():  # rollout.offload_train_state
+            samples, stats = self.strategy.samples(self.step)
         t1 = time.perf_counter()
         if sleep:  # free the engine's memory for teacher, student, optimizer
             st.engine.sleep()
         out = self.strategy.train(samples, capture=engine and self.rollout_log.due(self.step + 1))
         if sleep:  # the refresh writes into the engine's weights
+            free_cached_memory()  # the training step's cached blocks, for the engine's weights and KV cache
             st.engine.wake_up()
         refresh = self.refresh()
         self.step += 1
