@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_moe.py                      # CPU: 4 gloo ranks, EP 1, 2, 4
     .venv/bin/python benchmarks/bench_moe.py --world 2 --ep 1,2   # smaller
     torchrun-free GPU run (a lent GPU node, N GPUs):  python benchmarks/bench_moe.py --gpu --world N --ep 1,N
+    .venv/bin/python benchmarks/bench_moe.py --smoke              # 1 rank in this process, tiny (make test)
 
 A Qwen3-MoE model with random weights (CPU default: hidden 256, 16 experts, top-2, 4 layers; `--gpu`: the
 Qwen3-30B-A3B layer shape `opsd_megatron.demo.tiny.QWEN3_30B_A3B_SHAPE` — 128 experts, top-8, hidden 2048 —
@@ -46,6 +47,17 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out_dir: str) -> No
     except BaseException:
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         os._exit(1)
+
+
+def _one_rank(port: int, args: dict, out_dir: str) -> None:
+    """World 1 in this process: `_rank_main`'s work, raising instead of exiting."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")  # fmt: skip
+    try:
+        Path(out_dir, "rank0.json").write_text(json.dumps(_measure(0, args)))
+    except BaseException:
+        Path(out_dir, "rank0.err").write_text(traceback.format_exc())
+        raise
 
 
 def _measure(rank: int, args: dict) -> list[dict]:
@@ -138,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--min-ratio", type=float, default=None)
     ap.add_argument("--gpu", action="store_true", help="Qwen3-30B-A3B layer shape, bf16, one GPU per rank")
+    ap.add_argument("--smoke", action="store_true", help="world 1, EP 1, a 1-layer 4-expert model (seconds)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.world, args.ep, args.hidden, args.experts, args.layers = 1, "1", 64, 4, 1
+        args.seq, args.batch, args.steps = 16, 1, 1
     if args.gpu and not torch.cuda.is_available():
         print("--gpu needs CUDA; none here (the shape is prepared for a lent GPU node).")
         return 1
@@ -157,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         t0 = time.perf_counter()
         try:
-            mp.spawn(_rank_main, args=(args.world, _free_port(), run, tmp), nprocs=args.world, join=True)
+            if args.world == 1:  # one rank: in this process (no spawn)
+                _one_rank(_free_port(), run, tmp)
+            else:
+                mp.spawn(_rank_main, args=(args.world, _free_port(), run, tmp), nprocs=args.world, join=True)
         except Exception as e:  # the per-rank traceback is in rank*.err
             errs = sorted(Path(tmp).glob("rank*.err"))
             print(f"FAILED: {e}\n" + (errs[0].read_text() if errs else ""))

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_step_memory.py      # hidden 256, vocab 65,536, 4 x 512 tokens, TP2
     .venv/bin/python benchmarks/bench_step_memory.py --vocab 151936 --goal 0.25
+    .venv/bin/python benchmarks/bench_step_memory.py --smoke   # TP1 in this process, tiny, goal not enforced
 
 A tiny Qwen3-architecture model (2 layers, random weights, fp32, tied embeddings) with a LARGE vocabulary, on
 CPU with TP2 (two gloo processes): 4 prompts (64-token student, 192-token teacher prompts) x 512 response
@@ -115,8 +116,11 @@ def run_path(args, path: str, chunk) -> list[dict]:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="opsd_stepmem_") as d:
         os.environ.update(OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
-        mp.start_processes(_worker, args=(args.tp, port, args, path, chunk, d), nprocs=args.tp,
-                           start_method="spawn", join=True)  # fmt: skip
+        if args.tp == 1:  # one rank: in this process
+            _worker(0, 1, port, args, path, chunk, d)
+        else:
+            mp.start_processes(_worker, args=(args.tp, port, args, path, chunk, d), nprocs=args.tp,
+                               start_method="spawn", join=True)  # fmt: skip
         return [torch.load(Path(d) / f"{path}_{chunk}_{r}.pt") for r in range(args.tp)]
 
 
@@ -130,7 +134,11 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--chunk-tokens", type=int, default=128, help="loss.chunk_tokens of the second new row")
     ap.add_argument("--goal", type=float, default=0.25)
+    ap.add_argument("--smoke", action="store_true", help="TP1 in this process, tiny, goal not enforced")
     args = ap.parse_args()
+    if args.smoke:
+        args.tp, args.hidden, args.vocab, args.prompts, args.response = 1, 64, 2048, 2, 32
+        args.micro_batch, args.chunk_tokens = 1, 16
     sys.path.insert(0, str(ROOT))
     rows = [("old", None), ("new", None), ("new", args.chunk_tokens)]
     res = {row: run_path(args, *row) for row in rows}
@@ -155,8 +163,9 @@ def main() -> int:
             if abs(a - b) > 1e-5 * abs(b):
                 print(f"FAIL: {row} loss {a} differs from the old path's {b}")
                 return 1
-    ok = worst <= args.goal
-    print(f"worst new/old ratio {worst:.3f}: {'OK' if ok else 'MISSED'} (goal <= {args.goal})")
+    ok = worst <= args.goal or args.smoke  # tiny shapes: the ratio is printed, not held to the goal
+    verdict = "not enforced (--smoke)" if args.smoke else ("OK" if ok else "MISSED")
+    print(f"worst new/old ratio {worst:.3f}: {verdict} (goal <= {args.goal})")
     return 0 if ok else 1
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/learning.py                          # seeds 1234 1235, the demo's settings
     python benchmarks/learning.py --seeds 1 2 3 --steps 30 --out runs/learning
+    python benchmarks/learning.py --smoke     # seconds: builds every run's command and validates its config
 
 From the shipped warm start (opsd_megatron/demo/assets/warmstart, or --warmstart DIR) on the demo's synthetic
 addition task: one held-out evaluation of the warm start (`opsd-eval`, the shared step 0), then per seed two
@@ -36,14 +37,43 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def _train_cmd(a, run: Path, task: dict, seed: int, privileged: str) -> list[str]:
+    """The `opsd-train` command of one run (TP=2 under torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "opsd_megatron.train", a.config, f"output_dir={run}", f"model.path={a.warmstart}",
+           f"data.path={task['train']}", f"eval.path={task['heldout']}", f"train.seed={seed}",
+           f"teacher.privileged={privileged}", "checkpoint.export_hf=false",
+           "logging.progress_bar=false"]  # fmt: skip
+    return cmd + ([f"train.steps={a.steps}"] if a.steps else [])
+
+
+def smoke(a, out: Path) -> int:
+    """`--smoke`: the task files, and per planned run its command and its validated config (the overrides
+    against the config schema); nothing is trained or evaluated. Prints the planned runs' table."""
+    from opsd_megatron.config.load import load_config
+    from opsd_megatron.demo.warmstart import write_task
+
+    task = write_task(out / "task")
+    print("| run | steps | teacher.privileged | command |\n|---|---|---|---|")
+    for seed in a.seeds:
+        for name, privileged in (("OPSD", "true"), ("control", "false")):
+            cmd = _train_cmd(a, out / f"{name}_seed{seed}", task, seed, privileged)
+            cfg = load_config(ROOT / a.config, cmd[cmd.index(a.config) + 1 :])
+            row = f"| {name} seed {seed} | {cfg.train.steps} | {cfg.teacher.privileged} |"
+            print(f"{row} {' '.join(cmd[3:])} |")
+    print("PASS (smoke: commands built, configs validated; nothing trained)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
     ap.add_argument("--steps", type=int, default=None, help="OPSD steps (default: the config's).")
-    ap.add_argument("--warmstart", default=str(ROOT / "opsd_megatron" / "assets" / "warmstart"))
+    ap.add_argument("--warmstart", default=str(ROOT / "opsd_megatron" / "demo" / "assets" / "warmstart"))
     ap.add_argument("--config", default="examples/synthetic_opsd.yaml")
     ap.add_argument("--out", default="runs/learning")
     ap.add_argument("--margin", type=float, default=2.0, help="Points by which OPSD must beat the control.")
+    ap.add_argument("--smoke", action="store_true", help="Build the runs' commands and configs; run nothing.")
     a = ap.parse_args(argv)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                       VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONWARNINGS="ignore")  # fmt: skip
@@ -58,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if out.exists():
         shutil.rmtree(out)
+    if a.smoke:
+        return smoke(a, out)
     task = write_task(out / "task")
     before = out / "before"
     py = sys.executable
@@ -68,14 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, privileged in (("OPSD", "true"), ("control", "false")):
             run = out / f"{name}_seed{seed}"
             shutil.copytree(before, run / "eval" / "step_000000")
-            cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   "-m", "opsd_megatron.train", a.config, f"output_dir={run}", f"model.path={a.warmstart}",
-                   f"data.path={task['train']}", f"eval.path={task['heldout']}", f"train.seed={seed}",
-                   f"teacher.privileged={privileged}", "checkpoint.export_hf=false",
-                   "logging.progress_bar=false"]  # fmt: skip
-            if a.steps:
-                cmd.append(f"train.steps={a.steps}")
-            _run(cmd)
+            _run(_train_cmd(a, run, task, seed, privileged))
             summaries[f"{name} seed {seed}"] = learning_summary(run)
     print()
     print(format_learning_table(summaries))

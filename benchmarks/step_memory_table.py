@@ -2,6 +2,7 @@
 
     python3 benchmarks/step_memory_table.py            # markdown table (docs/memory.md holds its output)
     python3 benchmarks/step_memory_table.py --gpu-gib 141 --micro-batch 2
+    python3 benchmarks/step_memory_table.py --smoke    # the same table (arithmetic only: already seconds)
 
 Computed from the model shapes, not measured. Assumptions (the paper's batch, this package's defaults):
 32 prompts per step, 1,024 response tokens, 256-token student prompt, 1,280-token teacher prompt (problem +
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--gpu-gib", type=float, default=80.0)
     ap.add_argument("--engine-share", type=float, default=0.3)
+    ap.add_argument("--smoke", action="store_true", help="accepted for uniformity (the table is arithmetic)")
     a = ap.parse_args()
     table = {m: rows(m, a) for m in MODELS}
     head = "| GiB per rank | " + " | ".join(f"{m} {table[m]['_layout']} old | new" for m in MODELS) + " |"
