@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_refresh.py                     # vLLM (CPU here), ~100 MB fp32 model
     .venv/bin/python benchmarks/bench_refresh.py --engine hf --layers 4 --hidden 256
     .venv/bin/python benchmarks/bench_refresh.py --experts 16 --hidden 256    # Qwen3-MoE (all layers sparse)
+    .venv/bin/python benchmarks/bench_refresh.py --smoke   # 1 layer, hidden 64, one bucket size, no TP table
 
 Builds a Qwen3-architecture model with random weights (tokenizer from opsd_megatron.demo.tiny), starts one
 engine,
@@ -183,7 +184,10 @@ def main() -> None:
     ap.add_argument(
         "--experts", type=int, default=0, help="> 0: a Qwen3-MoE with this many experts per layer"
     )
+    ap.add_argument("--smoke", action="store_true", help="tiny model, one bucket size, no engine-TP table")
     args = ap.parse_args()
+    if args.smoke:
+        args.layers, args.hidden, args.repeats, args.buckets_mb, args.engine_tp = 1, 64, 1, "1", ""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

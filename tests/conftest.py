@@ -52,3 +52,27 @@ def slurm_cluster():
     from slurm_cluster import running_cluster
 
     yield from running_cluster()
+
+
+# `make gpu-test` (OPSD_GPU_STRICT_SKIPS=1): a skip not in tests/gpu_skips.EXPECTED_GPU_SKIPS fails the run.
+_SKIPS: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and os.environ.get("OPSD_GPU_STRICT_SKIPS") == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPS.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("OPSD_GPU_STRICT_SKIPS") != "1":
+        return
+    from gpu_skips import unexpected_skips
+
+    bad = unexpected_skips(_SKIPS)
+    if bad:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            "\nFAILED: skipped under make gpu-test, not on the expected-skip list (tests/gpu_skips.py):\n  "
+            + "\n  ".join(bad)
+        )
+        session.exitstatus = 1
