@@ -8,7 +8,9 @@ anchors in docs/performance.md).
 * a bf16 OPSD train step under Megatron's distributed optimizer against an fp32 step on the same batch;
 * Transformer Engine layer-spec logits against transformers (when TE imports);
 * the tiny Qwen3-MoE on CUDA: logits against transformers, a bf16 step against fp32 (router loss included);
-* Megatron distributed checkpoint save/load of model + distributed-optimizer state.
+* Megatron distributed checkpoint save/load of model + distributed-optimizer state;
+* `rollout.offload_train_state`: gradients and distributed-optimizer state to host memory and back, bit for
+  bit, freeing device memory meanwhile.
 """
 
 from __future__ import annotations
@@ -251,6 +253,43 @@ def test_checkpoint_save_load_with_distributed_optimizer(single_rank_env, tiny_q
     after = _optimizer_tensors(tr.state.optimizer)
     assert len(after) == len(opt) and all(torch.equal(a, b) for a, b in zip(after, opt))
     tr.close()
+
+
+def test_offload_train_state_round_trip_is_exact(single_rank_env, tiny_qwen3_dir, tmp_path):
+    from opsd_megatron.step.offload import TrainStateOffload, grad_buffers
+
+    tr = _trainer(tiny_qwen3_dir, tmp_path / "run", "bfloat16")
+    samples, _ = tr.strategy.rollout(0)
+    tr.strategy.train(samples)  # optimizer state exists
+    st = tr.state
+    tr.strategy.forward_backward_step(*_step_inputs(tr, samples))  # fresh non-zero gradients
+    buffers = grad_buffers(st.chunks)
+    grads = [b.grad_data.clone() for b in buffers]
+    opt = _optimizer_tensors(st.optimizer)
+    assert opt and any(bool(g.abs().sum() > 0) for g in grads)
+    off = TrainStateOffload(st.chunks, st.optimizer, enabled=True)
+    assert off.active
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with off.during_generation():
+        freed = before - torch.cuda.memory_allocated()
+        assert all(b.grad_data.untyped_storage().size() == 0 for b in buffers)
+        assert not any(t.is_cuda for t in _optimizer_tensors(st.optimizer)), "optimizer state left on GPU"
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+    assert freed >= grad_bytes, (freed, grad_bytes)  # the gradient buffers at least (exact sizes known)
+    assert all(torch.equal(b.grad_data, g) for b, g in zip(buffers, grads)), "gradients changed"
+    after = _optimizer_tensors(st.optimizer)
+    assert all(a.is_cuda for a in after)
+    assert len(after) == len(opt) and all(torch.equal(a, b) for a, b in zip(after, opt)), "optimizer state"
+    assert tr.strategy.train(samples).update_ok  # and training goes on from the restored state
+    tr.close()
+
+
+def _step_inputs(tr, samples):
+    from opsd_megatron.step.protocol import global_tokens, pack
+
+    mbs = pack(tr.state, samples)
+    return mbs, tr.strategy.teacher_forward(mbs), global_tokens(tr.state, mbs)
 
 
 def _optimizer_tensors(optimizer) -> list:
