@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(a.warmstart) / "model.safetensors").is_file():
         print(f"learning: no warm start in {a.warmstart} (make warmstart)", file=sys.stderr)
         return 2
+    if a.smoke:  # into OUT/smoke: an earlier real run's results in OUT stay
+        return smoke(a, out / "smoke")
     if out.exists():
         shutil.rmtree(out)
-    if a.smoke:
-        return smoke(a, out)
     task = write_task(out / "task")
     before = out / "before"
     py = sys.executable
