@@ -154,8 +154,8 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
     the fused experts padded + prepacked: such a module gets the plain tensor as its parameter and its own
     `process_weights_after_loading` re-packs it (for experts through `vllm_moe_cpu`'s wrapper), exactly what
     vLLM's loader does at start-up. Fused experts go through their method on GPU too (a backend may shuffle
-    them into its own format; vLLM then copies into the existing storage). The input embedding is never re-packed (it is only looked up; a tied
-    head is re-packed by `_repack_tied_lm_head`)."""
+    them into its own format; vLLM then copies into the existing storage). The input embedding is never
+    re-packed (it is only looked up; a tied head is re-packed by `_repack_tied_lm_head`)."""
     model = worker.model_runner.get_model()
     by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, t in named:
