@@ -215,7 +215,7 @@ def main() -> None:
             from safetensors import safe_open
 
             with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-                total = sum(torch.Size(f.get_slice(k).get_shape()).numel() * 4 for k in f)
+                total = sum(torch.Size(f.get_slice(k).get_shape()).numel() * 4 for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
             rows = run_model(model_dir, etps, args.bucket_mb, args.repeats)
             name = f"Qwen3-MoE ({experts} experts)" if experts else "Qwen3 (dense)"
             ok = report(name, total, rows, args.max_ratio) and ok
