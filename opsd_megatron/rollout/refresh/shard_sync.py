@@ -197,7 +197,6 @@ class ShardSyncer:
                 dst = dst_view(tr)
                 dst.copy_(recv[o : o + tr.numel].view(dst.shape))
                 o += tr.numel
-        stats.export_seconds += 0.0
         if engine is not None and targets:
             t0 = time.perf_counter()
             prof = engine.load_shards(list(targets.items()))
