@@ -443,10 +443,8 @@ class VLLMEngine:
         return tuple(self.llm.collective_rpc(_tp_info)[0])
 
     def set_lora_adapter(self, adapter_dir: str | Path) -> int:
-        """Serve the PEFT adapter in `adapter_dir` (on top of the base weights) for every following
-        `generate`; the previous adapter is dropped. Needs `enable_lora=True` (and `max_lora_rank`) at
-        construction. A refresh of a LoRA run then moves the adapter's bytes, not the merged model's; vLLM
-        reads the files on this rank (each TP rank cuts its own slices). Returns the adapter's vLLM id."""
+        """Serve the PEFT adapter in `adapter_dir` on top of the base weights for every following `generate`
+        (the previous one is dropped; needs `enable_lora=True`, `max_lora_rank`). Returns its vLLM id."""
         from vllm.lora.request import LoRARequest  # optional dependency (see __init__)
 
         previous = self._lora
