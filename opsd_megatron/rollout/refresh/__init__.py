@@ -4,13 +4,14 @@
     syncer = WeightSyncer(engine, bucket_bytes=256 << 20, dtype=torch.bfloat16)
     stats = syncer.sync(model_chunks)          # collective; RefreshStats(seconds, bytes, buckets, ...)
 
-Submodules: `buckets` (stream → buckets → `engine.update_weights`), `drift` (metrics and guard; the
+Submodules: `syncer` (`WeightSyncer`: picks the path), `shard_sync` + `plan` + `vllm_layout` (shard-exact:
+each engine rank receives its own slabs, loaded straight into vLLM's parameters), `buckets` (full tensors:
+stream → buckets → `engine.update_weights`), `drift` (metrics and guard; the
 trainer side's sampled-token logprobs: `opsd_megatron.losses.vocab_parallel_token_logprobs`).
 """
 
 from opsd_megatron.rollout.refresh.buckets import (
     RefreshStats,
-    WeightSyncer,
     iter_buckets,
     layer_group,
     push_weights,
@@ -20,6 +21,7 @@ from opsd_megatron.rollout.refresh.drift import (
     DriftGuard,
     compute_drift,
 )
+from opsd_megatron.rollout.refresh.syncer import WeightSyncer
 
 __all__ = [
     "DriftError",

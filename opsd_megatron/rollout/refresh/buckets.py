@@ -1,12 +1,12 @@
-"""Bucketed weight refresh: a stream of `(hf_name, full tensor)` → rollout engine, one bucket at a time.
+"""Bucketed weight refresh of full tensors: a stream of `(hf_name, full tensor)` → engine, bucket by bucket.
 
-    syncer = WeightSyncer(engine, bucket_bytes=256 << 20, dtype=torch.bfloat16)
-    stats = syncer.sync(model_chunks)        # after every optimizer step (collective: all ranks call it)
+    stats = push_weights(export_hf_weights(chunks), engine, bucket_bytes=256 << 20, dtype=torch.bfloat16)
     log(stats.metrics())                     # {"refresh/seconds": .., "refresh/bytes": .., ...}
 
-The stream comes from `opsd_megatron.mcore.conversion.export_hf_weights(model_chunks)` (a collective: every
-rank
-iterates it and gets full tensors). Ranks that host no engine (`engine=None`) drop each tensor at once;
+The full-tensor path of `WeightSyncer` (syncer.py) for engines without `load_shards` (the HF engine) or a
+custom export; vLLM engines get the shard-exact path (shard_sync.py). The stream comes from
+`opsd_megatron.mcore.conversion.export_hf_weights(model_chunks)` (a collective: every rank iterates it and
+gets full tensors). Ranks that host no engine (`engine=None`) drop each tensor at once;
 ranks with an engine collect tensors into a bucket of at most `bucket_bytes` (cast to `dtype` first) and
 hand the bucket to `engine.update_weights` before the next one is built, so the extra memory is about one
 bucket, not one model.
@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from opsd_megatron.mcore.conversion import export_hf_weights
 from opsd_megatron.rollout.base import RolloutEngine
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -99,6 +98,12 @@ class RefreshStats:
     """Number of `update_weights` calls."""
     max_bucket_bytes: int = 0
     """Largest bucket: the peak extra memory the refresh held at once."""
+    materialised_bytes: int = 0
+    """Bytes of fresh tensors this rank built (shard-exact: targets, send/receive buffers, hooked shards)."""
+    collectives: int = 0
+    """Collectives this rank took part in (shard-exact: one all-to-all per bucket that crosses ranks)."""
+    sent_bytes: int = 0
+    """Bytes this rank sent to other ranks (shard-exact)."""
 
     def metrics(self, prefix: str = "refresh/") -> dict[str, float]:
         """Flat dict for loggers; throughput in GB/s is added."""
@@ -156,49 +161,3 @@ def push_weights(
     stats.export_seconds = export_acc[0]
     stats.seconds = time.perf_counter() - t_start
     return stats
-
-
-class WeightSyncer:
-    """Refresh a rollout engine from the live Megatron model after every optimizer step.
-
-    Args:
-        engine: the engine this rank hosts, or None (the rank still drives the collective export).
-        bucket_bytes: maximum bytes per `update_weights` call (peak extra memory of a refresh).
-        dtype: cast tensors to this dtype before bucketing (the engine's dtype; None keeps the model's).
-        export_fn: `model_chunks -> iterator of (hf_name, full tensor)`; default
-            `opsd_megatron.mcore.conversion.export_hf_weights` (a collective over TP/PP groups).
-        export_kwargs: extra keyword arguments for `export_fn`.
-    """
-
-    def __init__(
-        self,
-        engine: RolloutEngine | None,
-        *,
-        bucket_bytes: int = 256 << 20,
-        dtype: torch.dtype | None = None,
-        export_fn: Callable[..., NamedTensors] | None = None,
-        export_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        if bucket_bytes <= 0:
-            raise ValueError(f"WeightSyncer.bucket_bytes must be positive, got {bucket_bytes}.")
-        self.engine = engine
-        self.bucket_bytes = int(bucket_bytes)
-        self.dtype = dtype
-        self.export_fn = export_fn
-        self.export_kwargs = dict(export_kwargs or {})
-        self.last_stats: RefreshStats | None = None
-
-    def _export(self, model_chunks: Any) -> NamedTensors:
-        fn = self.export_fn or export_hf_weights  # collective over TP/PP
-        return fn(model_chunks, **self.export_kwargs)
-
-    def sync(self, model_chunks: Any, engine: RolloutEngine | None = None) -> RefreshStats:
-        """Export the model's weights and push them into `engine` (default: the syncer's). Collective."""
-        engine = engine if engine is not None else self.engine
-        if engine is not None:
-            engine.wake_up()
-        stats = push_weights(
-            self._export(model_chunks), engine, bucket_bytes=self.bucket_bytes, dtype=self.dtype
-        )
-        self.last_stats = stats
-        return stats

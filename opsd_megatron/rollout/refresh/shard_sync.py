@@ -1,0 +1,225 @@
+"""Shard-exact refresh: every engine rank receives exactly the slabs it holds, one all-to-all per bucket.
+
+    syncer = ShardSyncer(engine, bucket_bytes=256 << 20, dtype=torch.bfloat16, shard_hook=None)
+    stats = syncer.sync(model_chunks)   # collective over the world (every rank calls it, engine or not)
+
+First call: one `all_gather_object` over the world (what every rank holds, `mcore.conversion.shards`; which
+engine rank it hosts, `engine.shard_info()`; its data-parallel rank) and the plan (`plan.build_plan`), reused
+afterwards. Then per bucket, on every rank: apply `shard_hook` (LoRA merge) to the local shards it sends,
+copy the slabs it keeps into its engine's targets (vLLM layout), pack the slabs for other ranks into one flat
+send buffer (destination-major), one `all_to_all_single` over the world for the bucket (none when the
+bucket's transfers are all local, e.g. Megatron TP == engine TP), unpack into the targets, and hand them to
+`engine.load_shards` (direct copy into vLLM's parameters; CPU kernels re-packed). A target whose pieces are
+exactly the local Megatron shard's (row-parallel, gate/up, norms at equal TP) is passed as a view of the
+parameter: no copy at all on the send side. Collectives per refresh: at most one per bucket.
+
+Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mps
+
+from opsd_megatron.mcore.conversion.export import ShardHook
+from opsd_megatron.mcore.conversion.shards import Holding, local_holdings
+from opsd_megatron.mcore.models.builder import model_info
+from opsd_megatron.rollout.refresh.buckets import RefreshStats
+from opsd_megatron.rollout.refresh.plan import Bucket, Plan, build_plan
+from opsd_megatron.rollout.refresh.vllm_layout import Target
+
+
+def _offsets(pieces) -> list[int]:
+    out, o = [], 0
+    for p in pieces:
+        out.append(o)
+        o += p.numel
+    return out
+
+
+def _slab(flat: torch.Tensor, pieces, offsets, i: int, dim: int, lo: int, hi: int) -> torch.Tensor:
+    """View of [lo, hi) along `dim` (HF coordinates) of piece `i` inside a flat shard."""
+    p = pieces[i]
+    block = flat[offsets[i] : offsets[i] + p.numel].view(p.slab_shape)
+    return block.narrow(dim, lo - p.start, hi - lo)
+
+
+class ShardSyncer:
+    """Refresh the rollout engines from the live Megatron model, shard to shard (module doc).
+
+    Args:
+        engine: this rank's engine (must offer `load_shards` / `shard_info`), or None (the rank only sends).
+        bucket_bytes: most bytes of one bucket on the largest receiving rank (+ at most one layer group).
+        dtype: the engine's dtype (slabs are cast on the sending side); None keeps the model's.
+        shard_hook: `hook(megatron_name, module, local_shard) -> shard` applied before sending (LoRA merge).
+    """
+
+    def __init__(
+        self, engine: Any, *, bucket_bytes: int, dtype: torch.dtype | None, shard_hook: ShardHook | None
+    ):
+        self.engine = engine
+        self.bucket_bytes = int(bucket_bytes)
+        self.dtype = dtype
+        self.shard_hook = shard_hook
+        self.plan: Plan | None = None
+        self.where: dict[str, tuple[torch.nn.Module, str]] = {}
+        self.profile: dict[str, float] = {}
+
+    def _build(self, chunks: list, engine: Any) -> None:
+        """Gather holdings/engines/dp ranks from the world and build the plan. Collective (once)."""
+        holdings, self.where = local_holdings(chunks)
+        info = tuple(engine.shard_info()) if engine is not None else None
+        mine = (holdings, info, mps.get_data_parallel_rank())
+        world = dist.get_world_size()
+        seen: list[Any] = [None] * world
+        dist.all_gather_object(seen, mine)
+        hold = {r: s[0] for r, s in enumerate(seen)}
+        first = next(h for hs in hold.values() for h in hs)
+        self.dtype = self.dtype or getattr(torch, first.dtype.replace("torch.", ""))
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        spec = model_info(chunks).spec
+        engines = {r: s[1] for r, s in enumerate(seen)}
+        self.plan = build_plan(
+            hold, engines, {r: s[2] for r, s in enumerate(seen)}, spec, self.bucket_bytes, itemsize
+        )
+
+    def _local_shard(self, key: str, stats: RefreshStats) -> torch.Tensor:
+        """This rank's shard of `key` (hooked, in the refresh dtype), flat; a view of the parameter if it
+        can be."""
+        module, p_name = self.where[key]
+        param = getattr(module, p_name)
+        t = param.detach()
+        if self.shard_hook is not None:
+            t = self.shard_hook(key, module, t).to(param.dtype)
+            stats.materialised_bytes += t.numel() * t.element_size()
+        if t.dtype != self.dtype:
+            t = t.to(self.dtype)
+            stats.materialised_bytes += t.numel() * t.element_size()
+        return t.contiguous().view(-1)
+
+    def _targets(self, bucket: Bucket, me: int, shard, stats: RefreshStats) -> dict[str, torch.Tensor]:
+        """Storage of this rank's targets in `bucket`: a view of a local shard when the layouts are equal."""
+        out: dict[str, torch.Tensor] = {}
+        feeds: dict[str, list] = {}
+        for tr in bucket.transfers:
+            if tr.dst == me:
+                feeds.setdefault(tr.target, []).append(tr)
+        holdings = self.plan.holdings[me]
+        for t in bucket.targets.get(me, []):
+            trs = feeds.get(t.name, [])
+            h: Holding | None = holdings.get(trs[0].key) if trs else None
+            same = (
+                h is not None
+                and all(tr.src == me and tr.key == h.key for tr in trs)
+                and len(trs) == len(t.pieces)
+                and h.pieces == t.pieces
+            )
+            if same:
+                out[t.name] = shard(h.key).view(t.shape)
+                continue
+            buf = torch.empty(t.shape, dtype=self.dtype, device=self._device())
+            stats.materialised_bytes += buf.numel() * buf.element_size()
+            flat, offs = buf.view(-1), _offsets(t.pieces)
+            for i, p in enumerate(t.pieces):
+                if p.hf_name is None:
+                    flat[offs[i] : offs[i] + p.numel].zero_()
+            out[t.name] = buf
+        return out
+
+    @staticmethod
+    def _device() -> torch.device:
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+
+    def _run_bucket(self, bucket: Bucket, me: int, world: int, engine: Any, stats: RefreshStats) -> None:
+        """Fill this rank's targets of one bucket (local copies + one all-to-all) and load them."""
+        cache: dict[str, torch.Tensor] = {}
+
+        def shard(key: str) -> torch.Tensor:
+            if key not in cache:
+                cache[key] = self._local_shard(key, stats)
+            return cache[key]
+
+        targets = self._targets(bucket, me, shard, stats)
+        tmap: dict[str, Target] = {t.name: t for t in bucket.targets.get(me, [])}
+        toffs = {n: _offsets(t.pieces) for n, t in tmap.items()}
+        hold = self.plan.holdings[me]
+        hoffs: dict[str, list[int]] = {}
+
+        def src_view(tr) -> torch.Tensor:
+            h = hold[tr.key]
+            offs = hoffs.setdefault(tr.key, _offsets(h.pieces))
+            return _slab(shard(tr.key), h.pieces, offs, tr.src_piece, tr.dim, tr.lo, tr.hi)
+
+        def dst_view(tr) -> torch.Tensor:
+            t = tmap[tr.target]
+            return _slab(
+                targets[tr.target].view(-1), t.pieces, toffs[tr.target], tr.dst_piece, tr.dim, tr.lo, tr.hi
+            )
+
+        sends = sorted(
+            (tr for tr in bucket.transfers if tr.src == me and tr.dst != me), key=lambda tr: tr.dst
+        )
+        recvs = sorted(
+            (tr for tr in bucket.transfers if tr.dst == me and tr.src != me), key=lambda tr: tr.src
+        )
+        for tr in bucket.transfers:
+            if tr.src == me and tr.dst == me:
+                dst = dst_view(tr)
+                src = src_view(tr)
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
+        if bucket.remote:
+            send = torch.empty(sum(tr.numel for tr in sends), dtype=self.dtype, device=self._device())
+            recv = torch.empty(sum(tr.numel for tr in recvs), dtype=self.dtype, device=self._device())
+            stats.materialised_bytes += (send.numel() + recv.numel()) * send.element_size()
+            o = 0
+            for tr in sends:
+                send[o : o + tr.numel].view(src_view(tr).shape).copy_(src_view(tr))
+                o += tr.numel
+            out_counts, in_counts = [0] * world, [0] * world
+            for tr in sends:
+                out_counts[tr.dst] += tr.numel
+            for tr in recvs:
+                in_counts[tr.src] += tr.numel
+            dist.all_to_all_single(recv, send, in_counts, out_counts)
+            stats.collectives += 1
+            stats.sent_bytes += send.numel() * send.element_size()
+            o = 0
+            for tr in recvs:
+                dst = dst_view(tr)
+                dst.copy_(recv[o : o + tr.numel].view(dst.shape))
+                o += tr.numel
+        if engine is not None and targets:
+            t0 = time.perf_counter()
+            prof = engine.load_shards(list(targets.items()))
+            stats.load_seconds += time.perf_counter() - t0
+            for k, v in prof.items():
+                self.profile[k] = self.profile.get(k, 0.0) + v
+            nbytes = sum(t.numel() * t.element_size() for t in targets.values())
+            stats.bytes += nbytes
+            stats.tensors += len(targets)
+            stats.max_bucket_bytes = max(stats.max_bucket_bytes, nbytes)
+        stats.buckets += 1
+
+    def sync(self, model_chunks: list, engine: Any = None) -> RefreshStats:
+        """One refresh (module doc). Collective over the world."""
+        engine = engine if engine is not None else self.engine
+        if self.plan is None:
+            self._build(model_chunks, engine)
+        stats = RefreshStats()
+        self.profile = {}
+        t0 = time.perf_counter()
+        me, world = dist.get_rank(), dist.get_world_size()
+        for bucket in self.plan.buckets:
+            self._run_bucket(bucket, me, world, engine, stats)
+        stats.seconds = time.perf_counter() - t0
+        stats.export_seconds = stats.seconds - stats.load_seconds
+        return stats
