@@ -80,6 +80,7 @@ class RunState:
     engine: RolloutEngine | None = None
     collector: RolloutCollector | None = None
     syncer: WeightSyncer | None = None
+    safe_point: Callable[[str], None] | None = None  # the step's abandon check (run.signals.StopDeadline)
 
     @property
     def shard_hook(self) -> Callable | None:
@@ -127,8 +128,12 @@ def load_data(cfg: OPSDConfig, rank: int) -> tuple[Any, int, list[Problem], dict
 def build_chunks(cfg: OPSDConfig, dtype: torch.dtype, *, initialize: bool) -> list:
     """This rank's model chunks (MoE router-loss settings applied); with `initialize`, the HF weights."""
     moe = router_loss_overrides(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff)
-    chunks = build_model(cfg.model.path, dtype, perform_initialization=False, use_te=cfg.model.use_te,
-                         sequence_parallel=cfg.parallel.sequence_parallel, **moe)  # fmt: skip
+    m = cfg.model
+    chunks = build_model(m.path, dtype, perform_initialization=False, use_te=m.use_te,
+                         sequence_parallel=cfg.parallel.sequence_parallel, recompute=m.recompute,
+                         recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers,
+                         variable_seq_lengths=cfg.train.group_by_length and cfg.parallel.pp > 1,
+                         **moe)  # fmt: skip
     if initialize:
         load_hf_weights(chunks, cfg.model.path)
     return chunks
