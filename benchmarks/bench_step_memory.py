@@ -16,8 +16,8 @@ fused LM-head loss, one pass), with the default chunk and with `loss.chunk_token
 the ratio new / old per rank; exits 1 when a `new` row's ratio exceeds --goal (default 0.25), or on error.
 The optimizer step is left out (the same in both paths).
 
-    .venv/bin/python benchmarks/bench_step_memory.py --compare recompute     # model.recompute none/selective/full
-    .venv/bin/python benchmarks/bench_step_memory.py --smoke                 # both tables at tiny shapes
+    .venv/bin/python benchmarks/bench_step_memory.py --compare recompute   # none / selective / full
+    .venv/bin/python benchmarks/bench_step_memory.py --smoke               # both tables at tiny shapes
 
 `--compare recompute`: the fused step (`new`) on a long-sequence shape (4 layers, hidden 256, 8 heads, vocab
 8,192, 4 prompts: 256-token student, 512-token teacher prompts, 1,536 response tokens; student sequences
@@ -153,19 +153,40 @@ def _same_loss(a: float, b: float, rel: float) -> bool:
 
 
 SHAPES = {  # --compare -> defaults of the shape flags; --smoke: tiny shapes of either
-    "loss": dict(hidden=256, vocab=65536, layers=2, heads=4, prompts=4, response=512, student_prompt=64,
-                 teacher_prompt=192),
-    "recompute": dict(hidden=256, vocab=8192, layers=4, heads=8, prompts=4, response=1536, student_prompt=256,
-                      teacher_prompt=512),
-    "smoke": dict(hidden=64, vocab=1024, layers=2, heads=4, prompts=4, response=32, student_prompt=8,
-                  teacher_prompt=12),
+    "loss": dict(
+        hidden=256,
+        vocab=65536,
+        layers=2,
+        heads=4,
+        prompts=4,
+        response=512,
+        student_prompt=64,
+        teacher_prompt=192,
+    ),
+    "recompute": dict(
+        hidden=256,
+        vocab=8192,
+        layers=4,
+        heads=8,
+        prompts=4,
+        response=1536,
+        student_prompt=256,
+        teacher_prompt=512,
+    ),
+    "smoke": dict(
+        hidden=64, vocab=1024, layers=2, heads=4, prompts=4, response=32, student_prompt=8, teacher_prompt=12
+    ),
 }
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--compare", choices=("loss", "recompute"), default="loss",
-                    help="loss: old materialising vs fused step; recompute: model.recompute none/selective/full")
+    ap.add_argument(
+        "--compare",
+        choices=("loss", "recompute"),
+        default="loss",
+        help="loss: old materialising vs fused step; recompute: model.recompute modes",
+    )
     ap.add_argument("--smoke", action="store_true", help="both comparisons at tiny shapes, no memory goal")
     for name in SHAPES["loss"]:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)

@@ -70,7 +70,12 @@ def _check_choices_and_paths(cfg: OPSDConfig) -> None:
 
 def _check_parallel(cfg: OPSDConfig) -> None:
     p = cfg.parallel
-    for key, val in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep)]:
+    for key, val in [
+        ("parallel.tp", p.tp),
+        ("parallel.pp", p.pp),
+        ("parallel.ep", p.ep),
+        ("parallel.cp", p.cp),
+    ]:
         _check(val >= 1, key, f"must be >= 1, got {val}.")
     _check(p.etp is None or p.etp >= 1, "parallel.etp", "must be >= 1 or null.")
     _check(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", "needs tp > 1.")

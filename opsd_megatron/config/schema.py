@@ -90,6 +90,11 @@ class ParallelConfig:
     ep x etp x pp must divide the world size)."""
     etp: int | None = None
     """Expert tensor-parallel size (MoE; must divide moe_intermediate_size); null = parallel.tp."""
+    cp: int = 1
+    """Context-parallel size (Megatron's load-balanced 2 x cp sequence chunks; needs Transformer Engine's
+    attention). Only 1 runs today: start-up refuses cp > 1 with one error (without Transformer Engine: that it
+    is missing; with it: that the training step's CP path is not wired yet, `step/context_parallel.py` holds
+    its response-position index math)."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from opsd_megatron.mcore.dtypes import torch_dtype
 from opsd_megatron.mcore.lora import apply_lora, lora_shard_hook
 from opsd_megatron.mcore.lora.moe_checks import check_lora_backend
 from opsd_megatron.mcore.models import ModelInfo, build_model, model_info
+from opsd_megatron.mcore.models.builder import check_context_parallel
 from opsd_megatron.mcore.models.moe import router_loss_overrides
 from opsd_megatron.mcore.parallel import ParallelState
 from opsd_megatron.mcore.versions import check_versions
@@ -99,6 +100,7 @@ def start(cfg: OPSDConfig) -> tuple[ParallelState, JobWatchdog | None, int, torc
     dp = validate_world(cfg, ps.world_size)
     validate_model(cfg)
     check_lora_backend(cfg)  # expert adapters vs grouped-GEMM experts (CUDA + TE)
+    check_context_parallel(cfg.parallel.cp)  # needs Transformer Engine; one error, before any model is built
     dtype = torch_dtype(cfg.model.dtype)
     if dtype != torch.float32 and not torch.cuda.is_available():
         raise ConfigError(

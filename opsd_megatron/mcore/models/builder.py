@@ -40,6 +40,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from opsd_megatron.config import ConfigError
 from opsd_megatron.config.schema import UseTE, choice_text, is_choice
 from opsd_megatron.mcore import parallel
 from opsd_megatron.mcore.layout import check_pipeline_layers
@@ -125,6 +126,25 @@ def resolve_use_te(setting: UseTE | str | None = "auto") -> bool:
         say("Transformer Engine not used (model.use_te=auto): import failed with %s; "
             "building Megatron's local layer spec.", why)  # fmt: skip
     return why is None
+
+
+def check_context_parallel(cp: int) -> None:
+    """`parallel.cp` at start-up: 1 passes; > 1 is one `ConfigError`: Megatron's context parallelism runs in
+    Transformer Engine's attention only (the local spec's refuses it), so without TE that is the message;
+    with TE, the training step's CP path (split per CP rank, response positions via
+    `step.context_parallel`, loss over the CP group) is not wired yet."""
+    if cp <= 1:
+        return
+    why = te_import_error()
+    if why is not None:
+        raise ConfigError(
+            f"config key 'parallel.cp': {cp} needs Transformer Engine (Megatron's context parallelism runs "
+            f"in its attention only); transformer_engine.pytorch: {why}."
+        )
+    raise ConfigError(
+        f"config key 'parallel.cp': {cp} is not supported yet: the training step has no context-parallel "
+        "path (only its index math exists, step/context_parallel.py); use 1."
+    )
 
 
 def _pad_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
