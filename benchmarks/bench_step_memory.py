@@ -219,7 +219,7 @@ def compare_loss_paths(args, *, goal: float | None, res: dict | None = None) -> 
     )
     print(f"{'path':<8}{'loss.chunk_tokens':>18}{'rank':>6}{'peak MiB':>11}{'ratio':>8}{'loss':>12}")
     worst = 0.0
-    for (path, chunk), per_rank in res.items():
+    for (path, chunk), per_rank in ((row, res[row]) for row in rows):
         for r, x in enumerate(per_rank):
             ratio = x["peak_mib"] / max(old[r]["peak_mib"], 1e-9)
             if path == "new":
