@@ -77,3 +77,86 @@ def test_pack_for_step_rounds_to_a_multiple_of_tp_under_sequence_parallelism():
     assert {m.student_tokens.shape[1] for m in mbs} == {24} and {m.teacher_tokens.shape[1] for m in mbs} == {
         48
     }
+
+
+def test_group_by_length_pads_each_micro_batch_to_its_own_longest_and_keeps_the_sample_order():
+    from opsd_megatron.step.batch import in_sample_order, length_order, padding_fraction
+
+    samples = [Sample([1] * 3, [2] * 5, [3] * n) for n in (2, 40, 3, 38, 1, 5)]
+    plain = pack_step(samples, micro_batch_size=2, pad_id=PAD, pad_to_multiple=8)
+    grouped = pack_step(samples, micro_batch_size=2, pad_id=PAD, pad_to_multiple=8, group_by_length=True)
+    assert length_order(samples) == [1, 3, 5, 2, 0, 4]
+    assert [m.sample_ids for m in grouped] == [[1, 3], [5, 2], [0, 4]]
+    assert [m.student_tokens.shape[1] for m in grouped] == [48, 8, 8]  # 43, 8, 6 rounded up to 8
+    assert {m.student_tokens.shape[1] for m in plain} == {48}
+    assert sum(m.num_tokens for m in grouped) == sum(m.num_tokens for m in plain) == 89
+    pad_plain, pad_grouped = padding_fraction(plain), padding_fraction(grouped)
+    assert pad_plain[0] / pad_plain[1] > 0.5 > pad_grouped[0] / pad_grouped[1]
+    real = sum(2 * len(x.response) + 8 for x in samples)
+    assert pad_grouped[1] - pad_grouped[0] == real  # unpadded student + teacher positions
+    # per-token rows back in the step's order, regrouped by micro_batch_size (rollouts.jsonl)
+    rows = [(m.response_ids.float(), m.loss_mask) for m in grouped]
+    back = in_sample_order(rows, grouped, 2)
+    for k, (d, mask) in enumerate(back):
+        for i in range(2):
+            n = len(samples[2 * k + i].response)
+            assert d[i, :n].tolist() == [3.0] * n and mask[i].sum() == n
+
+
+def test_context_parallel_index_math_equals_a_plain_gather():
+    """Megatron's load-balanced 2xCP split (its own get_batch_on_this_cp_rank, a world-1 gloo group standing
+    in for each CP rank's group) and the response-position gathers: summed over ranks = the plain gather."""
+    import tempfile
+
+    import torch.distributed as dist
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from opsd_megatron.step.context_parallel import cp_local_index, cp_positions, gather_held, split_for_cp
+
+    g = torch.Generator().manual_seed(0)
+    b, S, h = 3, 48, 5
+    hidden = torch.randn(b, S, h, generator=g, requires_grad=True)
+    index = torch.randint(0, S, (b, 7), generator=g)
+    tokens = torch.randint(0, 100, (b, S), generator=g)
+    created = not dist.is_initialized()
+    if created:
+        store = dist.FileStore(tempfile.mktemp(prefix="opsd_cp_"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+    class RankOf:  # only .size() and .rank() are read by Megatron's split
+        def __init__(self, size, rank):
+            self.size, self.rank = (lambda: size), (lambda: rank)
+
+    try:
+        for cp in (1, 2, 3, 4):
+            held_count = torch.zeros(b, 7, dtype=torch.long)
+            total = torch.zeros(b, 7, h)
+            for r in range(cp):
+                mine = split_for_cp(tokens, cp, r)
+                ref = get_batch_on_this_cp_rank({"tokens": tokens.clone()}, cp_group=RankOf(cp, r))["tokens"]
+                assert torch.equal(mine, ref), (cp, r)
+                local, held = cp_local_index(index, seq_len=S, cp=cp, rank=r)
+                pos = cp_positions(S, cp, r)
+                assert torch.equal(pos[local][held], index[held])  # local -> global is the identity on held
+                total = total + gather_held(split_for_cp(hidden, cp, r), local, held)
+                held_count += held.long()
+            assert torch.equal(held_count, torch.ones_like(held_count))  # every position held exactly once
+            assert torch.equal(total, gather_positions(hidden, index)), cp
+    finally:
+        if created:
+            dist.destroy_process_group()
+    with pytest.raises(ValueError, match="multiple of 2 x context-parallel size 4"):
+        cp_positions(20, 4, 0)
+
+
+def test_parallel_cp_above_one_is_one_config_error_naming_the_key():
+    from opsd_megatron.config import ConfigError, config_from_dict
+    from opsd_megatron.mcore.models.builder import check_context_parallel, te_import_error
+
+    check_context_parallel(1)
+    with pytest.raises(ConfigError, match="config key 'parallel.cp': 2 ") as e:
+        check_context_parallel(2)
+    expect = "needs Transformer Engine" if te_import_error() else "not supported yet"
+    assert expect in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="parallel.cp"):
+        config_from_dict({"model": {"path": "m"}, "data": {"path": "d"}, "parallel": {"cp": 0}})

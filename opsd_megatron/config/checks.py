@@ -70,11 +70,24 @@ def _check_choices_and_paths(cfg: OPSDConfig) -> None:
 
 def _check_parallel(cfg: OPSDConfig) -> None:
     p = cfg.parallel
-    for key, val in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep)]:
+    for key, val in [
+        ("parallel.tp", p.tp),
+        ("parallel.pp", p.pp),
+        ("parallel.ep", p.ep),
+        ("parallel.cp", p.cp),
+    ]:
         _check(val >= 1, key, f"must be >= 1, got {val}.")
     _check(p.etp is None or p.etp >= 1, "parallel.etp", "must be >= 1 or null.")
     _check(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", "needs tp > 1.")
     _layout(check_pipeline_layers, p.pipeline_layers, p.pp)
+
+
+def _check_recompute(cfg: OPSDConfig) -> None:
+    m = cfg.model
+    n = m.recompute_num_layers
+    _check(n is None or n >= 1, "model.recompute_num_layers", f"must be >= 1 or null, got {n}.")
+    _check(n is None or m.recompute == "full", "model.recompute_num_layers",
+           f"applies to model.recompute=full only (model.recompute is {m.recompute}).")  # fmt: skip
 
 
 def _check_moe(cfg: OPSDConfig) -> None:
@@ -214,6 +227,8 @@ def _check_checkpoint(cfg: OPSDConfig) -> None:
     c = cfg.checkpoint
     _check(c.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {c.save_interval}.")
     _check(c.exit_signal_grace_s > 0, "checkpoint.exit_signal_grace_s", "must be > 0.")
+    _check(c.stop_deadline_s is None or c.stop_deadline_s > 0, "checkpoint.stop_deadline_s",
+           f"must be > 0 seconds or null, got {c.stop_deadline_s}.")  # fmt: skip
     _check(c.export_hf_interval >= 0, "checkpoint.export_hf_interval", "must be >= 0.")
     _check(
         c.keep_last is None or c.keep_last >= 1,
@@ -250,6 +265,7 @@ def _check_prompts(cfg: OPSDConfig) -> None:
 _SECTIONS = (
     _check_choices_and_paths,
     _check_parallel,
+    _check_recompute,
     _check_moe,
     _check_train,
     _check_rollout,

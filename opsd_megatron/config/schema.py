@@ -31,6 +31,8 @@ LoraLayout = Literal["fused", "per_projection"]
 LrDecayStyle = Literal["constant", "linear", "cosine"]
 LogLevel = Literal["debug", "info", "warning"]
 SftFormat = Literal["student", "teacher"]
+Recompute = Literal["none", "selective", "full"]
+RecomputeMethod = Literal["uniform", "block"]
 
 GPU_MEMORY_UTILIZATION = 0.3
 """Default vLLM share of GPU memory (`rollout.gpu_memory_utilization`, `rollout.make_engine`): the trainer
@@ -55,6 +57,18 @@ class ModelConfig:
     """Transformer Engine layer spec: auto (used when it imports; why not is logged once), true (start-up
     fails with the import error when it does not import) or false (Megatron's local spec); the strings
     "true"/"false" are read as the booleans."""
+    recompute: Recompute = "none"
+    """Activation recomputation of the student's passes (Megatron's `recompute_granularity`): none, selective
+    (core attention recomputed in backward: the [b, heads, s, s] scores are not kept) or full (each
+    transformer layer keeps only its input and is recomputed in backward; see recompute_method). The teacher
+    pass (eval mode, no grad) never recomputes."""
+    recompute_method: RecomputeMethod = "uniform"
+    """Full recomputation only: uniform (the stage's layers in units of recompute_num_layers, each unit
+    keeping its input) or block (the first recompute_num_layers layers of each stage recomputed, the rest
+    kept: less recompute time when memory allows)."""
+    recompute_num_layers: int | None = None
+    """Full recomputation only: layers per unit (uniform; null = 1, the least memory) or layers recomputed
+    per pipeline stage (block; null = all of them)."""
 
 
 @dataclass
@@ -76,6 +90,11 @@ class ParallelConfig:
     ep x etp x pp must divide the world size)."""
     etp: int | None = None
     """Expert tensor-parallel size (MoE; must divide moe_intermediate_size); null = parallel.tp."""
+    cp: int = 1
+    """Context-parallel size (Megatron's load-balanced 2 x cp sequence chunks; needs Transformer Engine's
+    attention). Only 1 runs today: start-up refuses cp > 1 with one error (without Transformer Engine: that it
+    is missing; with it: that the training step's CP path is not wired yet, `step/context_parallel.py` holds
+    its response-position index math)."""
 
 
 @dataclass
@@ -276,6 +295,12 @@ class TrainConfig:
     """Seed of model init noise, data order and (per step) rollout sampling."""
     pad_to_multiple: int = 8
     """Micro-batch sequence length is rounded up to this (one fixed length per micro-batch for p2p)."""
+    group_by_length: bool = False
+    """Sort each replica's samples by length into micro-batches, each padded to its own longest sequence
+    (else every micro-batch is padded to the replica's longest); same loss and gradients, less padding with
+    long-tailed response lengths (`batch/padding_fraction`). Pipeline parallelism sends the shapes between
+    stages (Megatron's variable_seq_lengths); MoE models with the allgather dispatcher (CPU) at pp > 1 keep
+    one length per step (said once at start-up)."""
 
 
 @dataclass
@@ -290,6 +315,11 @@ class CheckpointConfig:
     """Resume from this checkpoint directory instead of the latest one."""
     exit_signal_grace_s: float = 120.0
     """On SIGTERM/SIGUSR1, finish the current step, save and exit; give up saving after this many seconds."""
+    stop_deadline_s: float | None = None
+    """After a stop signal, the checkpoint is written within this many seconds: a step that would end too late
+    (estimated from the last steps' and the last save's durations) is abandoned at a safe point (after the
+    rollout, before the optimizer update) and the last completed step is saved instead (exit_signal_grace_s
+    stays the hard bound). null: finish the step whatever it takes."""
     export_hf: bool = True
     """Write a Hugging Face checkpoint to output_dir/hf at the end."""
     export_hf_interval: int = 0

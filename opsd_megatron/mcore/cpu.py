@@ -10,6 +10,9 @@ in `opsd_megatron.mcore.patches` with the library version it was written for; a 
   `model_parallel_cuda_manual_seed` (data-parallel seed, tensor-parallel seed = seed + 2718 + tp_rank).
 * Devices: a `TorchFunctionMode` maps `device="cuda"`, `device=<int>` and `Tensor.cuda()` to CPU,
   `pin_memory=True` to False; `torch.cuda.synchronize` becomes a no-op and `current_device()` returns "cpu".
+* Activation recomputation: Megatron's checkpoint function saves and restores the CUDA generator's state
+  next to the CPU one; on CPU there is none (an empty state, restored as a no-op); the forward it recomputes
+  inside backward (where the device mode below is not active) runs under that mode (`_fork_rng_cpu`).
 * Grad clipping: `clip_grad_by_total_norm_fp32` without the `torch.cuda.FloatTensor` assertion.
 
 Library code calls `opsd_megatron.mcore.parallel.initialize`, which calls `install()`; nothing else needs to
@@ -125,6 +128,23 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.mul_(clip_coeff)
 
 
+def _no_cuda_rng_state(*_a, **_k) -> torch.Tensor:
+    """CPU stand-in of Megatron's `_get_cuda_rng_state`: no CUDA generator, an empty state."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+@contextlib.contextmanager
+def _fork_rng_cpu() -> Iterator[None]:
+    """Megatron's `_fork_rng` (restore the RNG states after the block) with the cuda->cpu device mode
+    entered for the block: the recomputation of activation checkpointing runs inside autograd's backward."""
+    states = mrandom._get_all_rng_states()
+    try:
+        with _CudaToCpuMode():
+            yield
+    finally:
+        mrandom._set_all_rng_states(*states)
+
+
 def _replacements() -> list[tuple[str, Any]]:
     """(registry name in `patches.PATCHES`, new value) of every attribute the shim replaces."""
     return [
@@ -135,6 +155,9 @@ def _replacements() -> list[tuple[str, Any]]:
         ("megatron.rng_tracker_class", CpuRNGStatesTracker),
         ("megatron.rng_tracker", CpuRNGStatesTracker()),
         ("megatron.rng_tracker_initialized", True),
+        ("megatron.get_cuda_rng_state", _no_cuda_rng_state),
+        ("megatron.set_cuda_rng_state", lambda *a, **k: None),
+        ("megatron.fork_rng", _fork_rng_cpu),
         ("megatron.clip_grads", _clip_grad_by_total_norm_fp32),
         ("megatron.optimizer_clip_grads", _clip_grad_by_total_norm_fp32),
     ]

@@ -33,6 +33,7 @@ from opsd_megatron.mcore.dtypes import torch_dtype
 from opsd_megatron.mcore.lora import apply_lora, lora_shard_hook
 from opsd_megatron.mcore.lora.moe_checks import check_lora_backend
 from opsd_megatron.mcore.models import ModelInfo, build_model, model_info
+from opsd_megatron.mcore.models.builder import check_context_parallel
 from opsd_megatron.mcore.models.moe import router_loss_overrides
 from opsd_megatron.mcore.parallel import ParallelState
 from opsd_megatron.mcore.versions import check_versions
@@ -80,6 +81,7 @@ class RunState:
     engine: RolloutEngine | None = None
     collector: RolloutCollector | None = None
     syncer: WeightSyncer | None = None
+    safe_point: Callable[[str], None] | None = None  # the step's abandon check (run.signals.StopDeadline)
 
     @property
     def shard_hook(self) -> Callable | None:
@@ -98,6 +100,7 @@ def start(cfg: OPSDConfig) -> tuple[ParallelState, JobWatchdog | None, int, torc
     dp = validate_world(cfg, ps.world_size)
     validate_model(cfg)
     check_lora_backend(cfg)  # expert adapters vs grouped-GEMM experts (CUDA + TE)
+    check_context_parallel(cfg.parallel.cp)  # needs Transformer Engine; one error, before any model is built
     dtype = torch_dtype(cfg.model.dtype)
     if dtype != torch.float32 and not torch.cuda.is_available():
         raise ConfigError(
@@ -127,8 +130,12 @@ def load_data(cfg: OPSDConfig, rank: int) -> tuple[Any, int, list[Problem], dict
 def build_chunks(cfg: OPSDConfig, dtype: torch.dtype, *, initialize: bool) -> list:
     """This rank's model chunks (MoE router-loss settings applied); with `initialize`, the HF weights."""
     moe = router_loss_overrides(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff)
-    chunks = build_model(cfg.model.path, dtype, perform_initialization=False, use_te=cfg.model.use_te,
-                         sequence_parallel=cfg.parallel.sequence_parallel, **moe)  # fmt: skip
+    m = cfg.model
+    chunks = build_model(m.path, dtype, perform_initialization=False, use_te=m.use_te,
+                         sequence_parallel=cfg.parallel.sequence_parallel, recompute=m.recompute,
+                         recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers,
+                         variable_seq_lengths=cfg.train.group_by_length and cfg.parallel.pp > 1,
+                         **moe)  # fmt: skip
     if initialize:
         load_hf_weights(chunks, cfg.model.path)
     return chunks

@@ -47,7 +47,7 @@ from opsd_megatron.rollout.refresh.drift import DriftGuard
 from opsd_megatron.run.checkpointing import mark_reason, save_checkpoint
 from opsd_megatron.run.preflight import record_config
 from opsd_megatron.run.setup import build_state, resume
-from opsd_megatron.run.signals import StopSignals, any_rank_stopped
+from opsd_megatron.run.signals import StepAbandoned, StopDeadline, StopSignals, any_rank_stopped
 from opsd_megatron.run.watchdog import ends_job_on_error
 from opsd_megatron.step.offload import TrainStateOffload, free_cached_memory
 from opsd_megatron.step.opsd import OPSDStep
@@ -79,8 +79,13 @@ class Trainer:
         if resumed is not None:
             self.refresh()  # the engine started from the HF weights; give it the resumed ones
         self.start_step = self.step
-        # SIGTERM/SIGUSR1/SIGINT: finish the step, save, exit; a second Ctrl-C exits at once.
-        self.stop_signals = StopSignals(cfg.checkpoint.exit_signal_grace_s, st.ps.rank).install()
+        # SIGTERM/SIGUSR1/SIGINT: finish the step (or abandon it: checkpoint.stop_deadline_s), save, exit; a
+        # second Ctrl-C exits at once.
+        c = cfg.checkpoint
+        self.stop_signals = StopSignals(c.exit_signal_grace_s, st.ps.rank).install()
+        self.deadline = StopDeadline(self.stop_signals, c.stop_deadline_s, st.ps.world_size)
+        st.safe_point = self.deadline.safe_point if c.stop_deadline_s is not None else None
+        self.saved: tuple[int, Path | None] | None = (self.step, None) if resumed is not None else None
         if st.ps.rank == 0:
             record_config(cfg, st.out)  # config.yaml + config_history/NNN_<time>.yaml
         self.metrics = MetricsLogger(st.out, cfg.logging, total_steps=cfg.train.steps, start_step=self.step,
@@ -98,7 +103,11 @@ class Trainer:
         """Run from `self.step` to `train.steps`; returns the metric rows of this call."""
         cfg, rows = self.cfg, []
         while self.step < cfg.train.steps:
-            m, samples, divergences = self.train_step()
+            try:
+                m, samples, divergences = self.train_step()
+            except StepAbandoned:  # weights, optimizer, schedule: those of the last completed step
+                self._save_abandoned()
+                return rows
             stop = any_rank_stopped(self.stop_signals, self.state.ps.world_size)
             # Save before evaluating: an evaluation that fails or is cut must not cost the step.
             saved = self._save_step(stop)
@@ -125,6 +134,7 @@ class Trainer:
         cfg, st, engine = self.cfg, self.state, self.strategy.needs_engine
         sleep = engine and cfg.rollout.sleep_between_rollouts
         t0 = time.perf_counter()
+        self.deadline.step_started()
         with self.offload.during_generation():  # rollout.offload_train_state
             samples, stats = self.strategy.samples(self.step)
         t1 = time.perf_counter()
@@ -146,6 +156,7 @@ class Trainer:
         if engine and cfg.rollout.drift_threshold is not None:
             DriftGuard(cfg.rollout.drift_threshold, "drift/mean_abs_logprob").check(m, step=self.step)
         m["time/step_s"] = time.perf_counter() - t0
+        self.deadline.step_finished()
         m["throughput/response_tokens_per_s"] = m["response_tokens"] / m["time/step_s"]
         return m, samples, out.divergences
 
@@ -183,6 +194,16 @@ class Trainer:
             mark_reason(saved, "signal")
         self.stop_signals.cancel()
         return True
+
+    def _save_abandoned(self) -> None:
+        """After `StepAbandoned`: the last completed step's checkpoint (saved now unless it already is),
+        marked as the signal's stop. Collective."""
+        if self.saved is not None and self.saved[0] == self.step:
+            if self.saved[1] is not None:
+                mark_reason(self.saved[1], "signal")
+        else:
+            self.save("signal")
+        self.stop_signals.cancel()
 
     def _log_rollouts(self, samples: list[Sample], divergences: list | None) -> None:
         """A few of rank 0's rollouts of this step to rollouts.jsonl (every logging.rollout_interval)."""
@@ -225,9 +246,12 @@ class Trainer:
 
     def save(self, reason: str) -> Path:
         """Checkpoint of the current step (model, optimizer, scheduler, teacher, RNG, config). Collective."""
-        st = self.state
-        return save_checkpoint(st.ckpt_root, self.step, st.chunks, st.optimizer, st.scheduler,
+        st, t0 = self.state, time.perf_counter()
+        path = save_checkpoint(st.ckpt_root, self.step, st.chunks, st.optimizer, st.scheduler,
                                teacher=st.teacher, reason=reason, config=self.cfg.to_dict())  # fmt: skip
+        self.deadline.save_took(time.perf_counter() - t0)
+        self.saved = (self.step, path)
+        return path
 
     def export_hf(self, out_dir: Path) -> None:
         """Write an HF checkpoint (LoRA merged) loadable by `transformers` and, with LoRA, the PEFT adapter

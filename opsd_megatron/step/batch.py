@@ -10,10 +10,14 @@ Causal LMs predict token i+1 from position i, so the next-token distribution for
 teacher's: the one-token shift is explicit, and the j-th entries of both index rows refer to the same sampled
 token `response_ids[j]`. `loss_mask[j]` is 1 for every sampled token (the EOS included; truncated samples keep
 all tokens) and 0 for the padding that makes rows of a micro-batch the same length. Sequences are padded at
-the END only (to one fixed length per forward_backward call, as pipeline p2p needs), which a causal model
-never sees.
+the END only, which a causal model never sees: to one length per step, or, with `group_by_length`
+(`train.group_by_length`), samples sorted by length into micro-batches each padded to its own longest
+sequence (Megatron runs micro-batches of different lengths: the no-pipelining schedule takes any shape, and
+pipeline p2p sends the shapes first with `config.variable_seq_lengths`).
 
     mb = pack_microbatch(samples, pad_id=0, student_len=64, teacher_len=96)
+    mbs = pack_step(samples, micro_batch_size=2, pad_id=0, group_by_length=True)   # mb.sample_ids: order
+    padding_fraction(mbs)                                  # padded share of the packed student+teacher tokens
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class MicroBatch:
     num_tokens: int  # loss_mask.sum()
     student_lengths: torch.Tensor | None = None  # [b] int64: unpadded student length (prompt + response)
     teacher_lengths: torch.Tensor | None = None  # [b] int64: unpadded teacher length
+    sample_ids: list[int] | None = None  # indices of the rows in the step's sample list (None: in order)
 
     def to(self, device: torch.device | str) -> MicroBatch:
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -109,35 +114,85 @@ def pack_microbatch(
                       s_len, t_len)  # fmt: skip
 
 
+def length_order(samples: Sequence[Sample]) -> list[int]:
+    """Sample indices, longest (student + teacher) sequence first; ties keep their order (stable)."""
+    cost = [len(x.student_prompt) + len(x.teacher_prompt) + 2 * len(x.response) for x in samples]
+    return sorted(range(len(samples)), key=lambda i: -cost[i])
+
+
+def _uniform_lengths(lengths: list[tuple[int, int]], group: Any) -> list[tuple[int, int]]:
+    """Element-wise MAX of the per-micro-batch (S, T) over `group` (collective: one all-reduce of 2·M ints;
+    every rank has the same number M of micro-batches)."""
+    t = torch.tensor([x for st in lengths for x in st], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [(int(t[2 * k]), int(t[2 * k + 1])) for k in range(len(lengths))]
+
+
 def pack_step(
     samples: Sequence[Sample], *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8,
-    uniform_group: Any = None,
+    uniform_group: Any = None, group_by_length: bool = False,
 ) -> list[MicroBatch]:  # fmt: skip
-    """Split a replica's samples into micro-batches that all share one (student, teacher) padded length.
+    """Split a replica's samples into micro-batches.
 
-    One length per forward_backward call is what pipeline-parallel p2p needs (tensor shapes are fixed).
-    `uniform_group`: a process group over which every rank pads to the longest rank's lengths (collective:
-    all-reduce MAX of 2 ints over it).
+    Default: in order, all sharing one (student, teacher) padded length (one shape for the whole
+    forward_backward call). `group_by_length`: samples sorted longest first (`length_order`), each
+    micro-batch padded to its own longest sequence (rounded to `pad_to_multiple`); `mb.sample_ids` say which
+    samples it holds. The loss is normalised by the global token count either way, so grouping changes the
+    gradient only by summation order. `uniform_group`: a process group over which every rank pads to the
+    longest rank's lengths (per micro-batch when grouping; collective: one all-reduce MAX over it).
     """
     if len(samples) % micro_batch_size:
         raise ValueError(f"{len(samples)} samples are not divisible by micro_batch_size={micro_batch_size}.")
-    need_s, need_t = sequence_lengths(samples)
-    S, T = round_up(need_s, pad_to_multiple), round_up(need_t, pad_to_multiple)
+    order = length_order(samples) if group_by_length else list(range(len(samples)))
+    groups = [order[k : k + micro_batch_size] for k in range(0, len(order), micro_batch_size)]
+    if group_by_length:
+        need = [sequence_lengths([samples[i] for i in g]) for g in groups]
+    else:
+        need = [sequence_lengths(samples)] * len(groups)
+    lengths = [(round_up(s, pad_to_multiple), round_up(t, pad_to_multiple)) for s, t in need]
     if uniform_group is not None:
-        lengths = torch.tensor([S, T])
-        dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=uniform_group)
-        S, T = int(lengths[0]), int(lengths[1])
-    return [
-        pack_microbatch(samples[k : k + micro_batch_size], pad_id=pad_id, student_len=S, teacher_len=T)
-        for k in range(0, len(samples), micro_batch_size)
-    ]
+        lengths = _uniform_lengths(lengths, uniform_group)
+    out = []
+    for g, (S, T) in zip(groups, lengths):
+        mb = pack_microbatch([samples[i] for i in g], pad_id=pad_id, student_len=S, teacher_len=T)
+        mb.sample_ids = g if group_by_length else None
+        out.append(mb)
+    return out
+
+
+def padding_fraction(mbs: Sequence[MicroBatch], *, teacher: bool = True) -> tuple[float, float]:
+    """(padded positions, all positions) of the packed student (and, with `teacher`, teacher) sequences of
+    `mbs`; the padded share is their ratio (`batch/padding_fraction`)."""
+    total = sum(m.student_tokens.numel() + (m.teacher_tokens.numel() if teacher else 0) for m in mbs)
+    real = sum(int(m.student_lengths.sum()) + (int(m.teacher_lengths.sum()) if teacher else 0) for m in mbs)
+    return float(total - real), float(total)
+
+
+def in_sample_order(rows: list, mbs: Sequence[MicroBatch], micro_batch_size: int) -> list:
+    """Per-micro-batch `(per_token [b, R], mask [b, R])` pairs of length-grouped `mbs` back in the step's
+    sample order, regrouped `micro_batch_size` rows at a time (R: the group's longest, zero-padded)."""
+    if all(m.sample_ids is None for m in mbs):
+        return rows
+    by_id = {}
+    for (d, mask), mb in zip(rows, mbs):
+        for i, sid in enumerate(mb.sample_ids):
+            by_id[sid] = (d[i], mask[i])
+    out = []
+    for k in range(0, len(by_id), micro_batch_size):
+        part = [by_id[i] for i in range(k, min(k + micro_batch_size, len(by_id)))]
+        R = max(d.shape[0] for d, _ in part)
+        d = torch.stack([torch.nn.functional.pad(x, (0, R - x.shape[0])) for x, _ in part])
+        m = torch.stack([torch.nn.functional.pad(x, (0, R - x.shape[0])) for _, x in part])
+        out.append((d, m))
+    return out
 
 
 def pack_for_step(
     samples: Sequence[Sample], *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8, tp: int = 1,
-    sequence_parallel: bool = False, uniform_group: Any = None,
+    sequence_parallel: bool = False, uniform_group: Any = None, group_by_length: bool = False,
 ) -> list[MicroBatch]:  # fmt: skip
-    """The one packing of a training step (OPSD and SFT): `pack_step` with lengths a multiple of
+    """The one packing of a training step (OPSD and SFT): `pack_step` (length-grouped with
+    `group_by_length`) with lengths a multiple of
     lcm(`pad_to_multiple`, `tp`) under sequence parallelism (which splits the sequence over the TP ranks),
     and, with `uniform_group` (MoE at DP > 1: Megatron's token dispatch all-gathers hidden states over the
     expert-parallel ranks, which are data-parallel replicas, and needs equal token counts), one padded length
@@ -145,7 +200,8 @@ def pack_for_step(
     if sequence_parallel:
         pad_to_multiple = math.lcm(pad_to_multiple, tp)
     return pack_step(samples, micro_batch_size=micro_batch_size, pad_id=pad_id,
-                     pad_to_multiple=pad_to_multiple, uniform_group=uniform_group)  # fmt: skip
+                     pad_to_multiple=pad_to_multiple, uniform_group=uniform_group,
+                     group_by_length=group_by_length)  # fmt: skip
 
 
 def gather_positions(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,13 @@ from opsd_megatron.losses import fused_linear_divergence
 from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
 from opsd_megatron.observe.metrics import reduce_sums
 from opsd_megatron.rollout.base import Sample
-from opsd_megatron.step.batch import MicroBatch, gather_positions, skip_first_tokens
+from opsd_megatron.step.batch import (
+    MicroBatch,
+    gather_positions,
+    in_sample_order,
+    padding_fraction,
+    skip_first_tokens,
+)
 from opsd_megatron.step.protocol import StepOutput, global_tokens, optimizer_step, pack, zero_grads
 from opsd_megatron.step.teacher import Teacher, make_teacher
 
@@ -224,6 +230,7 @@ def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: b
     one all-reduce SUM over the world."""
     w = 1.0 if reporter else 0.0
     vec = {k: w * sums[k] for k in SUM_KEYS}
+    vec.update(pad=w * sums.get("pad_positions", 0.0), positions=w * sums.get("positions", 0.0))
     acc = rollout_stats["rollout/accuracy"]
     graded = w * n_samples if acc == acc else 0.0
     vec.update(acc_sum=graded * (acc if acc == acc else 0.0), acc_n=graded, samples=w * n_samples)
@@ -243,6 +250,7 @@ def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: b
         "rollout/truncation_rate": g["rollout/truncation_rate"] / s,
         "drift/mean_abs_logprob": g["drift_abs"] / n,
         "drift/mult_prob_err": g["drift_mult"] / n,
+        "batch/padding_fraction": g["pad"] / max(g["positions"], 1.0),
     }
 
 
@@ -311,6 +319,9 @@ class OPSDStep:
         zero_grads(st)
         divergences = [] if capture else None
         sums = self.forward_backward_step(mbs, teacher, g, divergences)
+        sums["pad_positions"], sums["positions"] = padding_fraction(mbs)
+        if divergences:  # rollouts.jsonl pairs them with the samples in the step's order
+            divergences = in_sample_order(divergences, mbs, st.cfg.train.micro_batch_size)
         ok, grad_norm = optimizer_step(st)
         st.teacher.after_optimizer_step()
         t2 = time.perf_counter()

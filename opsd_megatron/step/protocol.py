@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.config import OPSDConfig
+from opsd_megatron.mcore.models.builder import unwrap
 from opsd_megatron.rollout.base import Sample
 from opsd_megatron.step.batch import MicroBatch, pack_for_step
 from opsd_megatron.step.teacher import Teacher
@@ -73,11 +74,22 @@ def pack(state: RunState, samples: list[Sample]) -> list[MicroBatch]:
     """`pack_for_step` for this run's layout: sequence-parallel rounding, and one padded length over DP for
     MoE models at DP > 1 (EP ranks all-gather tokens; at every EP size, so the routed padding and the router
     aux loss do not depend on EP). Collective over DP in the MoE case."""
+    if state.safe_point is not None:  # after the rollout: a stop deadline may abandon the step here
+        state.safe_point("after the rollout")
     cfg = state.cfg
     uniform = state.ps.dp_group if state.info.spec.is_moe and state.dp > 1 else None
     return pack_for_step(samples, micro_batch_size=cfg.train.micro_batch_size, pad_id=state.pad_id,
                          pad_to_multiple=cfg.train.pad_to_multiple, tp=state.ps.tp,
-                         sequence_parallel=cfg.parallel.sequence_parallel, uniform_group=uniform)  # fmt: skip
+                         sequence_parallel=cfg.parallel.sequence_parallel, uniform_group=uniform,
+                         group_by_length=group_by_length(state))  # fmt: skip
+
+
+def group_by_length(state: RunState) -> bool:
+    """`train.group_by_length`, when the model can run it: at PP > 1 the chunks' config must send shapes
+    between stages (`variable_seq_lengths`, set at build unless the MoE dispatcher refuses it)."""
+    if not state.cfg.train.group_by_length:
+        return False
+    return state.ps.pp == 1 or bool(getattr(unwrap(state.chunks[0]).config, "variable_seq_lengths", False))
 
 
 def global_tokens(state: RunState, mbs: list[MicroBatch]) -> int:
@@ -97,7 +109,17 @@ def zero_grads(state: RunState) -> None:
 
 
 def optimizer_step(state: RunState) -> tuple[bool, float]:
-    """Megatron optimizer step (grad-norm clipping) and one scheduler step: (update_ok, grad_norm)."""
+    """Megatron optimizer step (grad-norm clipping) and one scheduler step: (update_ok, grad_norm).
+
+    Before it, the stop deadline's safe point (`state.safe_point`): when it abandons the step the
+    gradients are zeroed and `run.signals.StepAbandoned` propagates; weights, optimizer and schedule are
+    those of the last completed step."""
+    if state.safe_point is not None:
+        try:
+            state.safe_point("before the optimizer step")
+        except Exception:
+            zero_grads(state)
+            raise
     ok, grad_norm, _ = state.optimizer.step()
     state.scheduler.step(increment=1)
     return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")

@@ -24,7 +24,7 @@ from opsd_megatron.losses._math import shard_layout
 from opsd_megatron.mcore.models.forward import output_weight
 from opsd_megatron.observe.metrics import reduce_sums
 from opsd_megatron.rollout.base import Sample
-from opsd_megatron.step.batch import MicroBatch, gather_positions
+from opsd_megatron.step.batch import MicroBatch, gather_positions, padding_fraction
 from opsd_megatron.step.opsd import student_forward_backward
 from opsd_megatron.step.protocol import StepOutput, global_tokens, optimizer_step, pack, zero_grads
 from opsd_megatron.step.teacher import Teacher, make_teacher
@@ -89,6 +89,9 @@ class SFTStep:
         loss = partial(self.loss, scale, weight)
         sums = student_forward_backward(st.chunks, mbs, [None] * len(mbs), loss, ("loss_sum", "tokens"),
                                         micro_batch_size=st.cfg.train.micro_batch_size)  # fmt: skip
+        # counted like the loss sums: on the last stage (metrics divide by TP), zeros elsewhere
+        pad = padding_fraction(mbs, teacher=False) if st.ps.is_last_stage else (0.0, 0.0)
+        sums["pad_positions"], sums["positions"] = pad
         ok, grad_norm = optimizer_step(st)
         return StepOutput(sums, grad_norm, ok)
 
@@ -96,4 +99,5 @@ class SFTStep:
         # Each TP rank of the last stage holds the same (all-reduced) loss: count it once.
         g = reduce_sums({k: v / self.state.ps.tp for k, v in out.sums.items()})
         return {"loss": g["loss_sum"] / max(g["tokens"], 1.0), "response_tokens": g["tokens"],
-                "grad_norm": out.grad_norm, "update_ok": float(out.update_ok)}  # fmt: skip
+                "grad_norm": out.grad_norm, "update_ok": float(out.update_ok),
+                "batch/padding_fraction": g["pad_positions"] / max(g["positions"], 1.0)}  # fmt: skip

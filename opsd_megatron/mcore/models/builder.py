@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from opsd_megatron.config import ConfigError
 from opsd_megatron.config.schema import UseTE, choice_text, is_choice
 from opsd_megatron.mcore import parallel
 from opsd_megatron.mcore.layout import check_pipeline_layers
@@ -77,6 +79,8 @@ _OPTIONAL_CONFIG_KEYS = {
     "pipeline_dtype",
 }
 
+
+_LOGGED: set[str] = set()  # messages said once per process
 
 _TE_STATUS: list = []  # [None] when Transformer Engine imports, else [why not]; filled on first use
 
@@ -122,6 +126,25 @@ def resolve_use_te(setting: UseTE | str | None = "auto") -> bool:
         say("Transformer Engine not used (model.use_te=auto): import failed with %s; "
             "building Megatron's local layer spec.", why)  # fmt: skip
     return why is None
+
+
+def check_context_parallel(cp: int) -> None:
+    """`parallel.cp` at start-up: 1 passes; > 1 is one `ConfigError`: Megatron's context parallelism runs in
+    Transformer Engine's attention only (the local spec's refuses it), so without TE that is the message;
+    with TE, the training step's CP path (split per CP rank, response positions via
+    `step.context_parallel`, loss over the CP group) is not wired yet."""
+    if cp <= 1:
+        return
+    why = te_import_error()
+    if why is not None:
+        raise ConfigError(
+            f"config key 'parallel.cp': {cp} needs Transformer Engine (Megatron's context parallelism runs "
+            f"in its attention only); transformer_engine.pytorch: {why}."
+        )
+    raise ConfigError(
+        f"config key 'parallel.cp': {cp} is not supported yet: the training step has no context-parallel "
+        "path (only its index math exists, step/context_parallel.py); use 1."
+    )
 
 
 def _pad_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -212,6 +235,18 @@ def transformer_config(
     )
     if spec.is_moe:
         kw.update(moe_config_kwargs(spec, ep=ep, etp=etp, grouped_gemm=on_cuda and have_te()))
+    if overrides.get("variable_seq_lengths") and not spec.is_moe:
+        # Megatron refuses variable lengths with its default (allgather) dispatcher even without experts
+        kw["moe_token_dispatcher_type"] = "alltoall"  # unused: a dense model has no MoE layer
+    if overrides.get("variable_seq_lengths") and kw.get("moe_token_dispatcher_type") == "allgather":
+        overrides = {k: v for k, v in overrides.items() if k != "variable_seq_lengths"}
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if "variable_seq_lengths" not in _LOGGED and rank == 0:
+            _LOGGED.add("variable_seq_lengths")
+            log.warning(
+                "train.group_by_length: Megatron's allgather MoE token dispatcher (CPU) does not "
+                "take variable sequence lengths between pipeline stages; one padded length per step."
+            )
     if pipeline_layers is not None and pp > 1:
         kw["num_layers_in_first_pipeline_stage"] = pipeline_layers[0]
         kw["num_layers_in_last_pipeline_stage"] = pipeline_layers[-1]
@@ -220,7 +255,32 @@ def transformer_config(
     known = {f.name for f in dataclasses.fields(TransformerConfig)}
     for key in _OPTIONAL_CONFIG_KEYS - known:
         kw.pop(key, None)
-    return TransformerConfig(**kw)
+    with warnings.catch_warnings():
+        if not have_te():  # Megatron's advice for TE's fused attention; without TE the attention is the
+            # local spec's unfused one, whose [b, heads, s, s] scores selective recompute does drop
+            warnings.filterwarnings("ignore", message=".*core_attn is from transformer_engine.*")
+        return TransformerConfig(**kw)
+
+
+def recompute_overrides(mode: str = "none", method: str = "uniform", num_layers: int | None = None,
+                        total_layers: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """`TransformerConfig` keys for `model.recompute` (none | selective | full): {} for none; selective:
+    Megatron's core-attention recomputation (`recompute_modules=["core_attn"]`, the local spec's
+    `DotProductAttention` and TE's alike); full: `recompute_method` uniform (units of `num_layers`, default
+    1) or block (`num_layers` layers per stage, default `total_layers`: all of them). Megatron recomputes
+    only in training mode (`module.training`), so a forward-only pass in eval mode (the teacher's) keeps
+    nothing and recomputes nothing."""
+    if mode == "none":
+        return {}
+    if mode == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if mode != "full":
+        raise ValueError(f"model.recompute must be none, selective or full, got {mode!r}.")
+    if num_layers is None:
+        num_layers = 1 if method == "uniform" else total_layers
+    if num_layers is None or num_layers < 1:
+        raise ValueError("model.recompute_num_layers must be >= 1 (block recompute needs the layer count).")
+    return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
 
 
 def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
@@ -259,6 +319,9 @@ def build_model(
     padded_vocab_size: int | None = None,
     perform_initialization: bool = True,
     sequence_parallel: bool = False,
+    recompute: str = "none",
+    recompute_method: str = "uniform",
+    recompute_num_layers: int | None = None,
     **config_overrides: Any,
 ) -> list:
     """Build this rank's model chunks (one `GPTModel` per chunk; pre/post_process set by PP stage).
@@ -269,6 +332,7 @@ def build_model(
     `sequence_parallel=True` (TP > 1) turns on Megatron's sequence parallelism: activations outside the
     tensor-parallel regions are split over the sequence (`models.forward.hidden_states_forward` gathers
     the last stage's output).
+    `recompute` / `recompute_method` / `recompute_num_layers`: `model.recompute*` (`recompute_overrides`).
     `padded_vocab_size` overrides Megatron's padding (e.g. to load a checkpoint saved at another TP).
     Weights are randomly initialised (or uninitialised with perform_initialization=False): load them with
     `opsd_megatron.mcore.conversion.load_hf_weights`. Collective: with PP > 1 and tied embeddings, the first
@@ -297,6 +361,7 @@ def build_model(
         pipeline_layers=pipeline_layers,
         perform_initialization=perform_initialization,
         sequence_parallel=sequence_parallel,
+        **recompute_overrides(recompute, recompute_method, recompute_num_layers, spec.num_layers),
         **config_overrides,
     )
     te = resolve_use_te(use_te)
