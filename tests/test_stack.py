@@ -220,3 +220,10 @@ def test_an_unregistered_private_touch_fails():
     assert sorted(new) == ["'_TP'", "'_engine_core_client'", "'_inductor'", "'_private_state'"], out
     assert any(o.startswith("opsd_megatron.run.other:2 touches '_WORLD'") for o in out), out
     assert len(out) == 5, out  # cpu.py's registered name stays covered
+
+
+def test_docs_table_lists_the_registry():
+    """docs/private_apis.md has one row per registered patch, no more."""
+    text = (ROOT / "docs" / "private_apis.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `")}
+    assert rows == set(patches.PATCHES), sorted(rows ^ set(patches.PATCHES))
