@@ -341,6 +341,11 @@ def target(name: str) -> tuple[Any, str] | None:
         return None
 
 
+def module_of(name: str) -> str:
+    """The module part of registered patch `name`'s target (e.g. a library logger's name)."""
+    return PATCHES[name].target.partition(":")[0]
+
+
 def check_instance(name: str, obj: Any) -> None:
     """Raise `PatchTargetMissing` (required) or warn once (optional) when `obj` lacks the instance attribute
     registered as `name` (an `instance=True` patch, e.g. TE's `return_layernorm_output`)."""

@@ -88,7 +88,7 @@ class _ExpectedReloadGaps(logging.Filter):
 
 def _quiet_expected_reload_gaps(tied: bool) -> None:
     expected = ("RotaryEmbedding", "ParallelLMHead") if tied else ("RotaryEmbedding",)
-    target = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    target = logging.getLogger(patches.module_of("vllm.reload_gap_log"))  # the layerwise reload's logger
     for f in [f for f in target.filters if isinstance(f, _ExpectedReloadGaps)]:
         target.removeFilter(f)
     target.addFilter(_ExpectedReloadGaps(expected))
