@@ -34,13 +34,18 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--data", required=True, help="jsonl with a 'problem' per row")
     ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=-1)
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.engine_model)
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
     dtype = getattr(torch, args.dtype)
     scorer = AutoModelForCausalLM.from_pretrained(args.scorer_model or args.engine_model, dtype=dtype).eval()
     engine = VLLMEngine(args.engine_model, dtype=args.dtype, seed=0, max_model_len=256)
-    sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=48)
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=48
+    )
     for b in range(args.batches):
         chunk = rows[BATCH * b : BATCH * (b + 1)]
         prompts = [
@@ -50,14 +55,15 @@ def main() -> None:
             for r in chunk
         ]  # fmt: skip
         outs = engine.generate(prompts, sampling, seeds=list(range(BATCH * b, BATCH * (b + 1))))
-        lp_engine, lp_scorer = [], []
+        lp_engine, lp_scorer = [], []  # [r] per sample
         for prompt, samples in zip(prompts, outs):
             ids = samples[0].token_ids
             with torch.no_grad():
                 logits = (
                     scorer(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float()
                 )  # [r, v]
-            lp_scorer.append(vocab_parallel_token_logprobs(logits, torch.tensor(ids), sampling))
+            lp = vocab_parallel_token_logprobs(logits, torch.tensor(ids), sampling)
+            lp_scorer.append(lp.clamp(min=-30.0))  # as the trainer's drift sums: a masked token counts 30
             lp_engine.append(torch.tensor(samples[0].logprobs))
         m = compute_drift(torch.cat(lp_engine)[None], torch.cat(lp_scorer)[None])
         print(
