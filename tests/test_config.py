@@ -83,6 +83,7 @@ BAD = [
     ("loss:\n  kind: kl\n", [], "config key 'loss.kind': must be one of forward_kl, reverse_kl, jsd"),
     ("train:\n  global_batch_size: 10\n  micro_batch_size: 4\n", [], "'train.global_batch_size': 10 is not"),
     ("", ["rollout.top_p=1.5"], "config key 'rollout.top_p': must be in (0, 1]"),
+    ("", ["rollout.drift_threshold=0"], "config key 'rollout.drift_threshold': must be > 0 or null"),
     ("", ["loss.beta=0.5"], "config key 'loss.beta': is only used with loss.kind=jsd"),
     ("", ["optimizer.lr=-1"], "config key 'optimizer.lr': must be > 0"),
     ("", ["parallel.sequence_parallel=true"], "config key 'parallel.sequence_parallel': needs tp > 1"),

@@ -50,6 +50,71 @@ def test_moved_target_is_loud(monkeypatch, caplog):
     }
 
 
+def test_alternatives_params_and_instances(monkeypatch, caplog):
+    """`a|b` takes the first that exists (megatron-core 0.19 renamed the checkpoint-writer getter); `params`
+    checks the signature; an `instance=True` attribute is checked on an object."""
+    renamed = patches.Patch("test.renamed", "json:no_such_name|dumps", "torch", "2.13.0", "tests", "x",
+                            params=("obj", "indent"))  # fmt: skip
+    lost = patches.Patch(
+        "test.lost_param", "json:dumps", "torch", "2.13.0", "tests", "x", params=("tp_group",)
+    )
+    flag = patches.Patch(
+        "test.flag", "json:JSONEncoder.indent", "torch", "2.13.0", "tests", "x", instance=True
+    )
+    for x in (renamed, lost, flag):
+        monkeypatch.setitem(patches.PATCHES, x.name, x)
+    import json
+
+    assert patches.target("test.renamed") == (json, "dumps")
+    with pytest.raises(patches.PatchTargetMissing, match=r"dumps has no parameter \['tp_group'\]"):
+        patches.target("test.lost_param")
+    assert patches.target("test.flag") == (json.JSONEncoder, "indent")
+    patches.check_instance("test.flag", json.JSONEncoder())
+    with pytest.raises(patches.PatchTargetMissing, match="json.decoder.JSONDecoder instance has no 'indent'"):
+        patches.check_instance("test.flag", json.JSONDecoder())
+    found = patches.target("megatron.checkpoint_writer_queue")  # either name, on the installed release
+    assert found is not None and found[1] in ("_get_write_results_queue", "get_write_results_queue")
+
+
+def test_require_library_names_every_missing_required_patch(monkeypatch, caplog):
+    """Start-up check (VLLMEngine calls it for vLLM): one error naming each missing required target, one
+    warning per missing optional one, CPU-only ones skipped with CUDA."""
+    lib = "megatron-core"
+    for name, target, required, cpu_only in (
+        ("test.req_a", "json:gone_a", True, False),
+        ("test.req_b", "json.gone_module:f", True, False),
+        ("test.opt", "json:gone_c", False, False),
+        ("test.cpu", "json:gone_d", True, True),
+    ):
+        p = patches.Patch(name, target, lib, "0.16.1", "tests", "x", required=required, cpu_only=cpu_only)
+        monkeypatch.setitem(patches.PATCHES, name, p)
+    monkeypatch.setattr(patches, "_warned", set())
+    log = caplog.at_level(logging.WARNING, logger="opsd_megatron.mcore.patches")
+    with log, pytest.raises(patches.PatchTargetMissing) as e:
+        patches.require_library(lib, cuda=True)
+    msg = str(e.value)
+    assert "lacks private APIs this package needs (test.req_a, test.req_b)" in msg, msg
+    assert "json:gone_a" in msg and "json.gone_module:f" in msg and "test.cpu" not in msg
+    assert "json:gone_c" in caplog.text  # the optional one: warned
+    with pytest.raises(patches.PatchTargetMissing, match="test.req_a, test.req_b, test.cpu"):
+        patches.require_library(lib, cuda=False)
+
+
+def test_required_patches_are_the_result_changing_ones():
+    """A miss of these changes results (stale engine weights, a destroyed trainer world, wrong RNG streams,
+    wrong LoRA input): they must be required; the optional ones only degrade robustness or logs."""
+    for name in ("vllm.tied_lm_head_repack", "vllm.layerwise_reload", "vllm.lm_head_quant_method",
+                 "vllm.destroy_distributed_environment", "megatron.rng_name_model_parallel",
+                 "te.return_layernorm_output", "megatron.make_sharded_tensors"):  # fmt: skip
+        assert patches.PATCHES[name].required, name
+    optional = {n for n, p in patches.PATCHES.items() if not p.required}
+    assert optional == {
+        "torch.dynamo_recompile_limit", "megatron.checkpoint_writer_queue",
+        "megatron.checkpoint_writer_queue_state", "vllm.reload_gap_log", "vllm.inproc_client_finalizer",
+        "vllm.external_launcher_dist_args",
+    }  # fmt: skip
+
+
 _SCOPE_SCRIPT = """
 import torch
 from megatron.core.optimizer import clip_grads

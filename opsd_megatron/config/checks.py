@@ -122,6 +122,8 @@ def _check_rollout(cfg: OPSDConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}.")
     _check(0 <= r.min_p < 1, "rollout.min_p", f"must be in [0, 1), got {r.min_p}.")
     _check(r.bucket_mb > 0, "rollout.bucket_mb", f"must be > 0, got {r.bucket_mb}.")
+    _check(r.drift_threshold is None or r.drift_threshold > 0, "rollout.drift_threshold",
+           f"must be > 0 or null (only log the drift), got {r.drift_threshold}.")  # fmt: skip
     _check(
         r.tensor_parallel_size >= 1,
         "rollout.tensor_parallel_size",

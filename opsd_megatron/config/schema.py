@@ -37,6 +37,9 @@ RecomputeMethod = Literal["uniform", "block"]
 GPU_MEMORY_UTILIZATION = 0.3
 """Default vLLM share of GPU memory (`rollout.gpu_memory_utilization`, `rollout.make_engine`): the trainer
 shares the GPU with the engine."""
+DRIFT_THRESHOLD = 0.1
+"""Default `rollout.drift_threshold`: 10x the largest bf16 drift of a correct refresh measured
+(docs/performance.md, "Drift threshold")."""
 
 
 class ConfigError(ValueError):
@@ -184,8 +187,10 @@ class RolloutConfig:
     (exactly) before training (GPU only; on CPU a logged no-op; step/offload.py)."""
     bucket_mb: float = 256.0
     """Weight-refresh bucket size in MiB (peak extra memory of a refresh)."""
-    drift_threshold: float | None = None
-    """Stop when mean |logprob(vLLM) - logprob(trainer)| exceeds this; None only logs the drift."""
+    drift_threshold: float | None = DRIFT_THRESHOLD
+    """Stop when mean |logprob(engine) - logprob(trainer)| over a step's response tokens exceeds this (a stale
+    or wrongly mapped refresh); null only logs the drift. Default 0.1: correct refreshes measured at <= 1e-6
+    (fp32) and <= 0.01 (bf16), docs/performance.md "Drift threshold"."""
 
 
 @dataclass

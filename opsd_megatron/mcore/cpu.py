@@ -234,12 +234,16 @@ def cpu_model_parallel_manual_seed(seed: int, tp_rank: int, ep_rank: int = 0, et
     tracker = mrandom._CUDA_RNG_STATE_TRACKER
     tracker.reset()
     torch.manual_seed(seed)
-    tracker.add(getattr(mrandom, "_DATA_PARALLEL_RNG_TRACKER_NAME", "data-parallel-rng"), seed)
-    tracker.add(
-        getattr(mrandom, "_MODEL_PARALLEL_RNG_TRACKER_NAME", "model-parallel-rng"), seed + 2718 + tp_rank
-    )
-    ep_name = getattr(mrandom, "_EXPERT_PARALLEL_RNG_TRACKER_NAME", "expert-parallel-rng")
-    tracker.add(ep_name, seed + 1024 + 100 * ep_rank + etp_rank)
+    tracker.add(_tracker_name("megatron.rng_name_data_parallel"), seed)
+    tracker.add(_tracker_name("megatron.rng_name_model_parallel"), seed + 2718 + tp_rank)
+    tracker.add(_tracker_name("megatron.rng_name_expert_parallel"), seed + 1024 + 100 * ep_rank + etp_rank)
+
+
+def _tracker_name(patch: str) -> str:
+    """Megatron's name of an RNG stream (registry: a moved name fails loudly, no default that would leave
+    Megatron's own fork of that stream unseeded)."""
+    owner, attr = patches.target(patch)
+    return getattr(owner, attr)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class _ExpectedReloadGaps(logging.Filter):
 
 def _quiet_expected_reload_gaps(tied: bool) -> None:
     expected = ("RotaryEmbedding", "ParallelLMHead") if tied else ("RotaryEmbedding",)
-    target = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    target = logging.getLogger(patches.module_of("vllm.reload_gap_log"))  # the layerwise reload's logger
     for f in [f for f in target.filters if isinstance(f, _ExpectedReloadGaps)]:
         target.removeFilter(f)
     target.addFilter(_ExpectedReloadGaps(expected))
@@ -142,12 +142,9 @@ def _repack_tied_lm_head(worker: Any) -> bool:
         return False
     if w_head.data_ptr() != w_embed.data_ptr():
         return False
-    quant_method = getattr(lm_head, "quant_method", None)
-    if quant_method is None:  # vLLM internals moved (patches "vllm.tied_lm_head_repack"): say so, loudly
-        logger.warning("tied lm_head has no quant_method: cannot re-pack it after a reload (stale logits).")
-        return False
+    patches.check_instance("vllm.lm_head_quant_method", lm_head)  # raises: stale logits otherwise
     with torch.no_grad():
-        quant_method.process_weights_after_loading(lm_head)
+        lm_head.quant_method.process_weights_after_loading(lm_head)
     return True
 
 
@@ -314,10 +311,10 @@ class VLLMEngine:
                     "first (opsd_megatron.mcore.parallel.initialize) and launch world_size ranks."
                 )
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
-        patches.target("vllm.logprobs_mode")  # raises if this vLLM has no processed logprobs
-        patches.target("vllm.layerwise_reload")  # warns once if the layerwise reload moved
-        patches.target("vllm.tied_lm_head_repack")  # warns once if the tied-head re-pack moved
         cuda = _has_cuda()
+        # every vLLM private API this module relies on (reload, re-pack, logprobs, teardown): one error naming
+        # each missing required one, a warning per missing optional one (opsd_megatron.mcore.patches)
+        patches.require_library("vllm", cuda=cuda)
         if not cuda:
             if hf_num_experts(hf_config):
                 vllm_moe_cpu.install()  # MoE experts re-packed on a refresh (see that module)

@@ -148,8 +148,9 @@ def _start_writer_manager_shielded() -> None:
     except ValueError:  # not the main thread: nothing to shield
         return
     try:
-        # Megatron's `_get_write_results_queue` with one change: the Manager dies with this process
-        # (`opsd_megatron.run.lifeline`), so a SIGKILLed trainer leaves no orphan that ignores SIGTERM.
+        # Megatron's `_get_write_results_queue` (0.19: `get_write_results_queue`) with one change: the
+        # Manager dies with this process (`opsd_megatron.run.lifeline`), so a SIGKILLed trainer leaves no
+        # orphan that ignores SIGTERM.
         manager = SyncManager(ctx=mp.get_context("spawn"))
         manager.start(initializer=die_with_parent, initargs=parent_lifeline())
         fa._results_queue = manager.Queue()  # the queue proxy keeps the manager alive

@@ -94,7 +94,13 @@ def _parallel_mode(module: nn.Module) -> str | None:
 
 
 def _is_te_layernorm_linear(module: nn.Module) -> bool:
-    return hasattr(module, "return_layernorm_output") and hasattr(module, "layer_norm_weight")
+    """A TE LayerNormLinear (it has a `layer_norm_weight`); its `return_layernorm_output*` flags must exist
+    (registry: a TE that renamed them fails here instead of feeding the adapter the un-normalised input)."""
+    if not hasattr(module, "layer_norm_weight"):
+        return False
+    patches.check_instance("te.return_layernorm_output", module)
+    patches.check_instance("te.return_layernorm_output_gathered", module)
+    return True
 
 
 def global_module_name(chunk: nn.Module, name: str) -> str:
@@ -382,10 +388,8 @@ def _sharded_state_dict_with_lora(self, prefix: str = "", sharded_offsets=(), me
         metadata is not None and "dp_cp_group" in metadata
     ):  # Megatron resolves both groups when neither is given
         kwargs = {"tp_group": ad.tp_group, "dp_cp_group": metadata["dp_cp_group"]}
-    try:
-        lsd = make_sharded_tensors_for_checkpoint(local, f"{prefix}lora.", axis, sharded_offsets, **kwargs)
-    except TypeError:  # older/newer signature without the group arguments
-        lsd = make_sharded_tensors_for_checkpoint(local, f"{prefix}lora.", axis, sharded_offsets)
+    # the registry checks the signature has tp_group / dp_cp_group (megatron-core 0.16.1 and 0.19.2 do)
+    lsd = make_sharded_tensors_for_checkpoint(local, f"{prefix}lora.", axis, sharded_offsets, **kwargs)
     if ad.parallel_mode == COLUMN and getattr(ad.lora_b, "partition_stride", 1) == 2:
         key = f"{prefix}lora.lora_b"
         lsd[key] = apply_swiglu_sharded_factory(lsd[key], sharded_offsets)

@@ -87,15 +87,16 @@ def patch_mappings_for_cpu_backward() -> None:
     `device=torch.cuda.current_device()` (0 under the CPU shim). In a backward pass the autograd engine does
     not carry the shim's cuda->cpu TorchFunctionMode, so `device=0` there raises "Cannot access accelerator
     device". The helpers are wrapped to run inside the shim's mode when it is not active. Idempotent."""
-    if torch.cuda.is_available() or patches.target("megatron.mappings_gather_cpu_backward") is None:
+    if torch.cuda.is_available():
         return
-    from megatron.core.tensor_parallel import mappings
+    stack_len = getattr(*patches.target("torch.function_stack_len"))  # raise when torch moved them
+    stack_at = getattr(*patches.target("torch.function_stack_at"))
 
     def wrap(fn):
         def run(*args, **kwargs):
-            n = torch._C._len_torch_function_stack()
+            n = stack_len()
             mode = cpu._MODE
-            if mode is None or (n and torch._C._get_function_stack_at(n - 1) is mode):
+            if mode is None or (n and stack_at(n - 1) is mode):
                 return fn(*args, **kwargs)
             with cpu._CudaToCpuMode():
                 return fn(*args, **kwargs)
@@ -104,9 +105,10 @@ def patch_mappings_for_cpu_backward() -> None:
         return run
 
     for name in _GATHER_HELPERS:
-        fn = getattr(mappings, name, None)
-        if fn is not None and not getattr(fn, "_opsd_cpu_wrapped", False):
-            setattr(mappings, name, wrap(fn))
+        mappings, attr = patches.target(f"megatron.mappings.{name}")  # required: raises when it moved
+        fn = getattr(mappings, attr)
+        if not getattr(fn, "_opsd_cpu_wrapped", False):
+            setattr(mappings, attr, wrap(fn))
 
 
 def moe_config_kwargs(spec: ModelSpec, *, ep: int, etp: int, grouped_gemm: bool) -> dict[str, Any]:
