@@ -141,6 +141,11 @@ PATCHES: dict[str, Patch] = {
         Patch("megatron.fork_rng", f"{_RANDOM}:_fork_rng", _MC, _MC_V, _CPU,
               "the recomputed forward in backward runs under the cuda->cpu device mode (autograd's backward "
               "does not see the mode entered at install)", cpu_only=True, on_move=_SHIM, releases=_MC_ALL),
+        Patch("megatron.get_all_rng_states", f"{_RANDOM}:_get_all_rng_states", _MC, _MC_V, _CPU,
+              "save every RNG state before the recomputed forward (the CPU `_fork_rng`)", cpu_only=True,
+              on_move=_SHIM, releases=_MC_ALL),
+        Patch("megatron.set_all_rng_states", f"{_RANDOM}:_set_all_rng_states", _MC, _MC_V, _CPU,
+              "restore them after it", cpu_only=True, on_move=_SHIM, releases=_MC_ALL),
         Patch("megatron.rng_name_data_parallel", f"{_RANDOM}:_DATA_PARALLEL_RNG_TRACKER_NAME", _MC, _MC_V,
               _CPU, "the tracker name Megatron forks for data-parallel streams (the CPU seeding adds it)",
               cpu_only=True, on_move=_SHIM + "; a default name would leave Megatron's fork unseeded",

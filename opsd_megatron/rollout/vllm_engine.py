@@ -152,10 +152,8 @@ def _param_owner(model: torch.nn.Module, mod_name: str, p_name: str) -> torch.nn
     """The module that owns parameter `p_name` at or below `mod_name` (vLLM 0.32 keeps the fused experts'
     `w13_weight` in `mlp.experts.routed_experts`, below the `mlp.experts` runner)."""
     module = model.get_submodule(mod_name)
-    if p_name in module._parameters:
-        return module
-    for _, sub in module.named_modules():
-        if p_name in sub._parameters:
+    for sub in (module, *module.modules()):
+        if any(name == p_name for name, _ in sub.named_parameters(recurse=False)):
             return sub
     raise KeyError(f"load_shards: vLLM's model has no parameter {p_name!r} at or below {mod_name!r}.")
 
