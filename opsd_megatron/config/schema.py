@@ -36,6 +36,13 @@ GPU_MEMORY_UTILIZATION = 0.3
 """Default vLLM share of GPU memory (`rollout.gpu_memory_utilization`, `rollout.make_engine`): the trainer
 shares the GPU with the engine."""
 
+TIMEOUT_MINUTES = 120.0
+"""Default `parallel.timeout_minutes`. The longest legitimate wait in a collective is bounded by a few
+minutes to tens of minutes at the paper's scale: the periodic evaluation runs on every engine, so a rank
+waits at most for the slowest engine's share of one chunk plus rank 0's grading of it (5 s per answer over
+the grader pool), and for rank 0's file writes (checkpoint index, HF export). 120 min leaves a wide margin
+above those while a hung rank still frees the nodes (PyTorch's defaults: gloo 30 min, NCCL 10 min)."""
+
 
 class ConfigError(ValueError):
     """A user error in the run configuration (message names the key)."""
@@ -76,6 +83,10 @@ class ParallelConfig:
     ep x etp x pp must divide the world size)."""
     etp: int | None = None
     """Expert tensor-parallel size (MoE; must divide moe_intermediate_size); null = parallel.tp."""
+    timeout_minutes: float = TIMEOUT_MINUTES
+    """How long a collective may wait before the job ends with an error naming this key (> 0; applied to
+    the world group, Megatron's groups, the engine groups; NCCL's on GPU). Default 120: see
+    `schema.TIMEOUT_MINUTES` for why a long evaluation cannot trip it."""
 
 
 @dataclass
