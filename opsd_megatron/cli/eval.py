@@ -16,7 +16,9 @@ Several engines, or an engine at TP > 1: launch under torchrun; the ranks form w
 split over all engines (`opsd_megatron.rollout.engine_group`); per-request seeds make the results those of
 one engine:
 
-    torchrun --nproc-per-node 8 -m opsd_megatron.eval --model M --benchmark aime24 --tensor-parallel-size 2
+    torchrun --nproc-per-node 8 -m opsd_megatron.eval -- --model M --benchmark aime24 --tensor-parallel-size 2
+
+(The `--` keeps torchrun's parser off the flags: it would take `--n` for an abbreviation of its own.)
 """
 
 from __future__ import annotations
@@ -294,7 +296,8 @@ def _load_benchmarks(args: argparse.Namespace) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     follow_launcher()  # a torchrun rank dies with torchrun's agent (no orphan after a SIGKILLed launcher)
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # torchrun ... -m M -- flags
     setup_logging("info", verbose=args.verbose)
     try:
         summary = run(args)

@@ -75,7 +75,10 @@ class Spread:
         for e, share in enumerate(shares):
             for i, out in zip(share, outs[pl.engine_ranks(e)[0]] or []):
                 result[i] = out
-        assert all(r is not None for r in result), "an engine returned fewer outputs than requests"
+        if any(r is None for r in result):
+            raise RuntimeError(
+                f"the engines returned fewer outputs than the {n} requests of a spread generate"
+            )
         return result  # type: ignore[return-value]
 
     def __getattr__(self, name: str) -> Any:
