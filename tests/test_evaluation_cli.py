@@ -93,6 +93,7 @@ def test_opsd_eval_under_torchrun_on_two_engines_equals_one(tiny_qwen3_dir, tmp_
             *launch,
             "-m",
             "opsd_megatron.eval",
+            "--",  # torchrun's parser would take --n for one of its own flags
             *flags,
             "--chunk-size",
             "2",
