@@ -80,3 +80,25 @@ def test_hung_rank_ends_the_job_after_parallel_timeout_minutes(tiny_qwen3_dir, t
     assert len(lines) == 1, p.stderr[-3000:]
     assert "CollectiveTimeout" in lines[0] and "parallel.timeout_minutes" in lines[0], lines[0]
     assert elapsed < 250, elapsed  # ended by the timeout, not by rank 1 waking up after 300 s
+
+
+def test_collective_timeouts_are_named_after_the_key():
+    from opsd_megatron.run.watchdog import CollectiveTimeout, as_collective_timeout, ends_job_on_error
+
+    gloo = RuntimeError(
+        "[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation"
+    )
+    nccl = RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, ...)")
+    for e in (gloo, nccl, RuntimeError("Application timeout caused pair closure")):
+        t = as_collective_timeout(e)
+        assert isinstance(t, CollectiveTimeout) and "parallel.timeout_minutes" in str(t), t
+    other = ValueError("bad row")
+    assert as_collective_timeout(other) is other
+
+    @ends_job_on_error  # no watchdog running: only the conversion
+    def stuck():
+        raise gloo
+
+    with pytest.raises(CollectiveTimeout, match="parallel.timeout_minutes") as info:
+        stuck()
+    assert info.value.__cause__ is gloo
