@@ -34,6 +34,7 @@ SMOKES: dict[str, tuple[list[str], str]] = {
     "bench_refresh.py": (["--smoke"], "refresh/copy"),
     "bench_step_memory.py": (["--smoke"], "worst new/old ratio"),
     "bench_bucketing.py": (["--smoke"], "largest relative gradient difference"),
+    "bench_eval.py": (["--smoke"], "all engines / one engine"),
     "step_memory_table.py": (["--smoke"], "| **total** |"),
     "gpu_foundation_check.py": (["--smoke"], "PASS: Megatron (opsd_megatron loader) vs transformers"),
     "gpu_loss_check.py": (["--smoke"], "phases: "),

@@ -16,6 +16,7 @@ LIMITS = {
     "gpu_loss_time_x_floor": 1.15,  # 8192 x 4096 x 151936 bf16, forward KL, clip 0.05
     "gpu_loss_mem_gib": 2.5,
     "gpu_step_x_plain": 1.10,  # OPSD train step vs plain teacher fwd + student fwd/bwd
+    "eval_engines_x_one": 0.6,  # evaluation wall time on two engines vs one (bench_eval.py, issue 22)
 }
 
 

@@ -87,6 +87,7 @@ BAD = [
     ("", ["loss.beta=0.5"], "config key 'loss.beta': is only used with loss.kind=jsd"),
     ("", ["optimizer.lr=-1"], "config key 'optimizer.lr': must be > 0"),
     ("", ["parallel.sequence_parallel=true"], "config key 'parallel.sequence_parallel': needs tp > 1"),
+    ("", ["parallel.timeout_minutes=0"], "config key 'parallel.timeout_minutes': must be > 0, got 0"),
     ("", ["eval.interval=5"], "config key 'eval.path': is required when eval.interval > 0"),
     ("", ["prompts.teacher_template=Problem {problem}"], "must contain the placeholder {solution}"),
     ("", ["teacher.mode=dynamic"], "'teacher.mode': must be one of frozen, adapters_off, ema, current"),

@@ -41,23 +41,24 @@ SCRIPT = {
 
 
 class ScriptedEngine:
-    """Answers each prompt with SCRIPT's texts (looked up by the problem inside the decoded prompt)."""
+    """Answers each prompt with SCRIPT's texts (looked up by the problem inside the decoded prompt): the
+    k-th request for a problem gets its k-th text (the runner sends one request per sample, in order)."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.calls: list[list[list[int]]] = []
+        self.seen: dict[str, int] = {}
 
-    def generate(self, prompt_token_ids, sampling):
+    def generate(self, prompt_token_ids, sampling, seeds=None):
+        assert sampling.n == 1 and (seeds is None or len(seeds) == len(prompt_token_ids))
         self.calls.append([list(p) for p in prompt_token_ids])
         out = []
         for p in prompt_token_ids:
             text = self.tok.decode(p)
             problem = next(k for k in SCRIPT if k in text)
-            samples = []
-            for s in SCRIPT[problem][: sampling.n]:
-                ids = self.tok.encode(s, add_special_tokens=False) + [self.tok.eos_token_id]
-                samples.append(RolloutOutput(ids, [0.0] * len(ids), "stop"))
-            out.append(samples)
+            k = self.seen[problem] = self.seen.get(problem, -1) + 1
+            ids = self.tok.encode(SCRIPT[problem][k], add_special_tokens=False) + [self.tok.eos_token_id]
+            out.append([RolloutOutput(ids, [0.0] * len(ids), "stop")])
         return out
 
     def update_weights(self, named_tensors): ...
@@ -76,12 +77,12 @@ class Recording:
     def __init__(self, engine, fail_after: int | None = None):
         self.engine, self.fail_after, self.prompts, self.calls = engine, fail_after, [], 0
 
-    def generate(self, prompt_token_ids, sampling):
+    def generate(self, prompt_token_ids, sampling, seeds=None):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise Interrupted("preempted")
         self.calls += 1
         self.prompts += [list(p) for p in prompt_token_ids]
-        return self.engine.generate(prompt_token_ids, sampling)
+        return self.engine.generate(prompt_token_ids, sampling, seeds)
 
     def close(self): ...
 
@@ -260,8 +261,8 @@ def test_vllm_interrupted_run_resumes(vllm_engine, tokenizer, pool, tmp_path):
     summary = evaluate(
         resumed, tokenizer, [bench], 2, sampling, tmp_path, chunk_size=2, grader=pool, grader_timeout_s=SLOW
     )
-    expected = [render_prompt_ids(tokenizer, it.problem) for it in bench.items[2:]]
-    assert resumed.prompts == expected  # only the unfinished problems, in order
+    expected = [render_prompt_ids(tokenizer, it.problem) for it in bench.items[2:] for _ in range(2)]
+    assert resumed.prompts == expected  # only the unfinished problems, in order, one request per sample
     assert summary["num_resumed"] == 2 and summary["num_generated"] == 4
     recs = _records(tmp_path)
     assert len(recs) == 6 * 2 and recs[:4] == first  # finished problems kept as they were

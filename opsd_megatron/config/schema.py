@@ -41,6 +41,13 @@ DRIFT_THRESHOLD = 0.1
 """Default `rollout.drift_threshold`: 10x the largest bf16 drift of a correct refresh measured
 (docs/performance.md, "Drift threshold")."""
 
+TIMEOUT_MINUTES = 120.0
+"""Default `parallel.timeout_minutes`. The longest legitimate wait in a collective is bounded by a few
+minutes to tens of minutes at the paper's scale: the periodic evaluation runs on every engine, so a rank
+waits at most for the slowest engine's share of one chunk plus rank 0's grading of it (5 s per answer over
+the grader pool), and for rank 0's file writes (checkpoint index, HF export). 120 min leaves a wide margin
+above those while a hung rank still frees the nodes (PyTorch's defaults: gloo 30 min, NCCL 10 min)."""
+
 
 class ConfigError(ValueError):
     """A user error in the run configuration (message names the key)."""
@@ -98,6 +105,10 @@ class ParallelConfig:
     attention). Only 1 runs today: start-up refuses cp > 1 with one error (without Transformer Engine: that it
     is missing; with it: that the training step's CP path is not wired yet, `step/context_parallel.py` holds
     its response-position index math)."""
+    timeout_minutes: float = TIMEOUT_MINUTES
+    """How long a collective may wait before the job ends with an error naming this key (> 0; applied to
+    the world group, Megatron's groups, the engine groups; NCCL's on GPU). Default 120: see
+    `schema.TIMEOUT_MINUTES` for why a long evaluation cannot trip it."""
 
 
 @dataclass

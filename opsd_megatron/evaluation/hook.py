@@ -4,8 +4,9 @@
         metrics = periodic_eval(self.engine, self.tokenizer, cfg.eval, step, cfg.output_dir)
         logger.log(metrics, step)          # {"eval/<benchmark>/avg@n": ..., "eval/overall/pass@1": ...}
 
-Runs on a process that owns a rollout engine (with DP > 1 every replica holds the same weights, so one
-replica — e.g. DP rank 0 — is enough; the others skip it). Outputs go to `<output_dir>/eval/step_XXXXXX/`,
+Runs on global rank 0, the one writer; the trainer passes a `rollout.engine_group.Spread`, so every
+`generate` call is split over all engine replicas while the other ranks serve (every replica holds the same
+weights; per-sample seeds make the result that of one engine). Outputs go to `<output_dir>/eval/step_XXXXXX/`,
 so an evaluation cut by a preemption resumes when the step is evaluated again. Reads from the config object
 `eval.path` (one benchmark spec) or `eval.benchmarks` (a list), `eval.n`, `eval.max_new_tokens`, and, when
 the config has them, `temperature` (1.0), `top_p` (0.95), `top_k` (-1), `thinking` (True), `seed` (0).

@@ -34,6 +34,7 @@ from opsd_megatron.evaluation.grader import DEFAULT_TIMEOUT_S, GraderPool
 from opsd_megatron.evaluation.report import format_table, write_json_atomic
 from opsd_megatron.evaluation.scores import SampleVerdict, benchmark_metrics, overall_metrics
 from opsd_megatron.rollout.base import RolloutEngine, SamplingConfig
+from opsd_megatron.rollout.placement import eval_request_seed
 
 logger = logging.getLogger(__name__)
 
@@ -271,23 +272,33 @@ def _generate_and_grade(
     render: dict,
 ) -> dict[tuple[str, str], list[dict]]:
     """Generate `sampling.n` samples for each problem of `chunk` and grade them:
-    (benchmark, key) -> the problem's n records (the lines of generations.jsonl)."""
+    (benchmark, key) -> the problem's n records (the lines of generations.jsonl).
+
+    One request per (problem, sample), seeded `eval_request_seed(sampling.seed, "bench/key", sample)`: a
+    sample does not depend on which other requests share its batch, engine or chunk (with
+    `sampling.seed` None the requests are unseeded)."""
     n = sampling.n
     prompts = [render_prompt_ids(tokenizer, it.problem, **render) for _, it in chunk]
-    outs = engine.generate(prompts, sampling)
-    if len(outs) != len(chunk) or any(len(o) != n for o in outs):
+    seeds = None
+    if sampling.seed is not None:
+        seeds = [
+            eval_request_seed(sampling.seed, f"{b.name}/{it.key}", s) for b, it in chunk for s in range(n)
+        ]
+    outs = engine.generate([p for p in prompts for _ in range(n)], replace(sampling, n=1), seeds=seeds)
+    if len(outs) != len(chunk) * n or any(len(o) != 1 for o in outs):
         raise RuntimeError(
-            f"rollout engine returned {[len(o) for o in outs]} samples for {len(chunk)} prompts; "
-            f"expected {n} per prompt."
+            f"rollout engine returned {[len(o) for o in outs]} samples for {len(chunk) * n} requests; "
+            "expected 1 per request."
         )
-    texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for o in outs for s in o]
+    samples = [o[0] for o in outs]  # request j * n + s: sample s of problem j
+    texts = [tokenizer.decode(x.token_ids, skip_special_tokens=True) for x in samples]
     refs = [it.answer for _, it in chunk for _ in range(n)]
     grades = pool.grade_many(list(zip(texts, refs)), timeout_s=timeout_s)
     records = {}
     for j, (b, it) in enumerate(chunk):
         recs = []
         for s in range(n):
-            g, sample = grades[j * n + s], outs[j][s]
+            g, sample = grades[j * n + s], samples[j * n + s]
             recs.append({
                 "benchmark": b.name, "key": it.key, "sample": s, "problem": it.problem,
                 "reference": it.answer, "response": texts[j * n + s], "answer": g.answer,

@@ -11,6 +11,12 @@ Backend: nccl with CUDA, gloo without (then `opsd_megatron.mcore.cpu` makes Mega
 under torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), under SLURM `srun` without torchrun
 (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR from the first host of SLURM_NODELIST or the env),
 and as a single plain `python` process (world size 1, a free local port).
+
+Timeout: every group made here (the world, Megatron's TP/PP/DP/EP/... groups, the gloo `cpu_group`) waits
+`timeout_minutes` (`parallel.timeout_minutes`) in a collective before raising; groups made elsewhere take
+`ParallelState.timeout` (`run.setup.place_engines`). On GPU, NCCL's watchdog then aborts the rank
+(TORCH_NCCL_ASYNC_ERROR_HANDLING=1, slurm/common.sh); with gloo the collective raises and
+`run.watchdog.ends_job_on_error` names the key in the job's one error line.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mps
 from megatron.core import tensor_parallel
 
+from opsd_megatron.config.schema import TIMEOUT_MINUTES
 from opsd_megatron.mcore import cpu
 from opsd_megatron.mcore.layout import check_pipeline_layers, check_world
 
@@ -57,6 +65,10 @@ class ParallelState:
     etp: int = 1  # expert tensor-parallel size (MoE; defaults to TP)
     ep_rank: int = 0
     etp_rank: int = 0
+    timeout: timedelta = field(default_factory=lambda: timedelta(minutes=TIMEOUT_MINUTES))
+    """Collective timeout of every group (`parallel.timeout_minutes`); pass it to any group made later."""
+    cpu_group: object = field(default=None, repr=False)
+    """gloo group over the whole world for Python-object collectives (the world group itself on gloo)."""
 
     def summary(self) -> str:
         """One short line: `world 8 = TP2 x PP1 x DP4 (EP4), nccl on cuda:0` (the full state is the repr)."""
@@ -121,10 +133,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_process_group(backend: str | None) -> None:
-    """torch.distributed.init_process_group from torchrun / SLURM / single-process environment."""
-    if dist.is_initialized():
-        return
+def init_world(backend: str | None = None, timeout_minutes: float = TIMEOUT_MINUTES) -> object:
+    """torch.distributed.init_process_group from torchrun / SLURM / single-process environment, with
+    `timeout_minutes` (a world already up keeps its own); returns a gloo group over the world (the world
+    group itself on gloo) for object collectives. Collective."""
+    timeout = timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        _init_process_group(backend, timeout)
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def _init_process_group(backend: str | None, timeout: timedelta) -> None:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
@@ -144,7 +165,7 @@ def _init_process_group(backend: str | None) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
 
 
 def initialize(
@@ -156,11 +177,13 @@ def initialize(
     ep: int = 1,
     etp: int | None = None,
     pipeline_layers: list[int] | None = None,
+    timeout_minutes: float = TIMEOUT_MINUTES,
 ) -> ParallelState:
     """Initialise torch.distributed (if needed), Megatron's parallel_state for TP x PP (DP derived) and seeds.
 
     `ep` / `etp`: expert-parallel and expert tensor-parallel sizes for MoE models (etp defaults to tp);
-    EP ranks are data-parallel ranks for the dense part. `pipeline_layers` (decoder layers per stage, e.g.
+    EP ranks are data-parallel ranks for the dense part. `timeout_minutes` (`parallel.timeout_minutes`) bounds
+    every collective of every group made here. `pipeline_layers` (decoder layers per stage, e.g.
     [2, 1]) is kept in the state; `build_model` uses it when not given one. Calling it again with the same
     layout returns the existing state; with a different layout it rebuilds Megatron's groups
     (torch.distributed stays up). Collective over the world group.
@@ -175,7 +198,7 @@ def initialize(
     if same and mps.model_parallel_is_initialized():
         return _STATE
     cpu_mode = cpu.install()  # no-op with CUDA
-    _init_process_group(backend)
+    cpu_group = init_world(backend, timeout_minutes)
     world = dist.get_world_size()
     check_world(world, tp, pp, ep, etp)
     if mps.model_parallel_is_initialized():
@@ -188,6 +211,7 @@ def initialize(
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
         create_gloo_process_groups=dist.get_backend() != "gloo",
+        distributed_timeout_minutes=timeout_minutes,  # type: ignore[arg-type]  (timedelta takes a float)
     )
     tp_rank = mps.get_tensor_model_parallel_rank()
     ep_rank, etp_rank = mps.get_expert_model_parallel_rank(), mps.get_expert_tensor_parallel_rank()
@@ -220,9 +244,12 @@ def initialize(
         etp=etp,
         ep_rank=ep_rank,
         etp_rank=etp_rank,
+        timeout=timedelta(minutes=timeout_minutes),
+        cpu_group=cpu_group,
     )
     if _STATE.rank == 0:
-        log.info("parallel layout: %s", _STATE.summary())
+        log.info("parallel layout: %s; collectives time out after %g min (parallel.timeout_minutes)",
+                 _STATE.summary(), timeout_minutes)  # fmt: skip
         log.debug("parallel state: %s", _STATE)
     return _STATE
 

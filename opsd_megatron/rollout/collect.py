@@ -9,9 +9,10 @@ contiguous share of the global batch (`rollout.placement.EnginePlacement.prompt_
 engine generates the same prompts with the same per-request seeds (`rollout.placement.request_seed`, a pure
 function of (seed, step, global prompt index), so a resumed run samples exactly what the uninterrupted one
 did). The engine's first rank grades its share against the reference answers (a free signal, never used for
-training) and publishes it; the shares are gathered over the world (`all_gather_object`) in global prompt
-order, and each data-parallel replica keeps its contiguous slice, so every rank of a replica packs the same
-micro-batches. Prompts are rendered on every rank (cheap, deterministic) and cached per problem.
+training); each rank then receives from the engines' first ranks exactly its data-parallel replica's
+contiguous slice of the global batch (`rollout.routing`: point-to-point, only the overlaps of engine shares
+and replica slices), so every rank of a replica packs the same micro-batches and no rank holds responses it
+does not train on. Prompts are rendered on every rank (cheap, deterministic) and cached per problem.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from opsd_megatron.evaluation.grader import default_pool
 from opsd_megatron.mcore.parallel import ParallelState
 from opsd_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
 from opsd_megatron.rollout.placement import EnginePlacement, request_seed
+from opsd_megatron.rollout.routing import exchange, routes
 
 
 def sampling_config(r: RolloutConfig, seed: int | None = None) -> SamplingConfig:
@@ -67,11 +69,16 @@ class RolloutCollector:
         self.seed, self.sampling = cfg.train.seed, sampling_config(cfg.rollout)
         self.ps, self.dp, self.placement, self.sampler = ps, dp, placement, sampler
         self.prompts, self.problems, self.tokenizer = prompts, problems, tokenizer
+        self.group = ps.cpu_group  # gloo over the world: the responses travel as Python objects
+        self.replica_of = [ps.dp_rank]  # data-parallel replica of every rank (one all_gather, here)
+        if ps.world_size > 1:
+            self.replica_of = [0] * ps.world_size
+            dist.all_gather_object(self.replica_of, ps.dp_rank, group=self.group)
 
     def collect(self, engine: RolloutEngine, step: int) -> tuple[list[Sample], dict[str, float]]:
         """This replica's samples of `step` and their stats (`rollout/response_length`,
         `rollout/truncation_rate`, `rollout/accuracy`: means over the replica). Collective over the world:
-        one `all_gather_object` of the engine leaders' (responses, verdicts)."""
+        point-to-point from the engines' first ranks, each rank receiving only its replica's slice."""
         idx = self.sampler.indices(step)  # the global batch, in global order
         pl = self.placement
         lo, hi = pl.prompt_share(len(idx))
@@ -83,15 +90,20 @@ class RolloutCollector:
             rows = [(o[0].token_ids, o[0].logprobs, o[0].finish_reason) for o in outs]
             if pl.is_leader:
                 correct = self.grade(idx[lo:hi], [row[0] for row in rows])
-        if self.ps.world_size > 1:
-            gathered: list[Any] = [None] * self.ps.world_size
-            dist.all_gather_object(gathered, (rows, correct) if pl.is_leader else None)
-            rows = [r for g in gathered if g is not None for r in g[0]]
-            correct = [c for g in gathered if g is not None for c in g[1]]
         per = len(idx) // self.dp
         a, b = self.ps.dp_rank * per, (self.ps.dp_rank + 1) * per  # this replica's slice
+        shares = [pl.prompt_share(len(idx), e) for e in range(pl.num_engines)]
+        slices = [(d * per, (d + 1) * per) for d in range(self.dp)]
+        drivers = [pl.engine_ranks(e)[0] for e in range(pl.num_engines)]
+        parts = routes(shares, slices, drivers, self.replica_of)
+
+        def part_of_share(p: Any) -> tuple[list, list]:  # on this engine's driver: rows [p.lo, p.hi)
+            return rows[p.lo - lo : p.hi - lo], correct[p.lo - lo : p.hi - lo]
+
+        got = exchange(self.ps.rank, parts, part_of_share, self.group)
+        rows = [r for g in got for r in g[0]]
+        correct = [c for g in got for c in g[1]]
         prompts = [self.prompts(i) for i in idx[a:b]]
-        rows, correct = rows[a:b], correct[a:b]
         samples = [
             Sample(s, t, list(ids), list(lps), truncated=(fr == "length"))
             for (s, t), (ids, lps, fr) in zip(prompts, rows)

@@ -15,11 +15,14 @@ placement of engines is independent of the Megatron TP × PP × DP layout.
 Seeds: `request_seed(seed, step, i)` is a pure function of (run seed, step, global prompt index i), so
 (a) two copies of one prompt in a step are sampled independently, (b) the samples do not depend on how many
 engines there are nor on which engine got the prompt, and (c) a resumed run samples exactly what the
-uninterrupted run did.
+uninterrupted run did. `eval_request_seed(seed, name, sample)` is the evaluation's counterpart: a pure
+function of (eval seed, problem name = "benchmark/key", sample index), one request per sample, so evaluation
+metrics depend neither on the number of engines nor on the chunk size.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 _MASK64 = (1 << 64) - 1
@@ -37,6 +40,15 @@ def request_seed(seed: int, step: int, prompt_index: int) -> int:
     """Sampling seed of one request: global prompt `prompt_index` (0-based position in the step's global
     batch) at optimizer step `step` of a run seeded `seed`. In [0, 2**31 - 1) (vLLM's seed range)."""
     h = _mix64(_mix64(_mix64(seed & _MASK64) ^ (step & _MASK64)) ^ (prompt_index & _MASK64))
+    return h % (2**31 - 1)
+
+
+def eval_request_seed(seed: int, name: str, sample: int) -> int:
+    """Sampling seed of sample `sample` of evaluation problem `name` ("benchmark/key") under eval seed `seed`.
+    The name enters through blake2b (stable across processes and Python versions, unlike `hash()`); in
+    [0, 2**31 - 1) like `request_seed`."""
+    key = int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+    h = _mix64(_mix64(_mix64(seed & _MASK64) ^ key) ^ (sample & _MASK64))
     return h % (2**31 - 1)
 
 
@@ -86,3 +98,10 @@ class EnginePlacement:
         """[lo, hi) of the `n` global prompts that `engine` (default: this rank's) generates."""
         e = self.engine if engine is None else engine
         return n * e // self.num_engines, n * (e + 1) // self.num_engines
+
+    def request_share(self, n: int, engine: int | None = None, num_engines: int | None = None) -> range:
+        """The requests of `n` that `engine` (default: this rank's) generates in a spread evaluation
+        (`rollout.engine_group`): e, e + E, e + 2E, ... over E = `num_engines` (default all) engines; strided,
+        so every engine gets a like mix of problems and so of response lengths."""
+        e = self.engine if engine is None else engine
+        return range(e, n, self.num_engines if num_engines is None else num_engines)

@@ -95,7 +95,8 @@ def start(cfg: OPSDConfig) -> tuple[ParallelState, JobWatchdog | None, int, torc
     # Paths, layout vs world, resume choice, config changes: checked before anything heavy starts.
     resume_path = preflight(cfg)
     ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, ep=cfg.parallel.ep,
-                             etp=cfg.parallel.etp, pipeline_layers=cfg.parallel.pipeline_layers)  # fmt: skip
+                             etp=cfg.parallel.etp, pipeline_layers=cfg.parallel.pipeline_layers,
+                             timeout_minutes=cfg.parallel.timeout_minutes)  # fmt: skip
     watchdog = JobWatchdog.start(ps.rank, ps.world_size)  # one rank's error ends the job
     dp = validate_world(cfg, ps.world_size)
     validate_model(cfg)
@@ -163,7 +164,7 @@ def place_engines(ps: ParallelState, engine_tp: int) -> tuple[EnginePlacement, A
     engine_group = None
     if placement.engine_tp > 1:
         for e in range(placement.num_engines):
-            g = dist.new_group(placement.engine_ranks(e), backend="gloo")
+            g = dist.new_group(placement.engine_ranks(e), backend="gloo", timeout=ps.timeout)
             if e == placement.engine:
                 engine_group = g
     return placement, engine_group

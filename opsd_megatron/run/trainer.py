@@ -32,8 +32,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch.distributed as dist
-
 from opsd_megatron.config import OPSDConfig
 from opsd_megatron.evaluation.hook import periodic_eval
 from opsd_megatron.mcore.conversion import save_hf_checkpoint
@@ -42,7 +40,7 @@ from opsd_megatron.mcore.models.moe import router_loss_metrics
 from opsd_megatron.observe.metrics import MetricsLogger
 from opsd_megatron.observe.rollout_log import RolloutLog, record, token_divergences
 from opsd_megatron.rollout.base import Sample
-from opsd_megatron.rollout.engine_group import follow, leading
+from opsd_megatron.rollout.engine_group import serve, spreading
 from opsd_megatron.rollout.refresh.drift import DriftGuard
 from opsd_megatron.run.checkpointing import mark_reason, save_checkpoint
 from opsd_megatron.run.preflight import record_config
@@ -228,20 +226,15 @@ class Trainer:
         self.rollout_log.write(self.step, recs)
 
     def evaluate(self) -> dict[str, float]:
-        """Periodic evaluation (`eval.*`) of the refreshed weights on global rank 0's engine; every replica
-        holds the same weights, so the other ranks only wait (the other ranks of a tensor-parallel engine 0
-        replay rank 0's generate calls, `rollout.engine_group`). Returns `eval/...` metrics on rank 0."""
+        """Periodic evaluation (`eval.*`) of the refreshed weights on every engine: rank 0 runs the
+        evaluation and writes its files, each `generate` call is split over all engines
+        (`rollout.engine_group`); returns `eval/...` metrics on rank 0 ({} elsewhere). Collective."""
         st, out = self.state, {}
         if st.ps.rank == 0:
-            if st.engine_group is None:
-                out = periodic_eval(st.engine, st.tokenizer, self.cfg.eval, self.step, st.out)
-            else:
-                with leading(st.engine, st.engine_group, src=0) as engine:
-                    out = periodic_eval(engine, st.tokenizer, self.cfg.eval, self.step, st.out)
-        elif st.engine_group is not None and st.placement.engine == 0:
-            follow(st.engine, st.engine_group, src=0)
-        if st.ps.world_size > 1:
-            dist.barrier()
+            with spreading(st.engine, st.placement, st.ps.cpu_group) as engine:
+                out = periodic_eval(engine, st.tokenizer, self.cfg.eval, self.step, st.out)
+        else:
+            serve(st.engine, st.placement, st.ps.cpu_group)
         return out
 
     def save(self, reason: str) -> Path:

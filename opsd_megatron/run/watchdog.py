@@ -8,10 +8,12 @@
     wd.stop()                                    # at the end of a run (trainer.close)
 
 Without this, an exception on one rank (a bad row, a full disk, a drift error raised on one rank only) leaves
-the other ranks blocked in their next collective: gloo waits for its 30-minute default timeout, NCCL may wait
-forever, and the job holds its nodes doing nothing. Collectives cannot be interrupted from Python, and
-shortening the process-group timeout would also cut legitimate long waits (rank 0 evaluating while the others
-wait at a barrier). So the failure travels on a side channel instead:
+the other ranks blocked in their next collective until the process groups' timeout
+(`parallel.timeout_minutes`, 120 min by default, set by `mcore.parallel`) ends them, and the job holds its
+nodes doing nothing meanwhile.
+Collectives cannot be interrupted from Python, and a short timeout would also cut legitimate long waits (the
+slowest engine's share of an evaluation chunk, rank 0's file writes). So the failure travels on a side channel
+instead, within about a second:
 
 * Every rank opens a client of the job's rendezvous TCPStore (MASTER_ADDR:MASTER_PORT: torchrun's agent
   store, or rank 0's store under plain `srun`) and a daemon thread polls one key every `poll_s` seconds.
@@ -26,7 +28,10 @@ wait at a barrier). So the failure travels on a side channel instead:
   rank's exit code (its main thread is blocked inside a collective and cannot unwind).
 
 A rank that dies without an exception (SIGKILL, a lost node) is the launcher's business: torchrun stops the
-other workers of a failed group, SLURM ends the job step. Writes of a checkpoint cut short leave `latest`
+other workers of a failed group, SLURM ends the job step. A rank that hangs without an exception (a deadlock,
+a stuck file system) is the timeout's: the ranks waiting for it raise after `parallel.timeout_minutes`
+(gloo; `ends_job_on_error` turns that into `CollectiveTimeout`, whose one line names the key) or are aborted
+by NCCL's watchdog (GPU, TORCH_NCCL_ASYNC_ERROR_HANDLING=1). Writes of a checkpoint cut short leave `latest`
 pointing at the previous complete one (see `opsd_megatron.run.checkpointing`).
 """
 
@@ -189,20 +194,45 @@ class JobWatchdog:
             errors.use_store(None)
 
 
-def ends_job_on_error(fn: F) -> F:
-    """Decorator: an exception escaping `fn` is reported to the job's watchdog (all ranks end), then raised.
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than the process groups' timeout (`parallel.timeout_minutes`)."""
 
-    `SystemExit(0)` is a normal exit, not a failure; without a running watchdog this does nothing.
+
+_TIMEOUT_MARKS = ("Timed out waiting", "timeout caused pair closure", "collective operation timeout")
+"""How gloo (send/recv of a collective, a pair closed by the peer's timeout) and NCCL's watchdog word a
+collective that ran past the group's timeout (torch 2.13)."""
+
+
+def as_collective_timeout(exc: BaseException) -> BaseException:
+    """`exc` as a `CollectiveTimeout` naming `parallel.timeout_minutes` when it is a collective's timeout
+    (`_TIMEOUT_MARKS`), else `exc` itself."""
+    text = str(exc)
+    if isinstance(exc, CollectiveTimeout) or not any(m in text for m in _TIMEOUT_MARKS):
+        return exc
+    return CollectiveTimeout(
+        "a collective waited longer than parallel.timeout_minutes (config key): another rank is hung or "
+        f"slower than that; raise the key if the wait is legitimate ({text.splitlines()[0] if text else ''})"
+    )
+
+
+def ends_job_on_error(fn: F) -> F:
+    """Decorator: an exception escaping `fn` is reported to the job's watchdog (all ranks end), then raised;
+    a collective's timeout is raised as `CollectiveTimeout` (naming `parallel.timeout_minutes`).
+
+    `SystemExit(0)` is a normal exit, not a failure; without a running watchdog this does nothing more.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except BaseException as e:
+        except BaseException as caught:
+            e = as_collective_timeout(caught)
             wd = _ACTIVE
             if wd is not None and not (isinstance(e, SystemExit) and not e.code):
                 wd.fail(e)
-            raise
+            if e is caught:
+                raise
+            raise e from caught
 
     return wrapper  # type: ignore[return-value]
