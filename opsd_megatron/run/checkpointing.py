@@ -19,6 +19,7 @@ import multiprocessing as mp
 import random
 import signal
 import time
+from functools import partial
 from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from opsd_megatron.run.checkpoint_index import (
     file_manifest,
     prune_checkpoints,
 )
+from opsd_megatron.run.checkpoint_writer import PENDING, write_sharded
 from opsd_megatron.run.lifeline import die_with_parent, parent_lifeline
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ def save_checkpoint(
     reason: str = "interval",
     config: dict | None = None,
     keep_last: int | None = None,
+    async_save: bool = False,
 ) -> Path:
     """Save everything needed to resume after `step` completed optimizer steps; returns the directory.
 
@@ -179,10 +182,13 @@ def save_checkpoint(
     writer decides which rank writes which `.distcp` file, and rank 0 already lists every file for the
     sizes, so this needs no extra collective (cost ~0.5 s per GB, see `checkpoint_index.file_checksum`).
     Then rank 0 removes the checkpoints `keep_last` (default: `checkpoint.keep_last` of `config`; None
-    keeps all) does not keep (`checkpoint_index.prune_checkpoints`)."""
-    from megatron.core import dist_checkpointing
+    keeps all) does not keep (`checkpoint_index.prune_checkpoints`).
 
+    `async_save`: return once the tensors are handed to a forked writer (`run.checkpoint_writer`); the
+    directory becomes complete (opsd_state.json, `latest`, pruning) at a later `poll_saves()` /
+    `wait_for_saves()` after every rank's writer finished. A save first waits for the previous one."""
     t0 = time.perf_counter()
+    wait_for_saves()
     _start_writer_manager_shielded()
     path = step_dir(root, step)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -196,10 +202,34 @@ def save_checkpoint(
     )
     sd["scheduler"] = scheduler.state_dict()
     sd["step"] = step
-    dist_checkpointing.save(sd, str(path))
+    request = write_sharded(sd, str(path), async_save=async_save)
+    if keep_last is None:
+        keep_last = ((config or {}).get("checkpoint") or {}).get("keep_last")
+    finish = partial(_finish_save, root, path, step, reason, config, keep_last, t0)
+    if request is None:
+        finish()
+    else:
+        PENDING.schedule(request, finish, str(path))
+        log.debug(
+            "checkpoint %s: async write started, training blocked %.2f s", path, time.perf_counter() - t0
+        )
+    return path
+
+
+def _finish_save(
+    root: str | Path,
+    path: Path,
+    step: int,
+    reason: str,
+    config: dict | None,
+    keep_last: int | None,
+    t0: float,
+) -> None:
+    """After every rank's files are written (collective): rank 0 writes config.yaml, then opsd_state.json
+    (sizes, CRC-32s) last, moves `latest` and prunes."""
     if dist.is_initialized():
         dist.barrier()
-    if rank == 0:
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         if config is not None:
             import yaml
 
@@ -215,19 +245,33 @@ def save_checkpoint(
         tmp = Path(root) / (LATEST + ".tmp")
         tmp.write_text(path.name)
         tmp.replace(Path(root) / LATEST)
-        if keep_last is None:
-            keep_last = ((config or {}).get("checkpoint") or {}).get("keep_last")
         if keep_last is not None:
             prune_checkpoints(root, keep_last, path)
     if dist.is_initialized():
         dist.barrier()
     level = logging.DEBUG if reason == "interval" else logging.INFO  # one console line per step
     log.log(level, "saved checkpoint %s (%s) in %.1f s", path, reason, time.perf_counter() - t0)
-    return path
+
+
+def poll_saves() -> None:
+    """Complete an async save whose writers all finished (collective when one is pending; call every step)."""
+    PENDING.poll()
+
+
+def wait_for_saves() -> None:
+    """Block until the async save in flight, if any, is complete (collective when one is pending)."""
+    PENDING.wait()
+
+
+def abandon_saves() -> None:
+    """Error path (not collective): kill an unfinished async writer; its directory stays incomplete."""
+    PENDING.abandon()
 
 
 def mark_reason(path: str | Path, reason: str) -> None:
-    """Rewrite the `reason` recorded in a complete checkpoint's opsd_state.json (rank 0; atomic)."""
+    """Rewrite the `reason` recorded in a complete checkpoint's opsd_state.json (rank 0; atomic). Waits for
+    an async save in flight first (collective then)."""
+    wait_for_saves()
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     p = Path(path) / STATE_FILE
