@@ -64,14 +64,19 @@ def collecting_export(chunks, out: Path, max_shard_bytes: int) -> None:
         weight_map[name] = len(shards) - 1
         size += nbytes
     n = len(shards)
-    files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+    files = (
+        [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+    )
     out.mkdir(parents=True)
     total = 0
     for i, shard in enumerate(shards):
         save_safetensors(shard, out / files[i], {"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in shard.values())
     if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": {k: files[v] for k, v in weight_map.items()}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: files[v] for k, v in weight_map.items()},
+        }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -112,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         bucket = largest_bucket_mb(work / "new")
         same = all(
             (work / "new" / p.name).read_bytes() == p.read_bytes() for p in (work / "old").iterdir()
-        ) and len(list((work / "old").glob("*.safetensors"))) == len(list((work / "new").glob("*.safetensors")))
+        ) and len(list((work / "old").glob("*.safetensors"))) == len(
+            list((work / "new").glob("*.safetensors"))
+        )
         n_shards = len(list((work / "new").glob("*.safetensors")))
         shutil.rmtree(work / "old")
     print(f"model {model_mb:.1f} MB fp32 ({args.layers} layers x {h}), {n_shards} shards, largest bucket "

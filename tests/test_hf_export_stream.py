@@ -28,14 +28,19 @@ def _reference_export(chunks, out: Path, max_shard_bytes: int) -> None:
         weight_map[name] = len(shards) - 1
         size += nbytes
     n = len(shards)
-    files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+    files = (
+        [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+    )
     out.mkdir(parents=True)
     total = 0
     for i, shard in enumerate(shards):
         save_file(shard, str(out / files[i]), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in shard.values())
     if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": {k: files[v] for k, v in weight_map.items()}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: files[v] for k, v in weight_map.items()},
+        }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 

@@ -4,7 +4,9 @@
     step = load_checkpoint(path, chunks, optimizer, scheduler)       # path from latest_checkpoint(ckpt_root)
 
 Layout: `<ckpt_root>/step_000006/` is a Megatron `dist_checkpointing` directory (reshardable model and
-optimizer tensors, per-rank RNG states as ShardedObjects) plus `opsd_state.json` (step, reason, time);
+optimizer tensors, per-rank RNG states as ShardedObjects) plus `opsd_state.json` (step, reason, time); with
+LoRA the model part is the adapters only (their optimizer state likewise) and `lora_base.json` references
+the frozen base (model.path + content hash; a resume on a changed base is refused, `check_lora_base`);
 `<ckpt_root>/latest` names the newest COMPLETE checkpoint and is written by rank 0 after a barrier that
 follows every rank's save: a run killed mid-save leaves `latest` pointing at the previous one. The data
 position is the step itself (the prompt order is a pure function of (seed, step), see `data.sampler`).
@@ -28,11 +30,15 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.mcore import patches
+from opsd_megatron.mcore.lora import adapter_sharded_state_dict, has_lora
 from opsd_megatron.mcore.models.builder import unwrap
 from opsd_megatron.run.checkpoint_index import (
+    BASE_FILE,
     CHECKSUMS,
     CONFIG_FILE,
     CheckpointError,
+    base_problem,
+    base_reference,
     checkpoint_problem,
     choose_resume,
     file_checksums,
@@ -104,8 +110,12 @@ def _sharded_state_dict(
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     model_sd: dict = {}
+    lean = has_lora(chunks)  # LoRA: the adapters only; the frozen base is referenced (lora_base.json)
     for i, chunk in enumerate(chunks):
-        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = unwrap(chunk).sharded_state_dict()
+        m = unwrap(chunk)
+        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = (
+            adapter_sharded_state_dict(m) if lean else m.sharded_state_dict()
+        )
     flat_model = {}
     for v in model_sd.values():
         flat_model.update(v)
@@ -205,6 +215,9 @@ def save_checkpoint(
     request = write_sharded(sd, str(path), async_save=async_save)
     if keep_last is None:
         keep_last = ((config or {}).get("checkpoint") or {}).get("keep_last")
+    base = ((config or {}).get("model") or {}).get("path") if has_lora(chunks) else None
+    if rank == 0 and base is not None:  # hashed once per process (cached); then ~free
+        (path / BASE_FILE).write_text(json.dumps(base_reference(base)))
     finish = partial(_finish_save, root, path, step, reason, config, keep_last, t0)
     if request is None:
         finish()
@@ -283,16 +296,38 @@ def mark_reason(path: str | Path, reason: str) -> None:
     log.info("checkpoint %s (%s): the stop request came after this step's save", path, reason)
 
 
+def check_lora_base(path: Path, chunks: list, base_model: str | Path | None) -> None:
+    """A LoRA checkpoint resumes only on the base it was trained on: rank 0 hashes `base_model` and every
+    rank raises the same CheckpointError when it differs from the checkpoint's `lora_base.json`."""
+    if base_model is None or not has_lora(chunks):
+        return
+    problem = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        problem[0] = base_problem(path, base_model)
+    if dist.is_initialized():
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed: {problem[0]}.")
+
+
 def load_checkpoint(
-    path: str | Path, chunks: list, optimizer: Any, scheduler: Any, *, teacher: Any = None
+    path: str | Path,
+    chunks: list,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    teacher: Any = None,
+    base_model: str | Path | None = None,
 ) -> int:
-    """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step."""
+    """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step. With LoRA only
+    the adapters are read (the base comes from `base_model`, checked against the checkpoint's reference)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     problem = checkpoint_problem(path, checksums=False)  # preflight chose it with checksums (every rank)
     if problem is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {problem}.")
+    check_lora_base(path, chunks, base_model)
     sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None)
     if _teacher_state(teacher) is None:
         sd.pop("teacher_state")
@@ -305,7 +340,9 @@ def load_checkpoint(
             "the previous one, or name another with checkpoint.load."
         ) from e
     for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(state[f"model{i}" if len(chunks) > 1 else "model"])
+        unwrap(chunk).load_state_dict(
+            state[f"model{i}" if len(chunks) > 1 else "model"], strict=not has_lora(chunks)
+        )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     _set_rng_state(state["rng_state"])
