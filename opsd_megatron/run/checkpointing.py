@@ -96,16 +96,23 @@ def _set_rng_state(state: dict) -> None:
         np.random.set_state(state["numpy"])
 
 
-def _teacher_state(teacher: Any) -> dict | None:
-    """Per-rank teacher state worth saving: only an EMA teacher changes during training (θ₀ is rebuilt)."""
-    if teacher is None or getattr(teacher, "mode", "") != "ema":
-        return None
-    return teacher.state_dict()
+def _ema(teacher: Any) -> Any:
+    """The teacher when it is an EMA teacher (the only one that changes during training; θ₀ is rebuilt)."""
+    return teacher if teacher is not None and getattr(teacher, "mode", "") == "ema" else None
 
 
 def _sharded_state_dict(
-    chunks: list, optimizer: Any, *, is_loading: bool, rng: dict | None, teacher: dict | None = None
+    chunks: list,
+    optimizer: Any,
+    *,
+    is_loading: bool,
+    rng: dict | None,
+    teacher: Any = None,
+    legacy: bool = False,
 ) -> dict:
+    """Model (adapters only with LoRA), optimizer, RNG and the EMA teacher's running average: sharded
+    tensors with the weights' sharding under `ema_teacher.` (+ `ema_teacher_meta` in common.pt). `legacy`:
+    the EMA teacher as the per-rank pickled object of checkpoints saved before (loading only)."""
     from megatron.core import parallel_state as mps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -132,8 +139,11 @@ def _sharded_state_dict(
         mps.get_data_parallel_rank(),
     )
     sd["rng_state"] = ShardedObject("rng_state", rng, (pp, tp, dp), ranks, replica_id=0)
-    if teacher is not None or is_loading:
-        sd["teacher_state"] = ShardedObject("teacher_state", teacher, (pp, tp, dp), ranks, replica_id=0)
+    if _ema(teacher) is not None and legacy:
+        sd["teacher_state"] = ShardedObject("teacher_state", None, (pp, tp, dp), ranks, replica_id=0)
+    elif _ema(teacher) is not None:
+        sd["ema_teacher"] = teacher.sharded_state_dict()
+        sd["ema_teacher_meta"] = {"mode": "ema", "decay": teacher.decay}
     return sd
 
 
@@ -207,9 +217,7 @@ def save_checkpoint(
         (path / STATE_FILE).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    sd = _sharded_state_dict(
-        chunks, optimizer, is_loading=False, rng=_rng_state(), teacher=_teacher_state(teacher)
-    )
+    sd = _sharded_state_dict(chunks, optimizer, is_loading=False, rng=_rng_state(), teacher=teacher)
     sd["scheduler"] = scheduler.state_dict()
     sd["step"] = step
     request = write_sharded(sd, str(path), async_save=async_save)
@@ -328,11 +336,11 @@ def load_checkpoint(
     if problem is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {problem}.")
     check_lora_base(path, chunks, base_model)
-    sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None)
-    if _teacher_state(teacher) is None:
-        sd.pop("teacher_state")
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
+        legacy = "ema_teacher_meta" not in common  # saved before the EMA teacher was sharded
+        sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None, teacher=teacher, legacy=legacy)
+        sd.pop("ema_teacher_meta", None)
         state = dist_checkpointing.load(sd, str(path))
     except Exception as e:  # a damage the size checks cannot see (garbled bytes, mismatched shapes)
         raise CheckpointError(
@@ -348,4 +356,6 @@ def load_checkpoint(
     _set_rng_state(state["rng_state"])
     if "teacher_state" in state:
         teacher.load_state_dict(state["teacher_state"])
+    elif "ema_teacher" in state:
+        teacher.load_sharded(state["ema_teacher"], decay=common["ema_teacher_meta"]["decay"])
     return int(common["step"])
