@@ -33,7 +33,9 @@ def dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
-def _cfg(model: Path, data: Path, out: Path, steps: int, ckpt: dict, lora: dict | None = None) -> dict:
+def _cfg(
+    model: Path, data: Path, out: Path, steps: int, ckpt: dict, lora: dict | None = None, batch: int = 4
+) -> dict:
     cfg = {
         "algorithm": "sft",
         "output_dir": str(out),
@@ -45,7 +47,7 @@ def _cfg(model: Path, data: Path, out: Path, steps: int, ckpt: dict, lora: dict 
             "max_prompt_tokens": 128,
         },
         "optimizer": {"lr": 1e-4, "clip_grad": 1.0},
-        "train": {"steps": steps, "global_batch_size": 4, "micro_batch_size": 2, "seed": 0},
+        "train": {"steps": steps, "global_batch_size": batch, "micro_batch_size": batch, "seed": 0},
         "checkpoint": {"resume": False, "export_hf": False, **ckpt},
         "logging": {"progress_bar": False},
     }
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4, help="problems per step (one micro-batch)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.steps, args.lora_rank = 2, 64, 4, 4
