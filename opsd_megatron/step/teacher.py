@@ -5,6 +5,7 @@
         logits = forward(chunks, teacher_batch)
     optimizer.step(); teacher.after_optimizer_step()
     ckpt["teacher"] = teacher.state_dict()      # this rank's local shards; load_state_dict() on resume
+    sd["ema_teacher"] = ema.sharded_state_dict()  # EMA: sharded tensors (reshardable); load_sharded()
 
 Modes
 * "frozen"       a separate, non-trainable copy of the student's weights at creation (θ₀; full fine-tuning).
