@@ -35,6 +35,8 @@ SMOKES: dict[str, tuple[list[str], str]] = {
     "bench_step_memory.py": (["--smoke"], "worst new/old ratio"),
     "bench_bucketing.py": (["--smoke"], "largest relative gradient difference"),
     "bench_eval.py": (["--smoke"], "all engines / one engine"),
+    "bench_export.py": (["--smoke"], "files identical:"),
+    "bench_checkpoint.py": (["--smoke"], "lean checkpoint"),
     "step_memory_table.py": (["--smoke"], "| **total** |"),
     "gpu_foundation_check.py": (["--smoke"], "PASS: Megatron (opsd_megatron loader) vs transformers"),
     "gpu_loss_check.py": (["--smoke"], "phases: "),

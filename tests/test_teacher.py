@@ -141,3 +141,67 @@ def test_ema_fp32_shadow_and_errors():
         make_teacher("adapters_off", student)
     with pytest.raises(ValueError, match="teacher.ema_decay must be in"):
         make_teacher("ema", student, lambda: [Tiny()], ema_decay=1.0)
+
+
+def _ema_reshard(rank, world, hf_dir, root):
+    """TP2: an EMA teacher that moved away from θ₀ is saved with `save_checkpoint`; a fresh TP2 run loads it
+    with `load_checkpoint`; a TP1 (DP2) build loads the `ema_teacher.` tensors of the same checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from opsd_megatron.config import config_from_dict
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import export_hf_weights, load_hf_weights
+    from opsd_megatron.mcore.models import build_model
+    from opsd_megatron.run.checkpointing import load_checkpoint, save_checkpoint
+    from opsd_megatron.step.optim import build_optimizer, build_scheduler, wrap_ddp
+    from opsd_megatron.step.teacher import make_teacher
+
+    opt_cfg = config_from_dict({"model": {"path": hf_dir}, "data": {"path": "x.jsonl"}}).optimizer
+
+    def setup(tp):
+        parallel.initialize(tp=tp, pp=1, seed=3)
+        build = lambda: build_model(hf_dir, torch.float32, perform_initialization=False)  # noqa: E731
+        chunks = wrap_ddp(build())
+        load_hf_weights([c.module for c in chunks], hf_dir)
+        teacher = make_teacher("ema", chunks, build, ema_decay=0.5)
+        opt = build_optimizer(opt_cfg, chunks, torch.float32)
+        return chunks, teacher, opt, build_scheduler(opt_cfg, opt, 10)
+
+    def teacher_weights(teacher):
+        return {k: v.clone() for k, v in export_hf_weights(teacher.teacher_chunks)}
+
+    chunks, teacher, opt, sched = setup(2)
+    opt.step()  # zero gradients: creates the Adam state a checkpoint holds
+    theta0 = teacher_weights(teacher)
+    gen = torch.Generator().manual_seed(0)  # the same on every rank: TP-replicated tensors stay equal
+    with torch.no_grad():
+        for p in chunks[0].module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    teacher.after_optimizer_step()
+    teacher.after_optimizer_step()
+    ref = teacher_weights(teacher)
+    save_checkpoint(root, 1, chunks, opt, sched, teacher=teacher)
+    chunks, teacher, opt, sched = setup(2)
+    load_checkpoint(f"{root}/step_000001", chunks, opt, sched, teacher=teacher)
+    same_tp = teacher_weights(teacher)
+    _, teacher, _, _ = setup(1)
+    sd = {"ema_teacher": teacher.sharded_state_dict()}
+    teacher.load_sharded(dist_checkpointing.load(sd, f"{root}/step_000001")["ema_teacher"], decay=0.5)
+    tp1 = teacher_weights(teacher)
+    moved = sum(not torch.equal(ref[k], theta0[k]) for k in ref)
+    diff_same = [k for k in ref if not torch.equal(same_tp[k], ref[k])]
+    diff_tp1 = [k for k in ref if not torch.equal(tp1[k], ref[k])]
+    return {"n": len(ref), "moved": moved, "diff_same": diff_same, "diff_tp1": diff_tp1}
+
+
+def test_ema_teacher_checkpoint_is_sharded_and_reshards_tp2_to_tp1(tiny_qwen3_dir, tmp_path):
+    from dist_utils import run_distributed
+
+    res = run_distributed(_ema_reshard, 2, str(tiny_qwen3_dir), str(tmp_path / "ckpt"), timeout=400)
+    for r in res:
+        assert r["n"] > 5 and r["moved"] == r["n"], r  # every teacher tensor left θ₀
+        assert r["diff_same"] == [] and r["diff_tp1"] == [], r  # bit-identical after load, TP2 and TP1
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = list(FileSystemReader(str(tmp_path / "ckpt" / "step_000001")).read_metadata().state_dict_metadata)
+    assert any(k.startswith("ema_teacher.") for k in keys) and not any("teacher_state" in k for k in keys)

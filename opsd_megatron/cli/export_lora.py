@@ -21,7 +21,7 @@ from megatron.core import dist_checkpointing
 from opsd_megatron.config import load_config
 from opsd_megatron.mcore import parallel
 from opsd_megatron.mcore.dtypes import torch_dtype
-from opsd_megatron.mcore.lora import apply_lora
+from opsd_megatron.mcore.lora import adapter_sharded_state_dict, apply_lora
 from opsd_megatron.mcore.lora.peft_export import save_peft_adapter
 from opsd_megatron.mcore.models import build_model
 from opsd_megatron.mcore.models.builder import unwrap
@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     n = len(chunks)
     sd = {}
     for i, c in enumerate(chunks):
-        full = unwrap(c).sharded_state_dict()
-        sd["model" if n == 1 else f"model{i}"] = {k: v for k, v in full.items() if ".lora.lora_" in k}
+        sd["model" if n == 1 else f"model{i}"] = adapter_sharded_state_dict(unwrap(c))
     state = dist_checkpointing.load(sd, str(ckpt))
     for i, c in enumerate(chunks):
         unwrap(c).load_state_dict(state["model" if n == 1 else f"model{i}"], strict=False)

@@ -345,6 +345,11 @@ class CheckpointConfig:
     """Keep only the newest N complete checkpoints in output_dir/checkpoints (null: keep all). After each
     save rank 0 removes older complete ones beyond N and unfinished or damaged leftovers older than the new
     one; the newest complete checkpoint is never removed."""
+    async_save: bool = False
+    """Write interval checkpoints in the background (Megatron's async save in a forked writer per rank):
+    training goes on while the files are written; the next save, a stop signal and the end of the run wait
+    for it, and it counts as a checkpoint only once complete. Costs a copy-on-write (CPU) or host-staged
+    (GPU) copy of the state while writing. Final and signal saves are always synchronous."""
     allow_config_change: bool = False
     """Resume even when keys a resumed run cannot honour (model, parallel layout, data, LoRA, teacher mode,
     seed, global batch) differ from the checkpoint's config; other changes are always listed in a warning."""

@@ -4,7 +4,9 @@
     step = load_checkpoint(path, chunks, optimizer, scheduler)       # path from latest_checkpoint(ckpt_root)
 
 Layout: `<ckpt_root>/step_000006/` is a Megatron `dist_checkpointing` directory (reshardable model and
-optimizer tensors, per-rank RNG states as ShardedObjects) plus `opsd_state.json` (step, reason, time);
+optimizer tensors, per-rank RNG states as ShardedObjects) plus `opsd_state.json` (step, reason, time); with
+LoRA the model part is the adapters only (their optimizer state likewise) and `lora_base.json` references
+the frozen base (model.path + content hash; a resume on a changed base is refused, `check_lora_base`);
 `<ckpt_root>/latest` names the newest COMPLETE checkpoint and is written by rank 0 after a barrier that
 follows every rank's save: a run killed mid-save leaves `latest` pointing at the previous one. The data
 position is the step itself (the prompt order is a pure function of (seed, step), see `data.sampler`).
@@ -19,6 +21,7 @@ import multiprocessing as mp
 import random
 import signal
 import time
+from functools import partial
 from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
@@ -27,17 +30,22 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.mcore import patches
+from opsd_megatron.mcore.lora import adapter_sharded_state_dict, has_lora
 from opsd_megatron.mcore.models.builder import unwrap
 from opsd_megatron.run.checkpoint_index import (
+    BASE_FILE,
     CHECKSUMS,
     CONFIG_FILE,
     CheckpointError,
+    base_problem,
+    base_reference,
     checkpoint_problem,
     choose_resume,
     file_checksums,
     file_manifest,
     prune_checkpoints,
 )
+from opsd_megatron.run.checkpoint_writer import PENDING, write_sharded
 from opsd_megatron.run.lifeline import die_with_parent, parent_lifeline
 
 log = logging.getLogger(__name__)
@@ -88,22 +96,33 @@ def _set_rng_state(state: dict) -> None:
         np.random.set_state(state["numpy"])
 
 
-def _teacher_state(teacher: Any) -> dict | None:
-    """Per-rank teacher state worth saving: only an EMA teacher changes during training (θ₀ is rebuilt)."""
-    if teacher is None or getattr(teacher, "mode", "") != "ema":
-        return None
-    return teacher.state_dict()
+def _ema(teacher: Any) -> Any:
+    """The teacher when it is an EMA teacher (the only one that changes during training; θ₀ is rebuilt)."""
+    return teacher if teacher is not None and getattr(teacher, "mode", "") == "ema" else None
 
 
 def _sharded_state_dict(
-    chunks: list, optimizer: Any, *, is_loading: bool, rng: dict | None, teacher: dict | None = None
+    chunks: list,
+    optimizer: Any,
+    *,
+    is_loading: bool,
+    rng: dict | None,
+    teacher: Any = None,
+    legacy: bool = False,
 ) -> dict:
+    """Model (adapters only with LoRA), optimizer, RNG and the EMA teacher's running average: sharded
+    tensors with the weights' sharding under `ema_teacher.` (+ `ema_teacher_meta` in common.pt). `legacy`:
+    the EMA teacher as the per-rank pickled object of checkpoints saved before (loading only)."""
     from megatron.core import parallel_state as mps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     model_sd: dict = {}
+    lean = has_lora(chunks)  # LoRA: the adapters only; the frozen base is referenced (lora_base.json)
     for i, chunk in enumerate(chunks):
-        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = unwrap(chunk).sharded_state_dict()
+        m = unwrap(chunk)
+        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = (
+            adapter_sharded_state_dict(m) if lean else m.sharded_state_dict()
+        )
     flat_model = {}
     for v in model_sd.values():
         flat_model.update(v)
@@ -120,8 +139,11 @@ def _sharded_state_dict(
         mps.get_data_parallel_rank(),
     )
     sd["rng_state"] = ShardedObject("rng_state", rng, (pp, tp, dp), ranks, replica_id=0)
-    if teacher is not None or is_loading:
-        sd["teacher_state"] = ShardedObject("teacher_state", teacher, (pp, tp, dp), ranks, replica_id=0)
+    if _ema(teacher) is not None and legacy:
+        sd["teacher_state"] = ShardedObject("teacher_state", None, (pp, tp, dp), ranks, replica_id=0)
+    elif _ema(teacher) is not None:
+        sd["ema_teacher"] = teacher.sharded_state_dict()
+        sd["ema_teacher_meta"] = {"mode": "ema", "decay": teacher.decay}
     return sd
 
 
@@ -170,6 +192,7 @@ def save_checkpoint(
     reason: str = "interval",
     config: dict | None = None,
     keep_last: int | None = None,
+    async_save: bool = False,
 ) -> Path:
     """Save everything needed to resume after `step` completed optimizer steps; returns the directory.
 
@@ -180,10 +203,13 @@ def save_checkpoint(
     writer decides which rank writes which `.distcp` file, and rank 0 already lists every file for the
     sizes, so this needs no extra collective (cost ~0.5 s per GB, see `checkpoint_index.file_checksum`).
     Then rank 0 removes the checkpoints `keep_last` (default: `checkpoint.keep_last` of `config`; None
-    keeps all) does not keep (`checkpoint_index.prune_checkpoints`)."""
-    from megatron.core import dist_checkpointing
+    keeps all) does not keep (`checkpoint_index.prune_checkpoints`).
 
+    `async_save`: return once the tensors are handed to a forked writer (`run.checkpoint_writer`); the
+    directory becomes complete (opsd_state.json, `latest`, pruning) at a later `poll_saves()` /
+    `wait_for_saves()` after every rank's writer finished. A save first waits for the previous one."""
     t0 = time.perf_counter()
+    wait_for_saves()
     _start_writer_manager_shielded()
     path = step_dir(root, step)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -192,15 +218,40 @@ def save_checkpoint(
         (path / STATE_FILE).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    sd = _sharded_state_dict(
-        chunks, optimizer, is_loading=False, rng=_rng_state(), teacher=_teacher_state(teacher)
-    )
+    sd = _sharded_state_dict(chunks, optimizer, is_loading=False, rng=_rng_state(), teacher=teacher)
     sd["scheduler"] = scheduler.state_dict()
     sd["step"] = step
-    dist_checkpointing.save(sd, str(path))
+    request = write_sharded(sd, str(path), async_save=async_save)
+    if keep_last is None:
+        keep_last = ((config or {}).get("checkpoint") or {}).get("keep_last")
+    base = ((config or {}).get("model") or {}).get("path") if has_lora(chunks) else None
+    if rank == 0 and base is not None:  # hashed once per process (cached); then ~free
+        (path / BASE_FILE).write_text(json.dumps(base_reference(base)))
+    finish = partial(_finish_save, root, path, step, reason, config, keep_last, t0)
+    if request is None:
+        finish()
+    else:
+        PENDING.schedule(request, finish, str(path))
+        log.debug(
+            "checkpoint %s: async write started, training blocked %.2f s", path, time.perf_counter() - t0
+        )
+    return path
+
+
+def _finish_save(
+    root: str | Path,
+    path: Path,
+    step: int,
+    reason: str,
+    config: dict | None,
+    keep_last: int | None,
+    t0: float,
+) -> None:
+    """After every rank's files are written (collective): rank 0 writes config.yaml, then opsd_state.json
+    (sizes, CRC-32s) last, moves `latest` and prunes."""
     if dist.is_initialized():
         dist.barrier()
-    if rank == 0:
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         if config is not None:
             import yaml
 
@@ -216,19 +267,33 @@ def save_checkpoint(
         tmp = Path(root) / (LATEST + ".tmp")
         tmp.write_text(path.name)
         tmp.replace(Path(root) / LATEST)
-        if keep_last is None:
-            keep_last = ((config or {}).get("checkpoint") or {}).get("keep_last")
         if keep_last is not None:
             prune_checkpoints(root, keep_last, path)
     if dist.is_initialized():
         dist.barrier()
     level = logging.DEBUG if reason == "interval" else logging.INFO  # one console line per step
     log.log(level, "saved checkpoint %s (%s) in %.1f s", path, reason, time.perf_counter() - t0)
-    return path
+
+
+def poll_saves() -> None:
+    """Complete an async save whose writers all finished (collective when one is pending; call every step)."""
+    PENDING.poll()
+
+
+def wait_for_saves() -> None:
+    """Block until the async save in flight, if any, is complete (collective when one is pending)."""
+    PENDING.wait()
+
+
+def abandon_saves() -> None:
+    """Error path (not collective): kill an unfinished async writer; its directory stays incomplete."""
+    PENDING.abandon()
 
 
 def mark_reason(path: str | Path, reason: str) -> None:
-    """Rewrite the `reason` recorded in a complete checkpoint's opsd_state.json (rank 0; atomic)."""
+    """Rewrite the `reason` recorded in a complete checkpoint's opsd_state.json (rank 0; atomic). Waits for
+    an async save in flight first (collective then)."""
+    wait_for_saves()
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     p = Path(path) / STATE_FILE
@@ -240,21 +305,43 @@ def mark_reason(path: str | Path, reason: str) -> None:
     log.info("checkpoint %s (%s): the stop request came after this step's save", path, reason)
 
 
+def check_lora_base(path: Path, chunks: list, base_model: str | Path | None) -> None:
+    """A LoRA checkpoint resumes only on the base it was trained on: rank 0 hashes `base_model` and every
+    rank raises the same CheckpointError when it differs from the checkpoint's `lora_base.json`."""
+    if base_model is None or not has_lora(chunks):
+        return
+    problem = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        problem[0] = base_problem(path, base_model)
+    if dist.is_initialized():
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed: {problem[0]}.")
+
+
 def load_checkpoint(
-    path: str | Path, chunks: list, optimizer: Any, scheduler: Any, *, teacher: Any = None
+    path: str | Path,
+    chunks: list,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    teacher: Any = None,
+    base_model: str | Path | None = None,
 ) -> int:
-    """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step."""
+    """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step. With LoRA only
+    the adapters are read (the base comes from `base_model`, checked against the checkpoint's reference)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     problem = checkpoint_problem(path, checksums=False)  # preflight chose it with checksums (every rank)
     if problem is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {problem}.")
-    sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None)
-    if _teacher_state(teacher) is None:
-        sd.pop("teacher_state")
+    check_lora_base(path, chunks, base_model)
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
+        legacy = "ema_teacher_meta" not in common  # saved before the EMA teacher was sharded
+        sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None, teacher=teacher, legacy=legacy)
+        sd.pop("ema_teacher_meta", None)
         state = dist_checkpointing.load(sd, str(path))
     except Exception as e:  # a damage the size checks cannot see (garbled bytes, mismatched shapes)
         raise CheckpointError(
@@ -262,10 +349,14 @@ def load_checkpoint(
             "the previous one, or name another with checkpoint.load."
         ) from e
     for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(state[f"model{i}" if len(chunks) > 1 else "model"])
+        unwrap(chunk).load_state_dict(
+            state[f"model{i}" if len(chunks) > 1 else "model"], strict=not has_lora(chunks)
+        )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     _set_rng_state(state["rng_state"])
     if "teacher_state" in state:
         teacher.load_state_dict(state["teacher_state"])
+    elif "ema_teacher" in state:
+        teacher.load_sharded(state["ema_teacher"], decay=common["ema_teacher_meta"]["decay"])
     return int(common["step"])

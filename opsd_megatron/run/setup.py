@@ -219,7 +219,8 @@ def resume(state: RunState) -> int | None:
             )
     if path is None:
         return None
-    step = load_checkpoint(path, state.chunks, state.optimizer, state.scheduler, teacher=state.teacher)
+    step = load_checkpoint(path, state.chunks, state.optimizer, state.scheduler, teacher=state.teacher,
+                           base_model=state.cfg.model.path)  # fmt: skip
     if ps.rank == 0:
         log.info("resumed from %s at step %d", path, step)
     return step

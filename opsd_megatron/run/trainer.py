@@ -42,7 +42,7 @@ from opsd_megatron.observe.rollout_log import RolloutLog, record, token_divergen
 from opsd_megatron.rollout.base import Sample
 from opsd_megatron.rollout.engine_group import serve, spreading
 from opsd_megatron.rollout.refresh.drift import DriftGuard
-from opsd_megatron.run.checkpointing import mark_reason, save_checkpoint
+from opsd_megatron.run.checkpointing import abandon_saves, mark_reason, poll_saves, save_checkpoint
 from opsd_megatron.run.preflight import record_config
 from opsd_megatron.run.setup import build_state, resume
 from opsd_megatron.run.signals import StepAbandoned, StopDeadline, StopSignals, any_rank_stopped
@@ -173,6 +173,7 @@ class Trainer:
         """Checkpoint the step just done (interval, final, or a stop signal) and the periodic HF export;
         returns the checkpoint written, if any. Collective."""
         cfg, saved = self.cfg, None
+        poll_saves()  # an async save whose writers finished becomes complete (opsd_state.json, latest)
         every = cfg.checkpoint.save_interval
         if stop or (every and self.step % every == 0) or self.step == cfg.train.steps:
             saved = self.save("signal" if stop else "final" if self.step == cfg.train.steps else "interval")
@@ -238,10 +239,14 @@ class Trainer:
         return out
 
     def save(self, reason: str) -> Path:
-        """Checkpoint of the current step (model, optimizer, scheduler, teacher, RNG, config). Collective."""
+        """Checkpoint of the current step (model, optimizer, scheduler, teacher, RNG, config). Collective.
+        Interval saves are written in the background with `checkpoint.async_save`; final and signal saves
+        return complete."""
         st, t0 = self.state, time.perf_counter()
+        is_async = self.cfg.checkpoint.async_save and reason == "interval"
         path = save_checkpoint(st.ckpt_root, self.step, st.chunks, st.optimizer, st.scheduler,
-                               teacher=st.teacher, reason=reason, config=self.cfg.to_dict())  # fmt: skip
+                               teacher=st.teacher, reason=reason, config=self.cfg.to_dict(),
+                               async_save=is_async)  # fmt: skip
         self.deadline.save_took(time.perf_counter() - t0)
         self.saved = (self.step, path)
         return path
@@ -262,6 +267,7 @@ class Trainer:
     def close(self) -> None:
         """Stop the watchdog, flush the metrics, shut the engine down."""
         st = self.state
+        abandon_saves()  # only an error leaves an async save in flight here: it stays incomplete
         if st.watchdog is not None:
             st.watchdog.stop()
         self.metrics.close()

@@ -7,7 +7,9 @@
 A training checkpoint holds model, optimizer, RNG and schedule state but no `opsd_meta.json`; the model is
 rebuilt from the config the checkpoint was saved with (`config.yaml` in the step directory, else the run's
 `config.yaml`): `model.path`'s `config.json`, LoRA adapters when `lora.enabled`. Only the model tensors are
-read (`dist_checkpointing.load` with the model's sharded state dict; the rest of the checkpoint is left),
+read (`dist_checkpointing.load` with the model's sharded state dict; the rest of the checkpoint is left);
+a LoRA checkpoint with `lora_base.json` holds only the adapters: the base is read from `model.path` after
+its content hash was checked against the one recorded at save,
 at any TP x PP x EP and pipeline split (dist checkpoints reshard; `opsd-convert --pipeline-layers`).
 Collectives: those of `dist_checkpointing.load`.
 """
@@ -22,15 +24,18 @@ from megatron.core import dist_checkpointing
 
 from opsd_megatron.config import config_from_dict
 from opsd_megatron.mcore import parallel
+from opsd_megatron.mcore.conversion import load_hf_weights
 from opsd_megatron.mcore.conversion.megatron_checkpoint import model_sharded_state_dict
 from opsd_megatron.mcore.dtypes import torch_dtype
-from opsd_megatron.mcore.lora import apply_lora, lora_shard_hook
+from opsd_megatron.mcore.lora import adapter_sharded_state_dict, apply_lora, lora_shard_hook
 from opsd_megatron.mcore.models import build_model
 from opsd_megatron.mcore.models.builder import unwrap
 from opsd_megatron.run.checkpoint_index import (
+    BASE_FILE,
     CONFIG_FILE,
     STATE_FILE,
     CheckpointError,
+    base_problem,
     checkpoint_problem,
     choose_resume,
 )
@@ -88,14 +93,26 @@ def load_training_model(
             f"training checkpoint {str(step)!r}: its model.path {cfg.model.path!r} (needed for the "
             "architecture) has no config.json."
         )
+    lean = cfg.lora.enabled and (step / BASE_FILE).is_file()  # adapters only: the base from model.path
+    if lean and (problem := base_problem(step, cfg.model.path)) is not None:
+        raise CheckpointError(f"training checkpoint {str(step)!r} cannot be read: {problem}.")
     parallel.initialize(tp, pp, ep=ep, pipeline_layers=pipeline_layers)
     chunks = build_model(cfg.model.path, dtype or torch_dtype(cfg.model.dtype), perform_initialization=False)
+    if lean:
+        load_hf_weights(chunks, cfg.model.path)
     if cfg.lora.enabled:
         apply_lora(chunks, cfg.lora)
-    sd = model_sharded_state_dict(chunks)
+    if lean:
+        n = len(chunks)
+        sd = {
+            "model" if n == 1 else f"model{i}": adapter_sharded_state_dict(unwrap(c))
+            for i, c in enumerate(chunks)
+        }
+    else:
+        sd = model_sharded_state_dict(chunks)
     state = dist_checkpointing.load(sd, str(step))
     for i, c in enumerate(chunks):
-        unwrap(c).load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"])
+        unwrap(c).load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=not lean)
     return chunks, cfg
 
 

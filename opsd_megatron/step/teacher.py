@@ -5,6 +5,7 @@
         logits = forward(chunks, teacher_batch)
     optimizer.step(); teacher.after_optimizer_step()
     ckpt["teacher"] = teacher.state_dict()      # this rank's local shards; load_state_dict() on resume
+    sd["ema_teacher"] = ema.sharded_state_dict()  # EMA: sharded tensors (reshardable); load_sharded()
 
 Modes
 * "frozen"       a separate, non-trainable copy of the student's weights at creation (θ₀; full fine-tuning).
@@ -28,6 +29,7 @@ teacher must come back as θ₀, not as a copy of the resumed student).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 
@@ -199,6 +201,40 @@ class EMATeacher(CopyTeacher):
 
     def state_dict(self) -> dict:
         return {"mode": self.mode, "decay": self.decay, "params": dict(self.shadow)}
+
+    def sharded_state_dict(self, prefix: str = "ema_teacher.") -> dict:
+        """The fp32 running average as Megatron sharded tensors keyed `<prefix><the model's key>`, with the
+        teacher's (= the student's) sharding, so a distributed checkpoint reshards it across TP/PP like the
+        weights (one copy in the checkpoint, not one per DP rank). The entries hold the shadow tensors
+        themselves (no copy); after a `dist_checkpointing.load`, `load_sharded` copies the loaded ones in.
+        No collective."""
+        out = {}
+        for ci, chunk in enumerate(self.teacher_chunks):
+            by_ptr = {p.data_ptr(): self.shadow[f"{ci}.{n}"] for n, p in self._params[ci].items()}
+            for key, sh in unwrap(chunk).sharded_state_dict(prefix=prefix).items():
+                data = getattr(sh, "data", None)
+                if isinstance(data, torch.Tensor) and data.data_ptr() in by_ptr:
+                    shadow = by_ptr.pop(data.data_ptr())
+                    extra = {"dtype": shadow.dtype} if hasattr(sh, "dtype") else {}
+                    out[key] = dataclasses.replace(sh, data=shadow, **extra)
+            if by_ptr:
+                raise RuntimeError(f"EMA teacher chunk {ci}: {len(by_ptr)} parameters have no sharded entry.")
+        return out
+
+    @torch.no_grad()
+    def load_sharded(self, loaded: dict, decay: float, prefix: str = "ema_teacher.") -> None:
+        """Take the running average from `loaded` (`dist_checkpointing.load` of `sharded_state_dict()`)."""
+        if decay != self.decay:
+            log.info(
+                "teacher.ema_decay is %s; the checkpoint's EMA teacher was built with %s", self.decay, decay
+            )
+        targets = self.sharded_state_dict(prefix)
+        copy_named_tensors({k: v.data for k, v in targets.items()}, loaded, "EMA teacher checkpoint")
+        for key, shadow in self.shadow.items():
+            ci, n = key.split(".", 1)
+            p = self._params[int(ci)][n]
+            if p.data is not shadow:
+                p.copy_(shadow)
 
     def load_state_dict(self, state: dict) -> None:
         Teacher.load_state_dict(self, state)

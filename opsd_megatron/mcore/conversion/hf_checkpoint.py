@@ -3,7 +3,12 @@
     save_hf_checkpoint(model_chunks, out_dir, tokenizer_dir=hf_dir)   # collective; rank 0 writes
 
 The result loads with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`. Tensors stream from
-`export_hf_weights` one at a time; rank 0 buffers at most `max_shard_bytes` before writing a shard.
+`export_hf_weights` one at a time (every rank takes part in the TP/PP/EP gathers and drops what it is not
+writing); rank 0 fills one shard (a bucket of at most `max_shard_bytes`, or one tensor larger than that)
+and writes it as soon as the next tensor would not fit, then frees it (`_ShardWriter`), so no process holds
+more than one bucket plus the tensor in flight (safetensors >= 0.6 writes from the tensors' memory without a
+copy). Shards are written under temporary names and renamed once their number is known; the index is
+assembled at the end. The files are the same, byte for byte, as collecting every tensor first.
 
 Re-exporting never leaves stale files: the export is written to a temporary sibling directory and swapped in
 for `out_dir` (whose old shards, index and config go with the old directory). A directory that holds files an
@@ -74,6 +79,54 @@ def _swap_in(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+class _ShardWriter:
+    """Rank 0's safetensors shards, written one bucket at a time (`add`), renamed and indexed at `finish`.
+
+    Shard boundaries: a tensor starts a new shard when it would take the current (non-empty) one past
+    `max_bytes`; names `model-0000i-of-0000n.safetensors`, or `model.safetensors` when there is one."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.bucket: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.written: list[Path] = []
+        self.weight_map: dict[str, int] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.size + nbytes > self.max_bytes and self.bucket:
+            self._flush()
+        self.bucket[name] = t
+        self.weight_map[name] = len(self.written)
+        self.size += nbytes
+
+    def _flush(self) -> None:
+        path = self.out / f".shard-{len(self.written):05d}.partial"
+        save_safetensors(self.bucket, path, {"format": "pt"})
+        self.total += self.size
+        self.written.append(path)
+        self.bucket, self.size = {}, 0
+
+    def finish(self) -> None:
+        """Write the last shard, rename all to their final names, write the index (more than one shard)."""
+        if self.bucket or not self.written:
+            self._flush()
+        n = len(self.written)
+        files = (
+            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            if n > 1
+            else ["model.safetensors"]
+        )
+        for src, name in zip(self.written, files):
+            src.rename(self.out / name)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": self.total},
+                "weight_map": {k: files[v] for k, v in self.weight_map.items()},
+            }
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def save_hf_checkpoint(
     model_chunks: list,
     out_dir: str | Path,
@@ -83,7 +136,8 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     shard_hook=None,
 ) -> Path:
-    """Export the model to `out_dir` in HF format (collective over the model's ranks; rank 0 writes).
+    """Export the model to `out_dir` in HF format (collective over the model's ranks; rank 0 writes, one
+    shard of at most `max_shard_bytes` in memory at a time).
 
     `dtype` casts the tensors (default: the model's dtype); `tokenizer_dir` (usually the source HF
     directory) supplies tokenizer and generation-config files; `shard_hook` is passed to export_hf_weights.
@@ -98,37 +152,13 @@ def save_hf_checkpoint(
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
     dtype = dtype or info.dtype
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    weight_map: dict[str, int] = {}
+    writer = _ShardWriter(out, max_shard_bytes)
     for name, tensor in export_hf_weights(model_chunks, shard_hook=shard_hook):
-        if not rank0:
-            continue
-        t = tensor.to(device="cpu", dtype=dtype).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if size + nbytes > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        weight_map[name] = len(shards) - 1
-        size += nbytes
+        if rank0:
+            writer.add(name, tensor.to(device="cpu", dtype=dtype).contiguous())
+        del tensor
     if rank0:
-        n = len(shards)
-        files = (
-            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-            if n > 1
-            else ["model.safetensors"]
-        )
-        total = 0
-        for i, shard in enumerate(shards):
-            save_safetensors(shard, out / files[i], {"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-        if n > 1:
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {k: files[v] for k, v in weight_map.items()},
-            }
-            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        writer.finish()
         config = dict(info.hf_config)
         config["dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
         config.pop("torch_dtype", None)

@@ -19,6 +19,7 @@ from opsd_megatron.mcore.lora.adapter import LoRAAdapter
 from opsd_megatron.mcore.lora.api import (
     LAYOUTS,
     LoRASettings,
+    adapter_sharded_state_dict,
     adapters_disabled,
     apply_lora,
     global_module_name,
@@ -39,6 +40,7 @@ __all__ = [
     "LAYOUTS",
     "LoRAAdapter",
     "LoRASettings",
+    "adapter_sharded_state_dict",
     "adapters_disabled",
     "apply_lora",
     "global_module_name",

@@ -310,6 +310,12 @@ def trainable_named_parameters(model_chunks) -> list[tuple[str, torch.nn.Paramet
     ]
 
 
+def adapter_sharded_state_dict(chunk: nn.Module) -> dict:
+    """The adapter entries (`...lora.lora_a|lora_b` ShardedTensors) of `chunk`'s sharded state dict: what a
+    LoRA training checkpoint saves of the model (the frozen base is referenced, not saved)."""
+    return {k: v for k, v in chunk.sharded_state_dict().items() if k.endswith(_LORA_SUFFIXES)}
+
+
 def lora_state_dict(model_chunks) -> dict[str, torch.Tensor]:
     """This rank's adapter shards: {"<chunk>.<module>.lora.lora_a|lora_b": detached tensor (shared)}."""
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
