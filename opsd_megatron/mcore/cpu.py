@@ -9,7 +9,8 @@ in `opsd_megatron.mcore.patches` with the library version it was written for; a 
   interface, backed by the CPU generator), and `cpu_model_parallel_manual_seed` mirrors Megatron's
   `model_parallel_cuda_manual_seed` (data-parallel seed, tensor-parallel seed = seed + 2718 + tp_rank).
 * Devices: a `TorchFunctionMode` maps `device="cuda"`, `device=<int>` and `Tensor.cuda()` to CPU,
-  `pin_memory=True` to False; `torch.cuda.synchronize` becomes a no-op and `current_device()` returns "cpu".
+  `pin_memory=True` to False; `torch.cuda.synchronize` becomes a no-op, `current_device()` returns "cpu" and
+  `current_stream()` a stream whose waits are no-ops.
 * Activation recomputation: Megatron's checkpoint function saves and restores the CUDA generator's state
   next to the CPU one; on CPU there is none (an empty state, restored as a no-op); the forward it recomputes
   inside backward (where the device mode below is not active) runs under that mode (`_fork_rng_cpu`).
@@ -128,6 +129,23 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.mul_(clip_coeff)
 
 
+class _NoStream:
+    """CPU stand-in of the current CUDA stream: nothing runs asynchronously, so every wait is a no-op
+    (megatron-core 0.19's gradient sync waits on the current stream for CUDA-graph events)."""
+
+    def wait_event(self, _event=None) -> None:
+        return None
+
+    def wait_stream(self, _stream=None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+_NO_STREAM = _NoStream()
+
+
 def _no_cuda_rng_state(*_a, **_k) -> torch.Tensor:
     """CPU stand-in of Megatron's `_get_cuda_rng_state`: no CUDA generator, an empty state."""
     return torch.empty(0, dtype=torch.uint8)
@@ -152,6 +170,7 @@ def _replacements() -> list[tuple[str, Any]]:
         # "cpu", not 0: Megatron's `device=torch.cuda.current_device()` must also work inside autograd
         # backward functions (sequence-parallel reduce-scatter), where the torch-function mode is not active
         ("torch.cuda.current_device", lambda: "cpu"),
+        ("torch.cuda.current_stream", lambda *a, **k: _NO_STREAM),
         ("megatron.rng_tracker_class", CpuRNGStatesTracker),
         ("megatron.rng_tracker", CpuRNGStatesTracker()),
         ("megatron.rng_tracker_initialized", True),

@@ -110,6 +110,9 @@ PATCHES: dict[str, Patch] = {
         Patch("torch.cuda.current_device", "torch.cuda:current_device", _TO, _TO_V, _CPU,
               "returns \"cpu\" (Megatron passes it as a device, also in autograd backward)", cpu_only=True,
               on_move=_SHIM, releases=_TO_ALL),
+        Patch("torch.cuda.current_stream", "torch.cuda:current_stream", _TO, _TO_V, _CPU,
+              "a stream whose waits are no-ops (megatron-core 0.19's gradient sync waits on the current "
+              "stream for CUDA-graph events)", cpu_only=True, on_move=_SHIM, releases=_TO_ALL),
         Patch("torch.function_stack_len", "torch._C:_len_torch_function_stack", _TO, _TO_V, _MOE,
               "is the CPU shim's TorchFunctionMode already the innermost mode? (MoE dispatch helpers in "
               "backward)", cpu_only=True, on_move="MoE models fail at build on CPU, naming it",
