@@ -25,6 +25,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 UseTE = Literal["auto", True, False]
 OnBadRow = Literal["error", "skip"]
 EngineKind = Literal["vllm", "hf"]
+Placement = Literal["colocated", "separate"]
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"]
 TeacherMode = Literal["frozen", "adapters_off", "ema", "current"]
 LoraLayout = Literal["fused", "per_projection"]
@@ -164,6 +165,15 @@ class RolloutConfig:
     """Weight-refresh bucket size in MiB (peak extra memory of a refresh)."""
     drift_threshold: float | None = None
     """Stop when mean |logprob(vLLM) - logprob(trainer)| exceeds this; None only logs the drift."""
+    placement: Placement = "colocated"
+    """colocated: every rank holds its Megatron shard and its part of an engine; separate: the last
+    engine_replicas x tensor_parallel_size ranks of the launch host only engines, the others only Megatron,
+    and the engines get the new weights over a link of their own after each step (rollout/remote.py)."""
+    engine_replicas: int = 1
+    """placement=separate: engine replicas, each on tensor_parallel_size ranks of its own."""
+    max_staleness: int = 0
+    """placement=separate: 0 = every step trains on rollouts of its current weights (as colocated); 1 = the
+    engines generate step n+1's rollouts with step n's weights while the trainer trains step n."""
 
 
 @dataclass

@@ -88,6 +88,13 @@ class RolloutCollector:
             dist.all_gather_object(gathered, (rows, correct) if pl.is_leader else None)
             rows = [r for g in gathered if g is not None for r in g[0]]
             correct = [c for g in gathered if g is not None for c in g[1]]
+        return self.replica_samples(idx, rows, correct)
+
+    def replica_samples(
+        self, idx: list[int], rows: list, correct: list
+    ) -> tuple[list[Sample], dict[str, float]]:
+        """This replica's slice of the step's global `rows` ((ids, logprobs, finish reason) per prompt of
+        `idx`, in global order) and `correct` verdicts, as samples with their stats (see `collect`)."""
         per = len(idx) // self.dp
         a, b = self.ps.dp_rank * per, (self.ps.dp_rank + 1) * per  # this replica's slice
         prompts = [self.prompts(i) for i in idx[a:b]]

@@ -42,8 +42,11 @@ from opsd_megatron.observe.rollout_log import RolloutLog, record, token_divergen
 from opsd_megatron.rollout.base import Sample
 from opsd_megatron.rollout.engine_group import follow, leading
 from opsd_megatron.rollout.refresh.drift import DriftGuard
+from opsd_megatron.rollout.remote import RemoteCollector
 from opsd_megatron.run.checkpointing import mark_reason, save_checkpoint
+from opsd_megatron.run.engine_server import EngineServer
 from opsd_megatron.run.preflight import record_config
+from opsd_megatron.run.separate import is_engine_rank
 from opsd_megatron.run.setup import build_state, resume
 from opsd_megatron.run.signals import StopSignals, any_rank_stopped
 from opsd_megatron.run.watchdog import ends_job_on_error
@@ -133,10 +136,11 @@ class Trainer:
         m.update(lr=current_lr(st.optimizer), epoch=st.sampler.epoch_of(self.step - 1))
         if engine:
             m.update({"time/rollout_s": t1 - t0, **out.timings, **refresh})
+            m.update(getattr(st.collector, "step_metrics", {}))  # placement=separate: staleness, waits
         if st.info.spec.is_moe:  # router losses of this step (collective over PP / DP)
             n_mb = cfg.train.global_batch_size // (cfg.train.micro_batch_size * st.dp)
             m.update(router_loss_metrics(st.info.spec.num_layers, n_mb))
-        if engine and cfg.rollout.drift_threshold is not None:
+        if engine and cfg.rollout.drift_threshold is not None and not m.get("rollout/staleness"):
             DriftGuard(cfg.rollout.drift_threshold, "drift/mean_abs_logprob").check(m, step=self.step)
         m["time/step_s"] = time.perf_counter() - t0
         m["throughput/response_tokens_per_s"] = m["response_tokens"] / m["time/step_s"]
@@ -204,6 +208,8 @@ class Trainer:
         holds the same weights, so the other ranks only wait (the other ranks of a tensor-parallel engine 0
         replay rank 0's generate calls, `rollout.engine_group`). Returns `eval/...` metrics on rank 0."""
         st, out = self.state, {}
+        if isinstance(st.collector, RemoteCollector):  # placement=separate: on engine 0
+            return st.collector.evaluate(self.step)
         if st.ps.rank == 0:
             if st.engine_group is None:
                 out = periodic_eval(st.engine, st.tokenizer, self.cfg.eval, self.step, st.out)
@@ -219,6 +225,8 @@ class Trainer:
     def save(self, reason: str) -> Path:
         """Checkpoint of the current step (model, optimizer, scheduler, teacher, RNG, config). Collective."""
         st = self.state
+        if isinstance(st.collector, RemoteCollector):  # the batch in flight is saved with it
+            st.collector.before_save(self.step)
         return save_checkpoint(st.ckpt_root, self.step, st.chunks, st.optimizer, st.scheduler,
                                teacher=st.teacher, reason=reason, config=self.cfg.to_dict())  # fmt: skip
 
@@ -241,11 +249,14 @@ class Trainer:
         if st.watchdog is not None:
             st.watchdog.stop()
         self.metrics.close()
+        if isinstance(st.collector, RemoteCollector):
+            st.collector.close()  # the engines leave their loop
         if st.engine is not None:
             st.engine.close()
             st.engine = None
 
 
-def make_trainer(cfg: OPSDConfig, **kwargs) -> Trainer:
-    """The trainer for `cfg` (its step strategy chosen by `cfg.algorithm`); kwargs go to `Trainer`."""
-    return Trainer(cfg, **kwargs)
+def make_trainer(cfg: OPSDConfig, **kwargs) -> Trainer | EngineServer:
+    """The trainer for `cfg` (its step strategy chosen by `cfg.algorithm`); kwargs go to `Trainer`. On the
+    engine ranks of `rollout.placement: separate`, the engine's server loop (`run.engine_server`)."""
+    return EngineServer(cfg) if is_engine_rank(cfg) else Trainer(cfg, **kwargs)
