@@ -26,6 +26,7 @@ UseTE = Literal["auto", True, False]
 OnBadRow = Literal["error", "skip"]
 EngineKind = Literal["vllm", "hf"]
 Placement = Literal["colocated", "separate"]
+BehaviourCorrection = Literal["none", "truncated"]
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"]
 TeacherMode = Literal["frozen", "adapters_off", "ema", "current"]
 LoraLayout = Literal["fused", "per_projection"]
@@ -202,6 +203,11 @@ class LossConfig:
     chunk_tokens: int | None = None
     """Response tokens per chunk of the fused LM-head loss; None = the default (~1 GB of bf16 logits per
     chunk on CUDA; on CPU 32 MiB per fp32 [chunk, vocab/tp] temporary). Smaller: less memory, more GEMMs."""
+    behaviour_correction: BehaviourCorrection = "none"
+    """truncated: weight each response token's loss by min(π_θ/μ, behaviour_cap), the trainer's current
+    probability of the sampled token over the engine's (a constant: docs/algorithm.md); none: unweighted."""
+    behaviour_cap: float = 2.0
+    """Cap of the truncated importance weight (loss.behaviour_correction=truncated), > 0."""
 
 
 @dataclass
