@@ -85,6 +85,13 @@ BAD = [
     ("", ["rollout.top_p=1.5"], "config key 'rollout.top_p': must be in (0, 1]"),
     ("", ["loss.beta=0.5"], "config key 'loss.beta': is only used with loss.kind=jsd"),
     ("", ["optimizer.lr=-1"], "config key 'optimizer.lr': must be > 0"),
+    ("", ["rollout.max_staleness=1"], "config key 'rollout.max_staleness': 1 needs rollout.placement"),
+    (
+        "",
+        ["rollout.placement=separate", "rollout.tensor_parallel_size=2"],
+        "config key 'rollout.tensor_parallel_size': must be 1 with rollout.placement=separate",
+    ),
+    ("", ["loss.behaviour_correction=truncated", "loss.behaviour_cap=0"], "config key 'loss.behaviour_cap'"),
     ("", ["parallel.sequence_parallel=true"], "config key 'parallel.sequence_parallel': needs tp > 1"),
     ("", ["eval.interval=5"], "config key 'eval.path': is required when eval.interval > 0"),
     ("", ["prompts.teacher_template=Problem {problem}"], "must contain the placeholder {solution}"),

@@ -10,7 +10,7 @@ Protocol (root = trainer rank 0 on the `rollout.link.Link`; every command is bro
 * ("weights", v): buckets of the exported weights follow (`LinkEngine.update_weights`: a header of names,
   shapes, dtypes, then one flat tensor per dtype), ended by a None header; the engines then hold version v.
 * ("generate", step, v, prompts, seeds, sampling): engine e generates its contiguous share
-  (`EnginePlacement.prompt_share`) and sends (step, v, rows) back to the root.
+  (`EnginePlacement.prompt_share`) and sends (step, v, rows, generation seconds) back to the root.
 * ("evaluate", step): engine 0 runs the periodic evaluation and sends its metrics back.
 * ("stop",): the engines leave their loop.
 Weight version v = optimizer steps applied (= the trainer's step counter). Step n trains on a batch made by
@@ -55,6 +55,7 @@ class RolloutBatch:
     version: int
     rows: list  # per global prompt: (token ids, logprobs, finish reason)
     correct: list  # per global prompt: bool | None
+    generate_s: float = 0.0  # the slowest engine's generation time
 
 
 def inflight_path(ckpt_root: Path, step: int) -> Path:
@@ -142,6 +143,7 @@ class RemoteCollector(RolloutCollector):
         self.step_metrics = {
             "rollout/staleness": float(step - batch.version), "rollout/version": float(batch.version),
             "time/refresh_s": push_s, "time/wait_rollout_s": time.perf_counter() - t0 - push_s,
+            "time/engine_generate_s": batch.generate_s,
         }  # fmt: skip
         return self.replica_samples(self.sampler.indices(step), batch.rows, batch.correct)
 
@@ -175,13 +177,14 @@ class RemoteCollector(RolloutCollector):
             return batch
         batch = None
         if self.link is not None:
-            rows, version = [], None
+            rows, version, gen_s = [], None, 0.0
             for e in range(self.engines):
-                got_step, version, share = self.link.recv_object(src=e + 1)
+                got_step, version, share, seconds = self.link.recv_object(src=e + 1)
                 assert got_step == step, f"engine {e} answered step {got_step}, expected {step}"
                 rows.extend(share)
+                gen_s = max(gen_s, seconds)
             correct = self.grade(list(self.sampler.indices(step)), [r[0] for r in rows])
-            batch = RolloutBatch(step, version, rows, correct)
+            batch = RolloutBatch(step, version, rows, correct, gen_s)
         if self.ps.world_size > 1:
             box = [batch]
             dist.broadcast_object_list(box, src=0)

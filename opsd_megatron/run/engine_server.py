@@ -15,6 +15,7 @@ back), stop. Stop signals are recorded, not obeyed: the trainers decide when the
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,12 +80,12 @@ class EngineServer:
         if version != self.version:  # the protocol pushes before it asks: a mismatch is a bug, say so
             raise RuntimeError(f"engine {self.index} asked for version {version}, holds {self.version}")
         lo, hi = self.share.prompt_share(len(prompts))
-        rows = []
+        rows, t0 = [], time.perf_counter()
         if hi > lo:
             outs = self.engine.generate(prompts[lo:hi], sampling, seeds=seeds[lo:hi])
             rows = [(o[0].token_ids, o[0].logprobs, o[0].finish_reason) for o in outs]
         self.step = step
-        self.link.send_object((step, self.version, rows), dst=0)
+        self.link.send_object((step, self.version, rows, time.perf_counter() - t0), dst=0)
 
     def close(self) -> None:
         """Stop the watchdog, shut the engine down."""
