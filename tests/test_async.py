@@ -18,9 +18,10 @@ from test_trainer import ENV, tiny_config
 pytestmark = pytest.mark.vllm
 
 
-def run_any(rank, world_size, cfg_dict, kill_after=None):
+def run_any(rank, world_size, cfg_dict, kill_after=None, kill_engine_at=None):
     """Worker: the trainer or the engine server (`make_trainer`); trainer rank 0 returns rows and weights.
-    `kill_after`: trainer rank 0 SIGKILLs itself after that step (its checkpoint written)."""
+    `kill_after`: trainer rank 0 SIGKILLs itself after that step (its checkpoint written);
+    `kill_engine_at`: the engine SIGKILLs itself when asked for that (1-based) batch."""
     import logging
     import os
     import signal
@@ -35,6 +36,16 @@ def run_any(rank, world_size, cfg_dict, kill_after=None):
 
     cfg = config_from_dict(cfg_dict)
     t = make_trainer(cfg, on_step_end=on_step_end) if rank == 0 else make_trainer(cfg)
+    if kill_engine_at is not None and rank == world_size - 1:
+        generate, calls = t._generate, []
+
+        def dying_generate(*args):
+            calls.append(1)
+            if len(calls) == kill_engine_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return generate(*args)
+
+        t._generate = dying_generate
     try:
         rows = t.train()
         if rank != 0:
@@ -89,3 +100,10 @@ def test_staleness1_versions_and_sigkill_resume(tiny_qwen3_dir, tmp_path):
     resumed = run_distributed(run_any, 2, cfg, env=ENV, timeout=900)[0]["rows"]
     assert [r["step"] for r in resumed] == [3, 4]
     assert [deterministic_view(r) for r in resumed] == [deterministic_view(r) for r in ref[2:]]
+
+
+def test_dead_engine_ends_the_job_naming_it(tiny_qwen3_dir, tmp_path):
+    cfg = _cfg(tiny_qwen3_dir, tmp_path / "dead", placement="separate")
+    with pytest.raises(AssertionError) as err:
+        run_distributed(run_any, 2, cfg, None, 2, env=ENV, timeout=600)
+    assert "EngineLinkError: rollout engine 0 (job rank 1) did not answer" in str(err.value)
