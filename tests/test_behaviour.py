@@ -3,7 +3,8 @@
 The weighted loss Σ_i min(π_θ/μ, cap)_i ℓ_i from the fused LM-head loss is checked against a float64
 reference in plain torch (logits, softmax, forward KL per token, the same constant weights): loss and the
 gradients of the student hidden states and LM head agree to fp32 round-off (the fused loss computes in
-fp32), and the weight carries no gradient of its own.
+fp32), and the weight carries no gradient of its own. And the trainer refuses a rollout batch whose version
+tag is staler than `rollout.max_staleness` (one clear error).
 """
 
 from __future__ import annotations
@@ -70,3 +71,31 @@ def test_truncated_correction_scales_each_tokens_gradient():
     hs64.grad = None
     _reference(hs64, w_s, ht, w_t, torch.ones(n, dtype=torch.float64), mask, t).backward()
     assert not torch.allclose(hs32.grad.double(), hs64.grad, rtol=1e-3)
+
+
+def test_a_batch_staler_than_allowed_is_refused(tmp_path):
+    """`RemoteCollector` checks every batch's version tag (here a batch of version 0 held for step 2)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from opsd_megatron.config import config_from_dict
+    from opsd_megatron.data import Problem, PromptSampler
+    from opsd_megatron.rollout.remote import RemoteCollector, RolloutBatch, StaleRolloutError
+
+    sections = {"model": {"path": str(tmp_path)}, "data": {"path": "builtin:tiny_math"},
+                "rollout": {"placement": "separate", "max_staleness": 1},
+                "train": {"steps": 3, "global_batch_size": 2, "micro_batch_size": 1}}  # fmt: skip
+    cfg = config_from_dict(sections)
+    ps = SimpleNamespace(world_size=1, rank=0, dp_rank=0)
+    problems = [Problem(problem=f"p{i}", solution="s", answer=None, row=i) for i in range(4)]
+    prompts = lambda i: ([1, 2], [1, 2, 3])  # noqa: E731 - token ids of any problem
+    col = RemoteCollector(cfg, ps, 1, PromptSampler(4, 2, 0), prompts, problems, None, chunks=[], syncer=None,
+                          link=None, ckpt_root=tmp_path)  # fmt: skip
+    rows = [([5, 6], [-0.1, -0.2], "stop")] * 2
+    col.held = RolloutBatch(step=2, version=0, rows=rows, correct=[None, None])
+    with pytest.raises(StaleRolloutError, match="weight version 0, 2 steps old; rollout.max_staleness=1"):
+        col.collect(None, 2)
+    col.held = RolloutBatch(step=2, version=1, rows=rows, correct=[None, None])
+    samples, _ = col.collect(None, 2)
+    assert len(samples) == 2 and col.step_metrics["rollout/staleness"] == 1.0
