@@ -78,7 +78,11 @@ def run_variant(name: str, nproc: int, cfg: dict, work: Path) -> dict[str, float
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, no threshold (three launches: ~5 min on 2 busy cores, mostly start-up)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes, no threshold (3 launches, minutes: start-up)",
+    )
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=48)
