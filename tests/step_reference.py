@@ -68,6 +68,12 @@ def _old_loss(mb, t_logits, spec: LossSpec, scale: float, output):
                                            vocab_size=spec.vocab_size, tp_group=spec.tp_group)  # fmt: skip
         delta = (mb.rollout_logprobs.double() - lp.double()).abs().clamp(max=30.0) * mb.loss_mask
         sums["drift_abs"], sums["drift_mult"] = delta.sum(), (torch.expm1(delta) * mb.loss_mask).sum()
+        ratio = (lp.double() - mb.rollout_logprobs.double()).clamp(-30.0, 30.0).exp() * mb.loss_mask  # π_θ/μ
+        sums["ratio_sum"], sums["ratio_gt2"], sums["ratio_max"] = (
+            ratio.sum(),
+            (ratio > 2).sum().double(),
+            ratio.max(),
+        )
     return loss_sum * scale, sums
 
 
@@ -85,5 +91,5 @@ def old_student_step(chunks, mbs, t_logits, spec: LossSpec, *, scale: float, mic
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     for d in store if mps.is_pipeline_last_stage() else []:
         for k in SUM_KEYS:
-            sums[k] += float(d[k])
+            sums[k] = max(sums[k], float(d[k])) if k.endswith("_max") else sums[k] + float(d[k])
     return sums

@@ -86,6 +86,13 @@ BAD = [
     ("", ["rollout.drift_threshold=0"], "config key 'rollout.drift_threshold': must be > 0 or null"),
     ("", ["loss.beta=0.5"], "config key 'loss.beta': is only used with loss.kind=jsd"),
     ("", ["optimizer.lr=-1"], "config key 'optimizer.lr': must be > 0"),
+    ("", ["rollout.max_staleness=1"], "config key 'rollout.max_staleness': 1 needs rollout.placement"),
+    (
+        "",
+        ["rollout.placement=separate", "rollout.tensor_parallel_size=2"],
+        "config key 'rollout.tensor_parallel_size': must be 1 with rollout.placement=separate",
+    ),
+    ("", ["loss.behaviour_correction=truncated", "loss.behaviour_cap=0"], "config key 'loss.behaviour_cap'"),
     ("", ["parallel.sequence_parallel=true"], "config key 'parallel.sequence_parallel': needs tp > 1"),
     ("", ["parallel.timeout_minutes=0"], "config key 'parallel.timeout_minutes': must be > 0, got 0"),
     ("", ["eval.interval=5"], "config key 'eval.path': is required when eval.interval > 0"),

@@ -137,6 +137,21 @@ def _check_rollout(cfg: OPSDConfig) -> None:
     )
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
            f"must be in (0, 1], got {r.gpu_memory_utilization}.")  # fmt: skip
+    _check(cfg.loss.behaviour_cap > 0, "loss.behaviour_cap", f"must be > 0, got {cfg.loss.behaviour_cap}.")
+    _check(r.max_staleness in (0, 1), "rollout.max_staleness", f"must be 0 or 1, got {r.max_staleness}.")
+    _check(
+        r.max_staleness == 0 or r.placement == "separate",
+        "rollout.max_staleness",
+        "1 needs rollout.placement=separate (colocated engines cannot generate while training).",
+    )
+    _check(r.engine_replicas >= 1, "rollout.engine_replicas", f"must be >= 1, got {r.engine_replicas}.")
+    _check(
+        r.placement == "colocated" or r.tensor_parallel_size == 1,
+        "rollout.tensor_parallel_size",
+        "must be 1 with rollout.placement=separate (separate engines are one rank each for now).",
+    )
+    _check(r.placement == "colocated" or cfg.algorithm == "opsd", "rollout.placement",
+           f"separate needs algorithm=opsd (algorithm={cfg.algorithm} has no rollout engine).")  # fmt: skip
 
 
 def _check_logging(cfg: OPSDConfig) -> None:
@@ -372,7 +387,7 @@ def validate_world(cfg: OPSDConfig, world_size: int) -> int:
     dp = _layout(check_world, world_size, par.tp, par.pp, par.ep, par.etp)
     engine_tp = cfg.rollout.tensor_parallel_size
     _check(
-        world_size % engine_tp == 0,
+        world_size % engine_tp == 0 or cfg.rollout.placement == "separate",
         "rollout.tensor_parallel_size",
         f"{engine_tp} does not divide the world size {world_size} (engines: consecutive ranks).",
     )

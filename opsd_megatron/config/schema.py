@@ -25,6 +25,8 @@ DType = Literal["float32", "bfloat16", "float16"]
 UseTE = Literal["auto", True, False]
 OnBadRow = Literal["error", "skip"]
 EngineKind = Literal["vllm", "hf"]
+Placement = Literal["colocated", "separate"]
+BehaviourCorrection = Literal["none", "truncated"]
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"]
 TeacherMode = Literal["frozen", "adapters_off", "ema", "current"]
 LoraLayout = Literal["fused", "per_projection"]
@@ -202,6 +204,15 @@ class RolloutConfig:
     """Stop when mean |logprob(engine) - logprob(trainer)| over a step's response tokens exceeds this (a stale
     or wrongly mapped refresh); null only logs the drift. Default 0.1: correct refreshes measured at <= 1e-6
     (fp32) and <= 0.01 (bf16), docs/performance.md "Drift threshold"."""
+    placement: Placement = "colocated"
+    """colocated: every rank holds its Megatron shard and its part of an engine; separate: the last
+    engine_replicas x tensor_parallel_size ranks of the launch host only engines, the others only Megatron,
+    and the engines get the new weights over a link of their own after each step (rollout/remote.py)."""
+    engine_replicas: int = 1
+    """placement=separate: engine replicas, each on tensor_parallel_size ranks of its own."""
+    max_staleness: int = 0
+    """placement=separate: 0 = every step trains on rollouts of its current weights (as colocated); 1 = the
+    engines generate step n+1's rollouts with step n's weights while the trainer trains step n."""
 
 
 @dataclass
@@ -230,6 +241,11 @@ class LossConfig:
     chunk_tokens: int | None = None
     """Response tokens per chunk of the fused LM-head loss; None = the default (~1 GB of bf16 logits per
     chunk on CUDA; on CPU 32 MiB per fp32 [chunk, vocab/tp] temporary). Smaller: less memory, more GEMMs."""
+    behaviour_correction: BehaviourCorrection = "none"
+    """truncated: weight each response token's loss by min(π_θ/μ, behaviour_cap), the trainer's current
+    probability of the sampled token over the engine's (a constant: docs/algorithm.md); none: unweighted."""
+    behaviour_cap: float = 2.0
+    """Cap of the truncated importance weight (loss.behaviour_correction=truncated), > 0."""
 
 
 @dataclass

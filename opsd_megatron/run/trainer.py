@@ -42,8 +42,11 @@ from opsd_megatron.observe.rollout_log import RolloutLog, record, token_divergen
 from opsd_megatron.rollout.base import Sample
 from opsd_megatron.rollout.engine_group import serve, spreading
 from opsd_megatron.rollout.refresh.drift import DriftGuard
+from opsd_megatron.rollout.remote import RemoteCollector
 from opsd_megatron.run.checkpointing import abandon_saves, mark_reason, poll_saves, save_checkpoint
+from opsd_megatron.run.engine_server import EngineServer
 from opsd_megatron.run.preflight import record_config
+from opsd_megatron.run.separate import is_engine_rank
 from opsd_megatron.run.setup import build_state, resume
 from opsd_megatron.run.signals import StepAbandoned, StopDeadline, StopSignals, any_rank_stopped
 from opsd_megatron.run.watchdog import ends_job_on_error
@@ -148,10 +151,11 @@ class Trainer:
         m.update(lr=current_lr(st.optimizer), epoch=st.sampler.epoch_of(self.step - 1))
         if engine:
             m.update({"time/rollout_s": t1 - t0, **out.timings, **refresh})
+            m.update(getattr(st.collector, "step_metrics", {}))  # placement=separate: staleness, waits
         if st.info.spec.is_moe:  # router losses of this step (collective over PP / DP)
             n_mb = cfg.train.global_batch_size // (cfg.train.micro_batch_size * st.dp)
             m.update(router_loss_metrics(st.info.spec.num_layers, n_mb))
-        if engine and cfg.rollout.drift_threshold is not None:
+        if engine and cfg.rollout.drift_threshold is not None and not m.get("rollout/staleness"):
             DriftGuard(cfg.rollout.drift_threshold, "drift/mean_abs_logprob").check(m, step=self.step)
         m["time/step_s"] = time.perf_counter() - t0
         self.deadline.step_finished()
@@ -231,6 +235,8 @@ class Trainer:
         evaluation and writes its files, each `generate` call is split over all engines
         (`rollout.engine_group`); returns `eval/...` metrics on rank 0 ({} elsewhere). Collective."""
         st, out = self.state, {}
+        if isinstance(st.collector, RemoteCollector):  # placement=separate: on engine 0
+            return st.collector.evaluate(self.step)
         if st.ps.rank == 0:
             with spreading(st.engine, st.placement, st.ps.cpu_group) as engine:
                 out = periodic_eval(engine, st.tokenizer, self.cfg.eval, self.step, st.out)
@@ -241,8 +247,10 @@ class Trainer:
     def save(self, reason: str) -> Path:
         """Checkpoint of the current step (model, optimizer, scheduler, teacher, RNG, config). Collective.
         Interval saves are written in the background with `checkpoint.async_save`; final and signal saves
-        return complete."""
+        return complete. With placement=separate the batch in flight is saved with it."""
         st, t0 = self.state, time.perf_counter()
+        if isinstance(st.collector, RemoteCollector):
+            st.collector.before_save(self.step)
         is_async = self.cfg.checkpoint.async_save and reason == "interval"
         path = save_checkpoint(st.ckpt_root, self.step, st.chunks, st.optimizer, st.scheduler,
                                teacher=st.teacher, reason=reason, config=self.cfg.to_dict(),
@@ -271,11 +279,14 @@ class Trainer:
         if st.watchdog is not None:
             st.watchdog.stop()
         self.metrics.close()
+        if isinstance(st.collector, RemoteCollector):
+            st.collector.close()  # the engines leave their loop
         if st.engine is not None:
             st.engine.close()
             st.engine = None
 
 
-def make_trainer(cfg: OPSDConfig, **kwargs) -> Trainer:
-    """The trainer for `cfg` (its step strategy chosen by `cfg.algorithm`); kwargs go to `Trainer`."""
-    return Trainer(cfg, **kwargs)
+def make_trainer(cfg: OPSDConfig, **kwargs) -> Trainer | EngineServer:
+    """The trainer for `cfg` (its step strategy chosen by `cfg.algorithm`); kwargs go to `Trainer`. On the
+    engine ranks of `rollout.placement: separate`, the engine's server loop (`run.engine_server`)."""
+    return EngineServer(cfg) if is_engine_rank(cfg) else Trainer(cfg, **kwargs)

@@ -46,6 +46,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from opsd_megatron.config import OPSDConfig
 from opsd_megatron.losses import fused_linear_divergence
+from opsd_megatron.losses.behaviour import offpolicy_sums, truncated_weight
 from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
 from opsd_megatron.observe.metrics import reduce_sums
 from opsd_megatron.rollout.base import Sample
@@ -63,8 +64,9 @@ if TYPE_CHECKING:  # annotations only
     from opsd_megatron.run.setup import RunState
 
 SUM_KEYS = ("loss_sum", "tokens", "clipped_fraction", "student_entropy", "teacher_entropy",
-            "drift_abs", "drift_mult")  # fmt: skip
-"""Per-micro-batch sums returned by the loss function (last stage), reduced over micro-batches and DP."""
+            "drift_abs", "drift_mult", "ratio_sum", "ratio_gt2", "ratio_max")  # fmt: skip
+"""Per-micro-batch sums returned by the loss function (last stage), reduced over micro-batches and DP
+(keys ending in `_max`: maxima)."""
 
 
 @dataclass
@@ -81,6 +83,7 @@ class LossSpec:
     sampling: object = None  # SamplingConfig of the rollouts (drift logprobs); None: no drift
     chunk_tokens: int | None = None  # tokens per LM-head chunk; None: losses' default
     sequence_parallel: bool = False
+    behaviour_cap: float | None = None  # loss.behaviour_correction=truncated: min(π_θ/μ, cap) per token
 
     @classmethod
     def from_config(cls, cfg, *, vocab_size: int, tp_group, sampling) -> LossSpec:
@@ -91,6 +94,7 @@ class LossSpec:
             kind=kind, beta=lc.beta, temperature=lc.temperature or cfg.rollout.temperature, clip=lc.clip,
             top_k=lc.top_k, vocab_size=vocab_size, tp_group=tp_group, sampling=sampling,
             chunk_tokens=lc.chunk_tokens, sequence_parallel=cfg.parallel.sequence_parallel,
+            behaviour_cap=lc.behaviour_cap if lc.behaviour_correction == "truncated" else None,
         )  # fmt: skip
 
 
@@ -167,6 +171,9 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
         top_k=spec.top_k, target_ids=ids, vocab_size=spec.vocab_size, chunk_size=chunk_tokens(spec, s_weight),
         reduce_hidden_grad=not spec.sequence_parallel, with_stats=True, sampling=spec.sampling,
     )  # fmt: skip
+    if spec.behaviour_cap is not None and st.token_logprobs is not None:  # losses.behaviour
+        per_tok = per_tok * truncated_weight(st.token_logprobs, mb.rollout_logprobs.reshape(-1),
+                                             spec.behaviour_cap)  # fmt: skip
     loss_sum = per_tok.sum()
     if capture is not None:
         capture.append((per_tok.detach().reshape(mb.loss_mask.shape), mb.loss_mask))
@@ -180,8 +187,10 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
             engine = mb.rollout_logprobs.reshape(-1).double()
             delta = torch.where(keep, (engine - st.token_logprobs.double()).abs().clamp(max=30.0), 0.0)
             sums["drift_abs"], sums["drift_mult"] = delta.sum(), torch.expm1(delta).sum()
+            sums.update(offpolicy_sums(st.token_logprobs, mb.rollout_logprobs.reshape(-1), keep))
         else:
-            sums["drift_abs"] = sums["drift_mult"] = torch.zeros((), dtype=torch.float64)
+            for k in ("drift_abs", "drift_mult", "ratio_sum", "ratio_gt2", "ratio_max"):
+                sums[k] = torch.zeros((), dtype=torch.float64)
     return loss_sum * scale, sums
 
 
@@ -206,7 +215,7 @@ def student_forward_backward(
     sums = dict.fromkeys(keys, 0.0)
     for d in store if _is_last_stage() else []:
         for k in keys:
-            sums[k] += float(d[k])
+            sums[k] = max(sums[k], float(d[k])) if k.endswith("_max") else sums[k] + float(d[k])
     return sums
 
 
@@ -229,7 +238,7 @@ def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: b
     replica's `n_samples` samples). Only `reporter` ranks (one per DP replica) contribute; collective:
     one all-reduce SUM over the world."""
     w = 1.0 if reporter else 0.0
-    vec = {k: w * sums[k] for k in SUM_KEYS}
+    vec = {k: w * sums[k] for k in SUM_KEYS if not k.endswith("_max")}
     vec.update(pad=w * sums.get("pad_positions", 0.0), positions=w * sums.get("positions", 0.0))
     acc = rollout_stats["rollout/accuracy"]
     graded = w * n_samples if acc == acc else 0.0
@@ -237,6 +246,9 @@ def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: b
     for k in ("rollout/response_length", "rollout/truncation_rate"):
         vec[k] = w * n_samples * rollout_stats[k]
     g = reduce_sums(vec)
+    top = torch.tensor(w * sums["ratio_max"], dtype=torch.float64)  # ratios are >= 0: 0 = no say
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
     n = max(g["tokens"], 1.0)
     s = max(g["samples"], 1.0)
     return {
@@ -251,6 +263,9 @@ def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: b
         "drift/mean_abs_logprob": g["drift_abs"] / n,
         "drift/mult_prob_err": g["drift_mult"] / n,
         "batch/padding_fraction": g["pad"] / max(g["positions"], 1.0),
+        "offpolicy/ratio_mean": g["ratio_sum"] / n,  # π_θ/μ on sampled tokens (losses.behaviour)
+        "offpolicy/ratio_max": float(top),
+        "offpolicy/ratio_frac_gt2": g["ratio_gt2"] / n,
     }
 
 

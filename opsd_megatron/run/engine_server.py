@@ -1,0 +1,97 @@
+"""An engine rank of `rollout.placement: separate`: a rollout engine serving trainer rank 0's commands.
+
+    server = make_trainer(cfg)    # on the engine ranks (run.separate.is_engine_rank): an EngineServer
+    server.train()                # serve until ("stop",); returns []
+    server.close()
+
+Start-up: the rank's own 1-rank world (`run.separate.engine_world`), the job watchdog over the whole launch
+(an exception here ends the trainers too, with this rank named), the tokenizer, the engine (the trainer's
+`start_engine`: same seed, same sizes), then the link (`rollout.link`). The loop answers the commands of
+`rollout.remote` in the order they come: weights, generate (this engine's contiguous share of the step's
+prompts with their per-request seeds), evaluate (engine 0: `evaluation.hook.periodic_eval`, metrics sent
+back), stop. Stop signals are recorded, not obeyed: the trainers decide when the run ends and say stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from transformers import AutoTokenizer
+
+from opsd_megatron.config import OPSDConfig
+from opsd_megatron.evaluation.hook import periodic_eval
+from opsd_megatron.mcore.versions import check_versions
+from opsd_megatron.rollout.link import Link
+from opsd_megatron.rollout.placement import EnginePlacement
+from opsd_megatron.rollout.remote import receive_weights
+from opsd_megatron.run.preflight import bound_cpu_kv_cache
+from opsd_megatron.run.separate import engine_world, layout
+from opsd_megatron.run.setup import start_engine
+from opsd_megatron.run.signals import StopSignals
+from opsd_megatron.run.watchdog import JobWatchdog, ends_job_on_error
+
+log = logging.getLogger("opsd_megatron")
+
+
+class EngineServer:
+    """One engine rank's whole run (see the module docstring); quacks like `Trainer` for `cli.train`."""
+
+    @ends_job_on_error
+    def __init__(self, cfg: OPSDConfig) -> None:
+        lay = layout(cfg)
+        self.cfg, self.index, self.version = cfg, lay.engine, 0
+        self.step = self.start_step = 0
+        check_versions(vllm=cfg.rollout.engine == "vllm")
+        engine_world()
+        self.watchdog = JobWatchdog.start(lay.job_rank, lay.job_world)
+        self.stop_signals = StopSignals(cfg.checkpoint.exit_signal_grace_s, lay.job_rank).install()
+        self.state = SimpleNamespace(ps=SimpleNamespace(rank=lay.job_rank), out=Path(cfg.output_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+        bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization)
+        self.engine = start_engine(cfg)
+        self.share = EnginePlacement(cfg.rollout.engine_replicas, lay.engine, 1)
+        self.link = Link(lay.link_rank, lay.link_size, peers=lay.engine_job_ranks,
+                         timeout_s=60.0 * cfg.parallel.timeout_minutes)  # fmt: skip
+
+    @property
+    def stop_signal(self) -> int | None:
+        return None  # recorded only: the trainers end the run
+
+    @ends_job_on_error
+    def train(self) -> list[dict]:
+        """Serve commands until ("stop",)."""
+        while True:
+            cmd = self.link.broadcast_object()
+            if cmd[0] == "stop":
+                return []
+            if cmd[0] == "weights":
+                receive_weights(self.link, self.engine)
+                self.version = cmd[1]
+            elif cmd[0] == "generate":
+                self._generate(*cmd[1:])
+            elif cmd[0] == "evaluate" and self.index == 0:
+                self.step = cmd[1]
+                out = periodic_eval(self.engine, self.tokenizer, self.cfg.eval, cmd[1], self.cfg.output_dir)
+                self.link.send_object(out, dst=0)
+
+    def _generate(self, step: int, version: int, prompts: list, seeds: list, sampling) -> None:
+        if version != self.version:  # the protocol pushes before it asks: a mismatch is a bug, say so
+            raise RuntimeError(f"engine {self.index} asked for version {version}, holds {self.version}")
+        lo, hi = self.share.prompt_share(len(prompts))
+        rows, t0 = [], time.perf_counter()
+        if hi > lo:
+            outs = self.engine.generate(prompts[lo:hi], sampling, seeds=seeds[lo:hi])
+            rows = [(o[0].token_ids, o[0].logprobs, o[0].finish_reason) for o in outs]
+        self.step = step
+        self.link.send_object((step, self.version, rows, time.perf_counter() - t0), dst=0)
+
+    def close(self) -> None:
+        """Stop the watchdog, shut the engine down."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
