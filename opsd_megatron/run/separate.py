@@ -67,7 +67,9 @@ def remote_collector(cfg: OPSDConfig, state: Any) -> RemoteCollector:
     """The trainer side of separate placement for `state` (a `run.setup.RunState`); rank 0 joins the link."""
     lay = layout(cfg)
     timeout_s = 60.0 * cfg.parallel.timeout_minutes  # parallel.timeout_minutes bounds the link's waits too
-    link = Link(0, lay.link_size, peers=lay.engine_job_ranks, timeout_s=timeout_s) if state.ps.rank == 0 else None
+    link = None
+    if state.ps.rank == 0:
+        link = Link(0, lay.link_size, peers=lay.engine_job_ranks, timeout_s=timeout_s)
     syncer = WeightSyncer(None, bucket_bytes=int(cfg.rollout.bucket_mb * 2**20), dtype=state.dtype,
                           export_kwargs={"shard_hook": state.shard_hook})  # fmt: skip
     return RemoteCollector(
