@@ -7,7 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test demo warmstart lint format clean-venv gpu-test gpu-wheels
+.PHONY: venv test test-mcore019 demo warmstart lint format clean-venv gpu-test gpu-wheels
 
 venv: $(STAMP)
 
@@ -26,6 +26,25 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VPY) -m pytest tests
+
+# The same suite on megatron-core 0.19 (what `pip install -e ".[gpu]"` and the GPU image get). Its only wheel is
+# cp312 (no sdist), but its Python files import on 3.11: unpacked into $(MC19), they shadow .venv's 0.16.1 in a
+# second interpreter whose site-packages chain to .venv's (one .pth file; subprocesses use sys.executable).
+MC19_VERSION := 0.19.2
+MC19 := $(VENV)/mcore019
+MC19_STAMP := $(MC19)/.installed-$(MC19_VERSION)
+
+$(MC19_STAMP): $(STAMP)
+	rm -rf $(MC19) && $(PY) -m venv --without-pip $(MC19)
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 -d $(MC19)/wheel megatron-core==$(MC19_VERSION)
+	$(VPY) -m zipfile -e $(MC19)/wheel/megatron_core-$(MC19_VERSION)-*.whl $(MC19)/site
+	$(VPY) scripts/chain_venv.py $(MC19) $(VENV)
+	$(MC19)/bin/python -c "import megatron.core as m; assert m.__version__ == '$(MC19_VERSION)', m.__version__"
+	@touch $(MC19_STAMP)
+
+test-mcore019: $(MC19_STAMP)
+	$(MC19)/bin/python -m pytest tests
 
 # OPSD you can see learn: shipped warm start -> held-out eval -> OPSD (TP=2, vLLM) -> eval, table, plots.
 demo: $(STAMP)

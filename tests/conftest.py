@@ -15,6 +15,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_report_header(config):
+    """The library versions this run tests (CI runs the suite on two megatron-core releases)."""
+    from opsd_megatron.mcore.versions import installed
+
+    return "stack: " + ", ".join(f"{d} {installed(d)}" for d in ("torch", "megatron-core", "vllm", "transformers"))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     from opsd_megatron.demo.tiny import build_tiny_tokenizer

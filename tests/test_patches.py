@@ -176,6 +176,6 @@ def test_version_check(caplog):
         versions.check_versions(versions={"transformers": None})
     with caplog.at_level(logging.WARNING, logger="opsd_megatron.mcore.versions"):
         untested = versions.check_versions(vllm=True, versions={"vllm": "0.33.1", "megatron-core": "0.19.0"})
-    assert untested == ["megatron-core 0.19.0 (tested: 0.16.1)", "vllm 0.33.1 (tested: 0.32.0)"]
+    assert untested == ["megatron-core 0.19.0 (tested: 0.16.1, 0.19.2)", "vllm 0.33.1 (tested: 0.32.0)"]
     assert "untested" in caplog.text
     versions.check_versions(versions={"torch": "2.13.0+cpu"})  # local version labels are fine

@@ -10,8 +10,10 @@ a test keeps them equal). Why these bounds:
 * vLLM >= 0.32: the weight refresh needs the layerwise `reload_weights` (whole fused modules per call, see
   rollout/vllm_engine.py) and `logprobs_mode="processed_logprobs"`; both were read from and measured on
   0.32. < 0.34: newer minor releases change reload internals often; 0.33 is allowed, untested here.
-* megatron-core >= 0.16.1 (the CPU stack is held at 0.16.1 by Python 3.11), < 0.20: the CPU shim, the
-  checkpoint-writer shield and the LoRA sharded state dict patch Megatron internals written for 0.16.1.
+* megatron-core >= 0.16.1, < 0.20: the CPU shim, the checkpoint-writer shield and the LoRA sharded state dict
+  patch Megatron internals. `make test` runs the suite on 0.16.1 (the newest release whose metadata admits
+  Python 3.11) and `make test-mcore019` on 0.19.2 (what the `gpu` extra and the GPU image install; its cp312
+  wheel's Python files, unpacked, import on 3.11); CI runs both.
 * transformers >= 5.0 (HF reference model, config parsing), torch >= 2.5.
 
 The version-specific code paths themselves are the private-API targets in `opsd_megatron.mcore.patches` (each
@@ -37,7 +39,7 @@ SUPPORTED: dict[str, tuple[str, str | None]] = {
 """distribution -> (minimum, inclusive; maximum, exclusive or None)."""
 
 TESTED: dict[str, tuple[str, ...]] = {
-    "megatron-core": ("0.16.1",),
+    "megatron-core": ("0.16.1", "0.19.2"),
     "vllm": ("0.32.0",),
 }
 """Versions the test suite ran on (CPU CI stack); others inside SUPPORTED get a warning at start-up."""
