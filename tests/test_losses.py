@@ -276,7 +276,7 @@ def test_topk_tail_is_exact_when_the_topk_mass_is_near_one():
 
 
 def test_topk_beta_zero_is_forward_kl_and_jsd_needs_beta():
-    """kind=top_k without beta is forward KL over the buckets (as before); kind=jsd without beta is refused."""
+    """kind=top_k without beta is forward KL over the buckets (as before); kind=jsd without beta: refused."""
     s, t, mask, ids, _ = make_inputs(torch.float32)
     a = vocab_parallel_divergence(s, t, kind="top_k", top_k=7, loss_mask=mask)
     b = vocab_parallel_divergence(s, t, kind="top_k", top_k=7, beta=0.0, loss_mask=mask)

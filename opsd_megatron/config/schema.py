@@ -184,9 +184,9 @@ class LossConfig:
     top_k_tail); sampled_token = advantage stop-grad(log p_T - log p_S) at the sampled token, loss =
     -advantage * log p_S."""
     beta: float | None = None
-    """JSD interpolation, M = beta p_T + (1-beta) p_S (0 = forward KL, 1 = reverse KL): required with kind=jsd;
-    with kind=top_k the divergence over the top-k buckets (null = forward KL; the OPSD reference's top-k
-    script: 0.5 with top_k_tail=false)."""
+    """JSD interpolation, M = beta p_T + (1-beta) p_S (0 = forward KL, 1 = reverse KL): required with
+    kind=jsd; with kind=top_k the divergence over the top-k buckets (null = forward KL; the OPSD reference's
+    top-k script: 0.5 with top_k_tail=false)."""
     temperature: float | None = None
     """Logit temperature of the divergence; None = rollout.temperature (paper)."""
     clip: float | KindDefault | None = "default"
