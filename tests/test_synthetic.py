@@ -186,3 +186,42 @@ def test_paired_difference_and_plots(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_run(tmp_path / "nothing")
+
+
+def test_learning_summary_refuses_evaluations_that_cannot_be_compared(tmp_path):
+    """The before row must be step 0, both evaluations the same problems with the same fingerprint
+    (sampling settings and seed, template, ...); `--require-gain` exits 1 when the gain's CI includes 0."""
+    from opsd_megatron.observe.learning import LearningCheckError, gain_failure, learning_summary, main
+
+    fp = {"model": "a", "n": 2, "sampling": {"temperature": 1.0, "seed": 0}, "template": "t",
+          "thinking": False, "chat": True}  # fmt: skip
+
+    def make(run, steps_scores, fps=None):
+        for i, (step, scores) in enumerate(steps_scores):
+            d = run / "test" / f"step_{step:06d}"
+            _write_eval(d, scores)
+            (d / "run_config.json").write_text(json.dumps((fps or {}).get(i, fp)))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 0.1}) + "\n")
+
+    same = [[1, 0]] * 10 + [[0, 0]] * 10
+    make(tmp_path / "ok", [(0, [[0, 0]] * 20), (4, [[1, 1]] * 20)])
+    s = learning_summary(tmp_path / "ok", evals="test")
+    assert s["diff"] == pytest.approx(1.0) and gain_failure(s) is None
+    make(tmp_path / "flat", [(0, same), (4, same)])
+    assert "includes 0" in gain_failure(learning_summary(tmp_path / "flat", evals="test"))
+    assert main(["--evals", "test", "--require-gain", f"lr0={tmp_path / 'flat'}"]) == 1  # nothing learned
+    assert main(["--evals", "test", "--require-gain", f"OPSD={tmp_path / 'ok'}"]) == 0
+    make(tmp_path / "late", [(2, same), (4, same)])
+    with pytest.raises(LearningCheckError, match="is step 2, not step 0"):
+        learning_summary(tmp_path / "late", evals="test")
+    make(tmp_path / "fewer", [(0, same), (4, same[:-1])])
+    with pytest.raises(LearningCheckError, match="different problems"):
+        learning_summary(tmp_path / "fewer", evals="test")
+    other = {**fp, "sampling": {"temperature": 1.0, "seed": 1}}
+    make(tmp_path / "seed", [(0, same), (4, same)], fps={1: other})
+    with pytest.raises(LearningCheckError, match="different settings: sampling"):
+        learning_summary(tmp_path / "seed", evals="test")
+    make(tmp_path / "tmpl", [(0, same), (4, same)], fps={1: {**fp, "template": "u"}})
+    with pytest.raises(LearningCheckError, match="template"):
+        learning_summary(tmp_path / "tmpl", evals="test")
+    assert main(["--evals", "test", f"x={tmp_path / 'tmpl'}"]) == 2
