@@ -3,9 +3,10 @@ JSD(beta)) and sampled token.
 
 Both need the global log-probabilities of a few vocabulary entries per position. `_VocabParallelLogProbAt`
 computes them for student and teacher at once (forward: MAX [2, N] + SUM [2, N] for the two log-softmaxes,
-SUM [2, N, k] for the gathered values; backward: no collective) and the estimators are plain autograd on
-those `[N, k]` values, which are identical on every TP rank, so rank r's shard gets the gradient of the one
-loss (as in Megatron's `vocab_parallel_cross_entropy`).
+SUM [2, N, k] for the gathered values; with the top-k tail bucket also the log-mass outside the top-k as a
+log-sum-exp: one more MAX [2, N], its sums riding on the same SUM [2, N, k+1]; backward: no collective) and
+the estimators are plain autograd on those `[N, k(+1)]` values, which are identical on every TP rank, so rank
+r's shard gets the gradient of the one loss (as in Megatron's `vocab_parallel_cross_entropy`).
 """
 
 from __future__ import annotations
