@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "--install", metavar="DIR", help="Copy the result here (e.g. opsd_megatron/demo/assets/warmstart)."
     )
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the SFT config")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # overrides may follow the options
     try:
         hf = build(a.out_dir, steps=a.steps, n_train=a.n_train, n_heldout=a.n_heldout, config=a.config,
                    overrides=a.overrides)  # fmt: skip
