@@ -3,6 +3,8 @@
     python benchmarks/learning.py                                   # 3 seeds x (OPSD, shuffled, blank)
     python benchmarks/learning.py --seeds 1 2 3 --runs OPSD shuffled --out runs/learning
     python benchmarks/learning.py --smoke                           # the decision and checks only (seconds)
+    python benchmarks/learning.py --runs shuffled --reuse runs/learning --out runs/learning_ctl  # alongside
+    python benchmarks/learning.py --report runs/learning runs/learning_ctl                       # their table
 
 From the shipped warm start (opsd_megatron/demo/assets/warmstart, or --warmstart DIR) on the demo's synthetic
 addition task (train / dev / test splits, `opsd_megatron.demo.synthetic`): one evaluation of the warm start on
@@ -162,6 +164,32 @@ def smoke() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def report(dirs: list[Path], t0: float | None = None) -> int:
+    """Print the table, the warm start's lines and the decision from the finished runs recorded in each
+    DIR/summaries.json (one benchmark, or several run side by side with --reuse); 1 on a failed decision."""
+    summaries: dict[tuple[str, int], dict] = {}
+    for d in dirs:
+        for key, v in json.loads((d / "summaries.json").read_text()).items():
+            name, seed = key.rsplit(" ", 1)
+            summaries[(name, int(seed))] = v
+    summaries = dict(sorted(summaries.items(), key=lambda kv: (list(MODES).index(kv[0][0]), kv[0][1])))
+    print()
+    print(format_table(summaries))
+    print(f"\nthe warm start on the test split: {_avg(dirs[0] / 'before')}; shown the reference solution "
+          f"(opsd-eval --privileged): {_avg(dirs[0] / 'privileged')}")  # fmt: skip
+    if t0 is not None:
+        print(f"took {(time.monotonic() - t0) / 60:.1f} min")
+    modes = list(dict.fromkeys(n for n, _ in summaries))
+    if "OPSD" not in modes:
+        print("no decision: OPSD has no finished run here (combine directories with --report)")
+        return 0
+    why = decide({n: [s["diff"] for (m, _), s in summaries.items() if m == n] for n in modes})
+    for w in why:
+        print(f"FAIL: {w}")
+    print("PASS" if not why else "")
+    return 1 if why else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
@@ -170,13 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="examples/synthetic_opsd.yaml")
     ap.add_argument("--out", default="runs/learning")
     ap.add_argument("--smoke", action="store_true", help="Only the decision and the checks (seconds).")
+    ap.add_argument(
+        "--reuse", metavar="DIR", help="Take the task and the step-0 evaluations from an earlier --out."
+    )
+    ap.add_argument(
+        "--report", metavar="DIR", nargs="+", help="Only print the table and decision of finished runs."
+    )
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of every run's config")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     if a.smoke:
         return smoke()
-    if "OPSD" not in a.runs:
-        print("learning: --runs must include OPSD (the decision compares with it)", file=sys.stderr)
-        return 2
+    if a.report:
+        return report([Path(d).resolve() for d in a.report])
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                       VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONWARNINGS="ignore")  # fmt: skip
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -188,28 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).resolve()
     if out.exists():
         shutil.rmtree(out)
-    task = write_task(out / "task")
-    before = out / "before"
-    _eval(a.warmstart, task["test"], before)
-    _eval(a.warmstart, task["test"], out / "privileged", "--privileged", "--template",
-          _teacher_template(a.config))  # fmt: skip
+    if a.reuse:
+        for sub in ("task", "before", "privileged"):
+            shutil.copytree(Path(a.reuse) / sub, out / sub)
+        task = {k: out / "task" / f"{k}.jsonl" for k in ("train", "dev", "test")}
+    else:
+        task = write_task(out / "task")
+        _eval(a.warmstart, task["test"], out / "before")
+        _eval(a.warmstart, task["test"], out / "privileged", "--privileged", "--template",
+              _teacher_template(a.config))  # fmt: skip
     summaries: dict[tuple[str, int], dict] = {}
     for name in a.runs:  # mode by mode: a cut-short benchmark still has OPSD and shuffled over all seeds
         for seed in a.seeds:
-            summaries[(name, seed)] = run_one(a, out, task, name, seed, before)
+            summaries[(name, seed)] = run_one(a, out, task, name, seed, out / "before")
             (out / "summaries.json").write_text(
                 json.dumps({f"{n} {s}": v for (n, s), v in summaries.items()})
             )
-    print()
-    print(format_table(summaries))
-    print(f"\nthe warm start on the test split: {_avg(before)}; shown the reference solution "
-          f"(opsd-eval --privileged): {_avg(out / 'privileged')}")  # fmt: skip
-    print(f"took {(time.monotonic() - t0) / 60:.1f} min")
-    why = decide({n: [s["diff"] for (m, _), s in summaries.items() if m == n] for n in a.runs})
-    for w in why:
-        print(f"FAIL: {w}")
-    print("PASS" if not why else "")
-    return 1 if why else 0
+    return report([out], t0)
 
 
 def _teacher_template(config: str) -> str:
