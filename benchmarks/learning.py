@@ -228,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         task = write_task(out / "task")
         _eval(a.warmstart, task["test"], out / "before")
-        _eval(a.warmstart, task["test"], out / "privileged", "--privileged", "--template",
-              _teacher_template(a.config))  # fmt: skip
+        _eval(a.warmstart, task["test"], out / "privileged", "--privileged", *_teacher_format(a.config))
     summaries: dict[tuple[str, int], dict] = {}
     for name in a.runs:  # mode by mode: a cut-short benchmark still has OPSD and shuffled over all seeds
         for seed in a.seeds:
@@ -240,10 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     return report([out], t0)
 
 
-def _teacher_template(config: str) -> str:
-    """prompts.teacher_template of `config` (the teacher's format the runs use)."""
+def _teacher_format(config: str) -> list[str]:
+    """opsd-eval flags for the teacher's format of `config`: its prompts.teacher_template and thinking switch
+    (prompts.teacher_thinking, default on: the warm start learnt the teacher format that way)."""
     path = Path(config) if Path(config).is_file() else ROOT / config
-    return (yaml.safe_load(path.read_text()).get("prompts") or {})["teacher_template"]
+    prompts = yaml.safe_load(path.read_text()).get("prompts") or {}
+    return ["--template", prompts["teacher_template"],
+            "--thinking" if prompts.get("teacher_thinking", True) else "--no-thinking"]  # fmt: skip
 
 
 def _avg(eval_dir: Path) -> str:
