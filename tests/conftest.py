@@ -19,7 +19,9 @@ def pytest_report_header(config):
     """The library versions this run tests (CI runs the suite on two megatron-core releases)."""
     from opsd_megatron.mcore.versions import installed
 
-    return "stack: " + ", ".join(f"{d} {installed(d)}" for d in ("torch", "megatron-core", "vllm", "transformers"))
+    return "stack: " + ", ".join(
+        f"{d} {installed(d)}" for d in ("torch", "megatron-core", "vllm", "transformers")
+    )
 
 
 @pytest.fixture(scope="session")

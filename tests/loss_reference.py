@@ -50,7 +50,7 @@ def divergence_metrics(
     teacher_logits: torch.Tensor,
     *,
     kind: str = "forward_kl",
-    beta: float = 0.5,
+    beta: float | None = None,
     temperature: float = 1.0,
     clip: float | None = None,
     loss_mask: torch.Tensor | None = None,
@@ -71,11 +71,12 @@ def divergence_metrics(
     ).reshape(-1)  # (N,)
     n_tok = mask.sum()
     denom = n_tok.clamp(min=1)
-    dense_kind = effective_dense_kind(kind, float(beta)) if kind in DENSE_KINDS else "forward_kl"
+    beta_f = 0.0 if beta is None else float(beta)
+    dense_kind = effective_dense_kind(kind, beta_f) if kind in DENSE_KINDS else "forward_kl"
     z_s = scaled_fp32(student_logits.detach(), n_valid, temperature)  # (N, v)
     z_t = scaled_fp32(teacher_logits.detach(), n_valid, temperature)  # (N, v)
     loss, clipped, ent_s, ent_t = _dense_stats(
-        z_s, z_t, dense_kind, float(beta), None if clip is None else float(clip), group
+        z_s, z_t, dense_kind, beta_f, None if clip is None else float(clip), group
     )  # (N,) each
     if kind not in DENSE_KINDS:
         loss = vocab_parallel_divergence(
@@ -92,3 +93,26 @@ def divergence_metrics(
         "teacher_entropy": (ent_t * mask).sum() / denom,
         "num_tokens": n_tok,
     }
+
+
+def topk_reference_terms(ls: torch.Tensor, lt: torch.Tensor, idx: torch.Tensor, *, tail: bool, beta: float):
+    """float64 per-bucket terms `[..., B]` of the top-k divergence from full-vocabulary log-probs `[..., V]`
+    (any dtype; computed in float64) at the teacher's top-k ids `idx` `[..., k]`, written from the
+    definitions: tail=True: B = k + 1 buckets, the k entries and the mass outside them (the sum of the
+    outside probabilities, not 1 - sum); tail=False: B = k, both distributions restricted to the k entries and
+    renormalised. beta = 0: forward KL p_T log(p_T/p_S); beta = 1: reverse KL; else JSD(beta) with
+    M = beta p_T + (1-beta) p_S: beta p_T log(p_T/M) + (1-beta) p_S log(p_S/M)."""
+    ps_full, pt_full = ls.double().exp(), lt.double().exp()
+    ps, pt = ps_full.gather(-1, idx), pt_full.gather(-1, idx)  # (..., k)
+    if tail:
+        outside = torch.ones_like(ps_full, dtype=torch.bool).scatter(-1, idx, False)
+        ps = torch.cat([ps, (ps_full * outside).sum(-1, keepdim=True)], -1)  # (..., k+1)
+        pt = torch.cat([pt, (pt_full * outside).sum(-1, keepdim=True)], -1)
+    else:
+        ps, pt = ps / ps.sum(-1, keepdim=True), pt / pt.sum(-1, keepdim=True)
+    if beta == 0.0:
+        return pt * torch.log(pt / ps)
+    if beta == 1.0:
+        return ps * torch.log(ps / pt)
+    m = beta * pt + (1 - beta) * ps
+    return beta * pt * torch.log(pt / m) + (1 - beta) * ps * torch.log(ps / m)

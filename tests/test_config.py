@@ -15,6 +15,7 @@ from opsd_megatron.config import (
     validate_model,
     validate_world,
 )
+from opsd_megatron.config.schema import loss_beta, loss_clip
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BASE = "model:\n  path: /m\ndata:\n  path: builtin:tiny_math\n"
@@ -31,7 +32,7 @@ def test_defaults_are_the_paper_recipe(tmp_path):
     assert isinstance(cfg, OPSDConfig)
     r, lo = cfg.rollout, cfg.loss
     assert (r.temperature, r.top_p, r.top_k, r.min_p, r.max_new_tokens) == (1.1, 0.95, 20, 0.0, 1024)
-    assert (lo.kind, lo.clip, lo.temperature) == ("forward_kl", 0.05, None)
+    assert (lo.kind, lo.clip, loss_clip(lo), lo.temperature) == ("forward_kl", "default", 0.05, None)
     assert (cfg.optimizer.lr, cfg.optimizer.clip_grad, cfg.train.global_batch_size) == (5e-6, 0.1, 32)
     assert cfg.teacher.mode == "frozen" and not cfg.prompts.student_thinking and cfg.prompts.teacher_thinking
 
@@ -50,6 +51,25 @@ def test_overrides_and_float_coercion(tmp_path):
     )
     assert cfg.parallel.tp == 2 and cfg.loss.clip is None and cfg.optimizer.lr == 1.0
     assert cfg.lora.target_modules == ["q_proj"] and cfg.data.split == "test"
+
+
+def test_loss_defaults_per_kind(tmp_path):
+    """The clip tau = 0.05 is the forward-KL recipe's; the other kinds default to no clip unless set; top_k
+    takes beta (the reference's top-k script: JSD 0.5 over the renormalised top-k), jsd requires it."""
+    want = {"forward_kl": 0.05, "reverse_kl": None, "jsd": None, "top_k": None, "sampled_token": None}
+    extra = {"jsd": ["loss.beta=0.5"], "top_k": ["loss.top_k=16"]}
+    for kind, clip in want.items():
+        lo = _load(tmp_path, BASE, [f"loss.kind={kind}", *extra.get(kind, [])]).loss
+        assert lo.clip == "default" and loss_clip(lo) == clip, kind
+        lo = _load(tmp_path, BASE, [f"loss.kind={kind}", "loss.clip=0.02", *extra.get(kind, [])]).loss
+        assert loss_clip(lo) == 0.02, kind  # set: used whatever the kind
+    assert loss_clip(_load(tmp_path, BASE, ["loss.clip=null"]).loss) is None  # forward KL without the clip
+    lo = _load(
+        tmp_path, BASE, ["loss.kind=top_k", "loss.top_k=20", "loss.top_k_tail=false", "loss.beta=0.5"]
+    ).loss
+    assert (lo.beta, loss_beta(lo), lo.top_k_tail, loss_clip(lo)) == (0.5, 0.5, False, None)
+    assert loss_beta(_load(tmp_path, BASE, ["loss.kind=top_k", "loss.top_k=20"]).loss) == 0.0  # forward KL
+    assert loss_beta(_load(tmp_path, BASE, ["loss.kind=jsd", "loss.beta=0"]).loss) == 0.0  # explicit: allowed
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
@@ -84,7 +104,10 @@ BAD = [
     ("train:\n  global_batch_size: 10\n  micro_batch_size: 4\n", [], "'train.global_batch_size': 10 is not"),
     ("", ["rollout.top_p=1.5"], "config key 'rollout.top_p': must be in (0, 1]"),
     ("", ["rollout.drift_threshold=0"], "config key 'rollout.drift_threshold': must be > 0 or null"),
-    ("", ["loss.beta=0.5"], "config key 'loss.beta': is only used with loss.kind=jsd"),
+    ("", ["loss.beta=0.5"], "config key 'loss.beta': is only used with loss.kind=jsd or top_k"),
+    ("", ["loss.kind=jsd"], "config key 'loss.beta': is required with loss.kind=jsd"),
+    ("", ["loss.clip=off"], "config key 'loss.clip': expected float or one of default or null"),
+    ("", ["loss.clip=-1"], "config key 'loss.clip': must be > 0, null (no clip) or default"),
     ("", ["optimizer.lr=-1"], "config key 'optimizer.lr': must be > 0"),
     ("", ["rollout.max_staleness=1"], "config key 'rollout.max_staleness': 1 needs rollout.placement"),
     (

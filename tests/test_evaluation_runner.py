@@ -274,3 +274,41 @@ def test_vllm_interrupted_run_resumes(vllm_engine, tokenizer, pool, tmp_path):
     )
     assert again.calls == 0 and summary2["num_resumed"] == 6
     assert summary2["benchmarks"] == summary["benchmarks"]
+
+
+def test_privileged_eval_shows_the_reference_solution(tokenizer, pool, tmp_path):
+    """`opsd-eval --privileged`: the teacher's format with each row's reference solution filled in (the
+    README's "shown the solution" figure); a row without a solution is one clear error."""
+    from opsd_megatron.cli.eval import build_parser, run
+    from opsd_megatron.data.prompts import TEACHER_TEMPLATE
+
+    rows = [{"problem": p, "solution": f"worked solution {i}", "answer": "5"} for i, p in enumerate(SCRIPT)]
+    data = tmp_path / "with_solutions.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = build_parser().parse_args(
+        [
+            "--model",
+            "m",
+            "--benchmark",
+            str(data),
+            "--n",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--privileged",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]  # fmt: skip
+    )
+    engine = Recording(ScriptedEngine(tokenizer))
+    run(args, engine=engine, tokenizer=tokenizer, grader=pool)
+    texts = [tokenizer.decode(p) for p in engine.prompts]
+    assert len(texts) == len(rows)
+    for r in rows:
+        t = next(t for t in texts if r["problem"] in t)
+        assert r["solution"] in t and "=== Reference Solution Begin ===" in t
+    assert json.loads((tmp_path / "out" / "run_config.json").read_text())["template"] == TEACHER_TEMPLATE
+    data.write_text(json.dumps({"problem": "What is 2 + 3?", "answer": "5"}) + "\n")
+    args.out_dir = str(tmp_path / "out2")
+    with pytest.raises(ValueError, match="--privileged: benchmark .* without a 'solution' field"):
+        run(args, engine=engine, tokenizer=tokenizer, grader=pool)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from dist_utils import run_distributed
-from loss_reference import divergence_metrics
+from loss_reference import divergence_metrics, topk_reference_terms
 
 from opsd_megatron.losses import vocab_parallel_divergence
 from opsd_megatron.losses.sparse import _VocabParallelLogProbAt
@@ -32,6 +32,8 @@ CASES = (
     + [dict(kind="reverse_kl", clip=c) for c in (None, 0.05)]
     + [dict(kind="jsd", beta=b, clip=c) for b in (0.0, 0.1, 0.5, 0.9, 1.0) for c in (None, 0.02)]
     + [dict(kind="top_k", top_k=k, clip=c) for k in (1, 7) for c in (None, 0.05)]
+    + [dict(kind="top_k", top_k=7, beta=b, clip=c) for b, c in ((0.5, None), (0.3, 0.02), (1.0, None))]
+    + [dict(kind="top_k_renorm", top_k=7, beta=b, clip=c) for b, c in ((0.0, None), (0.5, None), (0.5, 0.02))]
     + [dict(kind="sampled_token")]
 )
 DTYPES = (torch.float32, torch.bfloat16)
@@ -52,7 +54,7 @@ def make_inputs(dtype: torch.dtype, seed: int = 0):
     return s, t, mask, ids, w
 
 
-def reference(s, t, mask, ids, *, kind, beta=0.5, temperature=1.0, clip=None, top_k=None):
+def reference(s, t, mask, ids, *, kind, beta=None, temperature=1.0, clip=None, top_k=None):
     """float64 full-vocab per-position loss and d(sum w*loss)/ds via autograd, straight from the formulas."""
     s = s.detach().double().requires_grad_(True)
     ls = torch.log_softmax(s / temperature, -1)
@@ -69,11 +71,9 @@ def reference(s, t, mask, ids, *, kind, beta=0.5, temperature=1.0, clip=None, to
     elif kind == "jsd":
         m = beta * pt + (1 - beta) * ps
         terms = beta * pt * torch.log(pt / m) + (1 - beta) * ps * torch.log(ps / m)
-    elif kind == "top_k":
+    elif kind in ("top_k", "top_k_renorm"):  # the reference's top-k script: top_k_renorm, beta = 0.5
         idx = t.double().topk(top_k, -1).indices
-        pt_k, ps_k = pt.gather(-1, idx), ps.gather(-1, idx)
-        tt, ts = 1 - pt_k.sum(-1, keepdim=True), 1 - ps_k.sum(-1, keepdim=True)
-        terms = torch.cat([pt_k * torch.log(pt_k / ps_k), tt * torch.log(tt / ts)], -1)
+        terms = topk_reference_terms(ls, lt, idx, tail=kind == "top_k", beta=beta or 0.0)
     elif kind == "sampled_token":
         y = ids.clamp(min=0).unsqueeze(-1)
         lps, lpt = ls.gather(-1, y), lt.gather(-1, y)
@@ -146,7 +146,7 @@ def check_against_reference(results_per_rank, bounds, dtypes=DTYPES):
             scale = ref_grad.abs().max()
             torch.testing.assert_close(grad.double(), ref_grad, atol=tol_grad * scale, rtol=0, msg=where)
             assert torch.all(losses[0][~mask] == 0) and torch.all(grad[~mask] == 0)
-            if frac is not None and case["kind"] != "top_k":
+            if frac is not None and not case["kind"].startswith("top_k"):
                 assert 0 < frac < 0.5, f"clip {case} should clamp some but not most entries (got {frac})"
     # metrics: forward KL, clip 0.05, temperature 1.1, fp32
     s, t, mask, ids, _ = make_inputs(torch.float32)
@@ -214,7 +214,12 @@ def test_tp4_megatron_padded_vocab():
         dict(kind="jsd", beta=0.3, clip=None),
         dict(kind="jsd", beta=0.7, clip=0.01),
         dict(kind="top_k", top_k=3, clip=0.05),
-        dict(kind="log_prob_at"),  # the primitive under sampled_token (whose value is not its gradient's)
+        dict(kind="top_k", top_k=3, beta=0.5, clip=None),
+        dict(kind="top_k_renorm", top_k=5, beta=0.5, clip=0.02),
+        dict(kind="log_prob_at"),
+        dict(
+            kind="log_prob_at_tail"
+        ),  # the primitive under sampled_token (whose value is not its gradient's)
     ],
     ids=lambda c: "-".join(f"{v}" for v in c.values()),
 )
@@ -229,9 +234,56 @@ def test_gradcheck_float64(case):
         if case["kind"] == "log_prob_at":
             ids2 = torch.tensor([[4, 39], [0, 1], [17, 17]])
             return _VocabParallelLogProbAt.apply(x, t, ids2, 1.3, 0, 40, None)[0]
+        if case["kind"] == "log_prob_at_tail":  # distinct ids per row, as the top-k gives
+            ids2 = torch.tensor([[4, 39], [0, 1], [17, 3]])
+            return _VocabParallelLogProbAt.apply(x, t, ids2, 1.3, 0, 40, None, True)[0]
         return vocab_parallel_divergence(x, t, temperature=1.3, loss_mask=mask, target_ids=ids, **case)
 
     assert torch.autograd.gradcheck(fn, (s,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_topk_tail_is_exact_when_the_topk_mass_is_near_one():
+    """The tail bucket's log-mass is a log-sum-exp over the entries outside the top-k: in fp32 it matches
+    float64 to ~1e-6 relative even when 1 - (top-k mass) is ~1e-13 (where fp32 1 - sum p is exactly 0), and
+    its gradient is the float64 one (it used to vanish there)."""
+    g = torch.Generator().manual_seed(3)
+    v, k = 64, 4
+    s = torch.randn(5, v, generator=g)
+    s[:, :k] += 30.0  # top-k mass 1 - ~1e-12
+    t = s + 0.3 * torch.randn(5, v, generator=g)
+    ids = torch.arange(k).expand(5, k)
+    x = s.clone().requires_grad_(True)
+    lps, lpt = _VocabParallelLogProbAt.apply(x, t, ids, 1.0, 0, v, None, True)
+    assert float(1.0 - lps[:, :k].exp().sum(-1).max()) == 0.0  # the old formula's cancellation, in fp32
+    xd = s.double().requires_grad_(True)
+    ref = {}
+    for name, z in (("s", xd), ("t", t.double())):
+        lp = torch.log_softmax(z, -1)
+        ref[name] = torch.logsumexp(lp[:, k:], -1)
+    torch.testing.assert_close(lps[:, -1].double(), ref["s"].detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(lpt[:, -1].double(), ref["t"], rtol=1e-5, atol=0)
+    assert float(ref["s"].max()) < -20  # the tail really is tiny
+    lps[:, -1].sum().backward()
+    (gd,) = torch.autograd.grad(ref["s"].sum(), xd)
+    torch.testing.assert_close(x.grad.double(), gd, atol=1e-5, rtol=0)
+    assert float(x.grad[:, k:].abs().max()) > 1e-3  # the tail gradient does not vanish
+    # the loss: JSD(0.5) over the k + tail buckets, fp32 against the float64 definition
+    loss = vocab_parallel_divergence(s, t, kind="top_k", top_k=k, beta=0.5)
+    ref_terms = topk_reference_terms(
+        torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1), ids, tail=True, beta=0.5
+    )
+    torch.testing.assert_close(loss.double(), ref_terms.sum(-1), rtol=1e-4, atol=1e-7)
+
+
+def test_topk_beta_zero_is_forward_kl_and_jsd_needs_beta():
+    """kind=top_k without beta is forward KL over the buckets (as before); kind=jsd without beta: refused."""
+    s, t, mask, ids, _ = make_inputs(torch.float32)
+    a = vocab_parallel_divergence(s, t, kind="top_k", top_k=7, loss_mask=mask)
+    b = vocab_parallel_divergence(s, t, kind="top_k", top_k=7, beta=0.0, loss_mask=mask)
+    c = vocab_parallel_divergence(s, t, kind="top_k", top_k=7, beta=0.5, loss_mask=mask)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="kind='jsd' needs beta"):
+        vocab_parallel_divergence(s, t, kind="jsd")
 
 
 def test_user_errors_are_one_sentence():

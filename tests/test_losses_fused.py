@@ -28,6 +28,7 @@ FUSED_CASES = [
     dict(kind="reverse_kl", clip=0.05),
     dict(kind="jsd", beta=0.5, clip=0.02),
     dict(kind="top_k", top_k=4, clip=None),
+    dict(kind="top_k_renorm", top_k=4, beta=0.5, clip=None),  # the OPSD reference's top-k script
     dict(kind="sampled_token"),
 ]
 MODES = ("uniform", "weighted")

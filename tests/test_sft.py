@@ -4,6 +4,7 @@ against transformers, and the errors a user can make."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from dist_utils import run_distributed
@@ -99,21 +100,37 @@ def test_warmstart_command_small_scale_sft_decreases_loss(tmp_path):
     """`make warmstart` at small scale: task + init model + SFT via opsd-train (one process) + install."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opsd_megatron.demo.warmstart import build, install
+    from opsd_megatron.demo.warmstart import main, recipe
     from opsd_megatron.observe.metrics import read_metrics
 
-    hf = build(tmp_path / "ws", steps=8, n_train=64, n_heldout=8,
-               overrides=["train.global_batch_size=16", "train.micro_batch_size=16",
-                          "optimizer.lr_warmup_steps=0"])  # fmt: skip
+    over = ["train.global_batch_size=16", "train.micro_batch_size=16", "optimizer.lr_warmup_steps=0"]
+    dest = tmp_path / "assets" / "warmstart"
+    assert main([str(tmp_path / "ws"), "--steps", "8", "--n-train", "64", "--n-heldout", "8",
+                 "--install", str(dest), *over]) == 0  # fmt: skip
     rows = read_metrics(tmp_path / "ws" / "sft")
     assert [r["step"] for r in rows] == list(range(1, 9))
     losses = [r["loss"] for r in rows]
     assert losses[-1] < 0.7 * losses[0], losses
-    dest = install(hf, tmp_path / "assets" / "warmstart", {"sft_steps": 8})
-    assert (dest / "warmstart.json").is_file()
+    meta = json.loads((dest / "warmstart.json").read_text())  # what `make warmstart` writes, at small scale
+    assert {k: meta[k] for k in recipe()} == recipe(steps=8, n_train=64, overrides=over)
+    assert meta["final_loss"] == losses[-1] and meta["built_by"].startswith("python -m opsd_megatron.demo")
     tok = AutoTokenizer.from_pretrained(str(dest))
     assert tok.convert_ids_to_tokens(tok.encode("1234")) == ["1", "2", "3", "4"]  # one token per digit
     AutoModelForCausalLM.from_pretrained(str(dest))
+
+
+def test_shipped_warmstart_is_what_make_warmstart_builds_today():
+    """The shipped asset's recorded recipe (config content hash, SFT steps, task, train size, overrides) is
+    the one `make warmstart` (`python -m opsd_megatron.demo.warmstart ... --install`) uses now: editing the
+    SFT config or the task without rebuilding the asset fails here."""
+    from opsd_megatron.demo.warmstart import SHIPPED, recipe
+
+    meta = json.loads((SHIPPED / "warmstart.json").read_text())
+    assert {k: meta.get(k) for k in recipe()} == recipe(), "rebuild it: make warmstart"
+    assert meta["built_by"] == "python -m opsd_megatron.demo.warmstart runs/warmstart --install " + str(
+        Path("opsd_megatron/demo/assets/warmstart")
+    )
+    assert (SHIPPED / "model.safetensors").is_file()
 
 
 def test_sft_config_errors(tmp_path):

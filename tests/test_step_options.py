@@ -40,6 +40,15 @@ def test_every_loss_kind_is_selectable():
                        ({"kind": "sampled_token"}, "sampled_token")]:  # fmt: skip
         spec = LossSpec.from_config(_cfg(loss), vocab_size=10, tp_group=None, sampling=None)
         assert spec.kind == want and spec.temperature == 1.1
+        assert spec.clip == (0.05 if want == "forward_kl" else None), want  # the clip is forward KL's recipe
+        assert spec.beta == loss.get("beta", 0.0)
+    spec = LossSpec.from_config(
+        _cfg({"kind": "top_k", "top_k": 8, "top_k_tail": False, "beta": 0.5}),
+        vocab_size=10,
+        tp_group=None,
+        sampling=None,
+    )  # the reference's top-k script
+    assert (spec.kind, spec.beta, spec.clip) == ("top_k_renorm", 0.5, None)
 
 
 def test_skip_first_tokens_on_tiny_prompts(tiny_tokenizer_dir):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from opsd_megatron.config.schema import TIMEOUT_MINUTES
+from opsd_megatron.data.prompts import TEACHER_TEMPLATE
 from opsd_megatron.evaluation.benchmarks import PRESETS, load_benchmark
 from opsd_megatron.evaluation.model import is_hf_dir, model_fingerprint, resolve_model_dir
 from opsd_megatron.evaluation.report import format_table
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True, help="enable_thinking.")
     p.add_argument("--template", help="User turn with {problem} (default: the paper's instruction).")
+    p.add_argument(
+        "--privileged", action="store_true",
+        help="Prompt in the teacher's format with each row's reference solution filled in (the default "
+        "template: the paper's teacher turn; --template may use {solution}): how well the model does when "
+        "shown the solution.",
+    )  # fmt: skip
     p.add_argument("--no-chat-template", action="store_true", help="Send the raw filled template (base LMs).")
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--dtype", default="auto")
@@ -246,7 +253,7 @@ def _evaluate(args: argparse.Namespace, engine: Any, tokenizer: Any, benches: li
     )  # fmt: skip
     return evaluate(
         engine, tokenizer, benches, args.n, sampling, args.out_dir,
-        template=args.template or EVAL_TEMPLATE, thinking=args.thinking, chat=not args.no_chat_template,
+        template=eval_template(args), thinking=args.thinking, chat=not args.no_chat_template,
         chunk_size=args.chunk_size, grader_timeout_s=args.grader_timeout,
         grader_workers=args.grader_workers, grader=grader, model_name=args.model,
         overwrite=args.overwrite, model_hash=model_hash,
@@ -262,9 +269,7 @@ def check_lengths(args: argparse.Namespace, model_dir: Any, tokenizer: Any, benc
     context = args.max_model_len or model_ctx
     if context is None:
         return
-    render = dict(
-        template=args.template or EVAL_TEMPLATE, thinking=args.thinking, chat=not args.no_chat_template
-    )
+    render = dict(template=eval_template(args), thinking=args.thinking, chat=not args.no_chat_template)
     longest, where = 0, ""
     for b in benches:
         n, key = longest_prompt(tokenizer, b.items, **render)
@@ -282,6 +287,11 @@ def check_lengths(args: argparse.Namespace, model_dir: Any, tokenizer: Any, benc
         )
 
 
+def eval_template(args: argparse.Namespace) -> str:
+    """The user turn: --template, else the paper's teacher turn with --privileged, else its student turn."""
+    return args.template or (TEACHER_TEMPLATE if args.privileged else EVAL_TEMPLATE)
+
+
 def _load_benchmarks(args: argparse.Namespace) -> list:
     out = []
     for spec in args.benchmark:
@@ -291,6 +301,12 @@ def _load_benchmarks(args: argparse.Namespace) -> list:
         except (ValueError, OSError) as e:
             msg = str(e).replace("data.path", "file")  # the shared reader names the training key
             raise ValueError(f"--benchmark {spec!r}: {msg}") from None
+        missing = [it.key for it in out[-1].items if not it.solution.strip()] if args.privileged else []
+        if missing:
+            raise ValueError(
+                f"--privileged: benchmark {spec!r} has {len(missing)} row(s) without a 'solution' field "
+                f"(first: {missing[0]!r}); the teacher's format needs each row's reference solution."
+            )
     return out
 
 

@@ -161,10 +161,23 @@ def _check_logging(cfg: OPSDConfig) -> None:
 
 def _check_loss(cfg: OPSDConfig) -> None:
     lo = cfg.loss
-    _check(0 <= lo.beta <= 1, "loss.beta", f"must be in [0, 1], got {lo.beta}.")
-    _check(lo.kind == "jsd" or lo.beta == 0, "loss.beta", f"is only used with loss.kind=jsd (got {lo.kind}).")
+    _check(
+        lo.kind != "jsd" or lo.beta is not None,
+        "loss.beta",
+        "is required with loss.kind=jsd (M = beta p_T + (1-beta) p_S; 0 = forward KL, 1 = reverse KL).",
+    )
+    _check(lo.beta is None or 0 <= lo.beta <= 1, "loss.beta", f"must be in [0, 1], got {lo.beta}.")
+    _check(
+        lo.kind in ("jsd", "top_k") or lo.beta is None,
+        "loss.beta",
+        f"is only used with loss.kind=jsd or top_k (got {lo.kind}).",
+    )
     _check(lo.temperature is None or lo.temperature > 0, "loss.temperature", "must be > 0.")
-    _check(lo.clip is None or lo.clip > 0, "loss.clip", f"must be > 0 or null, got {lo.clip}.")
+    _check(
+        lo.clip in (None, "default") or (isinstance(lo.clip, (int, float)) and lo.clip > 0),
+        "loss.clip",
+        f"must be > 0, null (no clip) or default (the kind's), got {lo.clip}.",
+    )
     _check(
         lo.kind != "top_k" or (lo.top_k is not None and lo.top_k >= 1),
         "loss.top_k",

@@ -35,6 +35,15 @@ LogLevel = Literal["debug", "info", "warning"]
 SftFormat = Literal["student", "teacher"]
 Recompute = Literal["none", "selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
+Privileged = Literal[True, False, "shuffled", "blank"]
+KindDefault = Literal["default"]
+
+CLIP_DEFAULTS: dict[str, float | None] = {
+    "forward_kl": 0.05, "reverse_kl": None, "jsd": None, "top_k": None, "sampled_token": None,
+}  # fmt: skip
+"""`loss.clip: default` per `loss.kind`: the paper's pointwise clip tau = 0.05 belongs to its forward-KL
+recipe only (the reference clips nothing else; under reverse KL the clip would remove the gradient exactly
+where the student over-weights a token). Set `loss.clip` to a number or null to override."""
 
 GPU_MEMORY_UTILIZATION = 0.3
 """Default vLLM share of GPU memory (`rollout.gpu_memory_utilization`, `rollout.make_engine`): the trainer
@@ -223,17 +232,22 @@ class LossConfig:
     """Divergence between teacher and student (docs/algorithm.md): top_k = the teacher's top-k ids (see
     top_k_tail); sampled_token = advantage stop-grad(log p_T - log p_S) at the sampled token, loss =
     -advantage * log p_S."""
-    beta: float = 0.0
-    """JSD interpolation (0 = forward KL, 1 = reverse KL); only for kind=jsd."""
+    beta: float | None = None
+    """JSD interpolation, M = beta p_T + (1-beta) p_S (0 = forward KL, 1 = reverse KL): required with
+    kind=jsd; with kind=top_k the divergence over the top-k buckets (null = forward KL; the OPSD reference's
+    top-k script: 0.5 with top_k_tail=false)."""
     temperature: float | None = None
     """Logit temperature of the divergence; None = rollout.temperature (paper)."""
-    clip: float | None = 0.05
-    """Pointwise clamp tau of each per-vocabulary term; None disables (not used by sampled_token)."""
+    clip: float | KindDefault | None = "default"
+    """Pointwise clamp tau of each per-vocabulary term (top_k: of each bucket term); null disables;
+    "default" = the kind's default (`CLIP_DEFAULTS`: 0.05 for forward_kl, none for the others). Not used by
+    sampled_token."""
     top_k: int | None = None
     """Number of teacher top-k entries; required by (and only used with) kind=top_k."""
     top_k_tail: bool = True
-    """kind=top_k: true = forward KL over the top-k plus one tail bucket with the remaining mass; false = the
-    OPSD reference's variant, both distributions restricted to the top-k and renormalised."""
+    """kind=top_k: true = the top-k entries plus one tail bucket holding the remaining mass (a log-sum-exp
+    over the entries outside the top-k); false = the OPSD reference's variant, both distributions restricted
+    to the top-k and renormalised. The divergence over those buckets: forward KL, or JSD(beta)."""
     skip_first_tokens: int = 0
     """Mask the first k response positions from the loss (and its token count): the teacher prompt ends with
     thinking on, the student's with thinking off, so the first response token is scored by a teacher that
@@ -248,6 +262,16 @@ class LossConfig:
     """Cap of the truncated importance weight (loss.behaviour_correction=truncated), > 0."""
 
 
+def loss_clip(lc: LossConfig) -> float | None:
+    """The clip tau in force: `loss.clip`, or the kind's default (`CLIP_DEFAULTS`) when it is "default"."""
+    return CLIP_DEFAULTS[lc.kind] if lc.clip == "default" else lc.clip
+
+
+def loss_beta(lc: LossConfig) -> float:
+    """The beta in force: `loss.beta`, or 0 (forward KL; kind=top_k without beta)."""
+    return 0.0 if lc.beta is None else float(lc.beta)
+
+
 @dataclass
 class TeacherConfig:
     """`teacher.*`: which weights play the teacher and what it is shown."""
@@ -258,8 +282,11 @@ class TeacherConfig:
     """EMA decay for mode=ema."""
     offload: bool = False
     """Keep the frozen teacher copy on CPU between uses (full fine-tuning only)."""
-    privileged: bool = True
-    """Show the teacher the reference solution (OPSD); false: teacher prompt = student prompt (control)."""
+    privileged: Privileged = True
+    """What the teacher is shown: true = the reference solution (OPSD); the controls: false = the student's
+    prompt (teacher = student at θ₀, loss 0: cannot fail), shuffled = the teacher's template with another
+    training problem's solution (a derangement by train.seed), blank = the teacher's template, empty
+    solution (data.prompts.PRIVILEGED_MODES)."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ are overridable in the config (`prompts.student_template`, `prompts.teacher_temp
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 ANSWER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -90,21 +91,51 @@ def render_teacher_ids(
     )
 
 
+PRIVILEGED_MODES = (True, False, "shuffled", "blank")
+"""`teacher.privileged`: what the teacher is shown. true: the problem's reference solution (OPSD); the
+controls: false = the student's own prompt (teacher = student at θ₀: the loss starts at exactly 0, a control
+that cannot fail); "shuffled" = the teacher's template and thinking switch with ANOTHER training problem's
+reference solution (`derangement`); "blank" = the teacher's template with an empty solution."""
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A permutation of range(n) with no fixed point (Sattolo's algorithm: one random n-cycle), a pure
+    function of (n, seed); n >= 2 (raises ValueError otherwise)."""
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items, got {n}.")
+    perm, rng = list(range(n)), random.Random(f"derangement/{n}/{seed}")
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)  # j < i: Sattolo (a single cycle, so perm[i] != i for every i)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def shown_solution(privileged: bool | str, solutions: list[str], idx: int, perm: list[int] | None) -> str:
+    """The reference solution that the teacher of problem `idx` is shown under `teacher.privileged`
+    (`PRIVILEGED_MODES`): its own, another problem's (`solutions[perm[idx]]`, perm a `derangement`), or ""."""
+    if privileged == "shuffled":
+        if perm is None:
+            raise ValueError("teacher.privileged=shuffled needs the derangement of the training problems.")
+        return solutions[perm[idx]]
+    return "" if privileged == "blank" else solutions[idx]
+
+
 def render_pair(
-    tokenizer: Any, problem: str, solution: str, prompts_cfg: Any = None, *, privileged: bool = True
+    tokenizer: Any, problem: str, solution: str, prompts_cfg: Any = None, *, privileged: bool | str = True
 ) -> tuple[list[int], list[int]]:
     """(student ids, teacher ids) of one problem; templates/thinking from a `PromptConfig` or defaults.
 
-    `privileged=False` (`teacher.privileged: false`, the control run) gives the teacher the student's own
-    prompt: no reference solution, same template and thinking switch.
+    `privileged=False` (`teacher.privileged: false`, a control) gives the teacher the student's own prompt:
+    no reference solution, same template and thinking switch. Any other mode renders the teacher template
+    with `solution` as given (the caller picks it: `shown_solution`).
     """
     if prompts_cfg is None:
         s = render_student_ids(tokenizer, problem)
-        return s, (render_teacher_ids(tokenizer, problem, solution) if privileged else list(s))
+        return s, (list(s) if privileged is False else render_teacher_ids(tokenizer, problem, solution))
     s = render_student_ids(
         tokenizer, problem, template=prompts_cfg.student_template, thinking=prompts_cfg.student_thinking
     )
-    if not privileged:
+    if privileged is False:
         return s, list(s)
     t = render_teacher_ids(
         tokenizer,

@@ -2,7 +2,7 @@
 
     rows = generate("addition", n=2000, split="train", seed=0, min_digits=3, max_digits=4)
     # [{"problem": "What is 4728 + 3915?", "solution": "8+5=13\\n2+1+1=4\\n...", "answer": "8643"}]
-    write_splits("runs/task", "addition", n_train=4000, n_heldout=200)   # train.jsonl, heldout.jsonl
+    write_splits("runs/task", "addition", n_train=4000, n_heldout=200)   # train, dev, test .jsonl
 
 Rows have the fields of real data (problem, solution, answer), so `load_problems`, the prompts, `grade()` and
 `opsd-eval` serve them unchanged. Tasks (`TASKS`):
@@ -12,8 +12,11 @@ Rows have the fields of real data (problem, solution, answer), so `load_problems
 * "subtraction": a - b with a >= b, column by column; a borrow is a leading 1 ("12-5=7"), repaid in the
   next column ("5-1-2=2").
 
-Splits never overlap: whether a problem is held out is a pure function of its operands (a hash), so the train
-split can never draw a held-out problem, whatever the seeds and sizes. Within a split problems are unique.
+Three splits that never overlap: train (to learn from), dev (to choose settings: the demo's periodic
+evaluation) and test (reported, never used to choose anything: the before/after table). A problem's split is a
+pure function of its operands (a hash, `split_of`), so no split can ever draw another's problem, whatever the
+seeds and sizes. Within a split problems are unique. The train split is what it was when there was one
+"heldout" split (dev and test share the hash range that split had).
 An unknown task, impossible digits, or more problems than the split can hold raise `SyntheticTaskError`
 naming the argument.
 
@@ -29,10 +32,10 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "dev", "test")
 MAX_DIGITS = 12
 HELDOUT_FRACTION = 0.1
-"""Share of the problem space reserved for the held-out split (by operand hash)."""
+"""Share of the problem space reserved for dev + test (by operand hash); half of it each."""
 
 
 class SyntheticTaskError(ValueError):
@@ -87,12 +90,17 @@ TASKS: dict[str, Callable[[int, int], dict]] = {"addition": _addition, "subtract
 """Task name -> row builder from two operands."""
 
 
-def is_heldout(task: str, a: int, b: int) -> bool:
-    """Whether the problem (task, a, b) belongs to the held-out split: a pure function of the operands."""
+def split_of(task: str, a: int, b: int) -> str:
+    """The split ("train", "dev" or "test") of the problem (task, a, b): a pure function of the operands."""
     if task == "subtraction":
         a, b = max(a, b), min(a, b)
-    h = hashlib.sha1(f"{task}:{a}:{b}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < HELDOUT_FRACTION
+    u = int.from_bytes(hashlib.sha1(f"{task}:{a}:{b}".encode()).digest()[:8], "big") / 2**64
+    return "train" if u >= HELDOUT_FRACTION else ("dev" if u < HELDOUT_FRACTION / 2 else "test")
+
+
+def is_heldout(task: str, a: int, b: int) -> bool:
+    """Whether the problem (task, a, b) is outside the train split (dev or test)."""
+    return split_of(task, a, b) != "train"
 
 
 def check_args(task: str, n: int, split: str, min_digits: int, max_digits: int) -> None:
@@ -111,7 +119,7 @@ def check_args(task: str, n: int, split: str, min_digits: int, max_digits: int) 
         raise SyntheticTaskError(f"n must be >= 1, got {n}.")
     lo = 0 if min_digits == 1 else 10 ** (min_digits - 1)
     space = (10**max_digits - lo) ** 2
-    share = HELDOUT_FRACTION if split == "heldout" else 1 - HELDOUT_FRACTION
+    share = 1 - HELDOUT_FRACTION if split == "train" else HELDOUT_FRACTION / 2
     # Ask for at most a quarter of the expected split size, so rejection sampling ends quickly.
     if n > share * space / 4:
         raise SyntheticTaskError(
@@ -131,7 +139,6 @@ def generate(
     check_args(task, n, split, min_digits, max_digits)
     rng = random.Random(f"{task}/{split}/{seed}/{min_digits}/{max_digits}")
     make = TASKS[task]
-    want_heldout = split == "heldout"
 
     def operand() -> int:
         d = rng.randint(min_digits, max_digits)
@@ -142,7 +149,7 @@ def generate(
     while len(rows) < n:
         a, b = operand(), operand()
         key = (max(a, b), min(a, b)) if task == "subtraction" else (a, b)
-        if key in seen or is_heldout(task, a, b) != want_heldout:
+        if key in seen or split_of(task, a, b) != split:
             continue
         seen.add(key)
         rows.append(make(a, b))
@@ -159,11 +166,12 @@ def write_splits(
     min_digits: int = 3,
     max_digits: int = 4,
 ) -> dict[str, Path]:
-    """Write `train.jsonl` and `heldout.jsonl` to `out_dir`; returns {split: path}."""
+    """Write `train.jsonl` (n_train rows), `dev.jsonl` and `test.jsonl` (n_heldout rows each) to `out_dir`;
+    returns {split: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, n in (("train", n_train), ("heldout", n_heldout)):
+    for split, n in (("train", n_train), ("dev", n_heldout), ("test", n_heldout)):
         rows = generate(task, n, split=split, seed=seed, min_digits=min_digits, max_digits=max_digits)
         p = out / f"{split}.jsonl"
         p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -172,7 +180,7 @@ def write_splits(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write train/held-out splits of a synthetic task as jsonl.")
+    ap = argparse.ArgumentParser(description="Write train/dev/test splits of a synthetic task as jsonl.")
     ap.add_argument("out_dir")
     ap.add_argument("--task", default="addition")
     ap.add_argument("--n-train", type=int, default=4000)

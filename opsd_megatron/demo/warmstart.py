@@ -15,12 +15,15 @@ Steps: (1) `OUT/task/{train,heldout}.jsonl` from `opsd_megatron.demo.synthetic` 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from opsd_megatron.demo.synthetic import write_splits
 from opsd_megatron.demo.task_model import make_task_model
@@ -33,6 +36,28 @@ SHIPPED = Path(__file__).with_name("assets") / "warmstart"
 """The warm start shipped with the package (built by `make warmstart`)."""
 _EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")  # fmt: skip
+
+
+def _repo_path(config: str) -> Path:
+    """`config` as given, or relative to the repository when run from elsewhere."""
+    repo_config = Path(__file__).resolve().parents[2] / config
+    return Path(config) if Path(config).is_file() or not repo_config.is_file() else repo_config
+
+
+def recipe(
+    config: str = "examples/synthetic_sft.yaml",
+    *,
+    steps: int | None = None,
+    n_train: int = N_TRAIN,
+    overrides: list[str] | None = None,
+) -> dict:
+    """What defines a warm start: the SFT config (its parsed content's sha256), the steps, the task, the
+    overrides. `--install` records it in `warmstart.json`; a test checks the shipped asset against it."""
+    data = yaml.safe_load(_repo_path(config).read_text()) or {}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    sft_steps = steps if steps is not None else int(data.get("train", {}).get("steps", 0))
+    return {"config": config, "config_sha256": digest, "sft_steps": sft_steps, "task": TASK,
+            "n_train": n_train, "overrides": list(overrides or [])}  # fmt: skip
 
 
 def write_task(out_dir: str | Path, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT) -> dict[str, Path]:
@@ -73,9 +98,7 @@ def build(
 ) -> Path:
     """Run steps (1)-(3) of the module docstring; returns the warm start's HF directory `OUT/sft/hf`."""
     out = Path(out_dir)
-    repo_config = Path(__file__).resolve().parents[2] / config
-    if not Path(config).is_file() and repo_config.is_file():
-        config = str(repo_config)  # a path relative to the repository, run from elsewhere
+    config = str(_repo_path(config))
     paths = write_task(out / "task", n_train, n_heldout)
     make_task_model(out / "init", seed=0)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
@@ -102,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "--install", metavar="DIR", help="Copy the result here (e.g. opsd_megatron/demo/assets/warmstart)."
     )
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the SFT config")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # overrides may follow the options
     try:
         hf = build(a.out_dir, steps=a.steps, n_train=a.n_train, n_heldout=a.n_heldout, config=a.config,
                    overrides=a.overrides)  # fmt: skip
@@ -111,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if a.install:
         rows = read_metrics(Path(a.out_dir) / "sft")
-        meta = {"built_by": "python -m opsd_megatron.demo.warmstart " + " ".join(argv or sys.argv[1:]),
-                "config": a.config, "task": TASK, "n_train": a.n_train, "sft_steps": rows[-1]["step"],
-                "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"]}  # fmt: skip
+        meta = recipe(a.config, steps=a.steps, n_train=a.n_train, overrides=a.overrides)
+        if rows[-1]["step"] != meta["sft_steps"]:
+            print(
+                f"warmstart: SFT stopped at step {rows[-1]['step']}, not {meta['sft_steps']}", file=sys.stderr
+            )
+            return 1
+        meta.update(built_by="python -m opsd_megatron.demo.warmstart " + " ".join(argv or sys.argv[1:]),
+                    first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"])  # fmt: skip
         print(f"installed {install(hf, a.install, meta)}")
     print(f"warm start: {hf}")
     return 0

@@ -61,6 +61,8 @@ class EvalItem:
     """Problem statement."""
     answer: str
     """Reference final answer."""
+    solution: str = ""
+    """Worked reference solution (the row's `solution` field, "" without one): `opsd-eval --privileged`."""
 
 
 @dataclass
@@ -149,7 +151,8 @@ def load_benchmark(
                 )
         rid = row.get(id_field, i) if id_field else i
         digest = hashlib.sha1(f"{problem}\x00{answer}".encode()).hexdigest()[:10]
-        items.append(EvalItem(f"{rid}:{digest}", str(problem), _answer_str(answer)))
+        sol = row.get("solution")
+        items.append(EvalItem(f"{rid}:{digest}", str(problem), _answer_str(answer), str(sol or "")))
         if limit is not None and len(items) >= limit:
             break
     if not items:
@@ -157,6 +160,7 @@ def load_benchmark(
     keys = [it.key for it in items]
     if len(set(keys)) != len(keys):  # duplicate ids in the source: fall back to row index + hash
         items = [
-            EvalItem(f"{i}:{it.key.split(':')[-1]}", it.problem, it.answer) for i, it in enumerate(items)
+            EvalItem(f"{i}:{it.key.split(':')[-1]}", it.problem, it.answer, it.solution)
+            for i, it in enumerate(items)
         ]
     return Benchmark(name, where, items)

@@ -47,10 +47,17 @@ _RECORD_FIELDS = ("benchmark", "key", "sample", "correct", "answer")
 
 
 def render_prompt_ids(
-    tokenizer: Any, problem: str, *, template: str = EVAL_TEMPLATE, thinking: bool = True, chat: bool = True
+    tokenizer: Any,
+    problem: str,
+    *,
+    template: str = EVAL_TEMPLATE,
+    thinking: bool = True,
+    chat: bool = True,
+    solution: str | None = None,
 ) -> list[int]:
-    """Prompt token ids of one problem: `{problem}` filled in, then the chat template (`enable_thinking`)."""
-    text = fill_template(template, problem)
+    """Prompt token ids of one problem: `{problem}` (and `{solution}`: the teacher's template, `opsd-eval
+    --privileged`) filled in, then the chat template (`enable_thinking`)."""
+    text = fill_template(template, problem, solution)
     if chat:
         text = render_chat(tokenizer, text, thinking=thinking)
     return list(tokenizer.encode(text, add_special_tokens=False))
@@ -61,7 +68,7 @@ def longest_prompt(tokenizer: Any, items: Any, **render: Any) -> tuple[int, str 
     `render`: `render_prompt_ids`'s keywords."""
     best: tuple[int, str | None] = (0, None)
     for item in items:
-        n = len(render_prompt_ids(tokenizer, item.problem, **render))
+        n = len(render_prompt_ids(tokenizer, item.problem, solution=item.solution, **render))
         if n > best[0]:
             best = (n, item.key)
     return best
@@ -278,7 +285,7 @@ def _generate_and_grade(
     sample does not depend on which other requests share its batch, engine or chunk (with
     `sampling.seed` None the requests are unseeded)."""
     n = sampling.n
-    prompts = [render_prompt_ids(tokenizer, it.problem, **render) for _, it in chunk]
+    prompts = [render_prompt_ids(tokenizer, it.problem, solution=it.solution, **render) for _, it in chunk]
     seeds = None
     if sampling.seed is not None:
         seeds = [

@@ -213,7 +213,7 @@ def fused_linear_divergence(
     teacher_weight: torch.Tensor,
     *,
     kind: str = "forward_kl",
-    beta: float = 0.5,
+    beta: float | None = None,
     temperature: float = 1.0,
     clip: float | None = None,
     loss_mask: torch.Tensor | None = None,
@@ -256,6 +256,7 @@ def fused_linear_divergence(
         kind=kind, beta=beta, temperature=temperature, clip=clip, top_k=top_k, target_ids=target_ids,
         loss_mask=loss_mask, positions_shape=positions, local_vocab=student_weight.shape[0],
     )  # fmt: skip
+    beta = 0.0 if beta is None else float(beta)
     group = resolve_group(tp_group)
     start, n_valid = shard_layout(student_weight.shape[0], group, vocab_size, vocab_start_index)
     mask = None if loss_mask is None else loss_mask.reshape(-1) != 0  # (T,)

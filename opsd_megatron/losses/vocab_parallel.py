@@ -113,7 +113,11 @@ def validate_args(
     """Raise one clear ValueError for a user error in the divergence arguments."""
     if kind not in ALL_KINDS:
         raise ValueError(f"kind must be one of {ALL_KINDS}, got {kind!r}.")
-    if not 0.0 <= float(beta) <= 1.0:
+    if beta is None and kind == "jsd":
+        raise ValueError(
+            "kind='jsd' needs beta (M = beta p_T + (1-beta) p_S; 0 = forward KL, 1 = reverse KL)."
+        )
+    if beta is not None and not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
     if not float(temperature) > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
@@ -145,7 +149,7 @@ def vocab_parallel_divergence(
     teacher_logits: torch.Tensor,
     *,
     kind: str = "forward_kl",
-    beta: float = 0.5,
+    beta: float | None = None,
     temperature: float = 1.0,
     clip: float | None = None,
     loss_mask: torch.Tensor | None = None,
@@ -162,10 +166,12 @@ def vocab_parallel_divergence(
         teacher_logits: `[..., v/tp]`, same shape; treated as a constant (no gradient flows to it).
         kind: "forward_kl" KL(p_T||p_S) | "reverse_kl" KL(p_S||p_T) | "jsd" generalised JSD(beta) with
             M = beta p_T + (1-beta) p_S (beta = 0 is exactly forward KL, beta = 1 exactly reverse KL) |
-            "top_k" forward KL over the teacher's global top-`top_k` ids + a tail bucket |
-            "top_k_renorm" forward KL between p_T and p_S restricted to those ids and renormalised |
+            "top_k" over the teacher's global top-`top_k` ids + a tail bucket (log-sum-exp of the rest) |
+            "top_k_renorm" p_T and p_S restricted to those ids and renormalised; both top-k kinds: forward
+            KL at beta = 0, JSD(beta) otherwise (the OPSD reference's top-k script: renorm, beta = 0.5) |
             "sampled_token" -stop_grad(log p_T(y) - log p_S(y)) * log p_S(y) at `target_ids` y.
-        beta: JSD mixture weight (kind="jsd" only).
+        beta: JSD mixture weight: required by kind="jsd"; the top-k kinds: None or 0 = forward KL over the
+            buckets, else JSD(beta).
         temperature: both logits are divided by it before the softmax (gradient w.r.t. the raw logits).
         clip: pointwise clamp tau: each per-(position, vocabulary entry) term is clamped from above at tau
             before the vocabulary sum, with zero gradient where clamped; negative terms are not clipped.
@@ -190,6 +196,7 @@ def vocab_parallel_divergence(
         kind=kind, beta=beta, temperature=temperature, clip=clip, top_k=top_k, target_ids=target_ids,
         loss_mask=loss_mask, positions_shape=positions, local_vocab=student_logits.shape[-1],
     )  # fmt: skip
+    beta = 0.0 if beta is None else float(beta)
     group = resolve_group(tp_group)
     start, n_valid = shard_layout(student_logits.shape[-1], group, vocab_size, vocab_start_index)
     mask = None if loss_mask is None else (loss_mask.reshape(-1) != 0).float()  # (N,)
@@ -202,7 +209,7 @@ def vocab_parallel_divergence(
     if kind in TOP_K_KINDS:
         loss = topk_divergence(
             student_logits, teacher_logits, k=int(top_k), temperature=float(temperature), clip=clip,
-            start=start, n_valid=n_valid, group=group, tail=kind == "top_k",
+            start=start, n_valid=n_valid, group=group, tail=kind == "top_k", beta=float(beta),
         )  # fmt: skip
     else:
         ids = target_ids.reshape(-1)

@@ -1,6 +1,7 @@
 """One step's rollouts: which problems, which seeds, which engine samples what, and this replica's slice.
 
-    prompts = PromptCache(tokenizer, problems, cfg.prompts, privileged=cfg.teacher.privileged)
+    prompts = PromptCache(tokenizer, problems, cfg.prompts, privileged=cfg.teacher.privileged,
+                          seed=cfg.train.seed)
     collector = RolloutCollector(cfg, ps, dp, placement, sampler, prompts, problems, tokenizer)
     samples, stats = collector.collect(engine, step)   # collective over the world
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from opsd_megatron.config import ConfigError, OPSDConfig, PromptConfig, RolloutConfig
 from opsd_megatron.data import Problem, PromptSampler
-from opsd_megatron.data.prompts import render_pair
+from opsd_megatron.data.prompts import derangement, render_pair, shown_solution
 from opsd_megatron.evaluation.grader import default_pool
 from opsd_megatron.mcore.parallel import ParallelState
 from opsd_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
@@ -39,16 +40,31 @@ def sampling_config(r: RolloutConfig, seed: int | None = None) -> SamplingConfig
 
 class PromptCache:
     """Token ids of problem `idx`'s (student, teacher) prompts, rendered once, checked against
-    `prompts.max_prompt_tokens` (a row that does not fit is a `ConfigError` naming the row)."""
+    `prompts.max_prompt_tokens` (a row that does not fit is a `ConfigError` naming the row). The teacher is
+    shown what `teacher.privileged` says (`data.prompts.shown_solution`); under "shuffled" problem i's
+    teacher sees the solution of problem `derangement(len(problems), seed)[i]` (never its own)."""
 
-    def __init__(self, tokenizer: Any, problems: list[Problem], cfg: PromptConfig, *, privileged: bool):
+    def __init__(
+        self, tokenizer: Any, problems: list[Problem], cfg: PromptConfig, *, privileged: bool | str,
+        seed: int = 0,
+    ):  # fmt: skip
         self.tokenizer, self.problems, self.cfg, self.privileged = tokenizer, problems, cfg, privileged
         self._ids: dict[int, tuple[list[int], list[int]]] = {}
+        self._solutions = [p.solution for p in problems]
+        self._perm = None
+        if privileged == "shuffled":
+            if len(problems) < 2:
+                raise ConfigError(
+                    f"teacher.privileged=shuffled shows each teacher another problem's solution: needs at "
+                    f"least 2 training problems, data has {len(problems)}."
+                )
+            self._perm = derangement(len(problems), seed)
 
     def __call__(self, idx: int) -> tuple[list[int], list[int]]:
         if idx not in self._ids:
             p = self.problems[idx]
-            s, t = render_pair(self.tokenizer, p.problem, p.solution, self.cfg, privileged=self.privileged)
+            sol = shown_solution(self.privileged, self._solutions, idx, self._perm)
+            s, t = render_pair(self.tokenizer, p.problem, sol, self.cfg, privileged=self.privileged)
             limit = self.cfg.max_prompt_tokens
             if max(len(s), len(t)) > limit:
                 raise ConfigError(

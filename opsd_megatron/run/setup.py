@@ -188,7 +188,9 @@ def build_state(cfg: OPSDConfig, *, needs_engine: bool, make_teacher: MakeTeache
     ps, watchdog, dp, dtype, resume_path = start(cfg)
     out = Path(cfg.output_dir)
     tokenizer, pad_id, problems, data_stats, sampler = load_data(cfg, ps.rank)
-    prompts = PromptCache(tokenizer, problems, cfg.prompts, privileged=cfg.teacher.privileged)
+    prompts = PromptCache(
+        tokenizer, problems, cfg.prompts, privileged=cfg.teacher.privileged, seed=cfg.train.seed
+    )
     info, chunks, teacher, optimizer, scheduler = build_training(cfg, dtype, make_teacher)
     state = RunState(
         cfg, ps, dp, dtype, watchdog, resume_path, out, out / "checkpoints", tokenizer, pad_id, problems,

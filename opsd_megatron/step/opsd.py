@@ -45,6 +45,7 @@ from megatron.core import parallel_state as mps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from opsd_megatron.config import OPSDConfig
+from opsd_megatron.config.schema import loss_beta, loss_clip
 from opsd_megatron.losses import fused_linear_divergence
 from opsd_megatron.losses.behaviour import offpolicy_sums, truncated_weight
 from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
@@ -91,7 +92,8 @@ class LossSpec:
         lc = cfg.loss
         kind = "top_k_renorm" if lc.kind == "top_k" and not lc.top_k_tail else lc.kind  # no tail bucket
         return cls(
-            kind=kind, beta=lc.beta, temperature=lc.temperature or cfg.rollout.temperature, clip=lc.clip,
+            kind=kind, beta=loss_beta(lc), temperature=lc.temperature or cfg.rollout.temperature,
+            clip=loss_clip(lc),
             top_k=lc.top_k, vocab_size=vocab_size, tp_group=tp_group, sampling=sampling,
             chunk_tokens=lc.chunk_tokens, sequence_parallel=cfg.parallel.sequence_parallel,
             behaviour_cap=lc.behaviour_cap if lc.behaviour_correction == "truncated" else None,
