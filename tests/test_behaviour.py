@@ -87,7 +87,7 @@ def test_a_batch_staler_than_allowed_is_refused(tmp_path):
                 "rollout": {"placement": "separate", "max_staleness": 1},
                 "train": {"steps": 3, "global_batch_size": 2, "micro_batch_size": 1}}  # fmt: skip
     cfg = config_from_dict(sections)
-    ps = SimpleNamespace(world_size=1, rank=0, dp_rank=0)
+    ps = SimpleNamespace(world_size=1, rank=0, dp_rank=0, cpu_group=None)
     problems = [Problem(problem=f"p{i}", solution="s", answer=None, row=i) for i in range(4)]
     prompts = lambda i: ([1, 2], [1, 2, 3])  # noqa: E731 - token ids of any problem
     col = RemoteCollector(cfg, ps, 1, PromptSampler(4, 2, 0), prompts, problems, None, chunks=[], syncer=None,
