@@ -1,51 +1,23 @@
 """The streamed HF export (`save_hf_checkpoint`, one shard in memory at a time) writes the same files, byte
-for byte, as the previous writer that collected every tensor on rank 0 first (reimplemented below as the
-reference), on a tiny dense and a tiny MoE model, with shards small enough to make several (real Megatron
+for byte, as the previous writer that collected every tensor on rank 0 first (reimplemented as the
+reference: `collecting_export` of benchmarks/bench_export.py, the same baseline the benchmark measures), on a
+tiny dense and a tiny MoE model, with shards small enough to make several (real Megatron
 model, one gloo rank)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dist_utils import run_distributed
 
 
-def _reference_export(chunks, out: Path, max_shard_bytes: int) -> None:
-    """Yesterday's writer: every tensor into rank 0's RAM, split into shards, then written."""
-    from safetensors.torch import save_file
-
-    from opsd_megatron.mcore.conversion import export_hf_weights
-
-    shards, size, weight_map = [{}], 0, {}
-    for name, t in export_hf_weights(chunks):
-        t = t.contiguous()
-        nbytes = t.numel() * t.element_size()
-        if size + nbytes > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        weight_map[name] = len(shards) - 1
-        size += nbytes
-    n = len(shards)
-    files = (
-        [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
-    )
-    out.mkdir(parents=True)
-    total = 0
-    for i, shard in enumerate(shards):
-        save_file(shard, str(out / files[i]), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    if n > 1:
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {k: files[v] for k, v in weight_map.items()},
-        }
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def _export_both(rank, world, model_dirs: dict, work: str):
+    import sys
+
     import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_export import collecting_export
 
     from opsd_megatron.mcore import parallel
     from opsd_megatron.mcore.conversion import load_hf_weights, save_hf_checkpoint
@@ -58,7 +30,7 @@ def _export_both(rank, world, model_dirs: dict, work: str):
         load_hf_weights(chunks, model_dir)
         for limit in (40_000, 1 << 30):  # several shards + index; one model.safetensors
             ref, new = Path(work) / f"{arch}_{limit}_ref", Path(work) / f"{arch}_{limit}_new"
-            _reference_export(chunks, ref, limit)
+            collecting_export(chunks, ref, limit)
             save_hf_checkpoint(chunks, new, max_shard_bytes=limit)
             out[f"{arch}_{limit}"] = (str(ref), str(new))
     return out
