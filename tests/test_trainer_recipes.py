@@ -53,6 +53,10 @@ class EngineRecorder:
         self.events.append(["update_weights", self.asleep])
         return self._engine.update_weights(named)
 
+    def load_shards(self, named):  # the shard-exact refresh (rollout/refresh/shard_sync.py): a weight update
+        self.events.append(["update_weights", self.asleep])
+        return self._engine.load_shards(named)
+
     def sleep(self):
         self.events.append(["sleep", self.asleep])
         self.asleep = True
@@ -94,14 +98,18 @@ def run_recipe(rank, world_size, cfg_dict, fail_rank=None, fail_step=None, break
 
     trainer = Trainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
     if break_refresh_after is not None:  # the refresh inside step k runs while trainer.step == k - 1
-        real = trainer.state.engine.update_weights
 
-        def broken(named):
-            if trainer.step + 1 >= break_refresh_after:
-                named = [(n, t * 0.5) for n, t in named]
-            return real(named)
+        def breaking(real):  # both refresh paths: full tensors and the shard-exact one
+            def broken(named):
+                if trainer.step + 1 >= break_refresh_after:
+                    named = [(n, t * 0.5) for n, t in named]
+                return real(named)
 
-        trainer.state.engine.update_weights = broken
+            return broken
+
+        engine = trainer.state.engine
+        engine.update_weights = breaking(engine.update_weights)
+        engine.load_shards = breaking(engine.load_shards)
     rec = EngineRecorder(trainer.state.engine, events)
     trainer.state.engine = rec
     trainer.strategy.teacher_forward = _record(events, rec, "teacher", trainer.strategy.teacher_forward)
@@ -182,8 +190,9 @@ def test_tp2_lora_sleep_order_eval_length_bad_row_and_failure_ends_job(tiny_qwen
             if name == "generate":
                 assert need[0] <= state["max_model_len"], (need, state["max_model_len"])
         expected = ["generate", "sleep", "teacher", "student", "optimizer", "wake_up", "update_weights"]
-        if rank == 0:  # the periodic evaluation of the refreshed weights, engine left awake
-            expected += ["wake_up", "generate"]
+        # the periodic evaluation of the refreshed weights, engine left awake; rank 1 (the engine's TP rank)
+        # serves the same requests (rollout/engine_group.serve)
+        expected += ["wake_up", "generate"] if rank == 0 else ["generate"]
         assert _dedup(events) == expected, events
 
 

@@ -62,7 +62,7 @@ class Spread:
         for e, share in enumerate(shares[:num]):
             self.requests[e] += len(share)
         if pl.world_size == 1:
-            return self._engine.generate(prompt_token_ids, sampling, seeds)
+            return self._engine.generate(prompt_token_ids, sampling, seeds=seeds)
         calls: list[_Call] = [
             ([list(prompt_token_ids[i]) for i in share], sampling, None if seeds is None else
              [int(seeds[i]) for i in share])
@@ -93,7 +93,7 @@ def _run_share(engine: Any, pl: EnginePlacement, group: Any, calls: list[Any] | 
     if box[0] is None:
         return False, []
     prompts, sampling, seeds = box[0]
-    out = engine.generate(prompts, sampling, seeds) if prompts else []
+    out = engine.generate(prompts, sampling, seeds=seeds) if prompts else []
     gathered: list[Any] | None = [None] * pl.world_size if pl.rank == 0 else None
     dist.gather_object(out if pl.is_leader else None, gathered, dst=0, group=group)
     return True, gathered or []
