@@ -40,7 +40,8 @@ $(MC19_STAMP): $(STAMP)
 	  --platform manylinux_2_28_x86_64 -d $(MC19)/wheel megatron-core==$(MC19_VERSION)
 	$(VPY) -m zipfile -e $(MC19)/wheel/megatron_core-$(MC19_VERSION)-*.whl $(MC19)/site
 	$(VPY) scripts/chain_venv.py $(MC19) $(VENV)
-	$(MC19)/bin/python -c "import megatron.core as m; assert m.__version__ == '$(MC19_VERSION)', m.__version__"
+	$(MC19)/bin/python -c "import megatron.core, importlib.metadata as m; v = m.version('megatron-core'); \
+	  assert v == '$(MC19_VERSION)' and megatron.core.__file__.startswith('$(abspath $(MC19))'), v"
 	@touch $(MC19_STAMP)
 
 test-mcore019: $(MC19_STAMP)
