@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4, help="problems per step (one micro-batch)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.layers, args.hidden, args.steps, args.lora_rank = 2, 64, 2, 4
+        args.layers, args.hidden, args.steps, args.lora_rank = 2, 64, 4, 4
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # fmt: skip
     from opsd_megatron.demo.synthetic import write_splits

@@ -106,10 +106,16 @@ def test_group_by_length_pads_each_micro_batch_to_its_own_longest_and_keeps_the_
 def test_context_parallel_index_math_equals_a_plain_gather():
     """Megatron's load-balanced 2xCP split (its own get_batch_on_this_cp_rank, a world-1 gloo group standing
     in for each CP rank's group) and the response-position gathers: summed over ranks = the plain gather."""
+    import inspect
     import tempfile
 
     import torch.distributed as dist
     from megatron.core.utils import get_batch_on_this_cp_rank
+
+    # megatron-core 0.19's version (new required is_hybrid_cp) reads the CP group through torch.distributed, a
+    # registered group of cp ranks that one process cannot stand in for: Megatron's split is the reference on
+    # 0.16 only; the plain-gather checks below run on both
+    megatron_ref = "is_hybrid_cp" not in inspect.signature(get_batch_on_this_cp_rank).parameters
 
     from opsd_megatron.step.context_parallel import cp_local_index, cp_positions, gather_held, split_for_cp
 
@@ -133,8 +139,9 @@ def test_context_parallel_index_math_equals_a_plain_gather():
             total = torch.zeros(b, 7, h)
             for r in range(cp):
                 mine = split_for_cp(tokens, cp, r)
-                ref = get_batch_on_this_cp_rank({"tokens": tokens.clone()}, cp_group=RankOf(cp, r))["tokens"]
-                assert torch.equal(mine, ref), (cp, r)
+                if megatron_ref:
+                    ref = get_batch_on_this_cp_rank({"tokens": tokens.clone()}, cp_group=RankOf(cp, r))
+                    assert torch.equal(mine, ref["tokens"]), (cp, r)
                 local, held = cp_local_index(index, seq_len=S, cp=cp, rank=r)
                 pos = cp_positions(S, cp, r)
                 assert torch.equal(pos[local][held], index[held])  # local -> global is the identity on held

@@ -25,6 +25,7 @@ Only one save is in flight: a new save (and the end of the run) waits for the pr
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -58,8 +59,11 @@ def write_sharded(sd: dict, path: str, *, async_save: bool) -> Any:
     `common.pt` is written yet)."""
     from megatron.core import dist_checkpointing
 
+    extra = {}
+    if async_save and "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        extra["async_strategy"] = "mcore"  # megatron-core >= 0.19 defaults to "nvrx" (nvidia-resiliency-ext)
     request = dist_checkpointing.save(
-        sd, path, sharded_strategy=save_strategy(), async_sharded_save=async_save
+        sd, path, sharded_strategy=save_strategy(), async_sharded_save=async_save, **extra
     )
     if request is not None and request.async_fn is not None:
         request = request._replace(async_fn=partial(_writer_main, parent_lifeline(), request.async_fn))
