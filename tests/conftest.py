@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from no_mcore import MARK, blocked_megatron
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -61,6 +62,23 @@ def slurm_cluster():
     from slurm_cluster import running_cluster
 
     yield from running_cluster()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """A test marked no_mcore (tests/no_mcore.py) must not import megatron, fixtures included."""
+    if item.get_closest_marker(MARK) is None:
+        return (yield)
+    with blocked_megatron(item.nodeid):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    if item.get_closest_marker(MARK) is None:
+        return (yield)
+    with blocked_megatron(item.nodeid):
+        return (yield)
 
 
 # `make gpu-test` (OPSD_GPU_STRICT_SKIPS=1): a skip not in tests/gpu_skips.EXPECTED_GPU_SKIPS fails the run.

@@ -9,6 +9,8 @@ import pytest
 from opsd_megatron.config import DataConfig
 from opsd_megatron.data import DataError, PromptSampler, load_problems
 
+pytestmark = pytest.mark.no_mcore  # never imports megatron: run once (tests/no_mcore.py)
+
 
 def _write(path, rows):
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")

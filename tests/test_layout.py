@@ -10,6 +10,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.no_mcore  # never imports megatron: run once (tests/no_mcore.py)
+
 PKG = Path(__file__).resolve().parents[1] / "opsd_megatron"
 
 

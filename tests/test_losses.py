@@ -14,6 +14,8 @@ from loss_reference import divergence_metrics, topk_reference_terms
 from opsd_megatron.losses import vocab_parallel_divergence
 from opsd_megatron.losses.sparse import _VocabParallelLogProbAt
 
+pytestmark = pytest.mark.no_mcore  # never imports megatron: run once (tests/no_mcore.py)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

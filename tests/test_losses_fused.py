@@ -11,6 +11,8 @@ import torch
 from opsd_megatron.losses import fused_linear_divergence, token_mean, vocab_parallel_divergence
 from opsd_megatron.losses._phases import default_chunk_size
 
+pytestmark = pytest.mark.no_mcore  # never imports megatron: run once (tests/no_mcore.py)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -14,6 +14,8 @@ from opsd_megatron.data.prompts import (
     render_teacher_ids,
 )
 
+pytestmark = pytest.mark.no_mcore  # never imports megatron: run once (tests/no_mcore.py)
+
 
 def test_templates_match_spec():
     assert STUDENT_TEMPLATE == (

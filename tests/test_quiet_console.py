@@ -11,10 +11,13 @@ import sys
 import warnings
 from types import SimpleNamespace
 
+import pytest
 from run_utils import deterministic_view
 
 from opsd_megatron.observe.console import setup_logging
 from opsd_megatron.observe.metrics import MetricsLogger, run_summary, step_markers
+
+pytestmark = pytest.mark.no_mcore  # never imports megatron: run once (tests/no_mcore.py)
 
 ROW = {"loss": 0.5, "time/step_s": 1.0}
 

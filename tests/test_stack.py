@@ -16,6 +16,8 @@ from stack_sources import ADMITTED, LIBRARY_WHEELS, release_source
 
 from opsd_megatron.mcore import patches
 
+pytestmark = pytest.mark.no_mcore  # never imports megatron: run once (tests/no_mcore.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "opsd_megatron"
 OWN_PREFIXES = ("_opsd", "_lora")  # attributes this package sets on library objects (its own names)

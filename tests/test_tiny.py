@@ -2,6 +2,10 @@
 
 import json
 
+import pytest
+
+pytestmark = pytest.mark.no_mcore  # never imports megatron: run once (tests/no_mcore.py)
+
 
 def test_tiny_models_shape(tiny_models):
     for arch in ("qwen3", "qwen2", "llama"):
