@@ -110,14 +110,15 @@ def derangement(n: int, seed: int) -> list[int]:
     return perm
 
 
-def shown_solution(privileged: bool | str, solutions: list[str], idx: int, perm: list[int] | None) -> str:
-    """The reference solution that the teacher of problem `idx` is shown under `teacher.privileged`
-    (`PRIVILEGED_MODES`): its own, another problem's (`solutions[perm[idx]]`, perm a `derangement`), or ""."""
+def shown_solution(privileged: bool | str, problems: list[Any], idx: int, perm: list[int] | None) -> str:
+    """The reference solution (a `.solution` of `problems`) that the teacher of problem `idx` is shown under
+    `teacher.privileged` (`PRIVILEGED_MODES`): its own, another problem's (`problems[perm[idx]]`, perm a
+    `derangement`), or ""."""
     if privileged == "shuffled":
         if perm is None:
             raise ValueError("teacher.privileged=shuffled needs the derangement of the training problems.")
-        return solutions[perm[idx]]
-    return "" if privileged == "blank" else solutions[idx]
+        return problems[perm[idx]].solution
+    return "" if privileged == "blank" else problems[idx].solution
 
 
 def render_pair(

@@ -50,7 +50,6 @@ class PromptCache:
     ):  # fmt: skip
         self.tokenizer, self.problems, self.cfg, self.privileged = tokenizer, problems, cfg, privileged
         self._ids: dict[int, tuple[list[int], list[int]]] = {}
-        self._solutions = [p.solution for p in problems]
         self._perm = None
         if privileged == "shuffled":
             if len(problems) < 2:
@@ -63,7 +62,7 @@ class PromptCache:
     def __call__(self, idx: int) -> tuple[list[int], list[int]]:
         if idx not in self._ids:
             p = self.problems[idx]
-            sol = shown_solution(self.privileged, self._solutions, idx, self._perm)
+            sol = shown_solution(self.privileged, self.problems, idx, self._perm)
             s, t = render_pair(self.tokenizer, p.problem, sol, self.cfg, privileged=self.privileged)
             limit = self.cfg.max_prompt_tokens
             if max(len(s), len(t)) > limit:
@@ -106,10 +105,9 @@ class RolloutCollector:
             rows = [(o[0].token_ids, o[0].logprobs, o[0].finish_reason) for o in outs]
             if pl.is_leader:
                 correct = self.grade(idx[lo:hi], [row[0] for row in rows])
-        per = len(idx) // self.dp
-        a, b = self.ps.dp_rank * per, (self.ps.dp_rank + 1) * per  # this replica's slice
         shares = [pl.prompt_share(len(idx), e) for e in range(pl.num_engines)]
-        slices = [(d * per, (d + 1) * per) for d in range(self.dp)]
+        slices = [self.replica_slice(len(idx), d) for d in range(self.dp)]
+        a, b = slices[self.ps.dp_rank]  # this replica's slice
         drivers = [pl.engine_ranks(e)[0] for e in range(pl.num_engines)]
         parts = routes(shares, slices, drivers, self.replica_of)
 
@@ -127,9 +125,13 @@ class RolloutCollector:
         """This replica's slice of the step's GLOBAL `rows` ((ids, logprobs, finish reason) per prompt of
         `idx`, in global order) and `correct` verdicts, as samples with their stats (separate placement:
         rollout/remote.py receives every row from the engines)."""
-        per = len(idx) // self.dp
-        a, b = self.ps.dp_rank * per, (self.ps.dp_rank + 1) * per
+        a, b = self.replica_slice(len(idx), self.ps.dp_rank)
         return self.slice_samples(idx[a:b], rows[a:b], correct[a:b])
+
+    def replica_slice(self, n: int, replica: int) -> tuple[int, int]:
+        """Rows [a, b) of data-parallel `replica` in a global batch of `n` prompts (equal, contiguous)."""
+        per = n // self.dp
+        return replica * per, (replica + 1) * per
 
     def slice_samples(
         self, idx: list[int], rows: list, correct: list
