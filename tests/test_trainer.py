@@ -146,14 +146,14 @@ def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path):
         parallel={"tp": 1, "pp": 1},
         loss={"kind": "top_k", "top_k": 8},  # a sparse estimator in the trainer (all: test_step_opsd)
         rollout={"top_k": 1},
-        train={"steps": 1, "global_batch_size": 4, "micro_batch_size": 2},  # + the unequal step: 2 updates
+        train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
     )
     dp1 = tiny_config(tiny_qwen3_dir, tmp_path / "dp1", **common)
     dp1 = run_distributed(run_unequal_replicas, 1, dp1, 3, timeout=480, env=ENV)
     dp2 = tiny_config(tiny_qwen3_dir, tmp_path / "dp2", **common)
     dp2 = run_distributed(run_unequal_replicas, 2, dp2, 3, timeout=480, env=ENV)
     r1, r2 = dp1[0]["rows"], dp2[0]["rows"]
-    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1]
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
     for a, b in zip(r1, r2):
         assert a["response_tokens"] == b["response_tokens"] > 0
         # fp32 sums in a different order (per-replica partial sums, then the DP all-reduce): ~1e-6 relative.
