@@ -176,9 +176,10 @@ class WeightLink:
     (`rollout.refresh.shard_sync.ShardSyncer(comm=...)`). Tensors go over NCCL on CUDA, gloo on CPU; Python
     objects (the plan's one exchange) over a gloo group beside it. Collective construction (all job ranks)."""
 
-    def __init__(self, rank: int, size: int, *, dp_rank: int = -1, timeout_s: float = 1800.0) -> None:
+    def __init__(self, rank: int, size: int, *, dp_rank: int = -1, peers: list[int] | None = None,
+                 timeout_s: float = 1800.0) -> None:  # fmt: skip
         store, timeout = job_store(timeout_s), timedelta(seconds=timeout_s)
-        self.rank, self.size, self.dp_rank = rank, size, dp_rank
+        self.rank, self.size, self.dp_rank, self.peers = rank, size, dp_rank, peers or []
         self.objects = dist.ProcessGroupGloo(dist.PrefixStore("opsd/weight_link/gloo", store), rank, size,
                                              timeout)  # fmt: skip
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -197,7 +198,8 @@ class WeightLink:
             work.wait()
         except RuntimeError as e:
             raise EngineLinkError(
-                f"a rank of the weight link ({what}, {self.size} job ranks) died or timed out "
+                f"the weight link ({what}; {self.size} job ranks, the rollout engines on job ranks "
+                f"{self.peers}) broke: a rank died or timed out "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from e
 

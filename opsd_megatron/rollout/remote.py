@@ -115,8 +115,7 @@ class RemoteCollector(RolloutCollector):
     def __init__(
         self, cfg: OPSDConfig, ps: ParallelState, dp: int, sampler: PromptSampler, prompts: PromptCache,
         problems: list[Problem], tokenizer: Any, *, chunks: list, syncer: WeightSyncer | ShardSyncer,
-        link: Link | None,
-        ckpt_root: Path,
+        link: Link | None, ckpt_root: Path,
     ):  # fmt: skip
         one = EnginePlacement(ps.world_size, ps.rank, ps.world_size)  # rank 0 "leads" all trainers
         super().__init__(cfg, ps, dp, one, sampler, prompts, problems, tokenizer)

@@ -92,7 +92,8 @@ def weight_syncer(cfg: OPSDConfig, engine: Any, dtype: torch.dtype, shard_hook: 
     `shard_exact`, else the trainers' full-tensor `WeightSyncer` (engines: None, they `receive_weights`)."""
     lay, bucket = layout(cfg), int(cfg.rollout.bucket_mb * 2**20)
     if shard_exact(cfg):
-        comm = WeightLink(lay.job_rank, lay.job_world, dp_rank=dp_rank, timeout_s=link_timeout_s(cfg))
+        comm = WeightLink(lay.job_rank, lay.job_world, dp_rank=dp_rank, peers=lay.engine_job_ranks,
+                          timeout_s=link_timeout_s(cfg))  # fmt: skip
         return ShardSyncer(engine, bucket_bytes=bucket, dtype=dtype, shard_hook=shard_hook, comm=comm)
     if lay.is_engine:
         return None

@@ -16,7 +16,7 @@ parameter: no copy at all on the send side. Collectives per refresh: at most one
 Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers.
 
 The group: the torch.distributed world by default (`WorldComm`, colocated engines); `comm=` takes another
-with the same four members (`rank`, `size`, `dp_rank`, `all_gather_object`, `all_to_all_single`), e.g. the
+with the same members (`rank`, `size`, `dp_rank`, `all_gather_object`, `all_to_all_single`), e.g. the
 separate placement's `rollout.link.WeightLink`, where the engine ranks hold no model (`model_chunks=[]`: they
 only receive; the model's spec comes from the trainers in the one exchange).
 """
