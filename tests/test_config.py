@@ -110,11 +110,6 @@ BAD = [
     ("", ["loss.clip=-1"], "config key 'loss.clip': must be > 0, null (no clip) or default"),
     ("", ["optimizer.lr=-1"], "config key 'optimizer.lr': must be > 0"),
     ("", ["rollout.max_staleness=1"], "config key 'rollout.max_staleness': 1 needs rollout.placement"),
-    (
-        "",
-        ["rollout.placement=separate", "rollout.tensor_parallel_size=2"],
-        "config key 'rollout.tensor_parallel_size': must be 1 with rollout.placement=separate",
-    ),
     ("", ["loss.behaviour_correction=truncated", "loss.behaviour_cap=0"], "config key 'loss.behaviour_cap'"),
     ("", ["parallel.sequence_parallel=true"], "config key 'parallel.sequence_parallel': needs tp > 1"),
     ("", ["parallel.timeout_minutes=0"], "config key 'parallel.timeout_minutes': must be > 0, got 0"),

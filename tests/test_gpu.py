@@ -357,3 +357,68 @@ def test_context_parallel_response_gathers_match_transformers(tiny_qwen3_dir):
         pytest.skip(f"context parallelism needs Transformer Engine, which does not import here: {why}")
     errs = run_distributed(_cp_ranks, 2, str(tiny_qwen3_dir), timeout=600)
     assert max(errs) < 2e-2, errs  # TE kernels (TF32 / fused attention): bf16-class tolerance
+
+
+class _Recorder:
+    """Stands in for a vLLM engine rank of TP 1 on the receiving side (the lent GPU image may have no vLLM;
+    vLLM's own loading of the shards is covered on CPU by tests/test_async.py): keeps what arrives."""
+
+    def __init__(self) -> None:
+        self.got: dict[str, torch.Tensor] = {}
+        self.devices: set[str] = set()
+
+    def shard_info(self) -> tuple[int, int]:
+        return (1, 0)
+
+    def load_shards(self, named) -> dict[str, float]:
+        for name, t in named:
+            self.devices.add(t.device.type)
+            self.got[name] = t.detach().cpu().clone()
+        return {}
+
+
+def _nccl_refresh(rank, world, model_dir):
+    """Job rank 0: a trainer (its own 1-rank world, Megatron TP1 on cuda:0) that also computes the colocated
+    refresh's targets as the reference; job rank 1: an engine rank on cuda:1 receiving over the WeightLink."""
+    import torch.distributed as dist
+
+    from opsd_megatron.rollout.link import WeightLink
+    from opsd_megatron.rollout.refresh.shard_sync import ShardSyncer
+
+    torch.cuda.set_device(rank)
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(addr, port, world, True, wait_for_workers=False) if rank == 0 else None
+    link = WeightLink(rank, world, timeout_s=300)
+    if rank == 1:
+        rec = _Recorder()
+        ShardSyncer(rec, bucket_bytes=150_000, dtype=torch.float32, shard_hook=None, comm=link).sync([], rec)
+        return {"backend": link.backend, "got": rec.got, "devices": sorted(rec.devices)}
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import load_hf_weights
+    from opsd_megatron.mcore.models.builder import build_model
+
+    os.environ["WORLD_SIZE"] = "1"  # the trainers' own world (as run.separate.narrow_world makes it)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    parallel.initialize(tp=1, pp=1, seed=1234)
+    chunks = build_model(model_dir, torch.float32)
+    load_hf_weights(chunks, model_dir)
+    ShardSyncer(None, bucket_bytes=150_000, dtype=torch.float32, shard_hook=None, comm=link).sync(chunks)
+    ref = _Recorder()  # the colocated refresh of the same model into a TP-1 engine rank: the reference
+    ShardSyncer(ref, bucket_bytes=150_000, dtype=torch.float32, shard_hook=None).sync(chunks, ref)
+    dist.destroy_process_group()
+    del store
+    return {"ref": ref.got}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL weight link needs 2 GPUs")
+def test_weight_link_streams_refresh_over_nccl(tiny_qwen3_dir):
+    """placement=separate's weight stream on CUDA: the link picks NCCL, the shard-exact plan's buckets go
+    trainer -> engine rank as device tensors, and the engine rank receives exactly the colocated refresh's
+    targets (bit-equal, fp32)."""
+    from dist_utils import run_distributed
+
+    trainer, engine = run_distributed(_nccl_refresh, 2, str(tiny_qwen3_dir), timeout=600)
+    assert engine["backend"] == "nccl" and engine["devices"] == ["cuda"]
+    assert engine["got"].keys() == trainer["ref"].keys() and engine["got"]
+    for name, t in trainer["ref"].items():
+        assert torch.equal(engine["got"][name], t), name

@@ -145,11 +145,6 @@ def _check_rollout(cfg: OPSDConfig) -> None:
         "1 needs rollout.placement=separate (colocated engines cannot generate while training).",
     )
     _check(r.engine_replicas >= 1, "rollout.engine_replicas", f"must be >= 1, got {r.engine_replicas}.")
-    _check(
-        r.placement == "colocated" or r.tensor_parallel_size == 1,
-        "rollout.tensor_parallel_size",
-        "must be 1 with rollout.placement=separate (separate engines are one rank each for now).",
-    )
     _check(r.placement == "colocated" or cfg.algorithm == "opsd", "rollout.placement",
            f"separate needs algorithm=opsd (algorithm={cfg.algorithm} has no rollout engine).")  # fmt: skip
 

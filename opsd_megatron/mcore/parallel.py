@@ -133,6 +133,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_timeout(timeout_minutes: float) -> timedelta:
+    """The collective timeout of `parallel.timeout_minutes` (what `ParallelState.timeout` holds); the one
+    conversion for groups made outside `initialize` (the separate placement's links and engine worlds)."""
+    return timedelta(minutes=timeout_minutes)
+
+
 def init_world(backend: str | None = None, timeout_minutes: float = TIMEOUT_MINUTES) -> object:
     """torch.distributed.init_process_group from torchrun / SLURM / single-process environment, with
     `timeout_minutes` (a world already up keeps its own); returns a gloo group over the world (the world

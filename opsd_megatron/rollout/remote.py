@@ -7,11 +7,15 @@ stream to them.
     collector.evaluate(step)                         # periodic evaluation on engine 0
 
 Protocol (root = trainer rank 0 on the `rollout.link.Link`; every command is broadcast to every engine):
-* ("weights", v): buckets of the exported weights follow (`LinkEngine.update_weights`: a header of names,
-  shapes, dtypes, then one flat tensor per dtype), ended by a None header; the engines then hold version v.
-* ("generate", step, v, prompts, seeds, sampling): engine e generates its contiguous share
-  (`EnginePlacement.prompt_share`) and sends (step, v, rows, generation seconds) back to the root.
-* ("evaluate", step): engine 0 runs the periodic evaluation and sends its metrics back.
+* ("weights", v): the shard-exact stream follows (vLLM engines, `syncer` a `ShardSyncer` over the
+  `WeightLink` of every job rank: each trainer rank sends the slabs of its own shards, each engine rank
+  receives only its own shard, one all-to-all per bucket); or, for the HF engine, buckets of full tensors
+  from the root over the link (`LinkEngine.update_weights`: a header of names, shapes, dtypes, then one flat
+  tensor per dtype), ended by a None header. The engines then hold version v.
+* ("generate", step, v, prompts, seeds, sampling): replica e (every rank of it, in vLLM's lockstep)
+  generates its contiguous share (`EnginePlacement.prompt_share`); its rank 0 sends (step, v, rows,
+  generation seconds) back to the root.
+* ("evaluate", step): replica 0 runs the periodic evaluation and its rank 0 sends the metrics back.
 * ("stop",): the engines leave their loop.
 Weight version v = optimizer steps applied (= the trainer's step counter). Step n trains on a batch made by
 version n at `max_staleness` 0 (push, request n, wait) and by version max(n-1, 0) at 1: the root first takes
@@ -40,6 +44,7 @@ from opsd_megatron.rollout.base import RolloutEngine, Sample
 from opsd_megatron.rollout.collect import PromptCache, RolloutCollector
 from opsd_megatron.rollout.link import Link
 from opsd_megatron.rollout.placement import EnginePlacement, request_seed
+from opsd_megatron.rollout.refresh.shard_sync import ShardSyncer
 from opsd_megatron.rollout.refresh.syncer import WeightSyncer
 
 
@@ -109,13 +114,14 @@ class RemoteCollector(RolloutCollector):
 
     def __init__(
         self, cfg: OPSDConfig, ps: ParallelState, dp: int, sampler: PromptSampler, prompts: PromptCache,
-        problems: list[Problem], tokenizer: Any, *, chunks: list, syncer: WeightSyncer, link: Link | None,
-        ckpt_root: Path,
+        problems: list[Problem], tokenizer: Any, *, chunks: list, syncer: WeightSyncer | ShardSyncer,
+        link: Link | None, ckpt_root: Path,
     ):  # fmt: skip
         one = EnginePlacement(ps.world_size, ps.rank, ps.world_size)  # rank 0 "leads" all trainers
         super().__init__(cfg, ps, dp, one, sampler, prompts, problems, tokenizer)
         self.cfg, self.chunks, self.syncer, self.link, self.ckpt_root = cfg, chunks, syncer, link, ckpt_root
         self.staleness, self.engines = cfg.rollout.max_staleness, cfg.rollout.engine_replicas
+        self.leaders = [1 + e * cfg.rollout.tensor_parallel_size for e in range(self.engines)]  # link ranks
         self.engine_version = 0  # the engines start from the HF weights
         self.in_flight: int | None = None  # the step whose batch the engines are making
         self.held: RolloutBatch | None = None  # a batch taken early (evaluation, checkpoint, resume)
@@ -154,9 +160,12 @@ class RemoteCollector(RolloutCollector):
         t0 = time.perf_counter()
         if self.link is not None:
             self.link.broadcast_object(("weights", version))
-        self.syncer.sync(self.chunks, LinkEngine(self.link) if self.link is not None else None)
-        if self.link is not None:
-            self.link.broadcast_object(None)  # end of the stream
+        if isinstance(self.syncer, ShardSyncer):  # every trainer rank sends its own slabs
+            self.syncer.sync(self.chunks, None)
+        else:
+            self.syncer.sync(self.chunks, LinkEngine(self.link) if self.link is not None else None)
+            if self.link is not None:
+                self.link.broadcast_object(None)  # end of the stream
         self.engine_version = version
         return time.perf_counter() - t0
 
@@ -178,8 +187,8 @@ class RemoteCollector(RolloutCollector):
         batch = None
         if self.link is not None:
             rows, version, gen_s = [], None, 0.0
-            for e in range(self.engines):
-                got_step, version, share, seconds = self.link.recv_object(src=e + 1)
+            for e, leader in enumerate(self.leaders):
+                got_step, version, share, seconds = self.link.recv_object(src=leader)
                 assert got_step == step, f"engine {e} answered step {got_step}, expected {step}"
                 rows.extend(share)
                 gen_s = max(gen_s, seconds)
@@ -199,14 +208,14 @@ class RemoteCollector(RolloutCollector):
             self.held = self._take(self.in_flight)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Periodic evaluation of version `step` on engine 0; `eval/...` metrics on rank 0, {} elsewhere.
-        Collective over the trainers."""
+        """Periodic evaluation of version `step` on replica 0 (its rank 0 answers); `eval/...` metrics on
+        rank 0, {} elsewhere. Collective over the trainers."""
         self.hold_in_flight()
         self._make_current(step)
         out: dict[str, float] = {}
         if self.link is not None:
             self.link.broadcast_object(("evaluate", step))
-            out = self.link.recv_object(src=1)
+            out = self.link.recv_object(src=self.leaders[0])
         if self.ps.world_size > 1:
             dist.barrier()
         return out
@@ -228,8 +237,8 @@ class RemoteCollector(RolloutCollector):
     def close(self) -> None:
         """Drain a batch in flight, then end the engines' loop (root)."""
         if self.in_flight is not None and self.link is not None:
-            for e in range(self.engines):
-                self.link.recv_object(src=e + 1)
+            for leader in self.leaders:
+                self.link.recv_object(src=leader)
             self.in_flight = None
         if self.link is not None:
             self.link.broadcast_object(("stop",))

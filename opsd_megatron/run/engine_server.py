@@ -4,12 +4,15 @@
     server.train()                # serve until ("stop",); returns []
     server.close()
 
-Start-up: the rank's own 1-rank world (`run.separate.engine_world`), the job watchdog over the whole launch
-(an exception here ends the trainers too, with this rank named), the tokenizer, the engine (the trainer's
-`start_engine`: same seed, same sizes), then the link (`rollout.link`). The loop answers the commands of
-`rollout.remote` in the order they come: weights, generate (this engine's contiguous share of the step's
-prompts with their per-request seeds), evaluate (engine 0: `evaluation.hook.periodic_eval`, metrics sent
-back), stop. Stop signals are recorded, not obeyed: the trainers decide when the run ends and say stop.
+Start-up: the replica's own world (`run.separate.engine_world`: its `rollout.tensor_parallel_size` ranks),
+the job watchdog over the whole launch (an exception here ends the trainers too, with this rank named), the
+tokenizer, the engine (the trainer's `start_engine`: same seed, same sizes, vLLM TP over the replica's
+world), then the links (`rollout.link`: commands, and the weight link of every job rank). The loop answers
+the commands of `rollout.remote` in the order they come, every rank of a replica in vLLM's lockstep: weights
+(this rank's shard, shard-exact), generate (the replica's contiguous share of the step's prompts with their
+per-request seeds; rank 0 of the replica answers), evaluate (replica 0: `evaluation.hook.periodic_eval` on
+its rank 0, spread over the replica's world (`rollout.engine_group`), which the other ranks serve; metrics
+sent back), stop. Stop signals are recorded, not obeyed: the trainers decide when the run ends and say stop.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from transformers import AutoTokenizer
 
 from opsd_megatron.config import OPSDConfig
 from opsd_megatron.evaluation.hook import periodic_eval
+from opsd_megatron.mcore.dtypes import torch_dtype
 from opsd_megatron.mcore.versions import check_versions
+from opsd_megatron.rollout.engine_group import serve, spreading
 from opsd_megatron.rollout.link import Link
 from opsd_megatron.rollout.placement import EnginePlacement
 from opsd_megatron.rollout.remote import receive_weights
 from opsd_megatron.run.preflight import bound_cpu_kv_cache
-from opsd_megatron.run.separate import engine_world, layout
+from opsd_megatron.run.separate import engine_world, layout, link_timeout_s, weight_syncer
 from opsd_megatron.run.setup import start_engine
 from opsd_megatron.run.signals import StopSignals
 from opsd_megatron.run.watchdog import JobWatchdog, ends_job_on_error
@@ -42,19 +47,23 @@ class EngineServer:
     @ends_job_on_error
     def __init__(self, cfg: OPSDConfig) -> None:
         lay = layout(cfg)
-        self.cfg, self.index, self.version = cfg, lay.engine, 0
+        self.cfg, self.index, self.version = cfg, lay.replica, 0
+        self.leader = lay.replica_rank == 0
         self.step = self.start_step = 0
         check_versions(vllm=cfg.rollout.engine == "vllm")
-        engine_world()
+        engine_world(cfg, lay)
         self.watchdog = JobWatchdog.start(lay.job_rank, lay.job_world)
         self.stop_signals = StopSignals(cfg.checkpoint.exit_signal_grace_s, lay.job_rank).install()
         self.state = SimpleNamespace(ps=SimpleNamespace(rank=lay.job_rank), out=Path(cfg.output_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
         bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization)
         self.engine = start_engine(cfg)
-        self.share = EnginePlacement(cfg.rollout.engine_replicas, lay.engine, 1)
-        self.link = Link(lay.link_rank, lay.link_size, peers=lay.engine_job_ranks,
-                         timeout_s=60.0 * cfg.parallel.timeout_minutes)  # fmt: skip
+        self.share = EnginePlacement(cfg.rollout.engine_replicas, lay.replica, 1)
+        self.in_replica = EnginePlacement(lay.engine_tp, lay.replica_rank, lay.engine_tp)  # one engine
+        self.link = Link(
+            lay.link_rank, lay.link_size, peers=lay.engine_job_ranks, timeout_s=link_timeout_s(cfg)
+        )
+        self.syncer = weight_syncer(cfg, self.engine, torch_dtype(cfg.model.dtype), None, -1)
 
     @property
     def stop_signal(self) -> int | None:
@@ -68,14 +77,15 @@ class EngineServer:
             if cmd[0] == "stop":
                 return []
             if cmd[0] == "weights":
-                receive_weights(self.link, self.engine)
+                if self.syncer is not None:
+                    self.syncer.sync([], self.engine)  # this rank's shard only
+                else:
+                    receive_weights(self.link, self.engine)
                 self.version = cmd[1]
             elif cmd[0] == "generate":
                 self._generate(*cmd[1:])
             elif cmd[0] == "evaluate" and self.index == 0:
-                self.step = cmd[1]
-                out = periodic_eval(self.engine, self.tokenizer, self.cfg.eval, cmd[1], self.cfg.output_dir)
-                self.link.send_object(out, dst=0)
+                self._evaluate(cmd[1])
 
     def _generate(self, step: int, version: int, prompts: list, seeds: list, sampling) -> None:
         if version != self.version:  # the protocol pushes before it asks: a mismatch is a bug, say so
@@ -86,7 +96,19 @@ class EngineServer:
             outs = self.engine.generate(prompts[lo:hi], sampling, seeds=seeds[lo:hi])
             rows = [(o[0].token_ids, o[0].logprobs, o[0].finish_reason) for o in outs]
         self.step = step
-        self.link.send_object((step, self.version, rows, time.perf_counter() - t0), dst=0)
+        if self.leader:
+            self.link.send_object((step, self.version, rows, time.perf_counter() - t0), dst=0)
+
+    def _evaluate(self, step: int) -> None:
+        """Replica 0's periodic evaluation: its rank 0 runs it (spread over the replica's ranks, which serve)
+        and sends the metrics to the root."""
+        self.step = step
+        if not self.leader:
+            serve(self.engine, self.in_replica, None)
+            return
+        with spreading(self.engine, self.in_replica, None) as spread:
+            out = periodic_eval(spread, self.tokenizer, self.cfg.eval, step, self.cfg.output_dir)
+        self.link.send_object(out, dst=0)
 
     def close(self) -> None:
         """Stop the watchdog, shut the engine down."""

@@ -14,6 +14,11 @@ exactly the local Megatron shard's (row-parallel, gate/up, norms at equal TP) is
 parameter: no copy at all on the send side. Collectives per refresh: at most one per bucket.
 
 Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers.
+
+The group: the torch.distributed world by default (`WorldComm`, colocated engines); `comm=` takes another
+with the same members (`rank`, `size`, `dp_rank`, `all_gather_object`, `all_to_all_single`), e.g. the
+separate placement's `rollout.link.WeightLink`, where the engine ranks hold no model (`model_chunks=[]`: they
+only receive; the model's spec comes from the trainers in the one exchange).
 """
 
 from __future__ import annotations
@@ -48,6 +53,30 @@ def _slab(flat: torch.Tensor, pieces, offsets, i: int, dim: int, lo: int, hi: in
     return block.narrow(dim, lo - p.start, hi - lo)
 
 
+class WorldComm:
+    """The torch.distributed world as a ShardSyncer comm (module doc)."""
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def dp_rank(self) -> int:
+        return mps.get_data_parallel_rank()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        seen: list[Any] = [None] * self.size
+        dist.all_gather_object(seen, obj)
+        return seen
+
+    def all_to_all_single(self, recv, send, in_counts: list[int], out_counts: list[int]) -> None:
+        dist.all_to_all_single(recv, send, in_counts, out_counts)
+
+
 class ShardSyncer:
     """Refresh the rollout engines from the live Megatron model, shard to shard (module doc).
 
@@ -56,12 +85,15 @@ class ShardSyncer:
         bucket_bytes: most bytes of one bucket on the largest receiving rank (+ at most one layer group).
         dtype: the engine's dtype (slabs are cast on the sending side); None keeps the model's.
         shard_hook: `hook(megatron_name, module, local_shard) -> shard` applied before sending (LoRA merge).
+        comm: the group of the stream (module doc); None: the torch.distributed world.
     """
 
     def __init__(
-        self, engine: Any, *, bucket_bytes: int, dtype: torch.dtype | None, shard_hook: ShardHook | None
-    ):
+        self, engine: Any, *, bucket_bytes: int, dtype: torch.dtype | None, shard_hook: ShardHook | None,
+        comm: Any = None,
+    ):  # fmt: skip
         self.engine = engine
+        self.comm = comm if comm is not None else WorldComm()
         self.bucket_bytes = int(bucket_bytes)
         self.dtype = dtype
         self.shard_hook = shard_hook
@@ -71,17 +103,15 @@ class ShardSyncer:
 
     def _build(self, chunks: list, engine: Any) -> None:
         """Gather holdings/engines/dp ranks from the world and build the plan. Collective (once)."""
-        holdings, self.where = local_holdings(chunks)
+        holdings, self.where = local_holdings(chunks) if chunks else ([], {})
         info = tuple(engine.shard_info()) if engine is not None else None
-        mine = (holdings, info, mps.get_data_parallel_rank())
-        world = dist.get_world_size()
-        seen: list[Any] = [None] * world
-        dist.all_gather_object(seen, mine)
+        spec = model_info(chunks).spec if chunks else None
+        seen = self.comm.all_gather_object((holdings, info, self.comm.dp_rank, spec))
         hold = {r: s[0] for r, s in enumerate(seen)}
         first = next(h for hs in hold.values() for h in hs)
         self.dtype = self.dtype or getattr(torch, first.dtype.replace("torch.", ""))
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        spec = model_info(chunks).spec
+        spec = next(s[3] for s in seen if s[3] is not None)
         engines = {r: s[1] for r, s in enumerate(seen)}
         self.plan = build_plan(
             hold, engines, {r: s[2] for r, s in enumerate(seen)}, spec, self.bucket_bytes, itemsize
@@ -189,7 +219,7 @@ class ShardSyncer:
                 out_counts[tr.dst] += tr.numel
             for tr in recvs:
                 in_counts[tr.src] += tr.numel
-            dist.all_to_all_single(recv, send, in_counts, out_counts)
+            self.comm.all_to_all_single(recv, send, in_counts, out_counts)
             stats.collectives += 1
             stats.sent_bytes += send.numel() * send.element_size()
             o = 0
@@ -217,7 +247,7 @@ class ShardSyncer:
         stats = RefreshStats()
         self.profile = {}
         t0 = time.perf_counter()
-        me, world = dist.get_rank(), dist.get_world_size()
+        me, world = self.comm.rank, self.comm.size
         for bucket in self.plan.buckets:
             self._run_bucket(bucket, me, world, engine, stats)
         stats.seconds = time.perf_counter() - t0
