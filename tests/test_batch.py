@@ -172,5 +172,7 @@ def test_parallel_cp_refusals_are_one_config_error_naming_the_key():
     config_from_dict({**base, "parallel": {"cp": 2}})
     with pytest.raises(ConfigError, match="config key 'parallel.cp': 2 with parallel.pp 2"):
         config_from_dict({**base, "parallel": {"cp": 2, "pp": 2}})
+    with pytest.raises(ConfigError, match="config key 'parallel.cp': 2 is supported by algorithm=opsd only"):
+        config_from_dict({**base, "algorithm": "sft", "parallel": {"cp": 2}})
     with pytest.raises(ConfigError, match="parallel.cp"):
         config_from_dict({**base, "parallel": {"cp": 0}})

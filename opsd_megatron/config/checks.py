@@ -81,6 +81,8 @@ def _check_parallel(cfg: OPSDConfig) -> None:
     _check(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", "needs tp > 1.")
     _check(p.cp == 1 or p.pp == 1, "parallel.cp",
            f"{p.cp} with parallel.pp {p.pp} is not supported; use pp 1.")  # fmt: skip
+    _check(p.cp == 1 or cfg.algorithm == "opsd", "parallel.cp",
+           f"{p.cp} is supported by algorithm=opsd only (algorithm is {cfg.algorithm}); use 1.")  # fmt: skip
     _check(p.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {p.timeout_minutes}.")
     _layout(check_pipeline_layers, p.pipeline_layers, p.pp)
 

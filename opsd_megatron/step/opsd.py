@@ -340,13 +340,17 @@ class OPSDStep:
         mbs = skip_first_tokens(pack(st, samples), st.cfg.loss.skip_first_tokens)
         g = global_tokens(st, mbs)
         padding = padding_fraction(mbs)
-        mbs = for_cp_rank(mbs, st.ps.cp, st.ps.cp_rank)  # this CP rank's positions (context parallelism)
+        full, mbs = mbs, for_cp_rank(mbs, st.ps.cp, st.ps.cp_rank)  # this CP rank's positions (parallel.cp)
         teacher = self.teacher_forward(mbs)
         t1 = time.perf_counter()
         zero_grads(st)
         divergences = [] if capture else None
         sums = self.forward_backward_step(mbs, teacher, g, divergences)
         sums["pad_positions"], sums["positions"] = padding if st.ps.cp_rank == 0 else (0.0, 0.0)
+        if divergences and st.ps.cp > 1:  # each CP rank has the positions it holds: summed, every position
+            divergences = [
+                (sum_over_cp(d * m, st.ps.cp_group), f.loss_mask) for (d, m), f in zip(divergences, full)
+            ]
         if divergences:  # rollouts.jsonl pairs them with the samples in the step's order
             divergences = in_sample_order(divergences, mbs, st.cfg.train.micro_batch_size)
         ok, grad_norm = optimizer_step(st)
