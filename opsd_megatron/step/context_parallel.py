@@ -95,3 +95,14 @@ def sum_over_cp(x: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(x, group=group)
     return x
+
+
+def capture_over_cp(capture: bool, group, device=None) -> bool:
+    """True on every rank of the CP group `group` when any of them asks for the per-token divergences
+    (rank 0 alone writes rollouts.jsonl; its CP peers must join the sum of their positions). One all-reduce
+    MAX of one integer over CP; `capture` unchanged for a group of one."""
+    if group is None or dist.get_world_size(group) == 1:
+        return capture
+    flag = torch.tensor([int(bool(capture))], device=device)  # on the group's device (NCCL: the GPU)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())

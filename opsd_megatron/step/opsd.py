@@ -58,7 +58,7 @@ from opsd_megatron.step.batch import (
     padding_fraction,
     skip_first_tokens,
 )
-from opsd_megatron.step.context_parallel import for_cp_rank, gather_held, sum_over_cp
+from opsd_megatron.step.context_parallel import capture_over_cp, for_cp_rank, gather_held, sum_over_cp
 from opsd_megatron.step.protocol import StepOutput, global_tokens, optimizer_step, pack, zero_grads
 from opsd_megatron.step.teacher import Teacher, make_teacher
 
@@ -344,6 +344,7 @@ class OPSDStep:
         teacher = self.teacher_forward(mbs)
         t1 = time.perf_counter()
         zero_grads(st)
+        capture = capture_over_cp(capture, st.ps.cp_group, st.ps.device)
         divergences = [] if capture else None
         sums = self.forward_backward_step(mbs, teacher, g, divergences)
         sums["pad_positions"], sums["positions"] = padding if st.ps.cp_rank == 0 else (0.0, 0.0)
