@@ -176,3 +176,8 @@ def test_parallel_cp_refusals_are_one_config_error_naming_the_key():
         config_from_dict({**base, "algorithm": "sft", "parallel": {"cp": 2}})
     with pytest.raises(ConfigError, match="parallel.cp"):
         config_from_dict({**base, "parallel": {"cp": 0}})
+    from opsd_megatron.mcore.layout import LayoutError, check_world
+
+    assert check_world(8, 2, 1, cp=2) == 2  # DP = world / (TP x PP x CP)
+    with pytest.raises(LayoutError, match="'parallel.cp': 4 x parallel.tp x parallel.pp = 4 does not divide"):
+        check_world(6, 1, 1, cp=4)

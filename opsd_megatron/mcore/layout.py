@@ -72,10 +72,6 @@ def check_world(world: int, tp: int, pp: int, ep: int = 1, etp: int | None = Non
                      ("parallel.cp", cp)]:  # fmt: skip
         if val < 1:
             raise LayoutError(key, f"must be >= 1, got {val}.")
-    if world % (tp * pp * cp):
-        raise LayoutError(
-            "parallel.cp", f"x tp x pp = {cp * tp * pp} does not divide the world size {world}."
-        )
     mp = tp * pp
     if world % mp:
         raise LayoutError(
@@ -87,6 +83,11 @@ def check_world(world: int, tp: int, pp: int, ep: int = 1, etp: int | None = Non
     if world % (ep * etp * pp):
         raise LayoutError(
             "parallel.ep", f"ep x etp x pp = {ep} x {etp} x {pp} does not divide the world size {world}."
+        )
+    if world % (tp * pp * cp):
+        raise LayoutError(
+            "parallel.cp",
+            f"{cp} x parallel.tp x parallel.pp = {cp * tp * pp} does not divide the world size {world}.",
         )
     return world // (mp * cp)
 
