@@ -11,6 +11,10 @@ Checked: the loss and statistic sums (summed over the CP ranks) equal CP1's to 1
 max(|sum|, tokens)), each rank's share is a strict part (both CP ranks hold response tokens), and the
 gradients (Megatron DDP main_grad after finalize_model_grads, averaged over DP x CP) equal CP1's to 1e-6
 relative as one vector and 2e-6 per parameter (fp32 rounding of differently blocked attention GEMMs).
+Observed on the 2-core dev machine: sums 1.6e-8 / 4.2e-8, gradients 8.1e-7 / 8.4e-7 (forward_kl / jsd).
+TP2+SP x CP2 at world 4 against TP2 x DP2, run by hand (not in the suite for its cost, 181 s):
+`check_cp2_equals_cp1(run_distributed(_worker, 4, model_dir, 2, True), tp=2)`: sums 5.2e-8 / 2.7e-8,
+gradients 8.3e-7 to 8.6e-7.
 """
 
 from __future__ import annotations
