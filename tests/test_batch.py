@@ -156,14 +156,28 @@ def test_context_parallel_index_math_equals_a_plain_gather():
         cp_positions(20, 4, 0)
 
 
-def test_parallel_cp_above_one_is_one_config_error_naming_the_key():
+def test_parallel_cp_refusals_are_one_config_error_naming_the_key():
+    """cp > 1 is accepted (the local spec's all-gather CP attention or TE's); refused: with pp > 1 (the config
+    check and the builder), with a mixture-of-experts model (the builder), and cp < 1."""
     from opsd_megatron.config import ConfigError, config_from_dict
-    from opsd_megatron.mcore.models.builder import check_context_parallel, te_import_error
+    from opsd_megatron.mcore.models.builder import check_context_parallel
 
-    check_context_parallel(1)
-    with pytest.raises(ConfigError, match="config key 'parallel.cp': 2 ") as e:
-        check_context_parallel(2)
-    expect = "needs Transformer Engine" if te_import_error() else "not supported yet"
-    assert expect in str(e.value) and "\n" not in str(e.value)
+    check_context_parallel(1, pp=2, is_moe=True)
+    check_context_parallel(2)
+    for kw, what in ((dict(pp=2), "with parallel.pp 2"), (dict(is_moe=True), "mixture-of-experts")):
+        with pytest.raises(ConfigError, match="config key 'parallel.cp': 2 ") as e:
+            check_context_parallel(2, **kw)
+        assert what in str(e.value) and "\n" not in str(e.value)
+    base = {"model": {"path": "m"}, "data": {"path": "d"}}
+    config_from_dict({**base, "parallel": {"cp": 2}})
+    with pytest.raises(ConfigError, match="config key 'parallel.cp': 2 with parallel.pp 2"):
+        config_from_dict({**base, "parallel": {"cp": 2, "pp": 2}})
+    with pytest.raises(ConfigError, match="config key 'parallel.cp': 2 is supported by algorithm=opsd only"):
+        config_from_dict({**base, "algorithm": "sft", "parallel": {"cp": 2}})
     with pytest.raises(ConfigError, match="parallel.cp"):
-        config_from_dict({"model": {"path": "m"}, "data": {"path": "d"}, "parallel": {"cp": 0}})
+        config_from_dict({**base, "parallel": {"cp": 0}})
+    from opsd_megatron.mcore.layout import LayoutError, check_world
+
+    assert check_world(8, 2, 1, cp=2) == 2  # DP = world / (TP x PP x CP)
+    with pytest.raises(LayoutError, match="'parallel.cp': 4 x parallel.tp x parallel.pp = 4 does not divide"):
+        check_world(6, 1, 1, cp=4)

@@ -304,10 +304,11 @@ def _optimizer_tensors(optimizer) -> list:
     return out
 
 
-def _cp_ranks(rank, world, model_dir):
-    """One rank of a CP2 forward (Transformer Engine's context-parallel attention, NCCL): the final hidden
-    states at response-like positions gathered with `step.context_parallel` and summed over the CP group,
-    against transformers' final hidden states of the whole sequence."""
+def _cp_ranks(rank, world, model_dir, use_te):
+    """One rank of a CP2 forward (NCCL; Transformer Engine's context-parallel attention with `use_te`, else
+    the local spec's `mcore.models.cp_attention.AllGatherCPAttention`): the final hidden states at
+    response-like positions gathered with `step.context_parallel` and summed over the CP group, against
+    transformers' final hidden states of the whole sequence."""
     import torch.distributed as dist
     from megatron.core import parallel_state as mps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -322,8 +323,7 @@ def _cp_ranks(rank, world, model_dir):
     dist.init_process_group("nccl")
     mps.initialize_model_parallel(context_parallel_size=world)
     model_parallel_cuda_manual_seed(0)
-    chunks = build_model(model_dir, torch.float32, use_te=True, perform_initialization=False,
-                         context_parallel_size=world)  # fmt: skip
+    chunks = build_model(model_dir, torch.float32, use_te=use_te, perform_initialization=False)
     load_hf_weights(chunks, model_dir)
     g = torch.Generator().manual_seed(0)
     b, S = 2, 64
@@ -344,18 +344,20 @@ def _cp_ranks(rank, world, model_dir):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="context parallelism needs 2 GPUs")
-def test_context_parallel_response_gathers_match_transformers(tiny_qwen3_dir):
-    """`parallel.cp` building block on the real thing: Megatron's load-balanced 2xCP split through TE's
-    context-parallel attention, response positions gathered with `step.context_parallel`, against
-    transformers. Not the full OPSD step at CP > 1: that is not wired (start-up refuses parallel.cp > 1)."""
+@pytest.mark.parametrize("use_te", [True, False], ids=["te", "local"])
+def test_context_parallel_response_gathers_match_transformers(tiny_qwen3_dir, use_te):
+    """`parallel.cp` on the real thing: Megatron's load-balanced 2xCP split through TE's context-parallel
+    attention (te) or the local spec's all-gather CP attention (local), response positions gathered with
+    `step.context_parallel`, against transformers. The full OPSD step at CP2 is checked on CPU
+    (tests/test_step_cp.py, test_trainer.py::test_cp2_equals_cp1_on_the_same_rollouts)."""
     from dist_utils import run_distributed
 
     from opsd_megatron.mcore.models import builder
 
     why = builder.te_import_error()
-    if why is not None:
-        pytest.skip(f"context parallelism needs Transformer Engine, which does not import here: {why}")
-    errs = run_distributed(_cp_ranks, 2, str(tiny_qwen3_dir), timeout=600)
+    if use_te and why is not None:
+        pytest.skip(f"context parallelism with Transformer Engine: Transformer Engine does not import: {why}")
+    errs = run_distributed(_cp_ranks, 2, str(tiny_qwen3_dir), use_te, timeout=600)
     assert max(errs) < 2e-2, errs  # TE kernels (TF32 / fused attention): bf16-class tolerance
 
 

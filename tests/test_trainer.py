@@ -135,22 +135,30 @@ def run_unequal_replicas(rank, world_size, cfg_dict, keep_tokens):
         trainer.close()
 
 
-def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path):
+COMMON = dict(
+    parallel={"tp": 1, "pp": 1},
+    loss={"kind": "top_k", "top_k": 8},  # a sparse estimator in the trainer (all: test_step_opsd)
+    rollout={"top_k": 1},
+    train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
+)
+
+
+@pytest.fixture(scope="module")
+def dp1_run(tiny_qwen3_dir, tmp_path_factory):
+    """The world-1 reference of the DP2 and CP2 runs (2 steps + one step on unequal replicas)."""
+    dp1 = tiny_config(tiny_qwen3_dir, tmp_path_factory.mktemp("dp1"), **COMMON)
+    return run_distributed(run_unequal_replicas, 1, dp1, 3, timeout=480, env=ENV)
+
+
+def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path, dp1_run):
     """DP=2 (two replicas, one micro-batch each) computes the same loss and gradient norm as DP=1 (two
     micro-batches) on the same global batch: prompts split over replicas, gradients averaged by DDP with the
     global-token scaling, metrics reduced over DP. top_k=1 makes sampling deterministic whatever the per-rank
     seed, so both runs see the same rollouts. A last step on replicas with different token counts (12 vs 3
     response tokens per sample) tells global-token normalisation (Σ/G, what DP=1 computes) from per-replica
     normalisation ((Σ₀/G₀ + Σ₁/G₁)/2, which would give DP=2 a different gradient)."""
-    common = dict(
-        parallel={"tp": 1, "pp": 1},
-        loss={"kind": "top_k", "top_k": 8},  # a sparse estimator in the trainer (all: test_step_opsd)
-        rollout={"top_k": 1},
-        train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
-    )
-    dp1 = tiny_config(tiny_qwen3_dir, tmp_path / "dp1", **common)
-    dp1 = run_distributed(run_unequal_replicas, 1, dp1, 3, timeout=480, env=ENV)
-    dp2 = tiny_config(tiny_qwen3_dir, tmp_path / "dp2", **common)
+    dp1 = dp1_run
+    dp2 = tiny_config(tiny_qwen3_dir, tmp_path / "dp2", **COMMON)
     dp2 = run_distributed(run_unequal_replicas, 2, dp2, 3, timeout=480, env=ENV)
     r1, r2 = dp1[0]["rows"], dp2[0]["rows"]
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
@@ -162,5 +170,29 @@ def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path):
     assert dp2[0]["rows"] == dp2[1]["rows"] or r2[0]["loss"] == dp2[1]["rows"][0]["loss"]
     u1, u2 = dp1[0]["unequal"], dp2[0]["unequal"]
     assert dp2[0]["unequal"]["local"] > 2 * dp2[1]["unequal"]["local"] > 0  # ~2 x 12 vs 2 x 3 tokens
+    assert math.isclose(u1["loss"], u2["loss"], rel_tol=1e-5), (u1, u2)
+    assert math.isclose(u1["grad_norm"], u2["grad_norm"], rel_tol=1e-4), (u1, u2)
+
+
+def test_cp2_equals_cp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path, dp1_run):
+    """parallel.cp=2 at world 2 (one replica split over two CP ranks: the local spec's all-gather CP
+    attention, `mcore.models.cp_attention`) trains like world 1: both ranks get the replica's rollouts (the
+    vLLM engines' rows routed by DP rank), the same loss, token count and gradient norm per step as the
+    world-1 run, and the step on unequal responses too (12 vs 3 tokens per sample: normalisation by G)."""
+    cfg = tiny_config(tiny_qwen3_dir, tmp_path / "cp2", **COMMON)
+    cfg["parallel"] = {"tp": 1, "pp": 1, "cp": 2}
+    cp2 = run_distributed(run_unequal_replicas, 2, cfg, 3, timeout=300, env=ENV)
+    r1, r2 = dp1_run[0]["rows"], cp2[0]["rows"]
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
+    for a, b in zip(r1, r2):
+        assert a["response_tokens"] == b["response_tokens"] > 0
+        # fp32 attention over split sequences and sums over CP ranks in another order: ~1e-6 relative
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
+        acc = (a["rollout/accuracy"], b["rollout/accuracy"])
+        assert acc[0] == acc[1] or acc[0] != acc[0] and acc[1] != acc[1], acc  # equal, or both NaN (ungraded)
+        assert a["rollout/response_length"] == b["rollout/response_length"]
+    assert cp2[0]["unequal"]["local"] == cp2[1]["unequal"]["local"]  # CP ranks: the same samples
+    u1, u2 = dp1_run[0]["unequal"], cp2[0]["unequal"]
     assert math.isclose(u1["loss"], u2["loss"], rel_tol=1e-5), (u1, u2)
     assert math.isclose(u1["grad_norm"], u2["grad_norm"], rel_tol=1e-4), (u1, u2)

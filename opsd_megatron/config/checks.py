@@ -79,6 +79,10 @@ def _check_parallel(cfg: OPSDConfig) -> None:
         _check(val >= 1, key, f"must be >= 1, got {val}.")
     _check(p.etp is None or p.etp >= 1, "parallel.etp", "must be >= 1 or null.")
     _check(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", "needs tp > 1.")
+    _check(p.cp == 1 or p.pp == 1, "parallel.cp",
+           f"{p.cp} with parallel.pp {p.pp} is not supported; use pp 1.")  # fmt: skip
+    _check(p.cp == 1 or cfg.algorithm == "opsd", "parallel.cp",
+           f"{p.cp} is supported by algorithm=opsd only (algorithm is {cfg.algorithm}); use 1.")  # fmt: skip
     _check(p.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {p.timeout_minutes}.")
     _layout(check_pipeline_layers, p.pipeline_layers, p.pp)
 
@@ -392,7 +396,7 @@ def validate_model(cfg: OPSDConfig, hf_config: dict | None = None) -> None:
 def validate_world(cfg: OPSDConfig, world_size: int) -> int:
     """Checks against the process count; returns the data-parallel size."""
     par = cfg.parallel
-    dp = _layout(check_world, world_size, par.tp, par.pp, par.ep, par.etp)
+    dp = _layout(check_world, world_size, par.tp, par.pp, par.ep, par.etp, par.cp)
     engine_tp = cfg.rollout.tensor_parallel_size
     _check(
         world_size % engine_tp == 0 or cfg.rollout.placement == "separate",

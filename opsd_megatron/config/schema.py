@@ -112,10 +112,11 @@ class ParallelConfig:
     etp: int | None = None
     """Expert tensor-parallel size (MoE; must divide moe_intermediate_size); null = parallel.tp."""
     cp: int = 1
-    """Context-parallel size (Megatron's load-balanced 2 x cp sequence chunks; needs Transformer Engine's
-    attention). Only 1 runs today: start-up refuses cp > 1 with one error (without Transformer Engine: that it
-    is missing; with it: that the training step's CP path is not wired yet, `step/context_parallel.py` holds
-    its response-position index math)."""
+    """Context-parallel size: each sequence split over cp ranks of one data-parallel replica (Megatron's
+    load-balanced 2 x cp chunks; world = tp x pp x cp x dp). Attention: Transformer Engine's context-parallel
+    attention when TE imports, else `mcore/models/cp_attention.py` (K/V all-gathered over CP). Sequences are
+    padded to a multiple of 2 x cp (x tp with sequence parallelism). Refused with pp > 1, with a
+    mixture-of-experts model and with algorithm=sft (one error each)."""
     timeout_minutes: float = TIMEOUT_MINUTES
     """How long a collective may wait before the job ends with an error naming this key (> 0; applied to
     the world group, Megatron's groups, the engine groups; NCCL's on GPU). Default 120: see

@@ -65,10 +65,11 @@ def hf_dense_mlp_layers(hf_config: dict) -> list[int]:
     return [i for i in range(n) if i in only or (i + 1) % step != 0]
 
 
-def check_world(world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
-    """TP x PP (dense) and EP x ETP x PP (experts; etp None = tp) must divide the world; returns DP."""
+def check_world(world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None, cp: int = 1) -> int:
+    """TP x PP x CP (dense) and EP x ETP x PP (experts; etp None = tp) must divide the world; returns DP."""
     etp = tp if etp is None else etp
-    for key, val in [("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep), ("parallel.etp", etp)]:
+    for key, val in [("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep), ("parallel.etp", etp),
+                     ("parallel.cp", cp)]:  # fmt: skip
         if val < 1:
             raise LayoutError(key, f"must be >= 1, got {val}.")
     mp = tp * pp
@@ -83,7 +84,12 @@ def check_world(world: int, tp: int, pp: int, ep: int = 1, etp: int | None = Non
         raise LayoutError(
             "parallel.ep", f"ep x etp x pp = {ep} x {etp} x {pp} does not divide the world size {world}."
         )
-    return world // mp
+    if world % (tp * pp * cp):
+        raise LayoutError(
+            "parallel.cp",
+            f"{cp} x parallel.tp x parallel.pp = {cp * tp * pp} does not divide the world size {world}.",
+        )
+    return world // (mp * cp)
 
 
 def check_pipeline_layers(

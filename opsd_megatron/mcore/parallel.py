@@ -69,10 +69,14 @@ class ParallelState:
     """Collective timeout of every group (`parallel.timeout_minutes`); pass it to any group made later."""
     cpu_group: object = field(default=None, repr=False)
     """gloo group over the whole world for Python-object collectives (the world group itself on gloo)."""
+    cp: int = 1  # context-parallel size: the ranks of one DP replica splitting each sequence (2·CP chunks)
+    cp_rank: int = 0
+    cp_group: object = field(default=None, repr=False)
 
     def summary(self) -> str:
         """One short line: `world 8 = TP2 x PP1 x DP4 (EP4), nccl on cuda:0` (the full state is the repr)."""
         ep = f" (EP{self.ep}, ETP{self.etp})" if self.ep > 1 else ""
+        ep += f" x CP{self.cp}" if self.cp > 1 else ""
         stages = f", layers per stage {self.pipeline_layers}" if self.pipeline_layers else ""
         return (f"world {self.world_size} = TP{self.tp} x PP{self.pp} x DP{self.dp}{ep}{stages}, "
                 f"{self.backend} on {self.device}")  # fmt: skip
@@ -184,6 +188,7 @@ def initialize(
     etp: int | None = None,
     pipeline_layers: list[int] | None = None,
     timeout_minutes: float = TIMEOUT_MINUTES,
+    cp: int = 1,
 ) -> ParallelState:
     """Initialise torch.distributed (if needed), Megatron's parallel_state for TP x PP (DP derived) and seeds.
 
@@ -192,21 +197,29 @@ def initialize(
     every collective of every group made here. `pipeline_layers` (decoder layers per stage, e.g.
     [2, 1]) is kept in the state; `build_model` uses it when not given one. Calling it again with the same
     layout returns the existing state; with a different layout it rebuilds Megatron's groups
-    (torch.distributed stays up). Collective over the world group.
+    (torch.distributed stays up). `cp`: context-parallel size (`parallel.cp`); DP = world / (TP·PP·CP), the
+    CP ranks of one replica share its samples, Megatron's DDP reduces gradients over DP x CP. Collective
+    over the world group.
     """
     etp = tp if etp is None else etp
     global _STATE
 
     check_pipeline_layers(pipeline_layers, pp)  # mcore.layout: the rules declared once
     pl = list(pipeline_layers) if pipeline_layers is not None else None
-    same = _STATE is not None and (_STATE.tp, _STATE.pp, _STATE.ep, _STATE.etp) == (tp, pp, ep, etp)
+    same = _STATE is not None and (_STATE.tp, _STATE.pp, _STATE.ep, _STATE.etp, _STATE.cp) == (
+        tp,
+        pp,
+        ep,
+        etp,
+        cp,
+    )
     same = same and _STATE is not None and _STATE.pipeline_layers == pl
     if same and mps.model_parallel_is_initialized():
         return _STATE
     cpu_mode = cpu.install()  # no-op with CUDA
     cpu_group = init_world(backend, timeout_minutes)
     world = dist.get_world_size()
-    check_world(world, tp, pp, ep, etp)
+    check_world(world, tp, pp, ep, etp, cp)
     if mps.model_parallel_is_initialized():
         mps.destroy_model_parallel()
     # With a gloo world every Megatron group is already a gloo group: the extra gloo twins Megatron makes for
@@ -214,6 +227,7 @@ def initialize(
     mps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
         create_gloo_process_groups=dist.get_backend() != "gloo",
@@ -234,7 +248,7 @@ def initialize(
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         tp=tp,
         pp=pp,
-        dp=world // (tp * pp),
+        dp=world // (tp * pp * cp),
         tp_rank=tp_rank,
         pp_rank=mps.get_pipeline_model_parallel_rank(),
         dp_rank=mps.get_data_parallel_rank(),
@@ -252,6 +266,9 @@ def initialize(
         etp_rank=etp_rank,
         timeout=timedelta(minutes=timeout_minutes),
         cpu_group=cpu_group,
+        cp=cp,
+        cp_rank=mps.get_context_parallel_rank(),
+        cp_group=mps.get_context_parallel_group(),
     )
     if _STATE.rank == 0:
         log.info("parallel layout: %s; collectives time out after %g min (parallel.timeout_minutes)",

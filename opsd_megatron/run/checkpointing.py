@@ -128,15 +128,15 @@ def _sharded_state_dict(
         flat_model.update(v)
     sd: dict = dict(model_sd)
     sd["optimizer"] = optimizer.sharded_state_dict(flat_model, is_loading=is_loading)
-    pp, tp, dp = (
+    pp, tp, dp = (  # dp: DP x CP (every rank its own RNG state; the same as DP at parallel.cp 1)
         mps.get_pipeline_model_parallel_world_size(),
         mps.get_tensor_model_parallel_world_size(),
-        mps.get_data_parallel_world_size(),
+        mps.get_data_parallel_world_size(with_context_parallel=True),
     )
     ranks = (
         mps.get_pipeline_model_parallel_rank(),
         mps.get_tensor_model_parallel_rank(),
-        mps.get_data_parallel_rank(),
+        mps.get_data_parallel_rank(with_context_parallel=True),
     )
     sd["rng_state"] = ShardedObject("rng_state", rng, (pp, tp, dp), ranks, replica_id=0)
     if _ema(teacher) is not None and legacy:

@@ -33,7 +33,6 @@ from opsd_megatron.mcore.dtypes import torch_dtype
 from opsd_megatron.mcore.lora import apply_lora, lora_shard_hook
 from opsd_megatron.mcore.lora.moe_checks import check_lora_backend
 from opsd_megatron.mcore.models import ModelInfo, build_model, model_info
-from opsd_megatron.mcore.models.builder import check_context_parallel
 from opsd_megatron.mcore.models.moe import router_loss_overrides
 from opsd_megatron.mcore.parallel import ParallelState
 from opsd_megatron.mcore.versions import check_versions
@@ -99,12 +98,11 @@ def start(cfg: OPSDConfig) -> tuple[ParallelState, JobWatchdog | None, int, torc
     resume_path = preflight(cfg)
     ps = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, ep=cfg.parallel.ep,
                              etp=cfg.parallel.etp, pipeline_layers=cfg.parallel.pipeline_layers,
-                             timeout_minutes=cfg.parallel.timeout_minutes)  # fmt: skip
+                             timeout_minutes=cfg.parallel.timeout_minutes, cp=cfg.parallel.cp)  # fmt: skip
     watchdog = JobWatchdog.start(ps.rank, job_world_size(ps.world_size))  # one rank's error ends the job
     dp = validate_world(cfg, ps.world_size)
     validate_model(cfg)
     check_lora_backend(cfg)  # expert adapters vs grouped-GEMM experts (CUDA + TE)
-    check_context_parallel(cfg.parallel.cp)  # needs Transformer Engine; one error, before any model is built
     dtype = torch_dtype(cfg.model.dtype)
     if dtype != torch.float32 and not torch.cuda.is_available():
         raise ConfigError(

@@ -50,6 +50,7 @@ class MicroBatch:
     student_lengths: torch.Tensor | None = None  # [b] int64: unpadded student length (prompt + response)
     teacher_lengths: torch.Tensor | None = None  # [b] int64: unpadded teacher length
     sample_ids: list[int] | None = None  # indices of the rows in the step's sample list (None: in order)
+    teacher_held: torch.Tensor | None = None  # [b, R] bool: context parallel, teacher_index local (held here)
 
     def to(self, device: torch.device | str) -> MicroBatch:
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -189,16 +190,19 @@ def in_sample_order(rows: list, mbs: Sequence[MicroBatch], micro_batch_size: int
 
 def pack_for_step(
     samples: Sequence[Sample], *, micro_batch_size: int, pad_id: int, pad_to_multiple: int = 8, tp: int = 1,
-    sequence_parallel: bool = False, uniform_group: Any = None, group_by_length: bool = False,
+    sequence_parallel: bool = False, uniform_group: Any = None, group_by_length: bool = False, cp: int = 1,
 ) -> list[MicroBatch]:  # fmt: skip
     """The one packing of a training step (OPSD and SFT): `pack_step` (length-grouped with
     `group_by_length`) with lengths a multiple of
     lcm(`pad_to_multiple`, `tp`) under sequence parallelism (which splits the sequence over the TP ranks),
     and, with `uniform_group` (MoE at DP > 1: Megatron's token dispatch all-gathers hidden states over the
     expert-parallel ranks, which are data-parallel replicas, and needs equal token counts), one padded length
-    over that group. Collective over `uniform_group` when given."""
+    over that group. `cp` > 1 (context parallelism): a multiple of 2·CP (·TP under sequence parallelism), the
+    2·CP load-balanced chunks of `step.context_parallel`. Collective over `uniform_group` when given."""
     if sequence_parallel:
         pad_to_multiple = math.lcm(pad_to_multiple, tp)
+    if cp > 1:
+        pad_to_multiple = math.lcm(pad_to_multiple, 2 * cp * (tp if sequence_parallel else 1))
     return pack_step(samples, micro_batch_size=micro_batch_size, pad_id=pad_id,
                      pad_to_multiple=pad_to_multiple, uniform_group=uniform_group,
                      group_by_length=group_by_length)  # fmt: skip

@@ -58,6 +58,7 @@ from opsd_megatron.step.batch import (
     padding_fraction,
     skip_first_tokens,
 )
+from opsd_megatron.step.context_parallel import capture_over_cp, for_cp_rank, gather_held, sum_over_cp
 from opsd_megatron.step.protocol import StepOutput, global_tokens, optimizer_step, pack, zero_grads
 from opsd_megatron.step.teacher import Teacher, make_teacher
 
@@ -133,23 +134,30 @@ def _is_last_stage() -> bool:
 def teacher_hidden(chunks: list, mbs: list[MicroBatch], *, micro_batch_size: int):
     """Teacher forward (call inside `teacher.forward_context()`): per micro-batch the final hidden states
     at the response positions `[b, R, h]` (model dtype) and the teacher's LM-head shard `[v/tp, h]`
-    (detached) on the last stage; `([None] * M, None)` elsewhere. Collectives: those of the schedule."""
+    (detached) on the last stage; `([None] * M, None)` elsewhere. Collectives: those of the schedule; under
+    context parallelism (micro-batches from `context_parallel.for_cp_rank`) one all-reduce SUM of each
+    `[b, R, h]` over the CP group (each position is held by one CP rank)."""
 
     def step_fn(data_iterator, model):
         mb = next(data_iterator)
         out = hidden_states_forward(model, mb.teacher_tokens, mb.teacher_position_ids, None,
                                     lengths=mb.teacher_lengths)  # fmt: skip
 
-        def keep(output):  # [b, T, h] on the last stage
-            return output.new_zeros(()), {"h": gather_positions(output, mb.teacher_index).detach()}
+        def keep(output):  # [b, T, h] on the last stage ([b, T / CP, h] under context parallelism)
+            if mb.teacher_held is None:
+                rows = gather_positions(output, mb.teacher_index)
+            else:  # this CP rank's rows, zeros elsewhere (summed over CP below)
+                rows = gather_held(output, mb.teacher_index, mb.teacher_held)
+            return output.new_zeros(()), {"h": rows.detach()}
 
         return out, keep
 
     store = run_schedule(step_fn, mbs, chunks, mbs[0].teacher_tokens.shape[1], micro_batch_size, True)
     if not _is_last_stage():
         return [None] * len(mbs), None
+    cp_group = mps.get_context_parallel_group() if mbs[0].teacher_held is not None else None
     # detach(): a tensor of its own, so an offloaded teacher moving its parameters away keeps this one
-    return [d["h"] for d in store], output_weight(chunks[-1]).detach()
+    return [sum_over_cp(d["h"], cp_group) for d in store], output_weight(chunks[-1]).detach()
 
 
 def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, spec: LossSpec, scale: float,
@@ -331,12 +339,19 @@ class OPSDStep:
         t0 = time.perf_counter()
         mbs = skip_first_tokens(pack(st, samples), st.cfg.loss.skip_first_tokens)
         g = global_tokens(st, mbs)
+        padding = padding_fraction(mbs)
+        full, mbs = mbs, for_cp_rank(mbs, st.ps.cp, st.ps.cp_rank)  # this CP rank's positions (parallel.cp)
         teacher = self.teacher_forward(mbs)
         t1 = time.perf_counter()
         zero_grads(st)
+        capture = capture_over_cp(capture, st.ps.cp_group, st.ps.device)
         divergences = [] if capture else None
         sums = self.forward_backward_step(mbs, teacher, g, divergences)
-        sums["pad_positions"], sums["positions"] = padding_fraction(mbs)
+        sums["pad_positions"], sums["positions"] = padding if st.ps.cp_rank == 0 else (0.0, 0.0)
+        if divergences and st.ps.cp > 1:  # each CP rank has the positions it holds: summed, every position
+            divergences = [
+                (sum_over_cp(d * m, st.ps.cp_group), f.loss_mask) for (d, m), f in zip(divergences, full)
+            ]
         if divergences:  # rollouts.jsonl pairs them with the samples in the step's order
             divergences = in_sample_order(divergences, mbs, st.cfg.train.micro_batch_size)
         ok, grad_norm = optimizer_step(st)
@@ -348,7 +363,9 @@ class OPSDStep:
 
     def metrics(self, stats: dict[str, float], out: StepOutput) -> dict[str, float]:
         st = self.state
-        reporter = st.ps.is_last_stage and st.ps.tp_rank == 0  # one rank per data-parallel replica
-        m = step_metrics(out.sums, stats, st.cfg.train.global_batch_size // st.dp, reporter=reporter)
+        reporter = st.ps.is_last_stage and st.ps.tp_rank == 0  # one rank per (data, context)-parallel rank
+        # the loss sums of CP ranks are disjoint shares of the replica's; its samples are counted once
+        n = st.cfg.train.global_batch_size // st.dp if st.ps.cp_rank == 0 else 0
+        m = step_metrics(out.sums, stats, n, reporter=reporter)
         m["grad_norm"] = out.grad_norm
         return m

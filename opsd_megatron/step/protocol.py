@@ -81,7 +81,7 @@ def pack(state: RunState, samples: list[Sample]) -> list[MicroBatch]:
     return pack_for_step(samples, micro_batch_size=cfg.train.micro_batch_size, pad_id=state.pad_id,
                          pad_to_multiple=cfg.train.pad_to_multiple, tp=state.ps.tp,
                          sequence_parallel=cfg.parallel.sequence_parallel, uniform_group=uniform,
-                         group_by_length=group_by_length(state))  # fmt: skip
+                         group_by_length=group_by_length(state), cp=state.ps.cp)  # fmt: skip
 
 
 def group_by_length(state: RunState) -> bool:

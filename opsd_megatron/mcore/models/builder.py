@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as mps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt import gpt_layer_specs as gls
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -44,6 +45,7 @@ from opsd_megatron.config import ConfigError
 from opsd_megatron.config.schema import UseTE, choice_text, is_choice
 from opsd_megatron.mcore import parallel
 from opsd_megatron.mcore.layout import check_pipeline_layers
+from opsd_megatron.mcore.models.cp_attention import AllGatherCPAttention
 from opsd_megatron.mcore.models.hf_config import ModelSpec, parse_hf_config, rope_inv_freq
 from opsd_megatron.mcore.models.moe import check_moe_divisibility, moe_config_kwargs
 from opsd_megatron.mcore.models.norm import SequenceParallelRMSNorm, replace_norms
@@ -128,23 +130,17 @@ def resolve_use_te(setting: UseTE | str | None = "auto") -> bool:
     return why is None
 
 
-def check_context_parallel(cp: int) -> None:
-    """`parallel.cp` at start-up: 1 passes; > 1 is one `ConfigError`: Megatron's context parallelism runs in
-    Transformer Engine's attention only (the local spec's refuses it), so without TE that is the message;
-    with TE, the training step's CP path (split per CP rank, response positions via
-    `step.context_parallel`, loss over the CP group) is not wired yet."""
+def check_context_parallel(cp: int, *, pp: int = 1, is_moe: bool = False) -> None:
+    """`parallel.cp` at start-up: 1 passes; > 1 runs Megatron's load-balanced context parallelism, with
+    Transformer Engine's attention when TE imports, else `models.cp_attention.AllGatherCPAttention` in the
+    local spec. Refused with one `ConfigError`: CP with pipeline parallelism or a mixture-of-experts model
+    (neither path is implemented nor tested with CP)."""
     if cp <= 1:
         return
-    why = te_import_error()
-    if why is not None:
-        raise ConfigError(
-            f"config key 'parallel.cp': {cp} needs Transformer Engine (Megatron's context parallelism runs "
-            f"in its attention only); transformer_engine.pytorch: {why}."
-        )
-    raise ConfigError(
-        f"config key 'parallel.cp': {cp} is not supported yet: the training step has no context-parallel "
-        "path (only its index math exists, step/context_parallel.py); use 1."
-    )
+    if pp > 1:
+        raise ConfigError(f"config key 'parallel.cp': {cp} with parallel.pp {pp} is not supported; use pp 1.")
+    if is_moe:
+        raise ConfigError(f"config key 'parallel.cp': {cp} is not supported with a mixture-of-experts model.")
 
 
 def _pad_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -192,6 +188,7 @@ def transformer_config(
     sequence_parallel: bool = False,
     ep: int = 1,
     etp: int | None = None,
+    cp: int = 1,
     **overrides: Any,
 ):
     """Megatron `TransformerConfig` for `spec` at TP x PP (x EP x expert-TP for MoE; dropout off, no fusions
@@ -224,6 +221,7 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -301,6 +299,8 @@ def layer_spec(spec: ModelSpec, use_te: bool | str | None = None, config=None):
     if resolve_use_te(use_te):
         return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     local = gls.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    if config is not None and config.context_parallel_size > 1:  # the local attention refuses CP
+        local = replace_norms(local, DotProductAttention, AllGatherCPAttention)
     if config is None or not config.sequence_parallel:
         return local
 
@@ -351,12 +351,15 @@ def build_model(
     pp = mps.get_pipeline_model_parallel_world_size()
     ep = mps.get_expert_model_parallel_world_size()
     etp = mps.get_expert_tensor_parallel_world_size()
+    cp = mps.get_context_parallel_world_size()
+    check_context_parallel(cp, pp=pp, is_moe=spec.is_moe)
     config = transformer_config(
         spec,
         tp=tp,
         pp=pp,
         ep=ep,
         etp=etp,
+        cp=cp,
         dtype=dtype,
         pipeline_layers=pipeline_layers,
         perform_initialization=perform_initialization,
