@@ -160,15 +160,18 @@ def _param_owner(model: torch.nn.Module, mod_name: str, p_name: str) -> torch.nn
 
 def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
     """Worker-side: write this rank's own shards (vLLM names and layouts, `rollout.refresh.vllm_layout`)
-    straight into the model's parameters; returns {"copy_s", "repack_s"} (seconds).
+    straight into the model's parameters; returns {"copy_s", "repack_s"} (seconds) and "experts_direct"
+    (fused-experts layers packed straight from the shard, when any).
 
     A parameter whose shape matches gets `param.data.copy_` (in place: addresses kept, as CUDA graphs need).
     On CPU, vLLM keeps GEMM weights packed in private kernel handles (`cpu_linear`, an emptied `weight`) and
     the fused experts padded + prepacked: such a module gets the plain tensor as its parameter and its own
     `process_weights_after_loading` re-packs it (for experts through `vllm_moe_cpu`'s wrapper), exactly what
-    vLLM's loader does at start-up. Fused experts go through their method on GPU too (a backend may shuffle
-    them into its own format; vLLM then copies into the existing storage). The input embedding is never
-    re-packed (it is only looked up; a tied head is re-packed by `_repack_tied_lm_head`)."""
+    vLLM's loader does at start-up. On CPU, fused experts are packed straight from the received shard into
+    their prepacked storage (`vllm_moe_cpu.load_packed_experts`: one pass, bit-equal); elsewhere they go
+    through their method (a GPU backend may shuffle them into its own format; vLLM then copies into the
+    existing storage). The input embedding is never re-packed (it is only looked up; a tied head is
+    re-packed by `_repack_tied_lm_head`)."""
     model = worker.model_runner.get_model()
     by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, t in named:
@@ -179,6 +182,10 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
     for mod_name, items in by_module.items():
         module = _param_owner(model, mod_name, items[0][0])
         t0 = time.perf_counter()
+        if cpu and hasattr(module, "w13_weight") and vllm_moe_cpu.load_packed_experts(module, items):
+            prof["repack_s"] += time.perf_counter() - t0  # pad + prepack is the copy (one pass)
+            prof["experts_direct"] = prof.get("experts_direct", 0) + 1
+            continue
         # fused experts: always through the method (CPU prepacks; a GPU backend may shuffle to its format)
         packed = hasattr(module, "w13_weight") or (cpu and hasattr(module, "cpu_linear"))
         packed = packed and not mod_name.endswith("embed_tokens")

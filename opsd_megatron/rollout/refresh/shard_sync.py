@@ -68,6 +68,17 @@ class ShardSyncer:
         self.plan: Plan | None = None
         self.where: dict[str, tuple[torch.nn.Module, str]] = {}
         self.profile: dict[str, float] = {}
+        """Seconds per phase of the last `sync`: "local_s" (targets + local slab copies), "pack_s" (send
+        buffer), "collective_s" (the all-to-all), "unpack_s", "load_s" (`engine.load_shards`, of which the
+        engine's own "copy_s" / "repack_s")."""
+        self.plan_seconds = 0.0
+        """Seconds the first `sync` spent building the plan (one `all_gather_object`); not in its stats."""
+
+    def _tick(self, phase: str, since: float) -> float:
+        """Add the seconds since `since` to `profile[phase]`; returns now."""
+        now = time.perf_counter()
+        self.profile[phase] = self.profile.get(phase, 0.0) + now - since
+        return now
 
     def _build(self, chunks: list, engine: Any) -> None:
         """Gather holdings/engines/dp ranks from the world and build the plan. Collective (once)."""
@@ -147,6 +158,7 @@ class ShardSyncer:
                 cache[key] = self._local_shard(key, stats)
             return cache[key]
 
+        t_start = time.perf_counter()
         targets = self._targets(bucket, me, shard, stats)
         tmap: dict[str, Target] = {t.name: t for t in bucket.targets.get(me, [])}
         toffs = {n: _offsets(t.pieces) for n, t in tmap.items()}
@@ -176,6 +188,7 @@ class ShardSyncer:
                 src = src_view(tr)
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
+        tick = self._tick("local_s", t_start)
         if bucket.remote:
             send = torch.empty(sum(tr.numel for tr in sends), dtype=self.dtype, device=self._device())
             recv = torch.empty(sum(tr.numel for tr in recvs), dtype=self.dtype, device=self._device())
@@ -184,6 +197,7 @@ class ShardSyncer:
             for tr in sends:
                 send[o : o + tr.numel].view(src_view(tr).shape).copy_(src_view(tr))
                 o += tr.numel
+            tick = self._tick("pack_s", tick)
             out_counts, in_counts = [0] * world, [0] * world
             for tr in sends:
                 out_counts[tr.dst] += tr.numel
@@ -191,16 +205,17 @@ class ShardSyncer:
                 in_counts[tr.src] += tr.numel
             dist.all_to_all_single(recv, send, in_counts, out_counts)
             stats.collectives += 1
+            tick = self._tick("collective_s", tick)
             stats.sent_bytes += send.numel() * send.element_size()
             o = 0
             for tr in recvs:
                 dst = dst_view(tr)
                 dst.copy_(recv[o : o + tr.numel].view(dst.shape))
                 o += tr.numel
+            tick = self._tick("unpack_s", tick)
         if engine is not None and targets:
-            t0 = time.perf_counter()
             prof = engine.load_shards(list(targets.items()))
-            stats.load_seconds += time.perf_counter() - t0
+            stats.load_seconds += self._tick("load_s", tick) - tick
             for k, v in prof.items():
                 self.profile[k] = self.profile.get(k, 0.0) + v
             nbytes = sum(t.numel() * t.element_size() for t in targets.values())
@@ -212,10 +227,12 @@ class ShardSyncer:
     def sync(self, model_chunks: list, engine: Any = None) -> RefreshStats:
         """One refresh (module doc). Collective over the world."""
         engine = engine if engine is not None else self.engine
-        if self.plan is None:
-            self._build(model_chunks, engine)
-        stats = RefreshStats()
         self.profile = {}
+        if self.plan is None:
+            t_plan = time.perf_counter()
+            self._build(model_chunks, engine)
+            self.plan_seconds = time.perf_counter() - t_plan
+        stats = RefreshStats()
         t0 = time.perf_counter()
         me, world = dist.get_rank(), dist.get_world_size()
         for bucket in self.plan.buckets:
