@@ -31,6 +31,8 @@ Design notes (vLLM 0.32, read from its source):
   step when a reload re-processes the layer: the refreshed engine would compute with unpacked experts
   (measured: trainer/engine drift 16 nats after one refresh) or fail to copy padded ones.
   `rollout.vllm_moe_cpu.install()` (called here, CPU only) re-runs the experts' weight processing on updates.
+  A shard refresh (`load_shards`) instead packs the received experts straight into the prepacked storage
+  (`vllm_moe_cpu.load_packed_experts`: pad + `prepack_moe_weight` in place, one pass, bit-equal).
 * **Logprobs**: vLLM 0.32 defaults to `logprobs_mode="raw_logprobs"` (log-softmax of the raw logits, *before*
   temperature / min-p / top-k / top-p). We set `logprobs_mode="processed_logprobs"`: the log-softmax of the
   logits after temperature, min-p, top-k and top-p masking, i.e. of the distribution the token was actually
@@ -104,6 +106,7 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+_COPIED_SHARDS = (".w13_weight", ".w2_weight")  # see VLLMEngine.copied_shards
 _FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -195,6 +198,8 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
                 if tuple(p.shape) == tuple(t.shape):
                     p.data.copy_(t)
                 elif packed:  # an emptied / prepacked kernel weight: hand the plain tensor back, re-pack
+                    if cpu and f"{mod_name}.{p_name}".endswith(_COPIED_SHARDS):
+                        t = t.clone()  # the caller reuses its storage (`copied_shards`); a backend may keep t
                     setattr(module, p_name, torch.nn.Parameter(t.to(p.dtype), requires_grad=False))
                 else:
                     raise ValueError(
@@ -439,6 +444,12 @@ class VLLMEngine:
             prof["repack_s"] += time.perf_counter() - t0
         self.llm.reset_prefix_cache()
         return prof
+
+    def copied_shards(self) -> tuple[str, ...]:
+        """Suffixes of `load_shards` names whose tensors this engine never keeps (packed or copied out), so
+        the caller may reuse their storage: the fused experts on CPU (`vllm_moe_cpu.load_packed_experts`,
+        else cloned). Empty on GPU."""
+        return () if _has_cuda() else _COPIED_SHARDS
 
     def shard_info(self) -> tuple[int, int]:
         """(tensor-parallel size, rank) of this rank's vLLM worker: which shard `load_shards` expects."""

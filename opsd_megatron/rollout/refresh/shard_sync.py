@@ -13,7 +13,9 @@ bucket's transfers are all local, e.g. Megatron TP == engine TP), unpack into th
 exactly the local Megatron shard's (row-parallel, gate/up, norms at equal TP) is passed as a view of the
 parameter: no copy at all on the send side. Collectives per refresh: at most one per bucket.
 
-Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers.
+Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers
+(on CPU the latter two, and the targets the engine copies out of (`engine.copied_shards()`, the fused
+experts), are kept between refreshes, `_buffer`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class ShardSyncer:
         buffer), "collective_s" (the all-to-all), "unpack_s", "load_s" (`engine.load_shards`, of which the
         engine's own "copy_s" / "repack_s")."""
         self.plan_seconds = 0.0
+        self._scratch: dict[str, torch.Tensor] = {}
+        self.reusable: tuple[str, ...] = ()
+        """Suffixes of targets the engine copies out of (`engine.copied_shards()`): built in scratch."""
         """Seconds the first `sync` spent building the plan (one `all_gather_object`); not in its stats."""
 
     def _tick(self, phase: str, since: float) -> float:
@@ -84,6 +89,8 @@ class ShardSyncer:
         """Gather holdings/engines/dp ranks from the world and build the plan. Collective (once)."""
         holdings, self.where = local_holdings(chunks)
         info = tuple(engine.shard_info()) if engine is not None else None
+        copied = getattr(engine, "copied_shards", None)
+        self.reusable = tuple(copied()) if copied is not None else ()
         mine = (holdings, info, mps.get_data_parallel_rank())
         world = dist.get_world_size()
         seen: list[Any] = [None] * world
@@ -120,7 +127,13 @@ class ShardSyncer:
             if tr.dst == me:
                 feeds.setdefault(tr.target, []).append(tr)
         holdings = self.plan.holdings[me]
-        for t in bucket.targets.get(me, []):
+        mine = bucket.targets.get(me, [])
+        reuse = [t for t in mine if self.reusable and t.name.endswith(self.reusable)]
+        arena = (
+            self._buffer("targets", sum(int(torch.Size(t.shape).numel()) for t in reuse)) if reuse else None
+        )
+        reused, o = {t.name for t in reuse}, 0
+        for t in mine:
             trs = feeds.get(t.name, [])
             h: Holding | None = holdings.get(trs[0].key) if trs else None
             same = (
@@ -132,7 +145,11 @@ class ShardSyncer:
             if same:
                 out[t.name] = shard(h.key).view(t.shape)
                 continue
-            buf = torch.empty(t.shape, dtype=self.dtype, device=self._device())
+            n = int(torch.Size(t.shape).numel())
+            if arena is not None and t.name in reused:  # the engine copies these out: kept scratch
+                buf, o = arena[o : o + n].view(t.shape), o + n
+            else:
+                buf = torch.empty(t.shape, dtype=self.dtype, device=self._device())
             stats.materialised_bytes += buf.numel() * buf.element_size()
             flat, offs = buf.view(-1), _offsets(t.pieces)
             for i, p in enumerate(t.pieces):
@@ -140,6 +157,18 @@ class ShardSyncer:
                     flat[offs[i] : offs[i] + p.numel].zero_()
             out[t.name] = buf
         return out
+
+    def _buffer(self, kind: str, numel: int) -> torch.Tensor:
+        """A flat send / receive / reusable-targets buffer of `numel` elements. On CPU one per kind is kept
+        between buckets and refreshes (at most one bucket's worth): glibc hands large blocks back to the OS
+        on free, so a fresh buffer page-faults on every refresh; CUDA's caching allocator already reuses
+        its blocks."""
+        if torch.cuda.is_available():
+            return torch.empty(numel, dtype=self.dtype, device=self._device())
+        held = self._scratch.get(kind)
+        if held is None or held.numel() < numel or held.dtype != self.dtype:
+            held = self._scratch[kind] = torch.empty(numel, dtype=self.dtype)
+        return held[:numel]
 
     @staticmethod
     def _device() -> torch.device:
@@ -190,8 +219,8 @@ class ShardSyncer:
                     dst.copy_(src)
         tick = self._tick("local_s", t_start)
         if bucket.remote:
-            send = torch.empty(sum(tr.numel for tr in sends), dtype=self.dtype, device=self._device())
-            recv = torch.empty(sum(tr.numel for tr in recvs), dtype=self.dtype, device=self._device())
+            send = self._buffer("send", sum(tr.numel for tr in sends))
+            recv = self._buffer("recv", sum(tr.numel for tr in recvs))
             stats.materialised_bytes += (send.numel() + recv.numel()) * send.element_size()
             o = 0
             for tr in sends:
