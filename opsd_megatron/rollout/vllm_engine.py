@@ -129,6 +129,12 @@ def _check_fused_groups_complete(names: list[str]) -> None:
                     )
 
 
+def _copied_shards() -> tuple[str, ...]:
+    """`VLLMEngine.copied_shards()`: suffixes of `load_shards` names whose tensors the engine never keeps
+    (packed or cloned), so the caller may reuse their storage: the fused experts on CPU. Empty on GPU."""
+    return () if _has_cuda() else _COPIED_SHARDS
+
+
 def _repack_tied_lm_head(worker: Any) -> bool:
     """Worker-side: re-run the tied lm_head's weight processing after the embedding was reloaded.
 
@@ -431,10 +437,9 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def load_shards(self, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
-        """Load this rank's own shards, already in vLLM's names and layouts (`rollout.refresh.vllm_layout`:
-        e.g. `...qkv_proj.weight` [q/T + 2 kv/T, h]), straight into the parameters; drop the prefix cache.
-        Whole modules per call (a fused module gets all its pieces at once). Returns the worker's
-        {"copy_s", "repack_s"} profile. Only this rank's worker is touched (no collective)."""
+        """Load this rank's own shards in vLLM's names and layouts (`refresh.vllm_layout`: `qkv_proj.weight`
+        [q/T + 2 kv/T, h]) straight into the parameters, whole modules per call; drop the prefix cache.
+        Returns the worker's profile (`_load_local_shards`). Only this rank's worker is touched."""
         if self._asleep:
             raise RuntimeError("VLLMEngine.load_shards called while asleep; call wake_up() first.")
         prof = self.llm.collective_rpc(_load_local_shards, args=(list(named),))[0]
@@ -445,11 +450,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return prof
 
-    def copied_shards(self) -> tuple[str, ...]:
-        """Suffixes of `load_shards` names whose tensors this engine never keeps (packed or copied out), so
-        the caller may reuse their storage: the fused experts on CPU (`vllm_moe_cpu.load_packed_experts`,
-        else cloned). Empty on GPU."""
-        return () if _has_cuda() else _COPIED_SHARDS
+    copied_shards = staticmethod(_copied_shards)
 
     def shard_info(self) -> tuple[int, int]:
         """(tensor-parallel size, rank) of this rank's vLLM worker: which shard `load_shards` expects."""
