@@ -84,6 +84,7 @@ def _shards_bundle(rank, world, model_dir, etps):
             collectives=stats.collectives,
             buckets=stats.buckets,
             into_engine=stats.bytes,
+            experts_direct=shard.shards.profile.get("experts_direct", 0),
         )
         engine.close()
         dist.barrier()
@@ -109,6 +110,10 @@ def test_shard_refresh_is_bit_equal_to_vllm_loaders(shards, etp):
         assert r["logprobs_equal"], (arch, etp, rank)
         # the perturbed refresh reached every weight matrix (norms: x1.5 too)
         assert not r["unchanged"], (arch, etp, rank, r["unchanged"])
+        # CPU MoE: every experts layer packed straight from its shard (the tiny model pads at etp 2, not 1)
+        moe_layers = sum(n.endswith(".w13_weight") for n in r["names"])
+        assert moe_layers == (3 if arch == "qwen3_moe" else 0), r["names"]
+        assert r["experts_direct"] == moe_layers, (arch, etp, rank, r["experts_direct"])
         if etp == 2:  # Megatron TP == engine TP: everything local, about one engine shard materialised
             assert r["collectives"] == 0, r
             assert r["materialised"] <= 1.25 * r["held_bytes"], r

@@ -278,6 +278,17 @@ PATCHES: dict[str, Patch] = {
               "re-pad and re-pack the fused MoE expert weights on a CPU weight refresh (vLLM skips that step "
               "on updates: the refreshed engine would compute with unpacked, stale-layout experts)",
               cpu_only=True, releases=_VL_ALL, on_move="MoE engine start-up fails naming it"),
+        Patch("vllm.cpu_moe_prepack_into", "vllm._custom_ops:torch.ops._C.prepack_moe_weight|"
+              "cpu_prepack_moe_weight", _VL, _VL_V, "opsd_megatron.rollout.vllm_moe_cpu",
+              "a shard refresh packs received expert weights straight into the engine's prepacked storage "
+              "(one pass, the same op vLLM's loader runs, bit-equal)", required=False, cpu_only=True,
+              releases=_VL_ALL, on_move="warned once; the slower generic re-pack (vLLM's own path) is used"),
+        Patch("vllm.cpu_moe_experts", "vllm.model_executor.layers.fused_moe.experts.cpu_moe:"
+              "CPUUnquantizedExperts.process_weights_after_loading", _VL, _VL_V,
+              "opsd_megatron.rollout.vllm_moe_cpu",
+              "the CPU experts' pad + prepack, which `cpu_moe_prepack_into` reproduces for that backend only",
+              required=False, cpu_only=True, releases=_VL_ALL,
+              on_move="warned once; the slower generic re-pack (vLLM's own path) is used"),
         Patch("vllm.logprobs_mode", "vllm.engine.arg_utils:EngineArgs.logprobs_mode", _VL, _VL_V, _ENGINE,
               "logprobs_mode='processed_logprobs' (logprobs of the distribution actually sampled from)",
               releases=_VL_ALL, on_move="engine start-up fails naming it"),

@@ -31,6 +31,8 @@ Design notes (vLLM 0.32, read from its source):
   step when a reload re-processes the layer: the refreshed engine would compute with unpacked experts
   (measured: trainer/engine drift 16 nats after one refresh) or fail to copy padded ones.
   `rollout.vllm_moe_cpu.install()` (called here, CPU only) re-runs the experts' weight processing on updates.
+  A shard refresh (`load_shards`) instead packs the received experts straight into the prepacked storage
+  (`vllm_moe_cpu.load_packed_experts`: pad + `prepack_moe_weight` in place, one pass, bit-equal).
 * **Logprobs**: vLLM 0.32 defaults to `logprobs_mode="raw_logprobs"` (log-softmax of the raw logits, *before*
   temperature / min-p / top-k / top-p). We set `logprobs_mode="processed_logprobs"`: the log-softmax of the
   logits after temperature, min-p, top-k and top-p masking, i.e. of the distribution the token was actually
@@ -104,6 +106,7 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+_COPIED_SHARDS = (".w13_weight", ".w2_weight")  # see VLLMEngine.copied_shards
 _FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -124,6 +127,12 @@ def _check_fused_groups_complete(names: list[str]) -> None:
                         "them into one module and fills the missing part with garbage; send whole decoder "
                         "layers per call (opsd_megatron.rollout.refresh buckets do)."
                     )
+
+
+def _copied_shards() -> tuple[str, ...]:
+    """`VLLMEngine.copied_shards()`: suffixes of `load_shards` names whose tensors the engine never keeps
+    (packed or cloned), so the caller may reuse their storage: the fused experts on CPU. Empty on GPU."""
+    return () if _has_cuda() else _COPIED_SHARDS
 
 
 def _repack_tied_lm_head(worker: Any) -> bool:
@@ -160,15 +169,18 @@ def _param_owner(model: torch.nn.Module, mod_name: str, p_name: str) -> torch.nn
 
 def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
     """Worker-side: write this rank's own shards (vLLM names and layouts, `rollout.refresh.vllm_layout`)
-    straight into the model's parameters; returns {"copy_s", "repack_s"} (seconds).
+    straight into the model's parameters; returns {"copy_s", "repack_s"} (seconds) and "experts_direct"
+    (fused-experts layers packed straight from the shard, when any).
 
     A parameter whose shape matches gets `param.data.copy_` (in place: addresses kept, as CUDA graphs need).
     On CPU, vLLM keeps GEMM weights packed in private kernel handles (`cpu_linear`, an emptied `weight`) and
     the fused experts padded + prepacked: such a module gets the plain tensor as its parameter and its own
     `process_weights_after_loading` re-packs it (for experts through `vllm_moe_cpu`'s wrapper), exactly what
-    vLLM's loader does at start-up. Fused experts go through their method on GPU too (a backend may shuffle
-    them into its own format; vLLM then copies into the existing storage). The input embedding is never
-    re-packed (it is only looked up; a tied head is re-packed by `_repack_tied_lm_head`)."""
+    vLLM's loader does at start-up. On CPU, fused experts are packed straight from the received shard into
+    their prepacked storage (`vllm_moe_cpu.load_packed_experts`: one pass, bit-equal); elsewhere they go
+    through their method (a GPU backend may shuffle them into its own format; vLLM then copies into the
+    existing storage). The input embedding is never re-packed (it is only looked up; a tied head is
+    re-packed by `_repack_tied_lm_head`)."""
     model = worker.model_runner.get_model()
     by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, t in named:
@@ -179,6 +191,10 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
     for mod_name, items in by_module.items():
         module = _param_owner(model, mod_name, items[0][0])
         t0 = time.perf_counter()
+        if cpu and hasattr(module, "w13_weight") and vllm_moe_cpu.load_packed_experts(module, items):
+            prof["repack_s"] += time.perf_counter() - t0  # pad + prepack is the copy (one pass)
+            prof["experts_direct"] = prof.get("experts_direct", 0) + 1
+            continue
         # fused experts: always through the method (CPU prepacks; a GPU backend may shuffle to its format)
         packed = hasattr(module, "w13_weight") or (cpu and hasattr(module, "cpu_linear"))
         packed = packed and not mod_name.endswith("embed_tokens")
@@ -188,6 +204,8 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
                 if tuple(p.shape) == tuple(t.shape):
                     p.data.copy_(t)
                 elif packed:  # an emptied / prepacked kernel weight: hand the plain tensor back, re-pack
+                    if cpu and f"{mod_name}.{p_name}".endswith(_COPIED_SHARDS):
+                        t = t.clone()  # the caller reuses its storage (`copied_shards`); a backend may keep t
                     setattr(module, p_name, torch.nn.Parameter(t.to(p.dtype), requires_grad=False))
                 else:
                     raise ValueError(
@@ -419,10 +437,9 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def load_shards(self, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
-        """Load this rank's own shards, already in vLLM's names and layouts (`rollout.refresh.vllm_layout`:
-        e.g. `...qkv_proj.weight` [q/T + 2 kv/T, h]), straight into the parameters; drop the prefix cache.
-        Whole modules per call (a fused module gets all its pieces at once). Returns the worker's
-        {"copy_s", "repack_s"} profile. Only this rank's worker is touched (no collective)."""
+        """Load this rank's own shards in vLLM's names and layouts (`refresh.vllm_layout`: `qkv_proj.weight`
+        [q/T + 2 kv/T, h]) straight into the parameters, whole modules per call; drop the prefix cache.
+        Returns the worker's profile (`_load_local_shards`). Only this rank's worker is touched."""
         if self._asleep:
             raise RuntimeError("VLLMEngine.load_shards called while asleep; call wake_up() first.")
         prof = self.llm.collective_rpc(_load_local_shards, args=(list(named),))[0]
@@ -432,6 +449,8 @@ class VLLMEngine:
             prof["repack_s"] += time.perf_counter() - t0
         self.llm.reset_prefix_cache()
         return prof
+
+    copied_shards = staticmethod(_copied_shards)
 
     def shard_info(self) -> tuple[int, int]:
         """(tensor-parallel size, rank) of this rank's vLLM worker: which shard `load_shards` expects."""

