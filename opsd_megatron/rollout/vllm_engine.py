@@ -209,6 +209,16 @@ def _tp_info(worker: Any) -> tuple[int, int]:
     return vps.get_tensor_model_parallel_world_size(), vps.get_tensor_model_parallel_rank()
 
 
+def _drop_cpu_gemm_handles(worker: Any) -> int:
+    """Worker-side, at `close()` of a CPU engine with LoRA: drop every layer's packed GEMM (`cpu_linear`, a
+    closure over a oneDNN handle) now. With vLLM's LoRA the embedding module outlives the engine's shutdown
+    (seen with gc; the holder is not in Python's reach), and its handle's `__del__` would run at interpreter
+    exit and print a traceback. Returns the number dropped."""
+    return sum(
+        m.__dict__.pop("cpu_linear", None) is not None for m in worker.model_runner.get_model().modules()
+    )
+
+
 def _held_weights(worker: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Worker-side: vLLM name -> the 2-D weight (or other parameter) this rank's model really computes with.
 
@@ -329,6 +339,7 @@ class VLLMEngine:
         self._sleep_enabled = bool(enable_sleep_mode and cuda)
         self._asleep = False
         self._lora: Any = None  # the LoRARequest every generate serves (set_lora_adapter), or None
+        self._cpu_lora = bool(llm_kwargs.get("enable_lora")) and not cuda  # close() drops the GEMM handles
         t0 = time.perf_counter()
         ident = _unique_shm_ident() if tensor_parallel_size > 1 and not cuda else contextlib.nullcontext()
         with ident:
@@ -494,6 +505,8 @@ class VLLMEngine:
                 vps._NODE_COUNT = None
 
             vps.destroy_distributed_environment = keep_world
+        if self._cpu_lora:
+            llm.collective_rpc(_drop_cpu_gemm_handles)
         try:
             client = llm.llm_engine.engine_core
             if self._owns_world or (dist.is_available() and dist.is_initialized()):
