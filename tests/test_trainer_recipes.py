@@ -215,11 +215,11 @@ def test_tp2_lora_sleep_order_eval_length_bad_row_and_failure_ends_job(tiny_qwen
         state = json.loads((out / f"state_rank{rank}.json").read_text())
         assert state["data_stats"]["skipped"] == 1 and state["problems"] == 15, state
         # rollout.lora_refresh=auto -> adapters: a refresh moves the adapters only (a TP-2 shard of the
-        # model is larger than all of them), from a directory of this rank's own
+        # model is more than twice all of them at rank 8), from a directory of this rank's own
         assert state["syncer"] == "AdapterSyncer", state
         assert (
             state["refresh_bytes"] == step1["refresh/bytes"]
-            and 0 < 5 * state["refresh_bytes"] < state["model_bytes"]
+            and 0 < 2 * state["refresh_bytes"] < state["model_bytes"]
         ), (state, step1["refresh/bytes"])
         assert f"opsd-lora-rank{rank}-" in state["served"], state
         events = state["events"]

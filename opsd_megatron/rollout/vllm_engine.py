@@ -339,7 +339,6 @@ class VLLMEngine:
         self._sleep_enabled = bool(enable_sleep_mode and cuda)
         self._asleep = False
         self._lora: Any = None  # the LoRARequest every generate serves (set_lora_adapter), or None
-        self._cpu_lora = bool(llm_kwargs.get("enable_lora")) and not cuda  # close() drops the GEMM handles
         t0 = time.perf_counter()
         ident = _unique_shm_ident() if tensor_parallel_size > 1 and not cuda else contextlib.nullcontext()
         with ident:
@@ -449,8 +448,7 @@ class VLLMEngine:
         return tuple(self.llm.collective_rpc(_tp_info)[0])
 
     def set_lora_adapter(self, adapter_dir: str | Path) -> int:
-        """Serve the PEFT adapter in `adapter_dir` on top of the base weights for every following `generate`
-        (the previous one is dropped; needs `enable_lora=True`, `max_lora_rank`). Returns its vLLM id."""
+        """Serve the PEFT adapter in `adapter_dir` over the base in every later `generate` (drops the old)."""
         from vllm.lora.request import LoRARequest  # optional dependency (see __init__)
 
         previous = self._lora
@@ -505,7 +503,7 @@ class VLLMEngine:
                 vps._NODE_COUNT = None
 
             vps.destroy_distributed_environment = keep_world
-        if self._cpu_lora:
+        if llm.llm_engine.vllm_config.lora_config is not None and not _has_cuda():  # vLLM LoRA on CPU
             llm.collective_rpc(_drop_cpu_gemm_handles)
         try:
             client = llm.llm_engine.engine_core
