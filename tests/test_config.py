@@ -127,6 +127,16 @@ BAD = [
     ("", ["train.steps"], "override 'train.steps' must look like key.sub=value"),
     ("", ["lora.target_modules=q_proj"], "config key 'lora.target_modules': expected a list"),
     ("", ["lora.layout=peft"], "config key 'lora.layout': must be one of fused, per_projection, got 'peft'"),
+    (
+        "",
+        ["rollout.lora_refresh=adapters"],
+        "'rollout.lora_refresh': adapters cannot be served: lora.enabled",
+    ),
+    (
+        "",
+        ["lora.enabled=true", "rollout.engine=hf", "rollout.lora_refresh=adapters"],
+        "'rollout.lora_refresh': adapters cannot be served: rollout.engine=hf serves no LoRA adapters",
+    ),
 ]
 
 
@@ -305,3 +315,28 @@ def test_tiny_demo_lives_outside_the_directory_make_demo_cleans():
     cfg = load_config(EXAMPLES / "tiny_cpu_demo.yaml")
     for p in (cfg.output_dir, cfg.model.path):
         assert not Path(p).is_relative_to(demo_out), p
+
+
+def test_lora_refresh_is_adapters_where_the_engine_serves_them_else_merged_with_a_reason(tmp_path):
+    from opsd_megatron.config.lora_refresh import lora_refresh_choice, max_lora_rank
+
+    cfg = _load(tmp_path, BASE, ["lora.enabled=true", "lora.rank=12"])
+    assert cfg.rollout.lora_refresh == "auto"
+    assert lora_refresh_choice(cfg, moe=False) == ("adapters", None)
+    assert max_lora_rank(12) == 16 and max_lora_rank(8) == 8 and max_lora_rank(1) == 1
+    mode, why = lora_refresh_choice(cfg, moe=True)  # auto on a MoE model: merged, and why
+    assert mode == "merged" and "mixture of experts" in why
+    cfg.rollout.lora_refresh = "merged"
+    assert lora_refresh_choice(cfg, moe=False) == ("merged", None)
+    for over, reason in ((["rollout.engine=hf"], "rollout.engine=hf"), (["lora.rank=600"], "lora.rank=600"),
+                         (["rollout.placement=separate"], "rollout.placement=separate")):  # fmt: skip
+        mode, why = lora_refresh_choice(_load(tmp_path, BASE, ["lora.enabled=true", *over]), moe=False)
+        assert mode == "merged" and reason in why, (over, why)
+    assert lora_refresh_choice(_load(tmp_path, BASE), moe=False) == ("merged", None)  # no LoRA: no adapters
+    (tmp_path / "m").mkdir()  # an explicit `adapters` on a MoE model: refused against its config.json
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_experts": 4}))
+    text = f"model:\n  path: {tmp_path / 'm'}\ndata:\n  path: builtin:tiny_math\n"
+    with pytest.raises(
+        ConfigError, match=r"'rollout.lora_refresh': adapters cannot be served: the model is a"
+    ):
+        _load(tmp_path, text, ["lora.enabled=true", "rollout.lora_refresh=adapters"])

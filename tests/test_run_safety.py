@@ -98,6 +98,25 @@ def test_cli_run_is_quiet_with_one_progress_line_per_step_and_a_summary(finished
     assert "final metrics: loss=" in summary
 
 
+def test_lora_run_serves_the_adapters_in_sync_and_moves_adapter_bytes(finished_run):
+    """rollout.lora_refresh=auto on vLLM: every refresh hands the engine the adapters alone; steps 2 and 3
+    sample from the adapter-serving engine with the trainer's log-probs (fp32). The resume test below
+    checks that a resumed run's engine serves the resumed adapter (its step 2 equals this one)."""
+    from opsd_megatron.observe.metrics import read_metrics
+
+    rows = read_metrics(finished_run.out)
+    assert "rollout.lora_refresh=" not in finished_run.text  # adapters: no fallback to merged was logged
+    for r in rows[1:]:  # rollouts after a refresh
+        assert r["drift/mean_abs_logprob"] <= 1e-5, r
+    from safetensors.torch import load_file
+
+    def nbytes(f):
+        return sum(t.numel() * t.element_size() for t in load_file(str(finished_run.out / f)).values())
+
+    adapter, merged = nbytes("adapter/adapter_model.safetensors"), nbytes("hf/model.safetensors")
+    assert [r["refresh/bytes"] for r in rows] == [adapter] * 3 and 10 * adapter < merged, (adapter, merged)
+
+
 def test_checkpoint_is_saved_before_the_evaluation_of_the_same_step(finished_run):
     out = finished_run.out
     saved_at = json.loads((out / "checkpoints" / "step_000003" / "opsd_state.json").read_text())["time"]

@@ -11,9 +11,12 @@ TP2 run (world 2), LoRA + adapters_off, sleep mode on, evaluation every step:
   checkpoint of step 1 stays the latest, and no process of the run (checkpoint Manager, grader workers)
   remains 30 s later.
 
-TP2 x PP2 run (world 4), LoRA + adapters_off: step 1 trains with an in-sync engine; the refresh after it is
-deliberately broken (weights halved), and rollout.drift_threshold stops the run at step 2 with a clear
-message.
+Both runs refresh the engines with the adapters (rollout.lora_refresh auto -> adapters): the TP2 run's two
+engines of TP 1 serve them (evaluation included) and a refresh moves only the adapter bytes.
+
+TP2 x PP2 run (world 4), LoRA + adapters_off, two engines of TP 2 serving the adapters: step 1 trains with an
+in-sync engine; the refresh after it is deliberately broken (noise on the adapters' B, or weights halved on
+the merged paths), and rollout.drift_threshold stops the run at step 2 with a clear message.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ class EngineRecorder:
         self.events.append(["update_weights", self.asleep])
         return self._engine.load_shards(named)
 
+    def set_lora_adapter(self, path):  # rollout.lora_refresh=adapters (rollout/refresh/lora_adapters.py)
+        self.events.append(["update_weights", self.asleep])
+        return self._engine.set_lora_adapter(path)
+
     def sleep(self):
         self.events.append(["sleep", self.asleep])
         self.asleep = True
@@ -76,6 +83,26 @@ def _record(events, recorder, label, fn):
     return wrapped
 
 
+def breaking_adapter(real, trainer, after):
+    """`set_lora_adapter` that, from the refresh inside step `after` on, adds noise to every B of the adapter
+    file before the engine loads it (a wrongly exported adapter)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def broken(path):
+        if trainer.step + 1 >= after:
+            f = Path(path) / "adapter_model.safetensors"
+            tensors = load_file(str(f))
+            gen = torch.Generator().manual_seed(0)
+            for k, t in tensors.items():
+                if ".lora_B." in k:
+                    tensors[k] = t + 0.05 * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            save_file(tensors, str(f))
+        return real(path)
+
+    return broken
+
+
 def run_recipe(rank, world_size, cfg_dict, fail_rank=None, fail_step=None, break_refresh_after=None):
     """Worker: a trainer whose engine and phases are recorded; state after step 1 goes to a json file
     (the run is meant to end in an exception, so nothing is returned)."""
@@ -93,7 +120,10 @@ def run_recipe(rank, world_size, cfg_dict, fail_rank=None, fail_step=None, break
             llm = trainer.state.engine._engine.llm
             st = trainer.state
             state = {"events": events, "data_stats": st.data_stats, "problems": len(st.problems),
-                     "max_model_len": llm.llm_engine.model_config.max_model_len}  # fmt: skip
+                     "max_model_len": llm.llm_engine.model_config.max_model_len,
+                     "syncer": type(st.syncer).__name__, "refresh_bytes": st.syncer.last_stats.bytes,
+                     "model_bytes": sum(p.numel() * p.element_size() for p in st.chunks[0].parameters()),
+                     "served": str(getattr(st.syncer, "served", None))}  # fmt: skip
             (out / f"state_rank{rank}.json").write_text(json.dumps(state))
 
     trainer = Trainer(config_from_dict(cfg_dict), on_step_end=on_step_end)
@@ -110,6 +140,7 @@ def run_recipe(rank, world_size, cfg_dict, fail_rank=None, fail_step=None, break
         engine = trainer.state.engine
         engine.update_weights = breaking(engine.update_weights)
         engine.load_shards = breaking(engine.load_shards)
+        engine.set_lora_adapter = breaking_adapter(engine.set_lora_adapter, trainer, break_refresh_after)
     rec = EngineRecorder(trainer.state.engine, events)
     trainer.state.engine = rec
     trainer.strategy.teacher_forward = _record(events, rec, "teacher", trainer.strategy.teacher_forward)
@@ -171,7 +202,7 @@ def test_tp2_lora_sleep_order_eval_length_bad_row_and_failure_ends_job(tiny_qwen
     left = wait_gone(env, 30.0)
     assert left == [], f"processes of the run outlived it: {left}"
 
-    step1 = read_metrics(out)[0]  # LoRA + adapters_off at TP2 trains, and the engine gets the merged weights
+    step1 = read_metrics(out)[0]  # LoRA + adapters_off at TP2 trains, and the engines serve the adapters
     assert math.isfinite(step1["loss"]) and step1["grad_norm"] > 0 and step1["response_tokens"] > 0
     assert step1["drift/mean_abs_logprob"] < 1e-3, step1
     gens = (out / "eval" / "step_000001" / "generations.jsonl").read_text().splitlines()
@@ -183,6 +214,14 @@ def test_tp2_lora_sleep_order_eval_length_bad_row_and_failure_ends_job(tiny_qwen
     for rank in (0, 1):
         state = json.loads((out / f"state_rank{rank}.json").read_text())
         assert state["data_stats"]["skipped"] == 1 and state["problems"] == 15, state
+        # rollout.lora_refresh=auto -> adapters: a refresh moves the adapters only (a TP-2 shard of the
+        # model is more than twice all of them at rank 8), from a directory of this rank's own
+        assert state["syncer"] == "AdapterSyncer", state
+        assert (
+            state["refresh_bytes"] == step1["refresh/bytes"]
+            and 0 < 2 * state["refresh_bytes"] < state["model_bytes"]
+        ), (state, step1["refresh/bytes"])
+        assert f"opsd-lora-rank{rank}-" in state["served"], state
         events = state["events"]
         for name, asleep, *need in events:  # the state each call found the engine in
             if name in ("generate", "update_weights", "teacher", "student", "optimizer"):
@@ -203,7 +242,8 @@ def test_tp2_pp2_lora_drift_guard_stops_a_broken_refresh(tiny_qwen3_dir, tmp_pat
     cfg = tiny_config(
         tiny_qwen3_dir, out,
         parallel={"tp": 2, "pp": 2}, lora=LORA, teacher={"mode": "adapters_off"},
-        rollout={"drift_threshold": 1e-3}, train={"steps": 2, "micro_batch_size": 1},
+        rollout={"drift_threshold": 1e-3, "tensor_parallel_size": 2},
+        train={"steps": 2, "micro_batch_size": 1},
     )  # fmt: skip
     with pytest.raises(AssertionError, match="rollout engine out of sync with the trainer at step 2"):
         run_distributed(run_recipe, 4, cfg, None, None, 1, timeout=400, env=ENV)
@@ -212,3 +252,4 @@ def test_tp2_pp2_lora_drift_guard_stops_a_broken_refresh(tiny_qwen3_dir, tmp_pat
     r = rows[0]
     assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["response_tokens"] > 0, r
     assert r["drift/mean_abs_logprob"] < 1e-3, r  # in sync before the refresh was broken
+    assert r["refresh/bytes"] > 0, r  # the adapters (two engines of TP 2: vLLM shards them itself)

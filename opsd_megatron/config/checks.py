@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from opsd_megatron.config.lora_refresh import adapters_blocker
 from opsd_megatron.config.lora_targets import names_mlp, resolve_parts
 from opsd_megatron.config.schema import (
     ConfigError,
@@ -151,6 +152,14 @@ def _check_rollout(cfg: OPSDConfig) -> None:
     _check(r.engine_replicas >= 1, "rollout.engine_replicas", f"must be >= 1, got {r.engine_replicas}.")
     _check(r.placement == "colocated" or cfg.algorithm == "opsd", "rollout.placement",
            f"separate needs algorithm=opsd (algorithm={cfg.algorithm} has no rollout engine).")  # fmt: skip
+    _check_lora_refresh(cfg, moe=False)
+
+
+def _check_lora_refresh(cfg: OPSDConfig, moe: bool) -> None:
+    """An explicit `rollout.lora_refresh: adapters` the engines cannot serve (config/lora_refresh.py)."""
+    why = adapters_blocker(cfg, moe) if cfg.rollout.lora_refresh == "adapters" else None
+    _check(why is None, "rollout.lora_refresh",
+           f"adapters cannot be served: {why}; use merged (or auto, which picks merged here).")  # fmt: skip
 
 
 def _check_logging(cfg: OPSDConfig) -> None:
@@ -325,6 +334,7 @@ def _check_lora_model(cfg: OPSDConfig, hf_config: dict) -> None:
     if not lo.enabled:
         return
     experts = hf_num_experts(hf_config)
+    _check_lora_refresh(cfg, moe=bool(experts))
     _check(
         experts or not lo.target_experts,
         "lora.target_experts",

@@ -26,6 +26,7 @@ UseTE = Literal["auto", True, False]
 OnBadRow = Literal["error", "skip"]
 EngineKind = Literal["vllm", "hf"]
 Placement = Literal["colocated", "separate"]
+LoraRefresh = Literal["auto", "adapters", "merged"]
 BehaviourCorrection = Literal["none", "truncated"]
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "top_k", "sampled_token"]
 TeacherMode = Literal["frozen", "adapters_off", "ema", "current"]
@@ -223,6 +224,11 @@ class RolloutConfig:
     max_staleness: int = 0
     """placement=separate: 0 = every step trains on rollouts of its current weights (as colocated); 1 = the
     engines generate step n+1's rollouts with step n's weights while the trainer trains step n."""
+    lora_refresh: LoraRefresh = "auto"
+    """LoRA runs: how the engines get the new weights after a step. adapters: the engine keeps the frozen base
+    and serves the current adapters (vLLM LoRA; a refresh moves only the adapter tensors); merged: the merged
+    full weights (shard-exact refresh); auto: adapters where the engine can serve them (vLLM, colocated, dense
+    model, rank <= 512), else merged with the reason logged once (config/lora_refresh.py)."""
 
 
 @dataclass

