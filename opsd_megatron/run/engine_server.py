@@ -8,8 +8,9 @@ Start-up: the rank's own 1-rank world (`run.separate.engine_world`), the job wat
 (an exception here ends the trainers too, with this rank named), the tokenizer, the engine (the trainer's
 `start_engine`: same seed, same sizes), then the link (`rollout.link`). The loop answers the commands of
 `rollout.remote` in the order they come: weights, generate (this engine's contiguous share of the step's
-prompts with their per-request seeds), evaluate (engine 0: `evaluation.hook.periodic_eval`, metrics sent
-back), stop. Stop signals are recorded, not obeyed: the trainers decide when the run ends and say stop.
+prompts with their per-request seeds), eval_generate (this engine's strided share of one call of the
+periodic evaluation that trainer rank 0 runs: `rollout.link_spread`), stop. Stop signals are recorded, not
+obeyed: the trainers decide when the run ends and say stop.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from types import SimpleNamespace
 from transformers import AutoTokenizer
 
 from opsd_megatron.config import OPSDConfig
-from opsd_megatron.evaluation.hook import periodic_eval
 from opsd_megatron.mcore.versions import check_versions
 from opsd_megatron.rollout.link import Link
+from opsd_megatron.rollout.link_spread import EVAL_GENERATE, eval_share
 from opsd_megatron.rollout.placement import EnginePlacement
 from opsd_megatron.rollout.remote import receive_weights
 from opsd_megatron.run.preflight import bound_cpu_kv_cache
@@ -72,10 +73,8 @@ class EngineServer:
                 self.version = cmd[1]
             elif cmd[0] == "generate":
                 self._generate(*cmd[1:])
-            elif cmd[0] == "evaluate" and self.index == 0:
-                self.step = cmd[1]
-                out = periodic_eval(self.engine, self.tokenizer, self.cfg.eval, cmd[1], self.cfg.output_dir)
-                self.link.send_object(out, dst=0)
+            elif cmd[0] == EVAL_GENERATE:
+                self._eval_generate(*cmd[1:])
 
     def _generate(self, step: int, version: int, prompts: list, seeds: list, sampling) -> None:
         if version != self.version:  # the protocol pushes before it asks: a mismatch is a bug, say so
@@ -87,6 +86,12 @@ class EngineServer:
             rows = [(o[0].token_ids, o[0].logprobs, o[0].finish_reason) for o in outs]
         self.step = step
         self.link.send_object((step, self.version, rows, time.perf_counter() - t0), dst=0)
+
+    def _eval_generate(self, prompts: list, sampling, seeds: list | None) -> None:
+        """This engine's strided share of one periodic-evaluation `generate` call, sent back to the root."""
+        mine, my_seeds = eval_share(prompts, seeds, self.cfg.rollout.engine_replicas, self.index)
+        outs = self.engine.generate(mine, sampling, seeds=my_seeds) if mine else []
+        self.link.send_object(outs, dst=0)
 
     def close(self) -> None:
         """Stop the watchdog, shut the engine down."""
