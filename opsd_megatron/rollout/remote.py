@@ -4,7 +4,7 @@ stream to them.
     collector = RemoteCollector(cfg, ps, dp, sampler, prompts, problems, tokenizer, chunks=, syncer=, link=)
     samples, stats = collector.collect(None, step)   # collective over the trainers; rank 0 talks to engines
     collector.step_metrics                           # rollout/staleness, rollout/version, time/wait_rollout_s
-    collector.evaluate(step)                         # periodic evaluation on engine 0
+    collector.evaluate(step, run_eval)               # periodic evaluation spread over every engine
 
 Protocol (root = trainer rank 0 on the `rollout.link.Link`; every command is broadcast to every engine):
 * ("weights", v): the shard-exact stream follows (vLLM engines, `syncer` a `ShardSyncer` over the
@@ -15,7 +15,9 @@ Protocol (root = trainer rank 0 on the `rollout.link.Link`; every command is bro
 * ("generate", step, v, prompts, seeds, sampling): replica e (every rank of it, in vLLM's lockstep)
   generates its contiguous share (`EnginePlacement.prompt_share`); its rank 0 sends (step, v, rows,
   generation seconds) back to the root.
-* ("evaluate", step): replica 0 runs the periodic evaluation and its rank 0 sends the metrics back.
+* ("eval_generate", prompts, sampling, seeds): one `generate` call of the periodic evaluation, which trainer
+  rank 0 runs (`rollout.link_spread.LinkSpread`): replica e (every rank, in lockstep) generates its strided
+  share and its rank 0 sends it back.
 * ("stop",): the engines leave their loop.
 Weight version v = optimizer steps applied (= the trainer's step counter). Step n trains on a batch made by
 version n at `max_staleness` 0 (push, request n, wait) and by version max(n-1, 0) at 1: the root first takes
@@ -29,7 +31,7 @@ uninterrupted one did (regenerating it would need version n-1's weights, which n
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from opsd_megatron.mcore.parallel import ParallelState
 from opsd_megatron.rollout.base import RolloutEngine, Sample
 from opsd_megatron.rollout.collect import PromptCache, RolloutCollector
 from opsd_megatron.rollout.link import Link
+from opsd_megatron.rollout.link_spread import LinkSpread
 from opsd_megatron.rollout.placement import EnginePlacement, request_seed
 from opsd_megatron.rollout.refresh.shard_sync import ShardSyncer
 from opsd_megatron.rollout.refresh.syncer import WeightSyncer
@@ -126,6 +129,7 @@ class RemoteCollector(RolloutCollector):
         self.in_flight: int | None = None  # the step whose batch the engines are making
         self.held: RolloutBatch | None = None  # a batch taken early (evaluation, checkpoint, resume)
         self.step_metrics: dict[str, float] = {}
+        self.eval_requests: list[int] = []  # requests per engine of the last periodic evaluation (rank 0)
 
     # ---------------------------------------------------------------- the step's batch
     def collect(self, engine: RolloutEngine | None, step: int) -> tuple[list[Sample], dict[str, float]]:
@@ -207,15 +211,20 @@ class RemoteCollector(RolloutCollector):
         if self.in_flight is not None:
             self.held = self._take(self.in_flight)
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Periodic evaluation of version `step` on replica 0 (its rank 0 answers); `eval/...` metrics on
-        rank 0, {} elsewhere. Collective over the trainers."""
+    def evaluate(self, step: int, run_eval: Callable[[LinkSpread], dict[str, float]]) -> dict[str, float]:
+        """Periodic evaluation of version `step` spread over every engine (`rollout.link_spread`): rank 0
+        calls `run_eval(spread)` (the evaluation, which writes its files there); `eval/...` metrics on rank 0,
+        {} elsewhere. Collective over the trainers."""
         self.hold_in_flight()
         self._make_current(step)
         out: dict[str, float] = {}
         if self.link is not None:
-            self.link.broadcast_object(("evaluate", step))
-            out = self.link.recv_object(src=self.leaders[0])
+            spread = LinkSpread(self.link, self.leaders)
+            try:
+                out = run_eval(spread)
+            finally:
+                spread.log_requests()
+                self.eval_requests = spread.requests
         if self.ps.world_size > 1:
             dist.barrier()
         return out

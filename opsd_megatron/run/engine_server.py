@@ -6,13 +6,13 @@
 
 Start-up: the replica's own world (`run.separate.engine_world`: its `rollout.tensor_parallel_size` ranks),
 the job watchdog over the whole launch (an exception here ends the trainers too, with this rank named), the
-tokenizer, the engine (the trainer's `start_engine`: same seed, same sizes, vLLM TP over the replica's
-world), then the links (`rollout.link`: commands, and the weight link of every job rank). The loop answers
+engine (the trainer's `start_engine`: same seed, same sizes, vLLM TP over the replica's world), then the
+links (`rollout.link`: commands, and the weight link of every job rank). The loop answers
 the commands of `rollout.remote` in the order they come, every rank of a replica in vLLM's lockstep: weights
 (this rank's shard, shard-exact), generate (the replica's contiguous share of the step's prompts with their
-per-request seeds; rank 0 of the replica answers), evaluate (replica 0: `evaluation.hook.periodic_eval` on
-its rank 0, spread over the replica's world (`rollout.engine_group`), which the other ranks serve; metrics
-sent back), stop. Stop signals are recorded, not obeyed: the trainers decide when the run ends and say stop.
+per-request seeds; rank 0 of the replica answers), eval_generate (the replica's strided share of one call
+of the periodic evaluation that trainer rank 0 runs, `rollout.link_spread`; rank 0 of the replica answers),
+stop. Stop signals are recorded, not obeyed: the trainers decide when the run ends and say stop.
 """
 
 from __future__ import annotations
@@ -22,14 +22,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from transformers import AutoTokenizer
-
 from opsd_megatron.config import OPSDConfig
-from opsd_megatron.evaluation.hook import periodic_eval
 from opsd_megatron.mcore.dtypes import torch_dtype
 from opsd_megatron.mcore.versions import check_versions
-from opsd_megatron.rollout.engine_group import serve, spreading
 from opsd_megatron.rollout.link import Link
+from opsd_megatron.rollout.link_spread import EVAL_GENERATE, eval_share
 from opsd_megatron.rollout.placement import EnginePlacement
 from opsd_megatron.rollout.remote import receive_weights
 from opsd_megatron.run.preflight import bound_cpu_kv_cache
@@ -55,11 +52,9 @@ class EngineServer:
         self.watchdog = JobWatchdog.start(lay.job_rank, lay.job_world)
         self.stop_signals = StopSignals(cfg.checkpoint.exit_signal_grace_s, lay.job_rank).install()
         self.state = SimpleNamespace(ps=SimpleNamespace(rank=lay.job_rank), out=Path(cfg.output_dir))
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
         bound_cpu_kv_cache(cfg.rollout.gpu_memory_utilization)
         self.engine = start_engine(cfg)
         self.share = EnginePlacement(cfg.rollout.engine_replicas, lay.replica, 1)
-        self.in_replica = EnginePlacement(lay.engine_tp, lay.replica_rank, lay.engine_tp)  # one engine
         self.link = Link(
             lay.link_rank, lay.link_size, peers=lay.engine_job_ranks, timeout_s=link_timeout_s(cfg)
         )
@@ -84,8 +79,8 @@ class EngineServer:
                 self.version = cmd[1]
             elif cmd[0] == "generate":
                 self._generate(*cmd[1:])
-            elif cmd[0] == "evaluate" and self.index == 0:
-                self._evaluate(cmd[1])
+            elif cmd[0] == EVAL_GENERATE:
+                self._eval_generate(*cmd[1:])
 
     def _generate(self, step: int, version: int, prompts: list, seeds: list, sampling) -> None:
         if version != self.version:  # the protocol pushes before it asks: a mismatch is a bug, say so
@@ -99,16 +94,13 @@ class EngineServer:
         if self.leader:
             self.link.send_object((step, self.version, rows, time.perf_counter() - t0), dst=0)
 
-    def _evaluate(self, step: int) -> None:
-        """Replica 0's periodic evaluation: its rank 0 runs it (spread over the replica's ranks, which serve)
-        and sends the metrics to the root."""
-        self.step = step
-        if not self.leader:
-            serve(self.engine, self.in_replica, None)
-            return
-        with spreading(self.engine, self.in_replica, None) as spread:
-            out = periodic_eval(spread, self.tokenizer, self.cfg.eval, step, self.cfg.output_dir)
-        self.link.send_object(out, dst=0)
+    def _eval_generate(self, prompts: list, sampling, seeds: list | None) -> None:
+        """This replica's strided share of one periodic-evaluation `generate` call (every rank of the replica
+        generates it, in vLLM's lockstep), sent back to the root by the replica's rank 0."""
+        mine, my_seeds = eval_share(prompts, seeds, self.cfg.rollout.engine_replicas, self.index)
+        outs = self.engine.generate(mine, sampling, seeds=my_seeds) if mine else []
+        if self.leader:
+            self.link.send_object(outs, dst=0)
 
     def close(self) -> None:
         """Stop the watchdog, shut the engine down."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from opsd_megatron.config import OPSDConfig
@@ -235,11 +236,13 @@ class Trainer:
         evaluation and writes its files, each `generate` call is split over all engines
         (`rollout.engine_group`); returns `eval/...` metrics on rank 0 ({} elsewhere). Collective."""
         st, out = self.state, {}
-        if isinstance(st.collector, RemoteCollector):  # placement=separate: on engine 0
-            return st.collector.evaluate(self.step)
+        run = partial(periodic_eval, tokenizer=st.tokenizer, eval_cfg=self.cfg.eval, step=self.step,
+                      output_dir=st.out)  # fmt: skip
+        if isinstance(st.collector, RemoteCollector):  # placement=separate: over the engine link
+            return st.collector.evaluate(self.step, run)
         if st.ps.rank == 0:
             with spreading(st.engine, st.placement, st.ps.cpu_group) as engine:
-                out = periodic_eval(engine, st.tokenizer, self.cfg.eval, self.step, st.out)
+                out = run(engine)
         else:
             serve(st.engine, st.placement, st.ps.cpu_group)
         return out
