@@ -184,11 +184,9 @@ class WeightLink:
                                              timeout)  # fmt: skip
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.tensors = self.objects
-        if self.backend == "nccl":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
+        if self.backend == "nccl":  # the (store, rank, size, timeout) constructor, as for gloo above
             self.tensors = dist.ProcessGroupNCCL(dist.PrefixStore("opsd/weight_link/nccl", store), rank, size,
-                                                 opts)  # fmt: skip
+                                                 timeout)  # fmt: skip
         if rank == 0:
             log.info("weight link: %s over %d ranks (%s)", self.backend, size,
                      "CUDA available" if self.backend == "nccl" else "no CUDA")  # fmt: skip

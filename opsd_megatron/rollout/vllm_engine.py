@@ -67,6 +67,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,14 @@ def _unique_shm_ident() -> Iterator[None]:
         yield
     finally:
         Executor._distributed_args = original
+
+
+def _destroy_vllm_world_only(vps: Any) -> None:
+    """vLLM's `destroy_distributed_environment` minus destroying the default group (the trainer's world)."""
+    if vps._WORLD is not None:
+        vps._WORLD.destroy()
+    vps._WORLD = None
+    vps._NODE_COUNT = None
 
 
 class VLLMEngine:
@@ -516,14 +525,7 @@ class VLLMEngine:
 
         original = vps.destroy_distributed_environment
         if self._owns_world is False:
-
-            def keep_world() -> None:
-                if vps._WORLD is not None:
-                    vps._WORLD.destroy()
-                vps._WORLD = None
-                vps._NODE_COUNT = None
-
-            vps.destroy_distributed_environment = keep_world
+            vps.destroy_distributed_environment = partial(_destroy_vllm_world_only, vps)
         if llm.llm_engine.vllm_config.lora_config is not None and not _has_cuda():  # vLLM LoRA on CPU
             llm.collective_rpc(_drop_cpu_gemm_handles)
         try:
