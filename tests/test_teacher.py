@@ -143,10 +143,31 @@ def test_ema_fp32_shadow_and_errors():
         make_teacher("ema", student, lambda: [Tiny()], ema_decay=1.0)
 
 
+def _train_step(chunks, opt) -> float:
+    """One real step: forward, backward through Megatron's DDP, `finalize_model_grads` (the trainer's grad
+    sync: DP, and TP for the q/k norms), Adam; the grad norm."""
+    from megatron.core.distributed import finalize_model_grads
+
+    ids, _ = batch(700)
+    run_logits(chunks[0], ids).float().square().mean().backward()
+    finalize_model_grads(chunks)
+    _, grad_norm, _ = opt.step()
+    return float(grad_norm)
+
+
+def _ln_exp_avg(chunks, opt) -> torch.Tensor:
+    """Adam's exp_avg of the final layernorm weight (replicated over TP: comparable across layouts)."""
+    p = chunks[0].module.decoder.final_layernorm.weight
+    inner = getattr(opt, "chained_optimizers", [opt])[0].optimizer
+    return inner.state[p]["exp_avg"].clone()
+
+
 def _ema_reshard(rank, world, hf_dir, root):
-    """TP2: an EMA teacher that moved away from θ₀ is saved with `save_checkpoint`; a fresh TP2 run loads it
-    with `load_checkpoint`; a TP1 (DP2) build loads the `ema_teacher.` tensors of the same checkpoint."""
-    from megatron.core import dist_checkpointing
+    """TP2: a trained step moves the student, an EMA teacher follows it away from θ₀, `save_checkpoint`; a
+    fresh TP2 run resumes it (`load_checkpoint`, bitwise, RNG restored); a TP1 (DP2) run resumes the same
+    checkpoint resharded: student, EMA teacher and Adam state equal the saved ones, the RNG states are not
+    restored (one warning on rank 0), and the next step runs; a PP2 (TP1) run loads it bit-equal too."""
+    import logging
 
     from opsd_megatron.config import config_from_dict
     from opsd_megatron.mcore import parallel
@@ -157,9 +178,13 @@ def _ema_reshard(rank, world, hf_dir, root):
     from opsd_megatron.step.teacher import make_teacher
 
     opt_cfg = config_from_dict({"model": {"path": hf_dir}, "data": {"path": "x.jsonl"}}).optimizer
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: warnings.append(r.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("opsd_megatron.run.checkpointing").addHandler(handler)
 
-    def setup(tp):
-        parallel.initialize(tp=tp, pp=1, seed=3)
+    def setup(tp, pp=1):
+        parallel.initialize(tp=tp, pp=pp, seed=3)
         build = lambda: build_model(hf_dir, torch.float32, perform_initialization=False)  # noqa: E731
         chunks = wrap_ddp(build())
         load_hf_weights([c.module for c in chunks], hf_dir)
@@ -167,40 +192,67 @@ def _ema_reshard(rank, world, hf_dir, root):
         opt = build_optimizer(opt_cfg, chunks, torch.float32)
         return chunks, teacher, opt, build_scheduler(opt_cfg, opt, 10)
 
-    def teacher_weights(teacher):
-        return {k: v.clone() for k, v in export_hf_weights(teacher.teacher_chunks)}
+    def weights(chunks):
+        return {k: v.clone() for k, v in export_hf_weights(chunks)}
+
+    def diff(a, b):  # over b's keys (a PP stage exports its own layers)
+        return [k for k in b if not torch.equal(a[k], b[k])]
 
     chunks, teacher, opt, sched = setup(2)
-    opt.step()  # zero gradients: creates the Adam state a checkpoint holds
-    theta0 = teacher_weights(teacher)
+    _train_step(chunks, opt)  # Adam state with nonzero moments
+    theta0 = weights(teacher.teacher_chunks)
     gen = torch.Generator().manual_seed(0)  # the same on every rank: TP-replicated tensors stay equal
     with torch.no_grad():
         for p in chunks[0].module.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
     teacher.after_optimizer_step()
     teacher.after_optimizer_step()
-    ref = teacher_weights(teacher)
+    ref, ref_student = weights(teacher.teacher_chunks), weights([c.module for c in chunks])
+    ref_m = _ln_exp_avg(chunks, opt)
     save_checkpoint(root, 1, chunks, opt, sched, teacher=teacher)
     chunks, teacher, opt, sched = setup(2)
     load_checkpoint(f"{root}/step_000001", chunks, opt, sched, teacher=teacher)
-    same_tp = teacher_weights(teacher)
-    _, teacher, _, _ = setup(1)
-    sd = {"ema_teacher": teacher.sharded_state_dict()}
-    teacher.load_sharded(dist_checkpointing.load(sd, f"{root}/step_000001")["ema_teacher"], decay=0.5)
-    tp1 = teacher_weights(teacher)
-    moved = sum(not torch.equal(ref[k], theta0[k]) for k in ref)
-    diff_same = [k for k in ref if not torch.equal(same_tp[k], ref[k])]
-    diff_tp1 = [k for k in ref if not torch.equal(tp1[k], ref[k])]
-    return {"n": len(ref), "moved": moved, "diff_same": diff_same, "diff_tp1": diff_tp1}
+    same_tp = weights(teacher.teacher_chunks)
+    warned_same = list(warnings)
+    chunks, teacher, opt, sched = setup(1)
+    step = load_checkpoint(f"{root}/step_000001", chunks, opt, sched, teacher=teacher)
+    tp1, tp1_student = weights(teacher.teacher_chunks), weights([c.module for c in chunks])
+    m_equal = torch.equal(_ln_exp_avg(chunks, opt), ref_m) and bool(ref_m.abs().sum() > 0)
+    grad_norm = _train_step(chunks, opt)
+    teacher.after_optimizer_step()
+    moved_after = len(diff(weights([c.module for c in chunks]), tp1_student))
+    n_warned = len(warnings)
+    chunks, teacher, opt, sched = setup(1, pp=2)  # the same TP2 checkpoint at PP2 (tp 2 -> 1, pp 1 -> 2)
+    load_checkpoint(f"{root}/step_000001", chunks, opt, sched, teacher=teacher)
+    pp2, pp2_student = weights(teacher.teacher_chunks), weights([c.module for c in chunks])
+    return {
+        "n": len(ref), "moved": len(ref) - len([k for k in ref if torch.equal(ref[k], theta0[k])]),
+        "diff_same": diff(ref, same_tp), "diff_tp1": diff(ref, tp1),
+        "diff_student": diff(ref_student, tp1_student),
+        "n_pp2": len(pp2), "diff_pp2": diff(ref, pp2) + diff(ref_student, pp2_student),
+        "warned_pp2": warnings[n_warned:],
+        "m_equal": m_equal, "step": step, "grad_norm": grad_norm, "moved_after": moved_after,
+        "warned_same": warned_same, "warned": warnings[len(warned_same) : n_warned],
+    }  # fmt: skip
 
 
-def test_ema_teacher_checkpoint_is_sharded_and_reshards_tp2_to_tp1(tiny_qwen3_dir, tmp_path):
+def test_ema_teacher_checkpoint_is_sharded_and_full_resume_reshards_tp2_to_tp1(tiny_qwen3_dir, tmp_path):
     from dist_utils import run_distributed
 
     res = run_distributed(_ema_reshard, 2, str(tiny_qwen3_dir), str(tmp_path / "ckpt"), timeout=400)
-    for r in res:
+    for rank, r in enumerate(res):
         assert r["n"] > 5 and r["moved"] == r["n"], r  # every teacher tensor left θ₀
-        assert r["diff_same"] == [] and r["diff_tp1"] == [], r  # bit-identical after load, TP2 and TP1
+        assert r["diff_same"] == [] and r["diff_tp1"] == [], r  # EMA bit-identical after load, TP2 and TP1
+        assert r["diff_student"] == [] and r["m_equal"] and r["step"] == 1, r  # student and Adam moments too
+        assert r["grad_norm"] > 0 and r["moved_after"] > 0, r  # the next step at TP1 runs and updates
+        assert r["warned_same"] == [], r  # same layout: RNG restored, nothing logged
+        if rank == 0:
+            assert len(r["warned"]) == 1 and "RNG states were NOT" in r["warned"][0], r
+            assert "tp 2 -> 1" in r["warned"][0] and "dp 1 -> 2" in r["warned"][0], r
+            assert len(r["warned_pp2"]) == 1 and "pp 1 -> 2" in r["warned_pp2"][0], r
+        else:
+            assert r["warned"] == [] and r["warned_pp2"] == [], r  # logged once, on rank 0
+        assert r["n_pp2"] > 5 and r["diff_pp2"] == [], r  # resumed at PP2: student and EMA bit-equal too
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = list(FileSystemReader(str(tmp_path / "ckpt" / "step_000001")).read_metadata().state_dict_metadata)

@@ -10,6 +10,9 @@ the frozen base (model.path + content hash; a resume on a changed base is refuse
 `<ckpt_root>/latest` names the newest COMPLETE checkpoint and is written by rank 0 after a barrier that
 follows every rank's save: a run killed mid-save leaves `latest` pointing at the previous one. The data
 position is the step itself (the prompt order is a pure function of (seed, step), see `data.sampler`).
+The parallel layout (tp, pp, cp, dp, ep, etp) is recorded in the common state (`layout`): a resume at another
+layout loads model, optimizer, EMA teacher, scheduler and step resharded, but not the per-rank RNG states
+(keyed by layout; logged once); checkpoints saved before the record resume only at their own layout.
 Collectives: the ones of `dist_checkpointing.save/load` over the world group, plus barriers.
 """
 
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "opsd_state.json"
+LAYOUT = "layout"
+"""Common-state key of the parallel layout a checkpoint was saved at (`_layout()`)."""
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -96,6 +101,24 @@ def _set_rng_state(state: dict) -> None:
         np.random.set_state(state["numpy"])
 
 
+def _layout() -> dict[str, int]:
+    """This rank's parallel layout (sizes): what a checkpoint records under `layout`."""
+    from megatron.core import parallel_state as mps
+
+    return {
+        "tp": mps.get_tensor_model_parallel_world_size(),
+        "pp": mps.get_pipeline_model_parallel_world_size(),
+        "cp": mps.get_context_parallel_world_size(),
+        "dp": mps.get_data_parallel_world_size(),
+        "ep": mps.get_expert_model_parallel_world_size(),
+        "etp": mps.get_expert_tensor_parallel_world_size(),
+    }
+
+
+def _layout_text(layout: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in layout.items())
+
+
 def _ema(teacher: Any) -> Any:
     """The teacher when it is an EMA teacher (the only one that changes during training; θ₀ is rebuilt)."""
     return teacher if teacher is not None and getattr(teacher, "mode", "") == "ema" else None
@@ -109,10 +132,12 @@ def _sharded_state_dict(
     rng: dict | None,
     teacher: Any = None,
     legacy: bool = False,
+    with_rng: bool = True,
 ) -> dict:
     """Model (adapters only with LoRA), optimizer, RNG and the EMA teacher's running average: sharded
     tensors with the weights' sharding under `ema_teacher.` (+ `ema_teacher_meta` in common.pt). `legacy`:
-    the EMA teacher as the per-rank pickled object of checkpoints saved before (loading only)."""
+    the EMA teacher as the per-rank pickled object of checkpoints saved before (loading only). `with_rng`
+    False: without the per-rank RNG states (a load at another layout than the save's)."""
     from megatron.core import parallel_state as mps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -138,7 +163,8 @@ def _sharded_state_dict(
         mps.get_tensor_model_parallel_rank(),
         mps.get_data_parallel_rank(with_context_parallel=True),
     )
-    sd["rng_state"] = ShardedObject("rng_state", rng, (pp, tp, dp), ranks, replica_id=0)
+    if with_rng:
+        sd["rng_state"] = ShardedObject("rng_state", rng, (pp, tp, dp), ranks, replica_id=0)
     if _ema(teacher) is not None and legacy:
         sd["teacher_state"] = ShardedObject("teacher_state", None, (pp, tp, dp), ranks, replica_id=0)
     elif _ema(teacher) is not None:
@@ -221,6 +247,7 @@ def save_checkpoint(
     sd = _sharded_state_dict(chunks, optimizer, is_loading=False, rng=_rng_state(), teacher=teacher)
     sd["scheduler"] = scheduler.state_dict()
     sd["step"] = step
+    sd[LAYOUT] = _layout()
     request = write_sharded(sd, str(path), async_save=async_save)
     if keep_last is None:
         keep_last = ((config or {}).get("checkpoint") or {}).get("keep_last")
@@ -329,7 +356,10 @@ def load_checkpoint(
     base_model: str | Path | None = None,
 ) -> int:
     """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its step. With LoRA only
-    the adapters are read (the base comes from `base_model`, checked against the checkpoint's reference)."""
+    the adapters are read (the base comes from `base_model`, checked against the checkpoint's reference).
+    Saved at another parallel layout (its recorded `layout`): everything but the RNG states, resharded by
+    Megatron (the optimizer's `fully_sharded_model_space` / per-parameter format reshards over TP, PP and
+    DP), and rank 0 logs once that the RNG states were not restored; a failure names both layouts."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -337,16 +367,26 @@ def load_checkpoint(
     if problem is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {problem}.")
     check_lora_base(path, chunks, base_model)
+    reshard, saved, current = False, {}, _layout()
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
         legacy = "ema_teacher_meta" not in common  # saved before the EMA teacher was sharded
-        sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None, teacher=teacher, legacy=legacy)
+        saved = common.get(LAYOUT)  # None: saved before layouts were recorded (then same-layout only)
+        reshard = saved is not None and saved != current
+        sd = _sharded_state_dict(chunks, optimizer, is_loading=True, rng=None, teacher=teacher, legacy=legacy,
+                                 with_rng=not reshard)  # fmt: skip
         sd.pop("ema_teacher_meta", None)
         state = dist_checkpointing.load(sd, str(path))
     except Exception as e:  # a damage the size checks cannot see (garbled bytes, mismatched shapes)
+        if reshard:
+            where = f" saved at layout {_layout_text(saved)}, loaded at {_layout_text(current)};"
+        elif saved is None:  # older checkpoints: the RNG states are keyed by the layout they were saved at
+            where = " it records no parallel layout (older): resume it at the parallel.* it was saved with;"
+        else:
+            where = ""
         raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: {e}); remove it to resume from "
-            "the previous one, or name another with checkpoint.load."
+            f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: {e});{where} remove it to "
+            "resume from the previous one, or name another with checkpoint.load."
         ) from e
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(
@@ -354,9 +394,26 @@ def load_checkpoint(
         )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
-    _set_rng_state(state["rng_state"])
+    if reshard:
+        _log_rng_not_restored(path, saved, current)
+    else:
+        _set_rng_state(state["rng_state"])
     if "teacher_state" in state:
         teacher.load_state_dict(state["teacher_state"])
     elif "ema_teacher" in state:
         teacher.load_sharded(state["ema_teacher"], decay=common["ema_teacher_meta"]["decay"])
     return int(common["step"])
+
+
+def _log_rng_not_restored(path: Path, saved: dict, current: dict) -> None:
+    """Rank 0, once per load: a resume at another layout keeps the RNG states this run seeded."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    differ = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in current.items() if saved.get(k) != v)
+    log.warning(
+        "checkpoint %s was saved at another parallel layout (%s): model, optimizer, EMA teacher, scheduler "
+        "and data position were restored resharded; the per-rank RNG states were NOT (they are kept per "
+        "(pp, tp, dp x cp) rank), so sampling and dropout streams differ from an uninterrupted run.",
+        path,
+        differ,
+    )

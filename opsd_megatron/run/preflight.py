@@ -39,11 +39,12 @@ log = logging.getLogger("opsd_megatron")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-REFUSED_CHANGES = ("model.", "parallel.tp", "parallel.pp", "parallel.ep", "parallel.etp", "data.", "lora.",
-                   "teacher.mode", "train.seed", "train.global_batch_size")  # fmt: skip
+REFUSED_CHANGES = ("model.", "parallel.ep", "parallel.etp", "data.", "lora.", "teacher.mode", "train.seed",
+                   "train.global_batch_size")  # fmt: skip
 """Config keys (prefixes) whose change a resumed run cannot honour: refused without allow_config_change.
 (parallel.ep / etp: megatron-core 0.16.1 keeps expert and dense optimizer state in a chained optimizer only
-when EP > 1, so a checkpoint saved at EP2 does not load at EP1: measured KeyError.)"""
+when EP > 1, so a checkpoint saved at EP2 does not load at EP1: measured KeyError.) parallel.tp / pp are
+honoured (listed): the checkpoint is resharded, all but the RNG states (`run.checkpointing`)."""
 HONOURED_CHANGES = ("lora.export_peft",)
 """Keys under a refused prefix whose change a resumed run does honour (listed, not refused)."""
 IGNORED_CHANGES = ("output_dir", "checkpoint.", "logging.")
