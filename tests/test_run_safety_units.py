@@ -215,6 +215,8 @@ def test_config_change_on_resume_is_listed_or_refused(tiny_qwen3_dir, tmp_path, 
     ep = config_from_dict(_tiny_cfg(tiny_qwen3_dir, out, parallel={"ep": 2}))  # chained optimizer at EP > 1
     with pytest.raises(ConfigError, match="'parallel.ep' changed"):
         check_config_change(ep, d)
+    tp = config_from_dict(_tiny_cfg(tiny_qwen3_dir, out, parallel={"tp": 2}))  # resharded resume (no RNG)
+    assert [k for k, _, _ in check_config_change(tp, d)] == ["parallel.tp"]  # honoured: listed, not refused
     peft = config_from_dict(_tiny_cfg(tiny_qwen3_dir, out, lora={"export_peft": False}))
     assert [k for k, _, _ in check_config_change(peft, d)] == ["lora.export_peft"]  # honoured: not refused
     changed["checkpoint"] = {"allow_config_change": True}

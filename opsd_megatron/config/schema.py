@@ -401,8 +401,9 @@ class CheckpointConfig:
     for it, and it counts as a checkpoint only once complete. Costs a copy-on-write (CPU) or host-staged
     (GPU) copy of the state while writing. Final and signal saves are always synchronous."""
     allow_config_change: bool = False
-    """Resume even when keys a resumed run cannot honour (model, parallel layout, data, LoRA, teacher mode,
-    seed, global batch) differ from the checkpoint's config; other changes are always listed in a warning."""
+    """Resume even when keys a resumed run cannot honour (model, parallel.ep / etp, data, LoRA, teacher mode,
+    seed, global batch) differ from the checkpoint's config; other changes (parallel.tp / pp too: the
+    checkpoint is resharded, all but the RNG states) are always listed in a warning."""
 
 
 @dataclass
