@@ -68,23 +68,32 @@ def build_model(out: Path, layers: int, hidden: int, experts: int = 0) -> Path:
     return make_tiny_hf_model(out, "qwen3_moe" if experts else "qwen3", **shape)
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_mb: float, repeats: int,
-            out_dir: str) -> None:  # fmt: skip
-    """One rank: Megatron TP 2, engine TP `etp`; timed refreshes (both paths) and a plain copy."""
+def _megatron_rank(rank: int, world: int, port: int, model_dir: str) -> list:
+    """A spawned rank's set-up: env for torch.distributed, one thread, Megatron TP `world` (gloo), the fp32
+    model built and loaded from `model_dir`. Returns its model chunks."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
     from opsd_megatron.mcore import parallel
     from opsd_megatron.mcore.conversion import load_hf_weights
     from opsd_megatron.mcore.models import build_model as build_megatron
-    from opsd_megatron.rollout import make_engine
-    from opsd_megatron.rollout.refresh import WeightSyncer
 
     parallel.initialize(tp=world, pp=1, seed=0)
     chunks = build_megatron(model_dir, torch.float32, perform_initialization=False)
     load_hf_weights(chunks, model_dir)
+    return chunks
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_mb: float, repeats: int,
+            out_dir: str) -> None:  # fmt: skip
+    """One rank: Megatron TP 2, engine TP `etp`; timed refreshes (both paths) and a plain copy."""
+    chunks = _megatron_rank(rank, world, port, model_dir)
+    import torch.distributed as dist
+
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.rollout import make_engine
+    from opsd_megatron.rollout.refresh import WeightSyncer
+
     engine = make_engine("vllm", model_dir, dtype="float32", seed=0, max_model_len=128,
                          tensor_parallel_size=etp, gpu_memory_utilization=0.05)  # fmt: skip
     bucket = int(bucket_mb * MIB)
@@ -245,22 +254,15 @@ def _megatron_drift(chunks, outs) -> float:
 def _lora_worker(rank: int, world: int, port: int, model_dir: str, etp: int, lora_rank: int, repeats: int,
                  out_dir: str) -> None:  # fmt: skip
     """One rank: Megatron TP 2 with LoRA; merged and adapter refresh into fresh engines (module doc)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+    chunks = _megatron_rank(rank, world, port, model_dir)
     import torch.distributed as dist
 
     from opsd_megatron.mcore import parallel
-    from opsd_megatron.mcore.conversion import load_hf_weights
     from opsd_megatron.mcore.lora import LoRASettings, apply_lora, lora_shard_hook
-    from opsd_megatron.mcore.models import build_model as build_megatron
     from opsd_megatron.rollout import SamplingConfig, make_engine
     from opsd_megatron.rollout.refresh import WeightSyncer
     from opsd_megatron.rollout.refresh.lora_adapters import AdapterSyncer
 
-    parallel.initialize(tp=world, pp=1, seed=0)
-    chunks = build_megatron(model_dir, torch.float32, perform_initialization=False)
-    load_hf_weights(chunks, model_dir)
     lora = LoRASettings(rank=lora_rank, alpha=2.0 * lora_rank, layout="per_projection")
     apply_lora(chunks, lora)
     gen = torch.Generator().manual_seed(7)  # the same draws on every rank: replicated factors stay equal
