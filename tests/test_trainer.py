@@ -150,6 +150,15 @@ def dp1_run(tiny_qwen3_dir, tmp_path_factory):
     return run_distributed(run_unequal_replicas, 1, dp1, 3, timeout=480, env=ENV)
 
 
+def _assert_same_steps(r1: list[dict], r2: list[dict]) -> None:
+    """Steps 1-2 of two runs on the same rollouts: equal token counts, loss (1e-5) and grad norm (1e-4)."""
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
+    for a, b in zip(r1, r2):
+        assert a["response_tokens"] == b["response_tokens"] > 0
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
+
+
 def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path, dp1_run):
     """DP=2 (two replicas, one micro-batch each) computes the same loss and gradient norm as DP=1 (two
     micro-batches) on the same global batch: prompts split over replicas, gradients averaged by DDP with the
@@ -161,12 +170,8 @@ def test_dp2_equals_dp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path, dp1_run):
     dp2 = tiny_config(tiny_qwen3_dir, tmp_path / "dp2", **COMMON)
     dp2 = run_distributed(run_unequal_replicas, 2, dp2, 3, timeout=480, env=ENV)
     r1, r2 = dp1[0]["rows"], dp2[0]["rows"]
-    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
-    for a, b in zip(r1, r2):
-        assert a["response_tokens"] == b["response_tokens"] > 0
-        # fp32 sums in a different order (per-replica partial sums, then the DP all-reduce): ~1e-6 relative.
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
+    # fp32 sums in a different order (per-replica partial sums, then the DP all-reduce): ~1e-6 relative.
+    _assert_same_steps(r1, r2)
     assert dp2[0]["rows"] == dp2[1]["rows"] or r2[0]["loss"] == dp2[1]["rows"][0]["loss"]
     u1, u2 = dp1[0]["unequal"], dp2[0]["unequal"]
     assert dp2[0]["unequal"]["local"] > 2 * dp2[1]["unequal"]["local"] > 0  # ~2 x 12 vs 2 x 3 tokens
@@ -183,12 +188,9 @@ def test_cp2_equals_cp1_on_the_same_rollouts(tiny_qwen3_dir, tmp_path, dp1_run):
     cfg["parallel"] = {"tp": 1, "pp": 1, "cp": 2}
     cp2 = run_distributed(run_unequal_replicas, 2, cfg, 3, timeout=300, env=ENV)
     r1, r2 = dp1_run[0]["rows"], cp2[0]["rows"]
-    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
+    # fp32 attention over split sequences and sums over CP ranks in another order: ~1e-6 relative
+    _assert_same_steps(r1, r2)
     for a, b in zip(r1, r2):
-        assert a["response_tokens"] == b["response_tokens"] > 0
-        # fp32 attention over split sequences and sums over CP ranks in another order: ~1e-6 relative
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
         acc = (a["rollout/accuracy"], b["rollout/accuracy"])
         assert acc[0] == acc[1] or acc[0] != acc[0] and acc[1] != acc[1], acc  # equal, or both NaN (ungraded)
         assert a["rollout/response_length"] == b["rollout/response_length"]
