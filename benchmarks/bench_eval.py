@@ -19,10 +19,10 @@ the same metrics (per-sample seeds: exit 1 otherwise). Goal (`thresholds.LIMITS[
 
 The CPU seconds of each rank (`time.process_time`, the in-process engine included) are printed too: the
 busiest rank's is the wall time the run would take with one free core per rank, which an oversubscribed,
-shared machine cannot show in wall time. Each rank is pinned to one core (`--pin`, rank r on core r mod
-cores) so that an engine stands for one device; with fewer free cores than ranks the engines share cores
-and no wall-time speed-up can show (`--world 4 --engine-tp 2` on 2 cores: four processes on two cores; it
-checks the split and the metrics there, the ratio only where each rank has a core). The CPU seconds of the
+shared machine cannot show in wall time. Each engine stands for one device (`--pin`, `_cores`): with a
+core per rank, rank r runs on core r; with fewer cores than ranks, engine e's TP ranks share core e mod
+cores (`--world 4 --engine-tp 2` on 2 cores: each TP-2 engine on a core of its own, the one-engine run
+leaves the other engine's core idle, as a cluster leaves the other engines' GPUs idle). The CPU seconds of the
 ranks that only wait in a one-engine run are printed as a share of the busy rank's: a waiting rank that
 spun (a busy-polling collective or engine loop) would steal its core's time from a neighbour.
 """
@@ -44,11 +44,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from thresholds import check  # noqa: E402  (the benchmarks' shared thresholds, next to this file)
 
 
+def _cores(rank: int, world: int, engine_tp: int) -> set[int]:
+    """The core rank `rank` is pinned to: its own with a core per rank, else its engine's (an engine = a
+    device: its TP ranks share one core, engines never share one while cores last)."""
+    cores = os.cpu_count() or 1
+    return {rank % cores} if cores >= world else {(rank // engine_tp) % cores}
+
+
 def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), VLLM_ENABLE_V1_MULTIPROCESSING="0")  # fmt: skip
     if cfg["pin"] and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {rank % (os.cpu_count() or 1)})
+        os.sched_setaffinity(0, _cores(rank, world, cfg["engine_tp"]))
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
@@ -91,6 +98,12 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
                              metrics=s["benchmarks"], tokens=tokens))  # fmt: skip
     engine.close()
     (Path(out_dir) / "rows.json").write_text(json.dumps(rows))
+
+
+def _pin_note(args: argparse.Namespace) -> str:
+    if (os.cpu_count() or 1) >= args.world:
+        return " (pinned: a core per rank)"
+    return f" (pinned: a core per engine, its {args.engine_tp} TP ranks share it)"
 
 
 def main() -> int:
@@ -150,7 +163,7 @@ def main() -> int:
     print(f"\nevaluation, world {args.world}, {engines} engine(s) of TP {args.engine_tp}, {args.problems} "
           f"problems x {args.n} samples, <= {args.max_new_tokens} new tokens, <= {args.max_num_seqs} "
           f"sequences in flight per engine, {os.cpu_count()} CPU cores"
-          f"{' (pinned: one per rank)' if args.pin else ''}")  # fmt: skip
+          f"{_pin_note(args) if args.pin else ''}")  # fmt: skip
     print(f"{'run':>8} {'engines':>8} {'requests per engine':>22} {'mean tokens':>12} {'wall s':>8} "
           f"{'CPU s per rank':>22} {'max CPU s':>10}")  # fmt: skip
     for r in rows:
