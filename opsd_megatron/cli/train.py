@@ -71,11 +71,14 @@ def _train(args: argparse.Namespace, report: ErrorReport) -> int:
     setup_logging(cfg.logging.level, verbose=args.verbose)
     t0 = time.monotonic()
     try:
-        from opsd_megatron.run.trainer import make_trainer  # heavy (torch, Megatron): after the config check
+        from opsd_megatron.run.engine_server import EngineServer  # heavy (torch, Megatron): after the check
+        from opsd_megatron.run.trainer import make_trainer
 
         trainer = make_trainer(cfg)  # the OPSD or SFT step (cfg.algorithm) in the one loop
         try:
             rows = trainer.train()
+            if isinstance(trainer, EngineServer):  # a separate engine rank: nothing to save, end now
+                trainer.exit_process()
         finally:
             trainer.close()
     except KeyboardInterrupt:  # Ctrl-C before the trainer's handlers were installed (start-up)
