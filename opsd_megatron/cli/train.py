@@ -23,6 +23,7 @@ error); plain torchrun always exits 1 after a failed rank, with its own report.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -88,6 +89,7 @@ def _train(args: argparse.Namespace, report: ErrorReport) -> int:
         return 130
     if trainer.state.ps.rank == 0:
         print(_summary(trainer, rows, time.monotonic() - t0), flush=True)
+    gc.freeze()  # the run is over: the interpreter's exit skips collecting all it built (docs/performance.md)
     return 0
 
 
