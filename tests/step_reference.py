@@ -10,6 +10,7 @@ from functools import partial
 
 import torch
 
+from opsd_megatron.rollout.refresh.drift import DRIFT_BIN_KEYS, drift_bins
 from opsd_megatron.step.batch import Sample, gather_positions
 from opsd_megatron.step.opsd import SUM_KEYS, LossSpec, run_schedule
 
@@ -68,6 +69,7 @@ def _old_loss(mb, t_logits, spec: LossSpec, scale: float, output):
                                            vocab_size=spec.vocab_size, tp_group=spec.tp_group)  # fmt: skip
         delta = (mb.rollout_logprobs.double() - lp.double()).abs().clamp(max=30.0) * mb.loss_mask
         sums["drift_abs"], sums["drift_mult"] = delta.sum(), (torch.expm1(delta) * mb.loss_mask).sum()
+        sums.update(zip(DRIFT_BIN_KEYS, drift_bins(delta, mb.loss_mask)))
         ratio = (lp.double() - mb.rollout_logprobs.double()).clamp(-30.0, 30.0).exp() * mb.loss_mask  # π_θ/μ
         sums["ratio_sum"], sums["ratio_gt2"], sums["ratio_max"] = (
             ratio.sum(),

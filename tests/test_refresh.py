@@ -123,6 +123,38 @@ def test_compute_drift_and_guard():
         DriftGuard(0.1, metric="drift/unknown")
 
 
+def test_drift_median_ignores_rare_flips_and_sees_a_broken_refresh():
+    """The guard's median (a histogram of |Δ|, `drift_bins`): 1 % of tokens flipped out of the nucleus (30
+    nats each) lift the mean to 0.3 nats, over the default threshold 0.1, while the median stays at the
+    round-off; a refresh that moves every token trips it; it matches the exact median within one bin
+    (a factor 10^(1/8)) on log-uniform data."""
+    from opsd_megatron.rollout.refresh.drift import DRIFT_BIN_EDGES, bins_quantile, drift_bins
+
+    g = torch.Generator().manual_seed(0)
+    trainer = -torch.rand(1, 1000, generator=g, dtype=torch.float64) * 5
+    noise = torch.exp(torch.empty(1, 1000, dtype=torch.float64).uniform_(-18, -12, generator=g))  # ~1e-7
+    engine = trainer + noise
+    engine[0, ::100] = float("-inf")  # 10 nucleus flips: -inf for the engine, clamped at 30 nats
+    d = compute_drift(engine, trainer)
+    assert d["drift/mean_abs_logprob"] > 0.29 and d["drift/max_abs_logprob"] == 30.0, d
+    exact = noise[0].sort().values[494].item()  # the median of the 990 unflipped + 10 at 30 nats
+    assert exact / 1.34 <= d["drift/median_abs_logprob"] <= exact * 1.34, (d, exact)
+    DriftGuard(0.1, "drift/median_abs_logprob").check(d)  # in sync: passes
+    with pytest.raises(DriftError, match="mean_abs_logprob = 0.3"):
+        DriftGuard(0.1, "drift/mean_abs_logprob").check(d)
+    broken = compute_drift(trainer * 0.9, trainer)  # weights off: every token moves (up to 0.5 nats)
+    with pytest.raises(DriftError, match="median_abs_logprob"):
+        DriftGuard(0.1, "drift/median_abs_logprob").check(broken, step=2)
+    for lo, hi in ((-20.0, 3.0), (-3.0, -1.0)):  # log-uniform |Δ| from 2e-9 to 20 nats; a narrow range
+        delta = torch.exp(torch.empty(4001, dtype=torch.float64).uniform_(lo, hi, generator=g))
+        counts = drift_bins(delta, torch.ones_like(delta, dtype=torch.bool))
+        assert counts.sum() == 4001 and len(counts) == len(DRIFT_BIN_EDGES)
+        for q in (0.1, 0.5, 0.9):
+            want = delta.quantile(q).item()
+            assert want / 1.34 <= bins_quantile(counts.tolist(), q) <= want * 1.34, (q, want)
+    assert bins_quantile([0.0] * len(DRIFT_BIN_EDGES)) == 0.0
+
+
 SAMPLINGS = [
     SamplingConfig(temperature=0.0),
     SamplingConfig(temperature=1.1),

@@ -212,9 +212,10 @@ class RolloutConfig:
     bucket_mb: float = 256.0
     """Weight-refresh bucket size in MiB (peak extra memory of a refresh)."""
     drift_threshold: float | None = DRIFT_THRESHOLD
-    """Stop when mean |logprob(engine) - logprob(trainer)| over a step's response tokens exceeds this (a stale
-    or wrongly mapped refresh); null only logs the drift. Default 0.1: correct refreshes measured at <= 1e-6
-    (fp32) and <= 0.01 (bf16), docs/performance.md "Drift threshold"."""
+    """Stop when the median |logprob(engine) - logprob(trainer)| over a step's response tokens exceeds this (a
+    stale or wrongly mapped refresh moves most tokens; the median ignores rare bf16 nucleus flips, which the
+    mean counts at 30 nats each: rollout/refresh/drift.py); null only logs the drift. Default 0.1: correct
+    refreshes measured at <= 1e-6 (fp32) and <= 0.01 (bf16, mean), docs/performance.md "Drift threshold"."""
     placement: Placement = "colocated"
     """colocated: every rank holds its Megatron shard and its part of an engine; separate: the last
     engine_replicas x tensor_parallel_size ranks of the launch host only engines, the others only Megatron,

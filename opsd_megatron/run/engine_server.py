@@ -2,7 +2,8 @@
 
     server = make_trainer(cfg)    # on the engine ranks (run.separate.is_engine_rank): an EngineServer
     server.train()                # serve until ("stop",); returns []
-    server.close()
+    server.exit_process()         # opsd-train: the engine shut down, then os._exit(0) (see below)
+    server.close()                # otherwise (tests, an error)
 
 Start-up: the replica's own world (`run.separate.engine_world`: its `rollout.tensor_parallel_size` ranks),
 the job watchdog over the whole launch (an exception here ends the trainers too, with this rank named), the
@@ -13,11 +14,21 @@ the commands of `rollout.remote` in the order they come, every rank of a replica
 per-request seeds; rank 0 of the replica answers), eval_generate (the replica's strided share of one call
 of the periodic evaluation that trainer rank 0 runs, `rollout.link_spread`; rank 0 of the replica answers),
 stop. Stop signals are recorded, not obeyed: the trainers decide when the run ends and say stop.
+
+Exit: after ("stop",) an engine rank holds nothing to save. `opsd-train` calls `exit_process`: the engine's
+own shutdown (vLLM's, which also removes its CPU TP shared-memory segments), the logs flushed, then
+`os._exit(0)`, skipping the interpreter's teardown of vLLM, torch and transformers (garbage collection and
+module finalisation: ~4 s of the ~8 s an engine rank took from "stop" to its end on the 2-core dev machine,
+and CPU-bound, so ~10x that on a machine loaded 10x; docs/performance.md "Engine exit"). A child process of
+this rank (none with the in-process engine) keeps the ordinary exit, logged once. An engine rank blocked in a
+link op still ends by the link's timeout (`parallel.timeout_minutes`) or by the job watchdog.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +44,7 @@ from opsd_megatron.run.preflight import bound_cpu_kv_cache
 from opsd_megatron.run.separate import engine_world, layout, link_timeout_s, weight_syncer
 from opsd_megatron.run.setup import start_engine
 from opsd_megatron.run.signals import StopSignals
-from opsd_megatron.run.watchdog import JobWatchdog, ends_job_on_error
+from opsd_megatron.run.watchdog import JobWatchdog, ends_job_on_error, flush_logs
 
 log = logging.getLogger("opsd_megatron")
 
@@ -101,6 +112,21 @@ class EngineServer:
         outs = self.engine.generate(mine, sampling, seeds=my_seeds) if mine else []
         if self.leader:
             self.link.send_object(outs, dst=0)
+
+    def exit_process(self, exit_fn=os._exit) -> None:
+        """After `train` returned (the trainers said stop): `close`, flush the logs, `exit_fn(0)` (module
+        docstring); with a live child process, log why and return (the caller exits the ordinary way)."""
+        t0 = time.perf_counter()
+        children = multiprocessing.active_children()
+        if children:
+            log.info("engine rank %d: %d child process(es) alive (%s); ordinary exit", self.index,
+                     len(children), ", ".join(str(c.pid) for c in children))  # fmt: skip
+            return
+        self.close()
+        log.info("engine %d (job rank %d): stop received, engine shut down in %.1f s; exiting now",
+                 self.index, self.state.ps.rank, time.perf_counter() - t0)  # fmt: skip
+        flush_logs()
+        exit_fn(0)
 
     def close(self) -> None:
         """Stop the watchdog, shut the engine down."""

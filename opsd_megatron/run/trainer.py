@@ -157,7 +157,7 @@ class Trainer:
             n_mb = cfg.train.global_batch_size // (cfg.train.micro_batch_size * st.dp)
             m.update(router_loss_metrics(st.info.spec.num_layers, n_mb))
         if engine and cfg.rollout.drift_threshold is not None and not m.get("rollout/staleness"):
-            DriftGuard(cfg.rollout.drift_threshold, "drift/mean_abs_logprob").check(m, step=self.step)
+            DriftGuard(cfg.rollout.drift_threshold, "drift/median_abs_logprob").check(m, step=self.step)
         m["time/step_s"] = time.perf_counter() - t0
         self.deadline.step_finished()
         m["throughput/response_tokens_per_s"] = m["response_tokens"] / m["time/step_s"]

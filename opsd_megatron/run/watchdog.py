@@ -63,7 +63,8 @@ def active() -> JobWatchdog | None:
     return _ACTIVE
 
 
-def _flush_logs() -> None:
+def flush_logs() -> None:
+    """Flush the root logger's handlers, stdout and stderr (before an `os._exit`)."""
     for stream in [*logging.getLogger().handlers, sys.stdout, sys.stderr]:
         with contextlib.suppress(Exception):  # a broken handler must not keep the process alive
             stream.flush()
@@ -152,7 +153,7 @@ class JobWatchdog:
         timer = threading.Timer(self.exit_grace_s, self._exit, args=(1,))
         timer.daemon = True
         timer.start()
-        _flush_logs()
+        flush_logs()
 
     # ---------------------------------------------------------- the other ranks
     def _watch(self) -> None:
@@ -182,7 +183,7 @@ class JobWatchdog:
 
     @staticmethod
     def _exit(code: int) -> None:
-        _flush_logs()
+        flush_logs()
         os._exit(code)
 
     def stop(self) -> None:

@@ -51,6 +51,7 @@ from opsd_megatron.losses.behaviour import offpolicy_sums, truncated_weight
 from opsd_megatron.mcore.models.forward import hidden_states_forward, output_weight
 from opsd_megatron.observe.metrics import reduce_sums
 from opsd_megatron.rollout.base import Sample
+from opsd_megatron.rollout.refresh.drift import DRIFT_BIN_KEYS, DRIFT_CLAMP, bins_quantile, drift_bins
 from opsd_megatron.step.batch import (
     MicroBatch,
     gather_positions,
@@ -66,9 +67,9 @@ if TYPE_CHECKING:  # annotations only
     from opsd_megatron.run.setup import RunState
 
 SUM_KEYS = ("loss_sum", "tokens", "clipped_fraction", "student_entropy", "teacher_entropy",
-            "drift_abs", "drift_mult", "ratio_sum", "ratio_gt2", "ratio_max")  # fmt: skip
+            "drift_abs", "drift_mult", "ratio_sum", "ratio_gt2", "ratio_max", *DRIFT_BIN_KEYS)  # fmt: skip
 """Per-micro-batch sums returned by the loss function (last stage), reduced over micro-batches and DP
-(keys ending in `_max`: maxima)."""
+(keys ending in `_max`: maxima; `DRIFT_BIN_KEYS`: the |drift| histogram, `rollout.refresh.drift`)."""
 
 
 @dataclass
@@ -195,11 +196,12 @@ def loss_func(mb: MicroBatch, t_hidden: torch.Tensor, t_weight: torch.Tensor, sp
                 "teacher_entropy": st.teacher_entropy.double().sum()}  # fmt: skip
         if st.token_logprobs is not None:  # drift: the engine sampled with exactly these weights
             engine = mb.rollout_logprobs.reshape(-1).double()
-            delta = torch.where(keep, (engine - st.token_logprobs.double()).abs().clamp(max=30.0), 0.0)
+            delta = torch.where(keep, (engine - st.token_logprobs.double()).abs().clamp(max=DRIFT_CLAMP), 0.0)
             sums["drift_abs"], sums["drift_mult"] = delta.sum(), torch.expm1(delta).sum()
+            sums.update(zip(DRIFT_BIN_KEYS, drift_bins(delta, keep)))
             sums.update(offpolicy_sums(st.token_logprobs, mb.rollout_logprobs.reshape(-1), keep))
         else:
-            for k in ("drift_abs", "drift_mult", "ratio_sum", "ratio_gt2", "ratio_max"):
+            for k in ("drift_abs", "drift_mult", "ratio_sum", "ratio_gt2", "ratio_max", *DRIFT_BIN_KEYS):
                 sums[k] = torch.zeros((), dtype=torch.float64)
     return loss_sum * scale, sums
 
@@ -272,6 +274,7 @@ def step_metrics(sums: dict, rollout_stats: dict, n_samples: int, *, reporter: b
         "rollout/truncation_rate": g["rollout/truncation_rate"] / s,
         "drift/mean_abs_logprob": g["drift_abs"] / n,
         "drift/mult_prob_err": g["drift_mult"] / n,
+        "drift/median_abs_logprob": bins_quantile([g[k] for k in DRIFT_BIN_KEYS]),  # the guard's
         "batch/padding_fraction": g["pad"] / max(g["positions"], 1.0),
         "offpolicy/ratio_mean": g["ratio_sum"] / n,  # π_θ/μ on sampled tokens (losses.behaviour)
         "offpolicy/ratio_max": float(top),
