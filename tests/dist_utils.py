@@ -7,6 +7,14 @@ WORLD_SIZE/LOCAL_RANK set (torchrun's variables), so library code initialises to
 it does under torchrun. Its return value (anything `torch.save` can write) comes back in rank order. An
 exception on any rank fails the caller with that rank's traceback; a hang fails after `timeout` seconds.
 `fn` must be importable (module level), since processes are spawned, not forked.
+
+The ranks start from a fork server (`multiprocessing`'s "forkserver" context, one per test session) that has
+imported torch, megatron-core, transformers, vLLM and the trainer once (`PRELOAD`): a rank forks from it
+instead of paying those imports (~16 CPU-s a rank on the 2-core CI machine). Each rank is still a fresh
+process: the server never initialises torch.distributed, builds a model or runs a test (it only imports), a
+rank's environment is reset to the caller's at the start (`os.environ` as `run_distributed` saw it, plus
+`env`), and it imports the test module of `fn` itself. The server follows the session (it leaves when the
+pytest process does) and each rank follows the server (`die_with_parent`), so no rank outlives pytest.
 """
 
 from __future__ import annotations
@@ -22,6 +30,16 @@ import torch
 import torch.multiprocessing as mp
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+PRELOAD = ["torch", "megatron.core", "transformers", "opsd_megatron.run.trainer", "vllm"]
+"""What the fork server imports once (an import that fails there is left to the rank, which reports it)."""
+
+
+def _context():
+    """The "forkserver" context with `PRELOAD` (the server starts at the first rank, with one thread per
+    library: `run_distributed` sets `_THREAD_VARS` to 1 around the starts)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def error_text(fn) -> str:
@@ -41,11 +59,14 @@ def free_port() -> int:
 
 
 def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple, env: dict,
-            lifeline: tuple[int, bool]) -> None:  # fmt: skip
+            caller_env: dict) -> None:  # fmt: skip
     from opsd_megatron.run.lifeline import die_with_parent
 
-    # A killed pytest leaves no rank behind (e.g. ranks blocked in a collective after another one failed).
-    die_with_parent(*lifeline)
+    # A killed pytest leaves no rank behind (e.g. ranks blocked in a collective after another one failed):
+    # the rank follows the fork server (its parent, single-threaded), which leaves when pytest does.
+    die_with_parent(os.getppid(), True)
+    os.environ.clear()  # the caller's environment, not the server's (started at an earlier test)
+    os.environ.update(caller_env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -70,22 +91,20 @@ def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
     """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; return per-rank results."""
-    from opsd_megatron.run.lifeline import parent_lifeline
-
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     port = free_port()
-    lifeline = parent_lifeline()
     with tempfile.TemporaryDirectory(prefix="opsd_dist_") as out_dir:
+        # One intra-op thread in each rank (2-core CI machine; torch, OpenMP and gloo would otherwise start
+        # a thread per core in every rank), and in the fork server when this call starts it.
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        os.environ.update({k: "1" for k in _THREAD_VARS})
+        caller_env = dict(os.environ)
         procs = [
             ctx.Process(
-                target=_worker, args=(fn, r, world_size, port, out_dir, args, dict(env or {}), lifeline)
+                target=_worker, args=(fn, r, world_size, port, out_dir, args, dict(env or {}), caller_env)
             )
             for r in range(world_size)
         ]
-        # Children inherit the environment at spawn: one intra-op thread each (2-core CI machine; torch,
-        # OpenMP and gloo would otherwise start a thread per core in every rank).
-        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-        os.environ.update({k: "1" for k in _THREAD_VARS})
         try:
             for p in procs:
                 p.start()
