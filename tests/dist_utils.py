@@ -6,15 +6,16 @@
 WORLD_SIZE/LOCAL_RANK set (torchrun's variables), so library code initialises torch.distributed exactly as
 it does under torchrun. Its return value (anything `torch.save` can write) comes back in rank order. An
 exception on any rank fails the caller with that rank's traceback; a hang fails after `timeout` seconds.
-`fn` must be importable (module level), since processes are spawned, not forked.
+`fn` must be importable (module level): it reaches the ranks pickled by reference.
 
 The ranks start from a fork server (`multiprocessing`'s "forkserver" context, one per test session) that has
 imported torch, megatron-core, transformers, vLLM and the trainer once (`PRELOAD`): a rank forks from it
 instead of paying those imports (~16 CPU-s a rank on the 2-core CI machine). Each rank is still a fresh
-process: the server never initialises torch.distributed, builds a model or runs a test (it only imports), a
-rank's environment is reset to the caller's at the start (`os.environ` as `run_distributed` saw it, plus
-`env`), and it imports the test module of `fn` itself. The server follows the session (it leaves when the
-pytest process does) and each rank follows the server (`die_with_parent`), so no rank outlives pytest.
+process as far as a test can see: the server only imports (it never initialises torch.distributed, builds a
+model or runs a test); a rank's environment is reset to the caller's (`os.environ` as `run_distributed` saw
+it, plus `env`); its stdout/stderr are the caller's fds 1 and 2, passed along (as a spawned rank inherits
+them: pytest's capture, `capfd`); and it imports the test module of `fn` itself. The server leaves when the
+pytest process does, and each rank follows the server (`die_with_parent`), so no rank outlives pytest.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import socket
 import tempfile
 import traceback
+from multiprocessing import reduction
 from pathlib import Path
 
 import torch
@@ -58,9 +60,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _CallerFd:
+    """The caller's file descriptor `fd`, duplicated into the rank as the rank is started (pickled then);
+    it unpickles to the rank's copy (an int)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return _inherited_fd, (reduction.DupFd(self.fd),)
+
+
+def _inherited_fd(dup) -> int:
+    return dup.detach()
+
+
 def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple, env: dict,
-            caller_env: dict) -> None:  # fmt: skip
+            caller_env: dict, stdio: tuple[int, int]) -> None:  # fmt: skip
     from opsd_megatron.run.lifeline import die_with_parent
+
+    for fd, caller_fd in zip((1, 2), stdio):  # where the caller's output goes (pytest's capture)
+        os.dup2(caller_fd, fd)
+        os.close(caller_fd)
 
     # A killed pytest leaves no rank behind (e.g. ranks blocked in a collective after another one failed):
     # the rank follows the fork server (its parent, single-threaded), which leaves when pytest does.
@@ -101,7 +122,18 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dic
         caller_env = dict(os.environ)
         procs = [
             ctx.Process(
-                target=_worker, args=(fn, r, world_size, port, out_dir, args, dict(env or {}), caller_env)
+                target=_worker,
+                args=(
+                    fn,
+                    r,
+                    world_size,
+                    port,
+                    out_dir,
+                    args,
+                    dict(env or {}),
+                    caller_env,
+                    (_CallerFd(1), _CallerFd(2)),
+                ),
             )
             for r in range(world_size)
         ]
