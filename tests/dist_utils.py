@@ -14,16 +14,20 @@ instead of paying those imports (~16 CPU-s a rank on the 2-core CI machine). Eac
 process as far as a test can see: the server only imports (it never initialises torch.distributed, builds a
 model or runs a test); a rank's environment is reset to the caller's (`os.environ` as `run_distributed` saw
 it, plus `env`); its stdout/stderr are the caller's fds 1 and 2, passed along (as a spawned rank inherits
-them: pytest's capture, `capfd`); and it imports the test module of `fn` itself. The server leaves when the
-pytest process does, and each rank follows the server (`die_with_parent`), so no rank outlives pytest.
+them: pytest's capture, `capfd`); and it imports the test module of `fn` itself. No rank outlives pytest: a
+rank follows the caller (`_follow`: a thread that waits on the caller's pidfd and ends the rank when it
+exits) and the server (`die_with_parent`: the kernel kills the rank when the server dies); the server leaves
+once pytest and every rank are gone (each rank holds the server's lifeline pipe open while it lives).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import tempfile
+import threading
 import traceback
 from multiprocessing import reduction
 from pathlib import Path
@@ -75,10 +79,26 @@ def _inherited_fd(dup) -> int:
     return dup.detach()
 
 
+def _follow(pid: int) -> None:
+    """In a rank: leave (`os._exit(1)`) as soon as process `pid` (the caller: pytest) exits, however it
+    exits (a SIGKILLed pytest too); the rank is not the caller's child, so the kernel cannot tie them."""
+
+    def wait() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone
+            os._exit(1)
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=wait, name="opsd-follow-caller", daemon=True).start()
+
+
 def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple, env: dict,
-            caller_env: dict, stdio: tuple[int, int]) -> None:  # fmt: skip
+            caller_env: dict, stdio: tuple[int, int], caller_pid: int) -> None:  # fmt: skip
     from opsd_megatron.run.lifeline import die_with_parent
 
+    _follow(caller_pid)
     for fd, caller_fd in zip((1, 2), stdio):  # where the caller's output goes (pytest's capture)
         os.dup2(caller_fd, fd)
         os.close(caller_fd)
@@ -133,6 +153,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, env: dic
                     dict(env or {}),
                     caller_env,
                     (_CallerFd(1), _CallerFd(2)),
+                    os.getpid(),
                 ),
             )
             for r in range(world_size)
