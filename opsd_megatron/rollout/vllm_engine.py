@@ -296,7 +296,7 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
                 if cpu and handed:
                     _unalias(module, mod_name, handed)
         prof["copy_s"] += t1 - t0
-        prof["repack_s"] += time.perf_counter() - t1
+        prof["repack_s"] += (time.perf_counter() - t1) if packed else 0.0
     return prof
 
 
