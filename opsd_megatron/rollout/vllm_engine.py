@@ -239,6 +239,24 @@ def _mark_plain_gemms(worker: Any) -> int:
     return n
 
 
+def _param_views(worker: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Worker-side (`VLLMEngine.shard_views`): name -> the parameter itself, for every named parameter a
+    shard refresh may fill in place: the shape matches, contiguous, and its module keeps plain weights (no
+    packed CPU GEMM, not fused experts): norms, and every linear of a `cpu_packed_gemms=False` engine."""
+    model = worker.model_runner.get_model()
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        mod_name, _, p_name = name.rpartition(".")
+        module = _param_owner(model, mod_name, p_name)
+        packed = hasattr(module, "cpu_linear") and not getattr(module, _PLAIN, False)
+        if packed or hasattr(module, "w13_weight"):
+            continue
+        p = getattr(module, p_name)
+        if tuple(p.shape) == tuple(shape) and p.is_contiguous():
+            out[name] = p.data
+    return out
+
+
 def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
     """Worker-side: write this rank's own shards (vLLM names and layouts, `rollout.refresh.vllm_layout`)
     straight into the model's parameters; returns {"copy_s", "repack_s"} (seconds) and "experts_direct"
@@ -277,7 +295,8 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
             for p_name, t in items:
                 p = getattr(module, p_name)
                 if tuple(p.shape) == tuple(t.shape):
-                    p.data.copy_(t)
+                    if p.data_ptr() != t.data_ptr():  # else filled in place (`shard_views`)
+                        p.data.copy_(t)
                 elif packed:  # an emptied / prepacked kernel weight: hand the plain tensor back, re-pack
                     t = t.to(p.dtype)
                     if cpu and p_name in ("w13_weight", "w2_weight"):
@@ -585,6 +604,10 @@ class VLLMEngine:
         return prof
 
     copied_shards = staticmethod(_copied_shards)
+
+    def shard_views(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """CPU: this rank's plain vLLM parameters a refresh may fill in place (`_param_views`); {} on GPU."""
+        return {} if _has_cuda() else self.llm.collective_rpc(_param_views, args=(dict(shapes),))[0]
 
     def shard_info(self) -> tuple[int, int]:
         """(tensor-parallel size, rank) of this rank's vLLM worker: which shard `load_shards` expects."""
