@@ -134,3 +134,21 @@ def test_shard_refresh_is_bit_equal_to_vllm_loaders(shards, case):
             assert r["materialised"] <= 1.25 * r["held_bytes"], r
         else:
             assert 0 < r["collectives"] <= r["buckets"], r
+
+
+def test_unalias_clones_a_kept_handed_tensor_only():
+    """The guard behind `copied_shards` (the refresh reuses a handed tensor's storage): a module that still
+    holds the handed tensor after its re-pack (e.g. oneDNN creation failed: torch's linear keeps the weight)
+    gets a copy of its own, equal in value; a parameter with storage of its own is left alone."""
+    from opsd_megatron.rollout.vllm_engine import _unalias
+
+    scratch = torch.randn(12)
+    lin = torch.nn.Linear(3, 2)
+    lin.weight = torch.nn.Parameter(scratch[:6].view(2, 3), requires_grad=False)  # as load_shards hands it
+    bias_ptr = lin.bias.data_ptr()
+    _unalias(lin, "layer", [scratch[:6].view(2, 3)])
+    assert lin.weight.untyped_storage().data_ptr() != scratch.untyped_storage().data_ptr()
+    assert torch.equal(lin.weight, scratch[:6].view(2, 3))
+    assert lin.bias.data_ptr() == bias_ptr
+    scratch.fill_(7.0)  # the next refresh overwrites the scratch: the module keeps its weights
+    assert not torch.equal(lin.weight, torch.full((2, 3), 7.0))
