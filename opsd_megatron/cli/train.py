@@ -23,7 +23,6 @@ error); plain torchrun always exits 1 after a failed rank, with its own report.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -89,9 +88,6 @@ def _train(args: argparse.Namespace, report: ErrorReport) -> int:
         return 130
     if trainer.state.ps.rank == 0:
         print(_summary(trainer, rows, time.monotonic() - t0), flush=True)
-    # The run is over and the process exits next: the interpreter's final collections skip everything the run
-    # built (seconds of CPU per rank, ~10x on a loaded node; docs/performance.md "Engine exit").
-    gc.freeze()
     return 0
 
 
