@@ -1,7 +1,8 @@
 """No helper process outlives its parent: a SIGKILLed process's checkpoint-writer Manager (which ignores
-SIGTERM) and its math-verify grader worker (busy in a sympy computation that never returns) end within
-30 s. Real multiprocessing Manager via Megatron's checkpoint module, real GraderPool. And no training rank
-outlives a SIGKILLed torchrun: the real `torchrun -m opsd_megatron.train` on the tiny model."""
+SIGTERM), its async-save writer with the write worker that writer forks (as Megatron's does), and its
+math-verify grader worker (busy in a sympy computation that never returns) end within 30 s. Real
+multiprocessing Manager via Megatron's checkpoint module, real GraderPool. And no training rank outlives a
+SIGKILLed torchrun: the real `torchrun -m opsd_megatron.train` on the tiny model."""
 
 from __future__ import annotations
 
@@ -19,11 +20,19 @@ from test_trainer import ENV, tiny_config
 
 _CHILD = textwrap.dedent(
     """
-    import multiprocessing as mp, sys
+    import multiprocessing as mp, sys, time
     from opsd_megatron.run.checkpointing import _start_writer_manager_shielded
+    from opsd_megatron.run.checkpoint_writer import _writer_main
+    from opsd_megatron.run.lifeline import parent_lifeline
     from opsd_megatron.evaluation.grader import GraderPool
 
+    def _write():  # as Megatron's async writer does: fork its own write worker, wait for it
+        worker = mp.get_context("fork").Process(target=time.sleep, args=(600,))
+        worker.start()
+        worker.join()
+
     _start_writer_manager_shielded()            # Megatron's writer Manager, SIGTERM ignored
+    mp.get_context("fork").Process(target=_writer_main, args=(parent_lifeline(), _write)).start()
     pool = GraderPool(num_workers=1, timeout_s=600.0)
     assert pool.verify_many([("1/2", "0.5")]) == [(True, "math_verify")]
     print("children", *[p.pid for p in mp.active_children()], flush=True)
@@ -39,7 +48,7 @@ def test_manager_and_grader_worker_die_with_a_sigkilled_parent():
         line = proc.stdout.readline()
         assert line.startswith("children"), line
         children = [int(x) for x in line.split()[1:]]
-        assert len(children) >= 2, children  # the Manager and the grader worker
+        assert len(children) >= 3, children  # the Manager, the async writer and the grader worker
         time.sleep(1.0)  # the worker is inside the endless computation now
         assert set(children) <= set(marked_processes(env))
     finally:

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from collections.abc import Callable
 from functools import partial
+from multiprocessing.util import register_after_fork
 from typing import Any
 
 from opsd_megatron.run.lifeline import die_with_parent, parent_lifeline
@@ -47,9 +49,29 @@ def save_strategy() -> Any:
     return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy("torch_dist", 1), group)
 
 
+class _Writer:
+    """The writer process, as multiprocessing's after-fork registry holds it (weakly: `_WRITER` keeps it)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+
+_WRITER: list[_Writer] = []
+
+
+def _die_with_writer(writer: _Writer) -> None:
+    """Run in every process multiprocessing starts from the writer (`register_after_fork`): Megatron's
+    `FileSystemWriterAsync` forks its own write workers, and a worker orphaned by a SIGKILLed writer would
+    wait on its queue forever. The writer starts them from its main thread."""
+    die_with_parent(writer.pid, True)
+
+
 def _writer_main(lifeline: tuple[int, bool], fn: Callable, *args, **kwargs) -> None:
-    """The forked writer process: die with the trainer (a SIGKILLed rank leaves no writer behind), write."""
+    """The forked writer process: die with the trainer (a SIGKILLed rank leaves no writer behind), and make
+    the write workers it forks die with it (`_die_with_writer`); write."""
     die_with_parent(*lifeline)
+    _WRITER[:] = [_Writer()]
+    register_after_fork(_WRITER[0], _die_with_writer)
     fn(*args, **kwargs)
 
 
