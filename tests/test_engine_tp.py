@@ -31,16 +31,18 @@ from test_trainer import ENV, EVAL_FILE, tiny_config
 
 
 @contextlib.contextmanager
-def removing_leaked_shm():
-    """Remove the /dev/shm segments of CPU engine-TP all-reduces that a SIGKILLed run leaves behind (named
-    opsd-<pid>-<token>-..., see rollout/vllm_engine.py); only those that appeared inside the block."""
+def nothing_left_in_dev_shm():
+    """Assert that the block leaves no /dev/shm segment of ours behind, even when it SIGKILLs its ranks:
+    the engines' TP all-reduce segments (opsd-<pid>-<token>-...cpushm_*, rollout/vllm_engine.py) and the
+    refresh's exchange slots (opsd-refresh-*, rollout/refresh/host_exchange.py) lose their names once
+    mapped. Leftovers are removed before the assertion fails."""
     shm = Path("/dev/shm")
-    before = set(shm.glob("opsd-*cpushm*")) if shm.is_dir() else set()
-    try:
-        yield
-    finally:
-        for f in (set(shm.glob("opsd-*cpushm*")) if shm.is_dir() else set()) - before:
-            f.unlink(missing_ok=True)
+    before = set(shm.glob("opsd-*")) if shm.is_dir() else set()
+    yield
+    left = sorted((set(shm.glob("opsd-*")) if shm.is_dir() else set()) - before)
+    for f in left:
+        f.unlink(missing_ok=True)
+    assert not left, [f.name for f in left]
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [100, 200, 300, 400, 500, 600, 7]]
@@ -291,7 +293,7 @@ def test_dp4_with_tp2_engines_kill_resume_identical(tiny_qwen3_dir, tmp_path):
         tiny_qwen3_dir, out, parallel={"tp": 1, "pp": 1}, rollout={"tensor_parallel_size": 2},
         train={"steps": 4, "global_batch_size": 4, "micro_batch_size": 1}, checkpoint={"save_interval": 2},
     )  # fmt: skip
-    with removing_leaked_shm(), pytest.raises(AssertionError) as killed_run:
+    with nothing_left_in_dev_shm(), pytest.raises(AssertionError) as killed_run:
         run_distributed(_run_or_kill, 4, cfg, 3, timeout=400, env=ENV)  # SIGKILL right after step 3
     assert "exited abnormally" in str(killed_run.value), str(killed_run.value)[-4000:]
     killed = read_metrics(out)

@@ -14,6 +14,8 @@ engine shard materialised when the layouts match; at most one collective per buc
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from dist_utils import run_distributed
@@ -70,11 +72,14 @@ def _shards_bundle(rank, world, model_dir, cases):
                 p.copy_(s)
         stats = shard.sync(chunks)
         held = _held_all(engine)
+        dist.barrier()  # every rank is done reading the others' exchange slots before they are scribbled on
         with torch.no_grad():  # the engine must own its weights: no alias of the trainer's parameters, nor
             for p in params:  # of the refresh's kept scratch (targets / send / receive buffers)
                 p.mul_(2.0)
             for buf in shard.shards._scratch.values():
                 buf.fill_(7.0)
+            if shard.shards.exchange is not None:  # and of the shared-memory slots the slabs crossed in
+                shard.shards.exchange._mine.fill_(7.0)
         aliased = [n for n, t in _held_all(engine).items() if not torch.equal(t, held[n])]
         with torch.no_grad():
             for p, s in zip(params, saved):
@@ -92,6 +97,8 @@ def _shards_bundle(rank, world, model_dir, cases):
             buckets=stats.buckets,
             into_engine=stats.bytes,
             experts_direct=shard.shards.profile.get("experts_direct", 0),
+            exchange=shard.shards.exchange is not None,
+            shm_left=[f for f in os.listdir("/dev/shm") if f.startswith("opsd-refresh-")],
             plain_layers=engine.plain_gemm_layers,
             repacked=shard.shards.profile.get("repack_s", 0.0) > 0,
         )
@@ -132,21 +139,23 @@ def test_shard_refresh_is_bit_equal_to_vllm_loaders(shards, case):
         if etp == 2:  # Megatron TP == engine TP: everything local, about one engine shard materialised
             assert r["collectives"] == 0, r
             assert r["materialised"] <= 1.25 * r["held_bytes"], r
-        else:
+        else:  # slabs cross ranks: on one host through the shared-memory slots, one barrier per bucket
             assert 0 < r["collectives"] <= r["buckets"], r
+            assert r["exchange"], r
+        assert not r["shm_left"], r["shm_left"]  # no segment name outlives the exchange's opening
 
 
 def test_unalias_clones_a_kept_handed_tensor_only():
     """The guard behind `copied_shards` (the refresh reuses a handed tensor's storage): a module that still
     holds the handed tensor after its re-pack (e.g. oneDNN creation failed: torch's linear keeps the weight)
     gets a copy of its own, equal in value; a parameter with storage of its own is left alone."""
-    from opsd_megatron.rollout.vllm_engine import _unalias
+    from opsd_megatron.rollout.vllm_weights import unalias
 
     scratch = torch.randn(12)
     lin = torch.nn.Linear(3, 2)
     lin.weight = torch.nn.Parameter(scratch[:6].view(2, 3), requires_grad=False)  # as load_shards hands it
     bias_ptr = lin.bias.data_ptr()
-    _unalias(lin, "layer", [scratch[:6].view(2, 3)])
+    unalias(lin, "layer", [scratch[:6].view(2, 3)])
     assert lin.weight.untyped_storage().data_ptr() != scratch.untyped_storage().data_ptr()
     assert torch.equal(lin.weight, scratch[:6].view(2, 3))
     assert lin.bias.data_ptr() == bias_ptr

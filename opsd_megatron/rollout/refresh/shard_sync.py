@@ -27,6 +27,7 @@ only receive; the model's spec comes from the trainers in the one exchange).
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -36,33 +37,18 @@ from megatron.core import parallel_state as mps
 
 from opsd_megatron.mcore.conversion.export import ShardHook
 from opsd_megatron.mcore.conversion.shards import Holding, local_holdings
+from opsd_megatron.mcore.cpu import device_mode_paused
 from opsd_megatron.mcore.models.builder import model_info
 from opsd_megatron.rollout.refresh.buckets import RefreshStats
+from opsd_megatron.rollout.refresh.host_exchange import HostExchange, host_id
 from opsd_megatron.rollout.refresh.plan import Bucket, Plan, build_plan
-from opsd_megatron.rollout.refresh.vllm_layout import Target
+from opsd_megatron.rollout.refresh.slabs import BucketViews, expert_parts, offsets, slab, zero_padding
+from opsd_megatron.rollout.refresh.vllm_layout import ExpertParts, Target
 
 
-def _offsets(pieces) -> list[int]:
-    out, o = [], 0
-    for p in pieces:
-        out.append(o)
-        o += p.numel
-    return out
-
-
-def _slab(flat: torch.Tensor, pieces, offsets, i: int, dim: int, lo: int, hi: int) -> torch.Tensor:
-    """View of [lo, hi) along `dim` (HF coordinates) of piece `i` inside a flat shard."""
-    p = pieces[i]
-    block = flat[offsets[i] : offsets[i] + p.numel].view(p.slab_shape)
-    return block.narrow(dim, lo - p.start, hi - lo)
-
-
-def _zero_padding(buf: torch.Tensor, t: Target) -> None:
-    """Zero the pieces of target `t` that no HF tensor fills (padding), inside its storage `buf`."""
-    flat, offs = buf.view(-1), _offsets(t.pieces)
-    for i, p in enumerate(t.pieces):
-        if p.hf_name is None:
-            flat[offs[i] : offs[i] + p.numel].zero_()
+def _device() -> torch.device:
+    cuda = torch.cuda.is_available()
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
 class WorldComm:
@@ -87,6 +73,9 @@ class WorldComm:
 
     def all_to_all_single(self, recv, send, in_counts: list[int], out_counts: list[int]) -> None:
         dist.all_to_all_single(recv, send, in_counts, out_counts)
+
+    def barrier(self) -> None:
+        dist.barrier()
 
 
 class ShardSyncer:
@@ -116,10 +105,15 @@ class ShardSyncer:
         buffer), "collective_s" (the all-to-all), "unpack_s", "load_s" (`engine.load_shards`, of which the
         engine's own "copy_s" / "repack_s")."""
         self.plan_seconds = 0.0
-        self._scratch: dict[str, torch.Tensor] = {}
-        self.reusable: tuple[str, ...] = ()
-        """Suffixes of targets the engine copies out of (`engine.copied_shards()`): built in scratch."""
         """Seconds the first `sync` spent building the plan (one `all_gather_object`); not in its stats."""
+        self._scratch: dict[str, torch.Tensor] = {}
+        self.exchange: HostExchange | None = None
+        self._views = BucketViews()
+        """CPU, every rank on one host: the shared-memory slots the remote slabs move through."""
+        self.reusable: tuple[str, ...] = ()
+        self.expert_parts = False
+        """The engine takes fused experts as `ExpertParts` (`engine.takes_expert_parts()`)."""
+        """Suffixes of targets the engine copies out of (`engine.copied_shards()`): built in scratch."""
 
     def _tick(self, phase: str, since: float) -> float:
         """Add the seconds since `since` to `profile[phase]`; returns now."""
@@ -133,8 +127,11 @@ class ShardSyncer:
         info = tuple(engine.shard_info()) if engine is not None else None
         copied = getattr(engine, "copied_shards", None)
         self.reusable = tuple(copied()) if copied is not None else ()
+        self.expert_parts = bool(getattr(engine, "takes_expert_parts", lambda: False)())
         spec = model_info(chunks).spec if chunks else None
-        seen = self.comm.all_gather_object((holdings, info, self.comm.dp_rank, spec))
+        seen = self.comm.all_gather_object(
+            (holdings, info, self.comm.dp_rank, spec, host_id(), secrets.token_hex(4))
+        )
         hold = {r: s[0] for r, s in enumerate(seen)}
         first = next(h for hs in hold.values() for h in hs)
         self.dtype = self.dtype or getattr(torch, first.dtype.replace("torch.", ""))
@@ -144,6 +141,19 @@ class ShardSyncer:
         self.plan = build_plan(
             hold, engines, {r: s[2] for r, s in enumerate(seen)}, spec, self.bucket_bytes, itemsize
         )
+        remote = [b for b in self.plan.buckets if b.remote]
+        if remote and hasattr(self.comm, "barrier"):  # the same on every rank: the open is collective
+            me, slots = self.comm.rank, [0] * self.comm.size  # per rank: the most it sends in one bucket
+            for b in remote:
+                sent = [0] * self.comm.size
+                for tr in b.transfers:
+                    if tr.src != tr.dst:
+                        sent[tr.src] += tr.numel
+                slots = [max(a, n) for a, n in zip(slots, sent)]
+            recv_from = {tr.src for b in remote for tr in b.transfers if tr.dst == me != tr.src}
+            self.exchange = HostExchange.open(
+                self.comm, seen[0][5], [s[4] for s in seen], slots, recv_from, self.dtype
+            )
 
     def _local_shard(self, key: str, stats: RefreshStats) -> torch.Tensor:
         """This rank's shard of `key` (hooked, in the refresh dtype), flat; a view of the parameter if it
@@ -175,9 +185,13 @@ class ShardSyncer:
             view = views.get(t.name)
             if view is not None and view.dtype == self.dtype and tuple(view.shape) == tuple(t.shape):
                 out[t.name] = view
-                _zero_padding(view, t)
+                zero_padding(view, t)
                 continue
             trs = feeds.get(t.name, [])
+            parts = expert_parts(t, trs, holdings, shard, me) if self.expert_parts else None
+            if parts is not None:  # the experts' own blocks, unstacked: the engine packs each one
+                out[t.name] = parts
+                continue
             h: Holding | None = holdings.get(trs[0].key) if trs else None
             same = (
                 h is not None
@@ -199,9 +213,9 @@ class ShardSyncer:
             if arena is not None and t.name in reused:  # the engine copies these out: kept scratch
                 buf, o = arena[o : o + n].view(t.shape), o + n
             else:
-                buf = torch.empty(t.shape, dtype=self.dtype, device=self._device())
+                buf = torch.empty(t.shape, dtype=self.dtype, device=_device())
             stats.materialised_bytes += buf.numel() * buf.element_size()
-            _zero_padding(buf, t)
+            zero_padding(buf, t)
             out[t.name] = buf
         return out
 
@@ -211,19 +225,11 @@ class ShardSyncer:
         on free, so a fresh buffer page-faults on every refresh; CUDA's caching allocator already reuses
         its blocks."""
         if torch.cuda.is_available():
-            return torch.empty(numel, dtype=self.dtype, device=self._device())
+            return torch.empty(numel, dtype=self.dtype, device=_device())
         held = self._scratch.get(kind)
         if held is None or held.numel() < numel or held.dtype != self.dtype:
             held = self._scratch[kind] = torch.empty(numel, dtype=self.dtype)
         return held[:numel]
-
-    @staticmethod
-    def _device() -> torch.device:
-        return (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
 
     def _run_bucket(self, bucket: Bucket, me: int, world: int, engine: Any, stats: RefreshStats) -> None:
         """Fill this rank's targets of one bucket (local copies + one all-to-all) and load them."""
@@ -239,35 +245,35 @@ class ShardSyncer:
         offer = getattr(engine, "shard_views", None) if tmap else None
         views = offer({n: tuple(t.shape) for n, t in tmap.items()}) if offer is not None else {}
         targets = self._targets(bucket, me, shard, stats, views)
-        toffs = {n: _offsets(t.pieces) for n, t in tmap.items()}
         hold = self.plan.holdings[me]
-        hoffs: dict[str, list[int]] = {}
+        srcs, dsts, (local, sends, recvs) = self._views.get(bucket, me, targets, shard)
 
         def src_view(tr) -> torch.Tensor:
-            h = hold[tr.key]
-            offs = hoffs.setdefault(tr.key, _offsets(h.pieces))
-            return _slab(shard(tr.key), h.pieces, offs, tr.src_piece, tr.dim, tr.lo, tr.hi)
+            v = srcs.get(id(tr))
+            if v is None:
+                h = hold[tr.key]
+                v = srcs[id(tr)] = slab(shard(tr.key), h.pieces, offsets(h.pieces), tr.src_piece, tr.dim,
+                                         tr.lo, tr.hi)  # fmt: skip
+            return v
 
         def dst_view(tr) -> torch.Tensor:
-            t = tmap[tr.target]
-            return _slab(
-                targets[tr.target].view(-1), t.pieces, toffs[tr.target], tr.dst_piece, tr.dim, tr.lo, tr.hi
-            )
+            v = dsts.get(id(tr))
+            if v is None:
+                t = tmap[tr.target]
+                v = dsts[id(tr)] = slab(targets[tr.target].view(-1), t.pieces, offsets(t.pieces),
+                                         tr.dst_piece, tr.dim, tr.lo, tr.hi)  # fmt: skip
+            return v
 
-        sends = sorted(
-            (tr for tr in bucket.transfers if tr.src == me and tr.dst != me), key=lambda tr: tr.dst
-        )
-        recvs = sorted(
-            (tr for tr in bucket.transfers if tr.dst == me and tr.src != me), key=lambda tr: tr.src
-        )
-        for tr in bucket.transfers:
-            if tr.src == me and tr.dst == me:
+        for tr in local:
+            if not isinstance(targets[tr.target], ExpertParts):
                 dst = dst_view(tr)
                 src = src_view(tr)
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
         tick = self._tick("local_s", t_start)
-        if bucket.remote:
+        if bucket.remote and self.exchange is not None:
+            tick = self.exchange.move(bucket, sends, recvs, src_view, dst_view, stats, self._tick, tick)
+        elif bucket.remote:
             send = self._buffer("send", sum(tr.numel for tr in sends))
             recv = self._buffer("recv", sum(tr.numel for tr in recvs))
             stats.materialised_bytes += (send.numel() + recv.numel()) * send.element_size()
@@ -313,8 +319,9 @@ class ShardSyncer:
         stats = RefreshStats()
         t0 = time.perf_counter()
         me, world = self.comm.rank, self.comm.size
-        for bucket in self.plan.buckets:
-            self._run_bucket(bucket, me, world, engine, stats)
+        with device_mode_paused():  # CPU: ~2,000 torch calls a refresh, none with a CUDA device
+            for bucket in self.plan.buckets:
+                self._run_bucket(bucket, me, world, engine, stats)
         stats.seconds = time.perf_counter() - t0
         stats.export_seconds = stats.seconds - stats.load_seconds
         return stats

@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from opsd_megatron.mcore.conversion.mapping import hf_shape
 from opsd_megatron.mcore.conversion.shards import Piece, full_piece, range_piece, vocab_pieces
 from opsd_megatron.mcore.models.hf_config import ModelSpec
@@ -134,3 +136,30 @@ def vllm_targets(hf_names: list[str], spec: ModelSpec, tp: int, rank: int) -> li
     for prefix, found in experts.items():
         targets += _expert_targets(prefix, found, spec, tp, rank)
     return targets
+
+
+@dataclass
+class ExpertParts:
+    """A fused-experts tensor [E, N, K] (`w13_weight` / `w2_weight`, this rank's, vLLM layout) given as its
+    E expert blocks [N, K], e.g. views of the Megatron experts' own weights: a shard refresh hands these
+    instead of stacking them into one tensor first (`ShardSyncer`, when the engine `takes_expert_parts`)."""
+
+    parts: list[torch.Tensor]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts), *self.parts[0].shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.parts)
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+    def stacked(self) -> torch.Tensor:
+        """The one tensor [E, N, K] (a copy)."""
+        return torch.stack(self.parts)

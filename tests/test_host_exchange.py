@@ -1,0 +1,63 @@
+"""The refresh's same-host shared-memory exchange (rollout/refresh/host_exchange.py) over a real gloo world
+of 2 processes: slabs cross through the mapped slots (alternating per bucket), no name is left in /dev/shm
+once it is open, and a rank that cannot make its segment turns the exchange off on every rank."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from dist_utils import run_distributed
+
+
+def _exchange_world(rank: int, world: int, token: str) -> dict:
+    import torch.distributed as dist
+
+    from opsd_megatron.rollout.refresh import host_exchange as hx
+    from opsd_megatron.rollout.refresh.shard_sync import WorldComm
+
+    dist.init_process_group("gloo")
+    comm, peer, slots = WorldComm(), 1 - rank, [5, 7]
+    hosts = comm.all_gather_object(hx.host_id())
+    ex = hx.HostExchange.open(comm, token, hosts, slots, {peer}, torch.float32)
+    left_open = sorted(f for f in os.listdir(hx.SHM_DIR) if token in f)
+    got, slots_seen = [], []
+    for k in range(3):  # three buckets: slots 0, 1, 0
+        out = ex.outbox(slots[rank])
+        slots_seen.append(out.data_ptr())
+        out.copy_(torch.arange(slots[rank], dtype=torch.float32) + 100 * rank + 10 * k)
+        ex.publish()
+        got.append(ex.inbox(peer)[: slots[peer]].clone())
+        ex.advance()
+    too_big = ""
+    try:
+        ex.outbox(slots[rank] + 1)
+    except ValueError as e:
+        too_big = str(e)
+    split = hx.HostExchange.open(comm, token + "b", ["a", "b"], slots, {peer}, torch.float32)
+    if rank == 1:  # this rank cannot create its segment: every rank must fall back
+        hx.SHM_DIR = "/nonexistent-opsd-shm"
+    failed = hx.HostExchange.open(comm, token + "c", hosts, slots, {peer}, torch.float32)
+    dist.barrier()
+    left_failed = sorted(f for f in os.listdir("/dev/shm") if token in f)
+    dist.destroy_process_group()
+    return dict(same_host=len(set(hosts)) == 1, opened=ex is not None, left_open=left_open, got=got,
+                slots=slots_seen, too_big=too_big, split=split is None, failed=failed is None,
+                left_failed=left_failed)  # fmt: skip
+
+
+def test_slabs_cross_through_shared_slots_and_nothing_stays_in_dev_shm():
+    token = f"test{os.getpid()}"
+    results = run_distributed(_exchange_world, 2, token, timeout=120)
+    for rank, r in enumerate(results):
+        peer = 1 - rank
+        assert r["same_host"] and r["opened"], r
+        assert r["left_open"] == [], r["left_open"]  # unlinked once every rank mapped them
+        for k, got in enumerate(r["got"]):  # what the peer packed for bucket k, bit-exact
+            want = torch.arange([5, 7][peer], dtype=torch.float32) + 100 * peer + 10 * k
+            assert torch.equal(got, want), (rank, k, got)
+        s = r["slots"]
+        assert s[0] == s[2] != s[1], s  # buckets alternate between the two slots
+        assert "slot holds" in r["too_big"], r["too_big"]
+        assert r["split"] and r["failed"], r  # other hosts / a rank without a segment: no exchange anywhere
+        assert r["left_failed"] == [], r["left_failed"]  # the rank that made its segment removed it
