@@ -78,8 +78,8 @@ def _shards_bundle(rank, world, model_dir, cases):
                 p.mul_(2.0)
             for buf in shard.shards._scratch.values():
                 buf.fill_(7.0)
-            if shard.shards.exchange is not None:  # and of the shared-memory slots the slabs crossed in
-                shard.shards.exchange._mine.fill_(7.0)
+            if shard.shards.exchange is not None:  # nor of the shared-memory slots and arenas (its segment)
+                shard.shards.exchange._segs[rank].fill_(7.0)
         aliased = [n for n, t in _held_all(engine).items() if not torch.equal(t, held[n])]
         with torch.no_grad():
             for p, s in zip(params, saved):

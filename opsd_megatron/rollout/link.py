@@ -180,6 +180,7 @@ class WeightLink:
                  timeout_s: float = 1800.0) -> None:  # fmt: skip
         store, timeout = job_store(timeout_s), timedelta(seconds=timeout_s)
         self.rank, self.size, self.dp_rank, self.peers = rank, size, dp_rank, peers or []
+        self.timeout_s = timeout_s
         self.objects = dist.ProcessGroupGloo(dist.PrefixStore("opsd/weight_link/gloo", store), rank, size,
                                              timeout)  # fmt: skip
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -212,6 +213,10 @@ class WeightLink:
         outs = [torch.empty(n, dtype=torch.uint8) for _ in range(self.size)]
         self._wait(self.objects.allgather([outs], [padded]), "plan exchange")
         return [pickle.loads(o[: int(k.item())].numpy().tobytes()) for o, k in zip(outs, sizes)]
+
+    def barrier(self) -> None:
+        """Every link rank has arrived (over the gloo group): the refresh's same-host exchange on CPU."""
+        self._wait(self.objects.barrier(), "weight bucket barrier")
 
     def all_to_all_single(self, recv: torch.Tensor, send: torch.Tensor, in_counts: list[int],
                           out_counts: list[int]) -> None:  # fmt: skip

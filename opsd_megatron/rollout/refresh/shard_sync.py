@@ -36,13 +36,21 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mps
 
 from opsd_megatron.mcore.conversion.export import ShardHook
-from opsd_megatron.mcore.conversion.shards import Holding, local_holdings
+from opsd_megatron.mcore.conversion.shards import local_holdings
 from opsd_megatron.mcore.cpu import device_mode_paused
 from opsd_megatron.mcore.models.builder import model_info
 from opsd_megatron.rollout.refresh.buckets import RefreshStats
 from opsd_megatron.rollout.refresh.host_exchange import HostExchange, host_id
 from opsd_megatron.rollout.refresh.plan import Bucket, Plan, build_plan
-from opsd_megatron.rollout.refresh.slabs import BucketViews, expert_parts, offsets, slab, zero_padding
+from opsd_megatron.rollout.refresh.slabs import (
+    BucketViews,
+    arena_layout,
+    offsets,
+    slab,
+    target_kinds,
+    target_of,
+    zero_padding,
+)
 from opsd_megatron.rollout.refresh.vllm_layout import ExpertParts, Target
 
 
@@ -149,10 +157,10 @@ class ShardSyncer:
                 for tr in b.transfers:
                     if tr.src != tr.dst:
                         sent[tr.src] += tr.numel
-                slots = [max(a, n) for a, n in zip(slots, sent)]
-            recv_from = {tr.src for b in remote for tr in b.transfers if tr.dst == me != tr.src}
+                slots = [max(a, n) for a, n in zip(slots, sent)]  # (a bound: direct writes need no slot)
+            layout, arena = arena_layout(self.plan, me, engine, self.dtype, self.expert_parts, self.reusable)
             self.exchange = HostExchange.open(
-                self.comm, seen[0][5], [s[4] for s in seen], slots, recv_from, self.dtype
+                self.comm, seen[0][5], [s[4] for s in seen], slots, layout, arena, self.dtype
             )
 
     def _local_shard(self, key: str, stats: RefreshStats) -> torch.Tensor:
@@ -170,47 +178,38 @@ class ShardSyncer:
         return t.contiguous().view(-1)
 
     def _targets(
-        self, bucket: Bucket, me: int, shard, stats: RefreshStats, views: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Storage of this rank's targets in `bucket`: the engine's own parameter when it offers it (`views`,
-        filled in place), else a view of a local shard when the layouts are equal, else scratch / fresh."""
+        self, bucket: Bucket, me: int, shard, stats: RefreshStats, views: dict[str, torch.Tensor],
+        shared: torch.Tensor | None = None, layout: dict[str, int] | None = None,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Storage of this rank's targets in `bucket` (`slabs.target_kinds`): the engine's own parameter
+        (`views`, filled in place), the local expert weights / shard when the layouts are equal, else kept
+        scratch or fresh memory. A target in `layout` ({name: offset}, the exchange's arena for this bucket,
+        written by the other ranks too) is always that stretch of `shared`."""
+        kinds = target_kinds(bucket, me, self.plan.holdings[me], views, self.dtype, self.expert_parts,
+                             self.reusable)  # fmt: skip
         out: dict[str, torch.Tensor] = {}
-        feeds: dict[str, list] = {}
-        for tr in bucket.transfers:
-            if tr.dst == me:
-                feeds.setdefault(tr.target, []).append(tr)
-        holdings = self.plan.holdings[me]
         built = []
         for t in bucket.targets.get(me, []):
-            view = views.get(t.name)
-            if view is not None and view.dtype == self.dtype and tuple(view.shape) == tuple(t.shape):
-                out[t.name] = view
-                zero_padding(view, t)
-                continue
-            trs = feeds.get(t.name, [])
-            parts = expert_parts(t, trs, holdings, shard, me) if self.expert_parts else None
-            if parts is not None:  # the experts' own blocks, unstacked: the engine packs each one
-                out[t.name] = parts
-                continue
-            h: Holding | None = holdings.get(trs[0].key) if trs else None
-            same = (
-                h is not None
-                and all(tr.src == me and tr.key == h.key for tr in trs)
-                and len(trs) == len(t.pieces)
-                and h.pieces == t.pieces
-            )
-            if same:
-                out[t.name] = shard(h.key).view(t.shape)
+            kind, payload = kinds[t.name]
+            if layout and t.name in layout:
+                o = layout[t.name]
+                out[t.name] = buf = shared[o : o + int(torch.Size(t.shape).numel())].view(t.shape)
+                stats.materialised_bytes += buf.numel() * buf.element_size()
+                zero_padding(buf, t)
+            elif kind == "view":
+                out[t.name] = views[t.name]
+                zero_padding(views[t.name], t)
+            elif kind == "parts":  # the experts' own blocks, unstacked: the engine packs each one
+                out[t.name] = ExpertParts([shard(k).view(t.shape[1:]) for k in payload])
+            elif kind == "same":
+                out[t.name] = shard(payload).view(t.shape)
             else:
-                built.append(t)
-        reuse = [t for t in built if self.reusable and t.name.endswith(self.reusable)]
-        arena = (
-            self._buffer("targets", sum(int(torch.Size(t.shape).numel()) for t in reuse)) if reuse else None
-        )
-        reused, o = {t.name for t in reuse}, 0
-        for t in built:
+                built.append((t, kind == "scratch"))
+        n_kept = sum(int(torch.Size(t.shape).numel()) for t, kept in built if kept)
+        arena, o = (self._buffer("targets", n_kept) if n_kept else None), 0
+        for t, kept in built:
             n = int(torch.Size(t.shape).numel())
-            if arena is not None and t.name in reused:  # the engine copies these out: kept scratch
+            if kept:  # the engine copies these out: kept scratch
                 buf, o = arena[o : o + n].view(t.shape), o + n
             else:
                 buf = torch.empty(t.shape, dtype=self.dtype, device=_device())
@@ -231,7 +230,8 @@ class ShardSyncer:
             held = self._scratch[kind] = torch.empty(numel, dtype=self.dtype)
         return held[:numel]
 
-    def _run_bucket(self, bucket: Bucket, me: int, world: int, engine: Any, stats: RefreshStats) -> None:
+    def _run_bucket(self, bucket: Bucket, index: int, me: int, world: int, engine: Any,
+                    stats: RefreshStats) -> None:  # fmt: skip
         """Fill this rank's targets of one bucket (local copies + one all-to-all) and load them."""
         cache: dict[str, torch.Tensor] = {}
 
@@ -244,24 +244,32 @@ class ShardSyncer:
         tmap: dict[str, Target] = {t.name: t for t in bucket.targets.get(me, [])}
         offer = getattr(engine, "shard_views", None) if tmap else None
         views = offer({n: tuple(t.shape) for n, t in tmap.items()}) if offer is not None else {}
-        targets = self._targets(bucket, me, shard, stats, views)
+        ex = self.exchange if bucket.remote else None
+        layout = ex.layouts[me].get(index) if ex is not None else None
+        targets = self._targets(bucket, me, shard, stats, views, ex.arena(me) if ex else None, layout)
         hold = self.plan.holdings[me]
-        srcs, dsts, (local, sends, recvs) = self._views.get(bucket, me, targets, shard)
+        srcs, dsts, (local, sends, recvs) = self._views.get(
+            bucket, me, targets, shard, ex.parity if ex else 0
+        )
 
         def src_view(tr) -> torch.Tensor:
             v = srcs.get(id(tr))
             if v is None:
                 h = hold[tr.key]
                 v = srcs[id(tr)] = slab(shard(tr.key), h.pieces, offsets(h.pieces), tr.src_piece, tr.dim,
-                                         tr.lo, tr.hi)  # fmt: skip
+                                        tr.lo, tr.hi)  # fmt: skip
             return v
 
-        def dst_view(tr) -> torch.Tensor:
+        def dst_view(tr) -> torch.Tensor:  # into this rank's target, or (direct write) another's arena
             v = dsts.get(id(tr))
             if v is None:
-                t = tmap[tr.target]
-                v = dsts[id(tr)] = slab(targets[tr.target].view(-1), t.pieces, offsets(t.pieces),
-                                         tr.dst_piece, tr.dim, tr.lo, tr.hi)  # fmt: skip
+                if tr.dst == me:
+                    t, flat = tmap[tr.target], targets[tr.target].view(-1)
+                else:
+                    t = target_of(bucket, tr.dst, tr.target)
+                    o = ex.layouts[tr.dst][index][tr.target]
+                    flat = ex.arena(tr.dst)[o : o + int(torch.Size(t.shape).numel())]
+                v = dsts[id(tr)] = slab(flat, t.pieces, offsets(t.pieces), tr.dst_piece, tr.dim, tr.lo, tr.hi)
             return v
 
         for tr in local:
@@ -271,8 +279,8 @@ class ShardSyncer:
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
         tick = self._tick("local_s", t_start)
-        if bucket.remote and self.exchange is not None:
-            tick = self.exchange.move(bucket, sends, recvs, src_view, dst_view, stats, self._tick, tick)
+        if ex is not None:
+            tick = ex.move(bucket, index, sends, recvs, src_view, dst_view, stats, self._tick, tick)
         elif bucket.remote:
             send = self._buffer("send", sum(tr.numel for tr in sends))
             recv = self._buffer("recv", sum(tr.numel for tr in recvs))
@@ -320,8 +328,8 @@ class ShardSyncer:
         t0 = time.perf_counter()
         me, world = self.comm.rank, self.comm.size
         with device_mode_paused():  # CPU: ~2,000 torch calls a refresh, none with a CUDA device
-            for bucket in self.plan.buckets:
-                self._run_bucket(bucket, me, world, engine, stats)
+            for i, bucket in enumerate(self.plan.buckets):
+                self._run_bucket(bucket, i, me, world, engine, stats)
         stats.seconds = time.perf_counter() - t0
         stats.export_seconds = stats.seconds - stats.load_seconds
         return stats
