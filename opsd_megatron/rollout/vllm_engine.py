@@ -85,6 +85,7 @@ import torch.distributed as dist
 
 from opsd_megatron.config.schema import GPU_MEMORY_UTILIZATION
 from opsd_megatron.mcore import patches
+from opsd_megatron.mcore.cpu import device_mode_paused
 from opsd_megatron.mcore.models.hf_config import hf_num_experts, load_hf_config_dict
 from opsd_megatron.rollout import vllm_moe_cpu
 from opsd_megatron.rollout import vllm_weights as vw
@@ -340,7 +341,8 @@ class VLLMEngine:
 
         per_request = params(sampling.seed) if seeds is None else [params(int(s)) for s in seeds]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
-        results = self.llm.generate(prompts, per_request, use_tqdm=False, lora_request=self._lora)
+        with device_mode_paused():  # CPU: vLLM's forward never passes a CUDA device; ~35% faster (tiny model)
+            results = self.llm.generate(prompts, per_request, use_tqdm=False, lora_request=self._lora)
         out: list[list[RolloutOutput]] = []
         for res in results:
             samples = []
