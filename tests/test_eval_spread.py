@@ -188,9 +188,9 @@ def _two_engines_vs_one(rank, world, model_dir, out_root):
 @pytest.mark.vllm
 def test_two_tp2_engines_evaluate_like_one(tiny_qwen3_dir, tmp_path):
     pytest.importorskip("vllm")
-    from test_engine_tp import removing_leaked_shm
+    from test_engine_tp import nothing_left_in_dev_shm
 
-    with removing_leaked_shm():
+    with nothing_left_in_dev_shm():
         res = run_distributed(
             _two_engines_vs_one, 4, str(tiny_qwen3_dir), str(tmp_path), timeout=900, env=ENV
         )

@@ -11,7 +11,7 @@ import math
 import pytest
 from dist_utils import run_distributed
 from proc_utils import run_marker, wait_gone
-from test_engine_tp import removing_leaked_shm
+from test_engine_tp import nothing_left_in_dev_shm
 from test_trainer import ENV, run_opsd, tiny_config
 
 pytestmark = pytest.mark.vllm
@@ -40,7 +40,7 @@ def test_tp2_kill_resume_identical_and_sigterm_checkpoint(tiny_qwen3_dir, tmp_pa
         tiny_qwen3_dir, out, train={"steps": 4}, checkpoint={"save_interval": 2}, rollout=engine_tp2
     )
     env = {**ENV, **run_marker()}
-    with removing_leaked_shm(), pytest.raises(AssertionError, match="exited abnormally|failed"):
+    with nothing_left_in_dev_shm(), pytest.raises(AssertionError, match="exited abnormally|failed"):
         run_distributed(run_opsd, 2, cfg, 3, timeout=300, env=env)  # SIGKILL right after step 3
     # No process of the killed run remains (checkpoint Manager, grader workers: opsd_megatron.run.lifeline).
     assert wait_gone(env, 30.0) == []
