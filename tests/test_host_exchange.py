@@ -1,11 +1,12 @@
 """The refresh's same-host shared-memory exchange (rollout/refresh/host_exchange.py) over a real gloo world
 of 2 processes: slabs cross through the mapped slots (alternating per bucket), direct writes land in the
-other rank's arena, no name is left in /dev/shm once it is open, and a rank that cannot make its segment
-turns the exchange off on every rank."""
+other rank's arena, no name is left in /dev/shm once it is open, and a rank that cannot make its segment, or
+cannot see the others' (another /dev/shm), turns the exchange off on every rank."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 from dist_utils import run_distributed
@@ -50,12 +51,18 @@ def _exchange_world(rank: int, world: int, token: str) -> dict:
     if rank == 1:  # this rank cannot create its segment: every rank must fall back
         hx.SHM_DIR = "/nonexistent-opsd-shm"
     failed = hx.HostExchange.open(comm, token + "c", hosts, slots, {}, 0, torch.float32)
+    hx.SHM_DIR = "/dev/shm"
+    if rank == 1:  # another /dev/shm (as in another IPC namespace): segments made, but not each other's
+        hx.SHM_DIR = tempfile.mkdtemp(prefix="opsd_other_shm_")
+    apart = hx.HostExchange.open(comm, token + "d", hosts, slots, {}, 0, torch.float32)
+    apart_left = os.listdir(hx.SHM_DIR) if rank == 1 else []
     dist.barrier()
     left_failed = sorted(f for f in os.listdir("/dev/shm") if token in f)
     dist.destroy_process_group()
     return dict(same_host=len(set(hosts)) == 1, opened=ex is not None, left_open=left_open, got=got,
                 slots=slots_seen, too_big=too_big, split=split is None, failed=failed is None,
-                left_failed=left_failed, arena=arena_got, layouts=ex.layouts, stuck=stuck)  # fmt: skip
+                left_failed=left_failed, arena=arena_got, layouts=ex.layouts, stuck=stuck,
+                apart=apart is None, apart_left=apart_left)  # fmt: skip
 
 
 def hx_barrier_is_flags() -> bool:
@@ -90,3 +97,4 @@ def test_slabs_cross_through_shared_slots_and_nothing_stays_in_dev_shm():
             ), r["stuck"]
         assert r["split"] and r["failed"], r  # other hosts / a rank without a segment: no exchange anywhere
         assert r["left_failed"] == [], r["left_failed"]  # the rank that made its segment removed it
+        assert r["apart"] and r["apart_left"] == [], r  # each maps only its own: every rank falls back

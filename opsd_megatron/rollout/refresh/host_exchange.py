@@ -26,9 +26,10 @@ quiet beyond `parallel.timeout_minutes`, the comm's barrier / an error naming th
 Life cycle, crash-safe: each rank creates `/dev/shm/opsd-refresh-<token>-<rank>` with its size reserved
 (`posix_fallocate`: a full tmpfs fails here, cleanly, not with SIGBUS on a later write), every rank maps
 every segment, and after a barrier each rank unlinks its own name: from then on the memory lives only in
-the mappings, so a killed run leaves nothing in /dev/shm. Opening is collective (one `all_gather_object`,
-one barrier); when any rank cannot create its segment every rank falls back to the comm's all-to-all
-(logged once, with the reason).
+the mappings, so a killed run leaves nothing in /dev/shm. Opening is collective (two `all_gather_object`s);
+when any rank cannot create its segment, or cannot map another's (same host id but another /dev/shm, e.g.
+containers in separate IPC namespaces), every rank falls back to the comm's all-to-all (logged once, with
+the reason).
 """
 
 from __future__ import annotations
@@ -117,13 +118,19 @@ class HostExchange:
                 log.warning("weight refresh: no shared-memory exchange (%s); slabs move by the all-to-all",
                             errors[0])  # fmt: skip
             return None
-        arenas = [a for _, a, _ in seen]
-        try:
+        arenas, raw, error = [a for _, a, _ in seen], {}, ""
+        try:  # a peer's name missing here: same host id, but not the same /dev/shm (another IPC namespace)
             raw = {r: _map(_path(token, r), HEADER + (2 * slots[r] + 2 * arenas[r]) * itemsize)
                    for r in range(comm.size)}  # fmt: skip
-        finally:
-            comm.barrier()  # every rank has mapped every segment (or failed): the names can go
-            _unlink(path)
+        except (OSError, RuntimeError) as e:
+            error = f"cannot map another rank's segment ({type(e).__name__}: {str(e).splitlines()[0]})"
+        errors = [e for e in comm.all_gather_object(error) if e]  # also the barrier: the names can go
+        _unlink(path)
+        if errors:
+            if me == 0:
+                log.warning("weight refresh: no shared-memory exchange (%s); slabs move by the all-to-all",
+                            errors[0])  # fmt: skip
+            return None
         if me == 0:
             log.info("weight refresh: same-host shared-memory exchange (%d ranks, rank 0 %.1f MiB)",
                      comm.size, nbytes / 2**20)  # fmt: skip
@@ -227,7 +234,16 @@ class HostExchange:
 
 
 def _map(path: str, nbytes: int) -> torch.Tensor:
-    """The first `nbytes` bytes of the file at `path`, mapped shared (writes are seen by every mapping)."""
+    """The first `nbytes` bytes of the existing file at `path`, mapped shared (writes are seen by every
+    mapping). Raises FileNotFoundError / OSError when it is missing or short: `torch.from_file` alone would
+    create a fresh file of that name, and the ranks would then write into memory nobody reads."""
+    fd = os.open(path, os.O_RDWR)  # no O_CREAT
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if size < nbytes:
+        raise OSError(f"{path} holds {size} bytes, expected {nbytes}")
     return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
 
 
